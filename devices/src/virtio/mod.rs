@@ -1,0 +1,75 @@
+//! Virtio: the device trait, the MMIO transport, and one folder per device.
+//!
+//! The transport owns the queues' guest-visible state and the device status
+//! machine. When the driver sets DRIVER_OK, the transport hands the device its
+//! queues, their notification `EventFd`s and the interrupt; from then on the device
+//! does its work on guest memory from its own event handling.
+
+pub mod mmio;
+pub mod rng;
+
+use std::sync::Arc;
+
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::Interrupt;
+
+/// Errors of the virtio layer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The device could not be activated.
+    #[error("activating the device failed: {0}")]
+    Activate(String),
+    /// I/O error.
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// `Result` of virtio operations.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// The interrupt status bit for a used-buffer notification.
+pub const VIRTIO_MMIO_INT_VRING: u32 = 1;
+/// The interrupt status bit for a configuration change.
+pub const VIRTIO_MMIO_INT_CONFIG: u32 = 2;
+
+/// What the transport gives a device on activation.
+pub struct ActivateArgs {
+    /// Guest memory.
+    pub mem: GuestMemoryMmap,
+    /// The queues the driver set up, in order, ready.
+    pub queues: Vec<virtio_queue::Queue>,
+    /// One `EventFd` per queue, written when the driver notifies that queue.
+    pub queue_evts: Vec<EventFd>,
+    /// Raises the device's interrupt, with its status bits set.
+    pub interrupt: Arc<dyn VirtioInterrupt>,
+}
+
+/// The interrupt as a virtio device sees it: it sets INTERRUPT_STATUS bits, then
+/// raises the line.
+pub trait VirtioInterrupt: Send + Sync {
+    /// Sets `status` bits (`VIRTIO_MMIO_INT_*`) and raises the interrupt.
+    fn signal(&self, status: u32) -> std::io::Result<()>;
+}
+
+/// A virtio device, independent of its transport.
+pub trait VirtioDevice: Send {
+    /// The virtio device type (4 for entropy, 2 for block, ...).
+    fn device_type(&self) -> u32;
+    /// The maximum size of each queue; its length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// The feature bits the device offers (VIRTIO_F_VERSION_1 included).
+    fn features(&self) -> u64;
+    /// Records the features the driver accepted.
+    fn ack_features(&mut self, features: u64);
+    /// Reads the device-specific configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device-specific configuration space.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts the device with its queues.
+    fn activate(&mut self, args: ActivateArgs) -> Result<()>;
+    /// Stops the device and gives back what activate took, so it can be activated again.
+    /// Returns false if the device cannot be reset.
+    fn reset(&mut self) -> bool;
+}
