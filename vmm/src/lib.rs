@@ -1,3 +1,11 @@
 //! aivmm: a single-process VMM for running an AI coding agent in a real VM.
+//!
+//! The CLI ([`cli`]) gives a [`config::VmConfig`]; [`vmm::Vmm`] builds the VM on a
+//! [`hypervisor::Hypervisor`] and runs it. Devices live in the `aivmm-devices`
+//! crate and know nothing of the hypervisor.
 
 pub mod arch;
+pub mod cli;
+pub mod config;
+pub mod hypervisor;
+pub mod vmm;

@@ -1,4 +1,7 @@
-//! x86_64: the guest layout, boot parameters, page tables, GDT, CPUID and ACPI tables.
+//! x86_64: the guest layout, kernel loading and boot parameters, boot-time vCPU
+//! state (GDT, page tables, registers, CPUID) and ACPI tables.
 
 pub mod acpi;
+pub mod boot;
 pub mod layout;
+pub mod regs;

@@ -1,0 +1,262 @@
+//! Loading a Linux kernel for the 64-bit boot protocol: guest RAM layout, the
+//! kernel (ELF vmlinux or bzImage, through linux-loader), the initrd, the command
+//! line and the zero page with its e820 map.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+
+use linux_loader::cmdline::Cmdline;
+use linux_loader::configurator::linux::LinuxBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
+use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
+use linux_loader::loader::{load_cmdline, BzImage, Elf, KernelLoader};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use super::layout::*;
+
+/// Errors of kernel loading.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The kernel file could not be opened or read.
+    #[error("cannot read kernel {path}: {source}")]
+    KernelFile {
+        /// The path given.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The kernel file is neither an x86_64 ELF vmlinux nor a bzImage.
+    #[error("{path} is not a Linux kernel: not an x86_64 ELF vmlinux (elf: {elf}) nor a bzImage (bzImage: {bz})")]
+    NotAKernel {
+        /// The path given.
+        path: String,
+        /// Why the ELF loader refused it.
+        elf: String,
+        /// Why the bzImage loader refused it.
+        bz: String,
+    },
+    /// The bzImage has no 64-bit entry point.
+    #[error("{0} is a bzImage without a 64-bit entry point (XLF_KERNEL_64)")]
+    No64BitEntry(String),
+    /// The initrd could not be read.
+    #[error("cannot read initrd {path}: {source}")]
+    InitrdFile {
+        /// The path given.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The initrd does not fit in guest memory.
+    #[error("the initrd ({size} bytes) does not fit in guest memory below {limit:#x} above the kernel; give the VM more memory")]
+    InitrdTooBig {
+        /// Its size.
+        size: u64,
+        /// The highest address it may reach.
+        limit: u64,
+    },
+    /// The command line is invalid or too long.
+    #[error("bad kernel command line: {0}")]
+    Cmdline(String),
+    /// Writing boot data into guest memory failed.
+    #[error("writing the {0} into guest memory failed")]
+    Write(&'static str),
+}
+
+/// `Result` of kernel loading.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// The guest RAM ranges for `size` bytes of memory: below the 32-bit MMIO hole,
+/// and the rest from 4 GiB.
+pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
+    if size <= MMIO_HOLE_START {
+        vec![(GuestAddress(0), size as usize)]
+    } else {
+        vec![
+            (GuestAddress(0), MMIO_HOLE_START as usize),
+            (GuestAddress(HIGH_RAM_START), (size - MMIO_HOLE_START) as usize),
+        ]
+    }
+}
+
+/// What the loader put in guest memory.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadedKernel {
+    /// The 64-bit entry point.
+    pub entry: u64,
+    /// The first byte after the kernel image.
+    pub end: u64,
+    /// Where the bzImage header ends up: the zero page copies it.
+    setup_header: Option<linux_loader::loader::bootparam::setup_header>,
+}
+
+const XLF_KERNEL_64: u16 = 1 << 0;
+/// The 64-bit entry of a bzImage sits 0x200 bytes into its protected-mode code.
+const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
+
+/// Loads the kernel at `path`: an ELF vmlinux (entered at its ELF entry) or a
+/// bzImage (entered at its 64-bit entry).
+pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel> {
+    let shown = path.display().to_string();
+    let mut f = File::open(path).map_err(|source| Error::KernelFile { path: shown.clone(), source })?;
+    let mut magic = [0u8; 4];
+    let n = f.read(&mut magic).map_err(|source| Error::KernelFile { path: shown.clone(), source })?;
+    f.seek(SeekFrom::Start(0)).map_err(|source| Error::KernelFile { path: shown.clone(), source })?;
+    let elf_err = if n == 4 && magic == *b"\x7fELF" {
+        match Elf::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START))) {
+            Ok(r) => {
+                return Ok(LoadedKernel { entry: r.kernel_load.raw_value(), end: r.kernel_end, setup_header: None })
+            }
+            Err(e) => e.to_string(),
+        }
+    } else {
+        "no ELF magic".to_string()
+    };
+    match BzImage::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START))) {
+        Ok(r) => {
+            let hdr = r.setup_header.ok_or_else(|| Error::No64BitEntry(shown.clone()))?;
+            if hdr.xloadflags & XLF_KERNEL_64 == 0 {
+                return Err(Error::No64BitEntry(shown));
+            }
+            Ok(LoadedKernel {
+                entry: r.kernel_load.raw_value() + BZIMAGE_64BIT_ENTRY_OFFSET,
+                end: r.kernel_end.max(r.kernel_load.raw_value() + u64::from(hdr.init_size)),
+                setup_header: Some(hdr),
+            })
+        }
+        Err(e) => Err(Error::NotAKernel { path: shown, elf: elf_err, bz: e.to_string() }),
+    }
+}
+
+/// Where an initrd of `size` bytes goes: page-aligned at the top of low RAM.
+fn initrd_address(mem: &GuestMemoryMmap, kernel: &LoadedKernel, size: u64) -> Result<u64> {
+    let low_end = mem
+        .iter()
+        .find(|r| r.start_addr().raw_value() == 0)
+        .map_or(0, |r| r.len());
+    let max = kernel
+        .setup_header
+        .map_or(0x7fff_ffff, |h| u64::from(h.initrd_addr_max))
+        .min(low_end.saturating_sub(1));
+    let limit = max + 1;
+    let addr = limit.checked_sub(size).map(|a| a & !0xfff);
+    match addr {
+        Some(a) if a >= kernel.end => Ok(a),
+        _ => Err(Error::InitrdTooBig { size, limit }),
+    }
+}
+
+/// Copies the initrd at `path` into guest memory; returns its address and size.
+pub fn load_initrd(mem: &GuestMemoryMmap, kernel: &LoadedKernel, path: &Path) -> Result<(u64, u64)> {
+    let shown = path.display().to_string();
+    let mut f = File::open(path).map_err(|source| Error::InitrdFile { path: shown.clone(), source })?;
+    let size = f.metadata().map_err(|source| Error::InitrdFile { path: shown.clone(), source })?.len();
+    let addr = initrd_address(mem, kernel, size)?;
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut f, size as usize)
+        .map_err(|e| Error::InitrdFile { path: shown, source: std::io::Error::other(e.to_string()) })?;
+    Ok((addr, size))
+}
+
+/// Builds the kernel command line from the user's text.
+pub fn build_cmdline(text: &str) -> Result<Cmdline> {
+    Cmdline::try_from(text, CMDLINE_MAX_SIZE).map_err(|e| Error::Cmdline(e.to_string()))
+}
+
+/// The e820 map for guest RAM: low RAM below the EBDA, the rest above 1 MiB, and
+/// the RAM above 4 GiB. The ACPI area is reserved.
+pub fn e820_map(mem: &GuestMemoryMmap) -> Vec<boot_e820_entry> {
+    const E820_RAM: u32 = 1;
+    const E820_RESERVED: u32 = 2;
+    let mut map = vec![
+        boot_e820_entry { addr: 0, size: EBDA_START, r#type: E820_RAM },
+        boot_e820_entry { addr: ACPI_START, size: ACPI_END - ACPI_START, r#type: E820_RESERVED },
+    ];
+    for r in mem.iter() {
+        let start = r.start_addr().raw_value().max(HIMEM_START);
+        let end = r.start_addr().raw_value() + r.len();
+        if end > start {
+            map.push(boot_e820_entry { addr: start, size: end - start, r#type: E820_RAM });
+        }
+    }
+    map
+}
+
+/// Writes the command line and the zero page for `kernel`.
+pub fn write_boot_params(
+    mem: &GuestMemoryMmap,
+    kernel: &LoadedKernel,
+    cmdline: &Cmdline,
+    initrd: Option<(u64, u64)>,
+    rsdp: Option<u64>,
+) -> Result<()> {
+    load_cmdline(mem, GuestAddress(CMDLINE_START), cmdline).map_err(|_| Error::Write("command line"))?;
+    let cmdline_len = cmdline.as_cstring().map_err(|e| Error::Cmdline(e.to_string()))?.as_bytes().len();
+
+    let mut params = boot_params::default();
+    if let Some(h) = kernel.setup_header {
+        params.hdr = h;
+    } else {
+        params.hdr.boot_flag = 0xaa55;
+        params.hdr.header = 0x5372_6448;
+        params.hdr.kernel_alignment = 0x0100_0000;
+    }
+    params.hdr.type_of_loader = 0xff;
+    params.hdr.cmd_line_ptr = CMDLINE_START as u32;
+    params.hdr.cmdline_size = cmdline_len as u32;
+    if let Some((addr, size)) = initrd {
+        params.hdr.ramdisk_image = addr as u32;
+        params.hdr.ramdisk_size = size as u32;
+    }
+    if let Some(rsdp) = rsdp {
+        params.acpi_rsdp_addr = rsdp;
+    }
+    let map = e820_map(mem);
+    for (slot, e) in params.e820_table.iter_mut().zip(&map) {
+        *slot = *e;
+    }
+    params.e820_entries = map.len() as u8;
+
+    LinuxBootConfigurator::write_bootparams(&BootParams::new(&params, GuestAddress(ZERO_PAGE_START)), mem)
+        .map_err(|_| Error::Write("zero page"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ram_ranges_split_around_the_hole() {
+        assert_eq!(ram_ranges(128 << 20), vec![(GuestAddress(0), 128 << 20)]);
+        let r = ram_ranges(16 << 30);
+        assert_eq!(r[0], (GuestAddress(0), MMIO_HOLE_START as usize));
+        assert_eq!(r[1], (GuestAddress(HIGH_RAM_START), ((16u64 << 30) - MMIO_HOLE_START) as usize));
+    }
+
+    #[test]
+    fn e820_covers_ram_and_reserves_acpi() {
+        let mem = GuestMemoryMmap::from_ranges(&ram_ranges(4 << 30)).unwrap();
+        let map = e820_map(&mem);
+        let ram: u64 = map.iter().filter(|e| e.r#type == 1).map(|e| e.size).sum();
+        assert_eq!(ram, EBDA_START + (MMIO_HOLE_START - HIMEM_START) + (1 << 30));
+        assert!(map.iter().any(|e| e.r#type == 2 && e.addr == ACPI_START));
+    }
+
+    #[test]
+    fn garbage_is_not_a_kernel() {
+        let mem = GuestMemoryMmap::from_ranges(&ram_ranges(64 << 20)).unwrap();
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(&mut f, &[0x5a; 8192]).unwrap();
+        let e = load_kernel(&mem, f.path()).unwrap_err();
+        assert!(matches!(e, Error::NotAKernel { .. }), "{e}");
+        let e = load_kernel(&mem, Path::new("/nonexistent/kernel")).unwrap_err();
+        assert!(matches!(e, Error::KernelFile { .. }), "{e}");
+    }
+
+    #[test]
+    fn initrd_goes_at_top_of_low_ram_above_the_kernel() {
+        let mem = GuestMemoryMmap::from_ranges(&ram_ranges(64 << 20)).unwrap();
+        let k = LoadedKernel { entry: HIMEM_START, end: 0x80_0000, setup_header: None };
+        assert_eq!(initrd_address(&mem, &k, 0x1001).unwrap(), (64 << 20) - 0x2000);
+        assert!(matches!(initrd_address(&mem, &k, 63 << 20), Err(Error::InitrdTooBig { .. })));
+    }
+}

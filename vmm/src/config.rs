@@ -1,0 +1,143 @@
+//! The VM configuration: plain data, parsed once from the CLI and checked here.
+
+use std::path::PathBuf;
+
+/// Errors in a configuration.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    /// A size could not be parsed.
+    #[error("bad size '{0}': use a number with an optional K, M, G or T suffix, e.g. 512M or 4G")]
+    Size(String),
+    /// Guest memory is outside the supported range.
+    #[error("memory must be between {min} MiB and {max} GiB, not {got} bytes")]
+    MemoryRange {
+        /// Smallest allowed, in MiB.
+        min: u64,
+        /// Largest allowed, in GiB.
+        max: u64,
+        /// What was asked.
+        got: u64,
+    },
+    /// The vCPU count is outside the supported range.
+    #[error("cpus must be between 1 and {max}, not {got}")]
+    Cpus {
+        /// Largest allowed.
+        max: u32,
+        /// What was asked.
+        got: u32,
+    },
+    /// Without ACPI there is no way to describe more than one CPU.
+    #[error("--no-acpi supports one vCPU only: aivmm describes CPUs to the guest through ACPI")]
+    SmpNeedsAcpi,
+}
+
+/// `Result` of configuration checks.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// The smallest guest, in MiB.
+pub const MIN_MEMORY_MIB: u64 = 32;
+/// The largest guest, in GiB.
+pub const MAX_MEMORY_GIB: u64 = 1024;
+/// The most vCPUs (the IOAPIC/xAPIC id space, less the IOAPIC's own id).
+pub const MAX_CPUS: u32 = 254;
+
+/// Everything needed to build and boot one VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmConfig {
+    /// The kernel image (ELF vmlinux or bzImage).
+    pub kernel: PathBuf,
+    /// The initrd, if any.
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line.
+    pub cmdline: String,
+    /// Number of vCPUs.
+    pub cpus: u32,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    /// Describe the platform with ACPI tables (otherwise devices go on the command line).
+    pub acpi: bool,
+    /// Attach a virtio-rng device.
+    pub rng: bool,
+}
+
+/// The command line used when none is given.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=acpi panic=-1";
+
+impl VmConfig {
+    /// Checks the values that the CLI parser cannot.
+    pub fn validate(&self) -> Result<()> {
+        if self.cpus == 0 || self.cpus > MAX_CPUS {
+            return Err(Error::Cpus { max: MAX_CPUS, got: self.cpus });
+        }
+        if self.memory < MIN_MEMORY_MIB << 20 || self.memory > MAX_MEMORY_GIB << 30 {
+            return Err(Error::MemoryRange { min: MIN_MEMORY_MIB, max: MAX_MEMORY_GIB, got: self.memory });
+        }
+        if !self.acpi && self.cpus > 1 {
+            return Err(Error::SmpNeedsAcpi);
+        }
+        Ok(())
+    }
+}
+
+/// Parses a size such as `4G`, `512M`, `65536K` or `1073741824`; a bare number is
+/// in bytes. Suffixes are binary (`G` = GiB) and may be followed by `iB` or `B`.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let err = || Error::Size(s.to_string());
+    let lower = t.to_ascii_lowercase();
+    let body = lower.strip_suffix("ib").or_else(|| lower.strip_suffix('b')).unwrap_or(&lower);
+    let (digits, shift) = match body.chars().last() {
+        Some('k') => (&body[..body.len() - 1], 10),
+        Some('m') => (&body[..body.len() - 1], 20),
+        Some('g') => (&body[..body.len() - 1], 30),
+        Some('t') => (&body[..body.len() - 1], 40),
+        Some(c) if c.is_ascii_digit() => (body, 0),
+        _ => return Err(err()),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(err());
+    }
+    let n: u64 = digits.parse().map_err(|_| err())?;
+    n.checked_mul(1u64 << shift).ok_or_else(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> VmConfig {
+        VmConfig {
+            kernel: "k".into(),
+            initrd: None,
+            cmdline: DEFAULT_CMDLINE.into(),
+            cpus: 1,
+            memory: 128 << 20,
+            acpi: true,
+            rng: true,
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4G"), Ok(4 << 30));
+        assert_eq!(parse_size("4GiB"), Ok(4 << 30));
+        assert_eq!(parse_size("512m"), Ok(512 << 20));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        for bad in ["", "G", "-1G", "1.5G", "4X", "99999999999999999999G", "20000000000T", "4 G"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn validation() {
+        assert_eq!(cfg().validate(), Ok(()));
+        assert!(matches!(VmConfig { cpus: 0, ..cfg() }.validate(), Err(Error::Cpus { .. })));
+        assert!(matches!(VmConfig { cpus: 255, ..cfg() }.validate(), Err(Error::Cpus { .. })));
+        assert!(matches!(VmConfig { memory: 1 << 20, ..cfg() }.validate(), Err(Error::MemoryRange { .. })));
+        assert!(matches!(VmConfig { memory: 2 << 40, ..cfg() }.validate(), Err(Error::MemoryRange { .. })));
+        assert_eq!(VmConfig { cpus: 2, acpi: false, ..cfg() }.validate(), Err(Error::SmpNeedsAcpi));
+        assert_eq!(VmConfig { cpus: 254, memory: 16 << 30, ..cfg() }.validate(), Ok(()));
+    }
+}

@@ -1,0 +1,315 @@
+//! Building and running a VM: memory, kernel, devices, vCPU threads.
+//!
+//! [`Vmm::build`] lays out guest RAM and maps it, loads the kernel and initrd,
+//! attaches the devices to the port and MMIO buses (with their irqfds and
+//! ioeventfds), writes the ACPI tables and boot parameters, and creates the vCPUs.
+//! [`Vmm::run`] starts one thread per vCPU and waits for the first exit: a guest
+//! power-off or reset, or a vCPU failure.
+
+use std::io::Write;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Instant;
+
+use aivmm_devices::bus::Bus;
+use aivmm_devices::legacy::{acpi_pm::AcpiPm, boot_timer::BootTimer, i8042::I8042, serial::Serial, ExitHandler};
+use aivmm_devices::virtio::mmio::MmioTransport;
+use aivmm_devices::virtio::VirtioDevice;
+use aivmm_devices::{EventFdInterrupt, ExitReason, Interrupt};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::arch::x86_64::{acpi, boot, layout, regs};
+use crate::config::VmConfig;
+use crate::hypervisor::{self, Hypervisor, IoEventAddress, Vcpu, VcpuExit, Vm};
+
+/// Errors while building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::Error),
+    /// A hypervisor call failed.
+    #[error(transparent)]
+    Hypervisor(#[from] hypervisor::Error),
+    /// Guest memory could not be allocated.
+    #[error("cannot allocate {size} bytes of guest memory: {reason}")]
+    Memory {
+        /// Size asked for.
+        size: u64,
+        /// Why.
+        reason: String,
+    },
+    /// The kernel, initrd or command line could not be loaded.
+    #[error(transparent)]
+    Boot(#[from] boot::Error),
+    /// vCPU set-up failed.
+    #[error(transparent)]
+    Regs(#[from] regs::Error),
+    /// The ACPI tables could not be written.
+    #[error("building ACPI tables: {0}")]
+    Acpi(String),
+    /// A device could not be created or attached.
+    #[error("device {name}: {reason}")]
+    Device {
+        /// The device.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// There are more virtio devices than free IRQs.
+    #[error("too many devices: no interrupt line left")]
+    OutOfIrqs,
+    /// A vCPU thread could not be started.
+    #[error("cannot start a vCPU thread: {0}")]
+    Thread(std::io::Error),
+    /// A vCPU stopped on an error.
+    #[error("vCPU {id}: {reason}")]
+    Vcpu {
+        /// The vCPU.
+        id: u32,
+        /// What happened.
+        reason: String,
+    },
+}
+
+/// `Result` of VM operations.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// How a VM ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest powered off.
+    PowerOff,
+    /// The guest rebooted; aivmm does not restart it.
+    Reset,
+}
+
+/// Where console output and the VM's exit go.
+type ExitSender = mpsc::Sender<std::result::Result<VmExit, Error>>;
+
+/// A built VM, ready to run.
+pub struct Vmm {
+    _vm: Box<dyn Vm>,
+    mem: GuestMemoryMmap,
+    vcpus: Vec<Box<dyn Vcpu>>,
+    io_bus: Arc<Bus>,
+    mmio_bus: Arc<Bus>,
+    serial: Arc<Mutex<Serial>>,
+    exit_tx: ExitSender,
+    exit_rx: mpsc::Receiver<std::result::Result<VmExit, Error>>,
+    started: Instant,
+}
+
+impl std::fmt::Debug for Vmm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vmm").field("vcpus", &self.vcpus.len()).finish_non_exhaustive()
+    }
+}
+
+fn device_err(name: &str, e: impl std::fmt::Display) -> Error {
+    Error::Device { name: name.to_string(), reason: e.to_string() }
+}
+
+fn irqfd(vm: &dyn Vm, gsi: u32, name: &str) -> Result<Arc<dyn Interrupt>> {
+    let evt = EventFd::new(EFD_NONBLOCK).map_err(|e| device_err(name, e))?;
+    vm.register_irqfd(&evt, gsi)?;
+    Ok(Arc::new(EventFdInterrupt(evt)))
+}
+
+impl Vmm {
+    /// Builds the VM described by `config` on `hv`. `started` is the moment the
+    /// process began, for the boot timer; `console` receives the serial output.
+    pub fn build(
+        hv: &dyn Hypervisor,
+        config: &VmConfig,
+        started: Instant,
+        console: Box<dyn Write + Send>,
+    ) -> Result<Self> {
+        config.validate()?;
+        let vm = hv.create_vm()?;
+        vm.create_irq_controller()?;
+
+        let mem = GuestMemoryMmap::from_ranges(&boot::ram_ranges(config.memory))
+            .map_err(|e| Error::Memory { size: config.memory, reason: e.to_string() })?;
+        for (slot, region) in mem.iter().enumerate() {
+            // SAFETY: the region belongs to `mem`, which the Vmm keeps alive for as
+            // long as the VM (and its vCPUs) exist.
+            unsafe {
+                vm.map_memory(
+                    slot as u32,
+                    region.start_addr().0,
+                    region.len(),
+                    region.as_ptr() as u64,
+                )?;
+            }
+        }
+
+        let kernel = boot::load_kernel(&mem, &config.kernel)?;
+        let initrd = match &config.initrd {
+            Some(p) => Some(boot::load_initrd(&mem, &kernel, p)?),
+            None => None,
+        };
+
+        let (exit_tx, exit_rx) = mpsc::channel();
+        let on_exit: ExitHandler = {
+            let tx = Mutex::new(exit_tx.clone());
+            Arc::new(move |r: ExitReason| {
+                let exit = match r {
+                    ExitReason::PowerOff => VmExit::PowerOff,
+                    ExitReason::Reset => VmExit::Reset,
+                };
+                let _ = tx.lock().map(|t| t.send(Ok(exit)));
+            })
+        };
+
+        let mut io_bus = Bus::new();
+        let mut mmio_bus = Bus::new();
+        let serial = Arc::new(Mutex::new(Serial::new(irqfd(&*vm, layout::SERIAL_IRQ, "serial")?, console)));
+        io_bus.insert(serial.clone(), layout::SERIAL_PORT, 8).map_err(|e| device_err("serial", e))?;
+        io_bus
+            .insert(Arc::new(Mutex::new(I8042::new(on_exit.clone()))), layout::I8042_PORT, 5)
+            .map_err(|e| device_err("i8042", e))?;
+        io_bus
+            .insert(Arc::new(Mutex::new(AcpiPm::new(on_exit))), layout::ACPI_PM_PORT, layout::ACPI_PM_LEN)
+            .map_err(|e| device_err("acpi-pm", e))?;
+        mmio_bus
+            .insert(Arc::new(Mutex::new(BootTimer::new(started))), layout::BOOT_TIMER_ADDR, layout::BOOT_TIMER_SIZE)
+            .map_err(|e| device_err("boot-timer", e))?;
+
+        let mut virtio: Vec<(&str, Box<dyn VirtioDevice>)> = Vec::new();
+        if config.rng {
+            virtio.push(("virtio-rng", Box::new(aivmm_devices::virtio::rng::Rng::new())));
+        }
+        let mut placed = Vec::new();
+        for (i, (name, dev)) in virtio.into_iter().enumerate() {
+            let addr = layout::VIRTIO_MMIO_START + i as u64 * layout::VIRTIO_MMIO_SIZE;
+            let irq = layout::VIRTIO_IRQ_START + i as u32;
+            if irq > layout::IRQ_MAX {
+                return Err(Error::OutOfIrqs);
+            }
+            let transport = MmioTransport::new(dev, mem.clone(), irqfd(&*vm, irq, name)?)
+                .map_err(|e| device_err(name, e))?;
+            for (q, evt) in transport.queue_evts().iter().enumerate() {
+                vm.register_ioevent(
+                    evt,
+                    IoEventAddress::Mmio(addr + aivmm_devices::virtio::mmio::QUEUE_NOTIFY_OFFSET),
+                    Some(q as u32),
+                )?;
+            }
+            mmio_bus
+                .insert(Arc::new(Mutex::new(transport)), addr, layout::VIRTIO_MMIO_SIZE)
+                .map_err(|e| device_err(name, e))?;
+            placed.push(acpi::MmioDevice { addr, len: layout::VIRTIO_MMIO_SIZE, irq });
+        }
+
+        let mut cmdline_text = config.cmdline.clone();
+        let rsdp = if config.acpi {
+            let cpus = u8::try_from(config.cpus).map_err(|_| Error::Acpi("too many CPUs".into()))?;
+            let rsdp = acpi::create_acpi_tables(&mem, cpus, &placed).map_err(|e| Error::Acpi(e.to_string()))?;
+            Some(rsdp.0)
+        } else {
+            cmdline_text.push(' ');
+            cmdline_text.push_str(&acpi::cmdline_devices(&placed));
+            if !cmdline_text.contains("acpi=") {
+                cmdline_text.push_str(" acpi=off");
+            }
+            None
+        };
+        let cmdline = boot::build_cmdline(cmdline_text.trim())?;
+        boot::write_boot_params(&mem, &kernel, &cmdline, initrd, rsdp)?;
+        let sregs = regs::write_boot_tables(&mem)?;
+
+        let cpuid = hv.supported_cpuid()?;
+        let mut vcpus = Vec::with_capacity(config.cpus as usize);
+        for id in 0..config.cpus {
+            let vcpu = vm.create_vcpu(id)?;
+            let boot = (id == 0).then_some((&sregs, kernel.entry));
+            regs::setup_vcpu(vcpu.x86(), id, config.cpus, &cpuid, boot)?;
+            vcpus.push(vcpu);
+        }
+
+        Ok(Self {
+            _vm: vm,
+            mem,
+            vcpus,
+            io_bus: Arc::new(io_bus),
+            mmio_bus: Arc::new(mmio_bus),
+            serial,
+            exit_tx,
+            exit_rx,
+            started,
+        })
+    }
+
+    /// The serial console, for feeding it input.
+    pub fn serial(&self) -> Arc<Mutex<Serial>> {
+        self.serial.clone()
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Starts the vCPUs and waits until the guest powers off or resets, or a
+    /// vCPU fails. vCPU threads still running are left to end with the process.
+    pub fn run(mut self) -> Result<VmExit> {
+        log::debug!("setup took {:?} since exec", self.started.elapsed());
+        for (id, vcpu) in self.vcpus.drain(..).enumerate() {
+            let io = self.io_bus.clone();
+            let mmio = self.mmio_bus.clone();
+            let tx = self.exit_tx.clone();
+            thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || {
+                    let r = run_vcpu(id as u32, vcpu, &io, &mmio);
+                    let _ = tx.send(r);
+                })
+                .map_err(Error::Thread)?;
+        }
+        self.exit_rx.recv().unwrap_or(Ok(VmExit::PowerOff))
+    }
+}
+
+/// Runs one vCPU until the guest stops it or it fails.
+fn run_vcpu(id: u32, mut vcpu: Box<dyn Vcpu>, io: &Bus, mmio: &Bus) -> Result<VmExit> {
+    loop {
+        match vcpu.run().map_err(|e| Error::Vcpu { id, reason: e.to_string() })? {
+            VcpuExit::IoIn(port, data) => {
+                if !io.read(u64::from(port), data) {
+                    log::trace!("vcpu{id}: read of unhandled port {port:#x}");
+                }
+            }
+            VcpuExit::IoOut(port, data) => {
+                if !io.write(u64::from(port), data) {
+                    log::trace!("vcpu{id}: write to unhandled port {port:#x}");
+                }
+            }
+            VcpuExit::MmioRead(addr, data) => {
+                if !mmio.read(addr, data) {
+                    log::debug!("vcpu{id}: read of unhandled MMIO {addr:#x}");
+                }
+            }
+            VcpuExit::MmioWrite(addr, data) => {
+                if !mmio.write(addr, data) {
+                    log::debug!("vcpu{id}: write to unhandled MMIO {addr:#x}");
+                }
+            }
+            VcpuExit::Interrupted => {}
+            VcpuExit::Hlt => {
+                return Err(Error::Vcpu { id, reason: "the guest halted with interrupts off".into() })
+            }
+            VcpuExit::PowerOff => return Ok(VmExit::PowerOff),
+            VcpuExit::Reset => return Ok(VmExit::Reset),
+            VcpuExit::Shutdown => {
+                return Err(Error::Vcpu { id, reason: "the guest triple-faulted (shutdown exit)".into() })
+            }
+            VcpuExit::Failed(reason) => return Err(Error::Vcpu { id, reason }),
+            VcpuExit::Unhandled(what) => {
+                return Err(Error::Vcpu { id, reason: format!("unhandled exit: {what}") })
+            }
+        }
+    }
+}
