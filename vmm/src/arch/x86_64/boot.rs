@@ -11,7 +11,7 @@ use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::{load_cmdline, BzImage, Elf, KernelLoader};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 
 use super::layout::*;
 
@@ -27,7 +27,7 @@ pub enum Error {
         source: std::io::Error,
     },
     /// The kernel file is neither an x86_64 ELF vmlinux nor a bzImage.
-    #[error("{path} is not a Linux kernel: not an x86_64 ELF vmlinux (elf: {elf}) nor a bzImage (bzImage: {bz})")]
+    #[error("{path} is not a Linux kernel: neither an x86_64 ELF ({elf}) nor a bzImage ({bz})")]
     NotAKernel {
         /// The path given.
         path: String,
@@ -107,7 +107,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel> {
             Ok(r) => {
                 return Ok(LoadedKernel { entry: r.kernel_load.raw_value(), end: r.kernel_end, setup_header: None })
             }
-            Err(e) => e.to_string(),
+            Err(e) => loader_reason(&e),
         }
     } else {
         "no ELF magic".to_string()
@@ -124,8 +124,14 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel> {
                 setup_header: Some(hdr),
             })
         }
-        Err(e) => Err(Error::NotAKernel { path: shown, elf: elf_err, bz: e.to_string() }),
+        Err(e) => Err(Error::NotAKernel { path: shown, elf: elf_err, bz: loader_reason(&e) }),
     }
+}
+
+/// The innermost reason of a linux-loader error, without its "Kernel Loader:" prefixes.
+fn loader_reason(e: &linux_loader::loader::Error) -> String {
+    let s = e.to_string();
+    s.rsplit("Kernel Loader: ").next().unwrap_or(&s).trim().to_string()
 }
 
 /// Where an initrd of `size` bytes goes: page-aligned at the top of low RAM.
@@ -168,14 +174,14 @@ pub fn e820_map(mem: &GuestMemoryMmap) -> Vec<boot_e820_entry> {
     const E820_RAM: u32 = 1;
     const E820_RESERVED: u32 = 2;
     let mut map = vec![
-        boot_e820_entry { addr: 0, size: EBDA_START, r#type: E820_RAM },
-        boot_e820_entry { addr: ACPI_START, size: ACPI_END - ACPI_START, r#type: E820_RESERVED },
+        boot_e820_entry { addr: 0, size: EBDA_START, type_: E820_RAM },
+        boot_e820_entry { addr: ACPI_START, size: ACPI_END - ACPI_START, type_: E820_RESERVED },
     ];
     for r in mem.iter() {
         let start = r.start_addr().raw_value().max(HIMEM_START);
         let end = r.start_addr().raw_value() + r.len();
         if end > start {
-            map.push(boot_e820_entry { addr: start, size: end - start, r#type: E820_RAM });
+            map.push(boot_e820_entry { addr: start, size: end - start, type_: E820_RAM });
         }
     }
     map
@@ -236,9 +242,9 @@ mod tests {
     fn e820_covers_ram_and_reserves_acpi() {
         let mem = GuestMemoryMmap::from_ranges(&ram_ranges(4 << 30)).unwrap();
         let map = e820_map(&mem);
-        let ram: u64 = map.iter().filter(|e| e.r#type == 1).map(|e| e.size).sum();
+        let ram: u64 = map.iter().filter(|e| e.type_ == 1).map(|e| e.size).sum();
         assert_eq!(ram, EBDA_START + (MMIO_HOLE_START - HIMEM_START) + (1 << 30));
-        assert!(map.iter().any(|e| e.r#type == 2 && e.addr == ACPI_START));
+        assert!(map.iter().any(|e| e.type_ == 2 && e.addr == ACPI_START));
     }
 
     #[test]
