@@ -8,6 +8,8 @@
 
 pub mod bus;
 pub mod legacy;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
 pub mod virtio;
 
 use std::io;

@@ -13,8 +13,6 @@ use std::sync::Arc;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::Interrupt;
-
 /// Errors of the virtio layer.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -38,7 +36,9 @@ pub const VIRTIO_MMIO_INT_CONFIG: u32 = 2;
 pub struct ActivateArgs {
     /// Guest memory.
     pub mem: GuestMemoryMmap,
-    /// The queues the driver set up, in order, ready.
+    /// One queue per entry of `queue_max_sizes`, in order. The ones the driver
+    /// enabled are `ready()` and lie in guest memory; the others are not ready
+    /// (a driver may leave queues it does not use unset).
     pub queues: Vec<virtio_queue::Queue>,
     /// One `EventFd` per queue, written when the driver notifies that queue.
     pub queue_evts: Vec<EventFd>,

@@ -1,1 +1,40 @@
-//! virtio-rng.
+//! virtio-rng (device type 4): the guest's entropy source.
+//!
+//! The device has one queue. The driver posts device-writable buffers; a worker
+//! thread started on activation fills them from the host's `getrandom(2)` and
+//! returns them on the used ring. [`device`] holds the device and its worker.
+
+pub mod device;
+
+pub use device::Rng;
+
+/// The virtio device type of an entropy source.
+pub const VIRTIO_ID_RNG: u32 = 4;
+/// The maximum size of the request queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// The most bytes one request is given, so a hostile chain cannot make the worker
+/// do unbounded work.
+pub const MAX_BYTES_PER_REQUEST: usize = 64 * 1024;
+
+/// Errors of virtio-rng.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The transport gave no queue, or a queue that is not ready.
+    #[error("the request queue is missing or not ready")]
+    NoQueue,
+    /// The device is already running.
+    #[error("the device is already active")]
+    AlreadyActive,
+    /// An EventFd or epoll operation failed.
+    #[error("event setup failed: {0}")]
+    Event(#[source] std::io::Error),
+    /// The worker thread could not be started.
+    #[error("spawning the worker thread failed: {0}")]
+    Spawn(#[source] std::io::Error),
+    /// getrandom(2) failed.
+    #[error("getrandom failed: {0}")]
+    GetRandom(#[source] std::io::Error),
+}
+
+/// `Result` of virtio-rng.
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,504 @@
+//! The virtio-rng device and its worker thread.
+//!
+//! `activate` moves the queue, its notification `EventFd` and the interrupt into
+//! a worker thread that epolls the queue `EventFd` and a kill `EventFd`. On each
+//! wake it drains the available ring: every chain's device-writable buffers get
+//! random bytes (at most [`MAX_BYTES_PER_REQUEST`] per chain) and the chain goes on
+//! the used ring with the count written. `reset` writes the kill `EventFd` and
+//! joins the thread, so the device can be activated again.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use log::{debug, error, warn};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::{Bytes, GuestMemoryMmap};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{Error, Result, MAX_BYTES_PER_REQUEST, QUEUE_SIZE, VIRTIO_ID_RNG};
+use crate::virtio::{self, ActivateArgs, VirtioDevice, VirtioInterrupt, VIRTIO_MMIO_INT_VRING};
+
+/// Epoll token of the queue's notification `EventFd`.
+const PROCESS_QUEUE: u64 = 0;
+/// Epoll token of the kill `EventFd`.
+const PROCESS_KILL: u64 = 1;
+
+/// A running worker: the thread and the `EventFd` that stops it.
+struct Worker {
+    kill: EventFd,
+    handle: JoinHandle<()>,
+}
+
+/// The virtio-rng device.
+pub struct Rng {
+    acked_features: u64,
+    worker: Option<Worker>,
+}
+
+impl Default for Rng {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Rng {
+    /// A new, inactive entropy device.
+    pub fn new() -> Self {
+        Self {
+            acked_features: 0,
+            worker: None,
+        }
+    }
+
+    /// The features the driver accepted.
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    fn start(&mut self, args: ActivateArgs) -> Result<()> {
+        if self.worker.is_some() {
+            return Err(Error::AlreadyActive);
+        }
+        let ActivateArgs {
+            mem,
+            queues,
+            queue_evts,
+            interrupt,
+        } = args;
+        let (Some(queue), Some(queue_evt)) =
+            (queues.into_iter().next(), queue_evts.into_iter().next())
+        else {
+            return Err(Error::NoQueue);
+        };
+        if !queue.ready() {
+            return Err(Error::NoQueue);
+        }
+        let kill = EventFd::new(EFD_NONBLOCK).map_err(Error::Event)?;
+        let epoll = Epoll::new().map_err(Error::Event)?;
+        for (fd, token) in [(&queue_evt, PROCESS_QUEUE), (&kill, PROCESS_KILL)] {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd.as_raw_fd(),
+                    EpollEvent::new(EventSet::IN, token),
+                )
+                .map_err(Error::Event)?;
+        }
+        let kill_for_worker = kill.try_clone().map_err(Error::Event)?;
+        let mut handler = RequestHandler {
+            mem,
+            queue,
+            interrupt,
+            buf: vec![0; MAX_BYTES_PER_REQUEST],
+        };
+        let handle = std::thread::Builder::new()
+            .name("aivmm-rng".into())
+            .spawn(move || run(epoll, queue_evt, kill_for_worker, &mut handler))
+            .map_err(Error::Spawn)?;
+        self.worker = Some(Worker { kill, handle });
+        Ok(())
+    }
+
+    fn stop(&mut self) {
+        if let Some(w) = self.worker.take() {
+            if let Err(e) = w.kill.write(1) {
+                error!("virtio-rng: signalling the worker to stop failed: {e}");
+            }
+            if w.handle.join().is_err() {
+                error!("virtio-rng: the worker thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Rng {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_RNG
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX)
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked_features = features & self.features();
+    }
+
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        // virtio-rng has no configuration space.
+        data.fill(0);
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        debug!("virtio-rng: config write at {offset:#x} ignored");
+    }
+
+    fn activate(&mut self, args: ActivateArgs) -> virtio::Result<()> {
+        self.start(args)
+            .map_err(|e| virtio::Error::Activate(e.to_string()))
+    }
+
+    fn reset(&mut self) -> bool {
+        self.stop();
+        self.acked_features = 0;
+        true
+    }
+}
+
+/// The worker's loop: wait for a notification or the kill signal.
+fn run(epoll: Epoll, queue_evt: EventFd, kill: EventFd, handler: &mut RequestHandler) {
+    // Buffers posted before the worker started would otherwise wait for the next notify.
+    handler.process_queue();
+    let mut events = [EpollEvent::default(); 2];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                error!("virtio-rng: epoll_wait failed, worker exits: {e}");
+                return;
+            }
+        };
+        for ev in &events[..n] {
+            match ev.data() {
+                PROCESS_QUEUE => {
+                    // A notification count of zero (EAGAIN) is harmless: process anyway.
+                    let _ = queue_evt.read();
+                    handler.process_queue();
+                }
+                PROCESS_KILL => {
+                    let _ = kill.read();
+                    return;
+                }
+                other => warn!("virtio-rng: unexpected epoll token {other}"),
+            }
+        }
+    }
+}
+
+/// The queue and what serving it needs.
+struct RequestHandler {
+    mem: GuestMemoryMmap,
+    queue: Queue,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    /// Host-side staging buffer for random bytes.
+    buf: Vec<u8>,
+}
+
+impl RequestHandler {
+    /// Serves every available chain, then raises the interrupt if the driver wants it.
+    fn process_queue(&mut self) {
+        let mut used_any = false;
+        loop {
+            if let Err(e) = self.queue.disable_notification(&self.mem) {
+                warn!("virtio-rng: disabling notifications failed: {e}");
+            }
+            let mut progressed = false;
+            while let Some(chain) = self.queue.pop_descriptor_chain(&self.mem) {
+                progressed = true;
+                let head = chain.head_index();
+                let len = fill_chain(chain, &mut self.buf, &self.mem);
+                match self.queue.add_used(&self.mem, head, len) {
+                    Ok(()) => used_any = true,
+                    Err(e) => debug!("virtio-rng: returning chain {head} failed: {e}"),
+                }
+            }
+            // Stop when the driver added nothing since, and also when nothing could be
+            // popped: a bogus avail index would otherwise keep us spinning.
+            match self.queue.enable_notification(&self.mem) {
+                Ok(true) if progressed => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    warn!("virtio-rng: enabling notifications failed: {e}");
+                    break;
+                }
+            }
+        }
+        if !used_any {
+            return;
+        }
+        let notify = self
+            .queue
+            .needs_notification(&self.mem)
+            .unwrap_or_else(|e| {
+                warn!("virtio-rng: reading the used event failed: {e}");
+                true
+            });
+        if notify {
+            if let Err(e) = self.interrupt.signal(VIRTIO_MMIO_INT_VRING) {
+                error!("virtio-rng: raising the interrupt failed: {e}");
+            }
+        }
+    }
+}
+
+/// Fills the writable buffers of `chain` with random bytes and returns how many
+/// were written. Read-only buffers are skipped; the first buffer that is outside
+/// guest memory ends the request.
+fn fill_chain(
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    buf: &mut [u8],
+    mem: &GuestMemoryMmap,
+) -> u32 {
+    let mut written = 0usize;
+    for desc in chain {
+        if !desc.is_write_only() {
+            debug!("virtio-rng: read-only buffer skipped");
+            continue;
+        }
+        let want = (desc.len() as usize).min(MAX_BYTES_PER_REQUEST - written);
+        if want == 0 {
+            break;
+        }
+        let Some(bytes) = buf.get_mut(..want) else {
+            break;
+        };
+        if let Err(e) = getrandom(bytes) {
+            error!("virtio-rng: {e}");
+            break;
+        }
+        if let Err(e) = mem.write_slice(bytes, desc.addr()) {
+            debug!(
+                "virtio-rng: buffer at {:#x} not writable: {e}",
+                desc.addr().0
+            );
+            break;
+        }
+        written += want;
+    }
+    // MAX_BYTES_PER_REQUEST fits in a u32.
+    u32::try_from(written).unwrap_or(u32::MAX)
+}
+
+/// Fills `buf` from the kernel's CSPRNG.
+pub(super) fn getrandom(buf: &mut [u8]) -> Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        // SAFETY: the kernel writes at most `rest.len()` bytes into `rest`, which is a
+        // valid, exclusively borrowed buffer of that length.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(Error::GetRandom(e));
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::time::Duration;
+
+    use vm_memory::GuestAddress;
+
+    use super::*;
+    use crate::test_utils::*;
+    use crate::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
+
+    const WAIT: Duration = Duration::from_secs(5);
+
+    fn activate(
+        rng: &mut Rng,
+        mem: &GuestMemoryMmap,
+        q: &MockSplitQueue<'_, GuestMemoryMmap>,
+    ) -> (EventFd, Arc<RecordingVirtioInterrupt>) {
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let irq = Arc::new(RecordingVirtioInterrupt::default());
+        rng.activate(ActivateArgs {
+            mem: mem.clone(),
+            queues: vec![q.create_queue::<Queue>().unwrap()],
+            queue_evts: vec![evt.try_clone().unwrap()],
+            interrupt: irq.clone(),
+        })
+        .unwrap();
+        (evt, irq)
+    }
+
+    fn read_buf(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+        v
+    }
+
+    #[test]
+    fn fills_writable_buffers() {
+        let mem = guest_memory(0x40_0000);
+        let q = mock_queue(&mem, 16);
+        let mut rng = Rng::new();
+        let (evt, irq) = activate(&mut rng, &mem, &q);
+        add_chain(
+            &q,
+            0,
+            &[
+                Buf::write(DATA_ADDR, 100),
+                Buf::write(DATA_ADDR + 0x1000, 200),
+            ],
+        );
+        evt.write(1).unwrap();
+        assert!(wait_until(WAIT, || used_idx(&q) == 1));
+        assert_eq!(used_elem(&q, 0), (0, 300));
+        assert!(wait_until(WAIT, || irq.count() >= 1));
+        assert_eq!(irq.status(), VIRTIO_MMIO_INT_VRING);
+        // 300 random bytes are not all zero, and the byte after each buffer is untouched.
+        let a = read_buf(&mem, DATA_ADDR, 101);
+        let b = read_buf(&mem, DATA_ADDR + 0x1000, 201);
+        assert!(a[..100].iter().chain(&b[..200]).any(|&x| x != 0));
+        assert_eq!((a[100], b[200]), (0, 0));
+        assert!(rng.reset());
+    }
+
+    #[test]
+    fn malformed_chains_get_zero_bytes() {
+        let mem = guest_memory(0x40_0000);
+        let q = mock_queue(&mem, 16);
+        let mut rng = Rng::new();
+        let (evt, _irq) = activate(&mut rng, &mem, &q);
+        // Past guest memory; read-only only; read-only then writable; straddling the end.
+        add_chain(&q, 0, &[Buf::write(0x1000_0000, 64)]);
+        add_chain(&q, 1, &[Buf::read(DATA_ADDR, 64)]);
+        add_chain(
+            &q,
+            2,
+            &[Buf::read(DATA_ADDR, 64), Buf::write(DATA_ADDR + 0x100, 16)],
+        );
+        add_chain(&q, 4, &[Buf::write(0x40_0000 - 8, 64)]);
+        add_chain(&q, 5, &[Buf::write(u64::MAX - 4, 64)]);
+        evt.write(1).unwrap();
+        assert!(wait_until(WAIT, || used_idx(&q) == 5));
+        assert_eq!(used_elem(&q, 0), (0, 0));
+        assert_eq!(used_elem(&q, 1), (1, 0));
+        assert_eq!(used_elem(&q, 2), (2, 16));
+        assert_eq!(used_elem(&q, 3), (4, 0));
+        assert_eq!(used_elem(&q, 4), (5, 0));
+        // The worker is still alive and serves a good chain.
+        add_chain(&q, 6, &[Buf::write(DATA_ADDR, 8)]);
+        evt.write(1).unwrap();
+        assert!(wait_until(WAIT, || used_idx(&q) == 6));
+        assert_eq!(used_elem(&q, 5), (6, 8));
+        assert!(rng.reset());
+    }
+
+    #[test]
+    fn requests_are_capped() {
+        let mem = guest_memory(0x40_0000);
+        let q = mock_queue(&mem, 16);
+        let mut rng = Rng::new();
+        let (evt, _irq) = activate(&mut rng, &mem, &q);
+        add_chain(
+            &q,
+            0,
+            &[
+                Buf::write(DATA_ADDR, 0x10_0000),
+                Buf::write(0x30_0000, 0x1000),
+            ],
+        );
+        evt.write(1).unwrap();
+        assert!(wait_until(WAIT, || used_idx(&q) == 1));
+        assert_eq!(used_elem(&q, 0), (0, MAX_BYTES_PER_REQUEST as u32));
+        assert!(rng.reset());
+    }
+
+    #[test]
+    fn bogus_avail_index_does_not_hang() {
+        let mem = guest_memory(0x40_0000);
+        let q = mock_queue(&mem, 16);
+        let mut rng = Rng::new();
+        let (evt, _irq) = activate(&mut rng, &mem, &q);
+        q.avail().idx().store(1000);
+        evt.write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        // A worker stuck in a loop would never join.
+        assert!(rng.reset());
+        assert_eq!(used_idx(&q), 0);
+    }
+
+    #[test]
+    fn reset_then_activate_again() {
+        let mem = guest_memory(0x40_0000);
+        let q = mock_queue(&mem, 16);
+        let mut rng = Rng::new();
+        let (_evt, _irq) = activate(&mut rng, &mem, &q);
+        let second = rng.activate(ActivateArgs {
+            mem: mem.clone(),
+            queues: vec![q.create_queue::<Queue>().unwrap()],
+            queue_evts: vec![EventFd::new(EFD_NONBLOCK).unwrap()],
+            interrupt: Arc::new(RecordingVirtioInterrupt::default()),
+        });
+        assert!(second.is_err(), "already active");
+        assert!(rng.reset());
+        assert!(rng.reset(), "reset of an idle device");
+        let q = mock_queue(&mem, 16);
+        let (evt, _irq) = activate(&mut rng, &mem, &q);
+        add_chain(&q, 0, &[Buf::write(DATA_ADDR, 4)]);
+        evt.write(1).unwrap();
+        assert!(wait_until(WAIT, || used_idx(&q) == 1));
+    }
+
+    #[test]
+    fn no_queue_is_an_error() {
+        let mem = guest_memory(0x10_0000);
+        let mut rng = Rng::new();
+        let r = rng.activate(ActivateArgs {
+            mem,
+            queues: vec![],
+            queue_evts: vec![],
+            interrupt: Arc::new(RecordingVirtioInterrupt::default()),
+        });
+        assert!(r.is_err());
+    }
+
+    #[test]
+    fn through_the_mmio_transport() {
+        let mem = guest_memory(0x40_0000);
+        let q = mock_queue(&mem, 256);
+        let irq = Arc::new(RecordingInterrupt::default());
+        let mut t = MmioTransport::new(Box::new(Rng::new()), mem.clone(), irq.clone()).unwrap();
+        assert_eq!(read32(&mut t, 0x08), VIRTIO_ID_RNG);
+        let features = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX);
+        assert_eq!(mmio_init(&mut t, features, &[&q]), 0xf);
+        for i in 0..3u16 {
+            add_chain(&q, i, &[Buf::write(DATA_ADDR + u64::from(i) * 0x100, 32)]);
+        }
+        write32(&mut t, QUEUE_NOTIFY_OFFSET, 0);
+        assert!(wait_until(WAIT, || used_idx(&q) == 3));
+        assert!(wait_until(WAIT, || irq.count() >= 1));
+        assert_eq!(read32(&mut t, 0x60), VIRTIO_MMIO_INT_VRING);
+        assert_eq!(used_elem(&q, 2), (2, 32));
+        // Reset through the transport stops the worker, and it comes back.
+        write32(&mut t, 0x70, 0);
+        let q = mock_queue(&mem, 256);
+        assert_eq!(mmio_init(&mut t, features, &[&q]), 0xf);
+        add_chain(&q, 0, &[Buf::write(DATA_ADDR, 32)]);
+        write32(&mut t, QUEUE_NOTIFY_OFFSET, 0);
+        assert!(wait_until(WAIT, || used_idx(&q) == 1));
+    }
+
+    #[test]
+    fn getrandom_fills_large_buffers() {
+        let mut buf = vec![0u8; 1 << 20];
+        getrandom(&mut buf).unwrap();
+        assert!(buf[buf.len() - 64..].iter().any(|&b| b != 0));
+    }
+}
