@@ -47,6 +47,16 @@ pub struct RunArgs {
     /// Do not attach the virtio-rng device.
     #[arg(long)]
     pub no_rng: bool,
+    /// Attach a raw disk image as virtio-blk (vda, vdb, … in order); `:ro` for read-only.
+    #[arg(long, value_name = "PATH[:ro]")]
+    pub disk: Vec<String>,
+    /// Share a host directory over virtio-fs; the guest mounts it with
+    /// `mount -t virtiofs TAG DIR`. `:ro` makes it read-only.
+    #[arg(long, value_name = "HOST_DIR:TAG[:ro]")]
+    pub share: Vec<String>,
+    /// How much the guest may cache of shared directories.
+    #[arg(long, value_enum, default_value_t = config::FsCache::Auto)]
+    pub fs_cache: config::FsCache,
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -65,6 +75,12 @@ impl TryFrom<&RunArgs> for VmConfig {
             memory: a.memory,
             acpi: !a.no_acpi,
             rng: !a.no_rng,
+            disks: a.disk.iter().map(|d| config::parse_disk(d)).collect::<Result<_, _>>()?,
+            shares: a
+                .share
+                .iter()
+                .map(|s| config::parse_share(s, a.fs_cache))
+                .collect::<Result<_, _>>()?,
         };
         c.validate()?;
         Ok(c)

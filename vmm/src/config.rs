@@ -26,6 +26,18 @@ pub enum Error {
         /// What was asked.
         got: u32,
     },
+    /// A `--disk` value could not be parsed.
+    #[error("bad --disk '{0}': use PATH or PATH:ro")]
+    Disk(String),
+    /// A `--share` value could not be parsed.
+    #[error("bad --share '{0}': use HOST_DIR:TAG or HOST_DIR:TAG:ro (TAG is 1 to 36 bytes, no ':')")]
+    Share(String),
+    /// Two shares use one tag.
+    #[error("the share tag '{0}' is used twice")]
+    DuplicateTag(String),
+    /// More devices than interrupt lines.
+    #[error("too many devices: at most {0} disks, shares and other virtio devices together")]
+    TooManyDevices(usize),
     /// Without ACPI there is no way to describe more than one CPU.
     #[error("--no-acpi supports one vCPU only: aivmm describes CPUs to the guest through ACPI")]
     SmpNeedsAcpi,
@@ -40,6 +52,9 @@ pub const MIN_MEMORY_MIB: u64 = 32;
 pub const MAX_MEMORY_GIB: u64 = 1024;
 /// The most vCPUs (the IOAPIC/xAPIC id space, less the IOAPIC's own id).
 pub const MAX_CPUS: u32 = 254;
+
+/// The most virtio devices: one interrupt line each, GSIs 5 to 23.
+pub const MAX_VIRTIO_DEVICES: usize = 19;
 
 /// Everything needed to build and boot one VM.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,6 +73,77 @@ pub struct VmConfig {
     pub acpi: bool,
     /// Attach a virtio-rng device.
     pub rng: bool,
+    /// Block devices, in the order the guest sees them (vda, vdb, …).
+    pub disks: Vec<DiskConfig>,
+    /// Shared host directories (virtio-fs).
+    pub shares: Vec<ShareConfig>,
+}
+
+/// A raw disk image attached as virtio-blk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// The image file.
+    pub path: PathBuf,
+    /// Refuse guest writes.
+    pub read_only: bool,
+}
+
+/// How much the guest kernel may cache of a shared directory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum FsCache {
+    /// No caching: every access goes to the host; always coherent with host-side changes.
+    None,
+    /// Cache for a short time (about a second) and revalidate on open.
+    #[default]
+    Auto,
+    /// Cache without expiry: fastest, for shares nobody changes on the host meanwhile.
+    Always,
+}
+
+/// A host directory shared with the guest over virtio-fs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShareConfig {
+    /// The host directory.
+    pub path: PathBuf,
+    /// The tag the guest mounts (`mount -t virtiofs TAG /mnt`).
+    pub tag: String,
+    /// Refuse guest writes (EROFS).
+    pub read_only: bool,
+    /// Guest caching.
+    pub cache: FsCache,
+}
+
+/// Longest virtio-fs tag (the config-space field).
+pub const MAX_TAG_LEN: usize = 36;
+
+/// Splits an optional `:ro` or `:rw` suffix off `s`.
+fn split_mode(s: &str) -> (&str, bool) {
+    if let Some(rest) = s.strip_suffix(":ro") {
+        (rest, true)
+    } else if let Some(rest) = s.strip_suffix(":rw") {
+        (rest, false)
+    } else {
+        (s, false)
+    }
+}
+
+/// Parses `PATH[:ro]`.
+pub fn parse_disk(s: &str) -> Result<DiskConfig> {
+    let (path, read_only) = split_mode(s);
+    if path.is_empty() {
+        return Err(Error::Disk(s.to_string()));
+    }
+    Ok(DiskConfig { path: path.into(), read_only })
+}
+
+/// Parses `HOST_DIR:TAG[:ro]`.
+pub fn parse_share(s: &str, cache: FsCache) -> Result<ShareConfig> {
+    let (rest, read_only) = split_mode(s);
+    let (path, tag) = rest.rsplit_once(':').ok_or_else(|| Error::Share(s.to_string()))?;
+    if path.is_empty() || tag.is_empty() || tag.len() > MAX_TAG_LEN || tag.contains('\0') {
+        return Err(Error::Share(s.to_string()));
+    }
+    Ok(ShareConfig { path: path.into(), tag: tag.to_string(), read_only, cache })
 }
 
 /// The command line used when none is given.
@@ -71,6 +157,15 @@ impl VmConfig {
         }
         if self.memory < MIN_MEMORY_MIB << 20 || self.memory > MAX_MEMORY_GIB << 30 {
             return Err(Error::MemoryRange { min: MIN_MEMORY_MIB, max: MAX_MEMORY_GIB, got: self.memory });
+        }
+        let mut tags: Vec<&str> = self.shares.iter().map(|s| s.tag.as_str()).collect();
+        tags.sort_unstable();
+        if let Some(w) = tags.windows(2).find(|w| w[0] == w[1]) {
+            return Err(Error::DuplicateTag(w[0].to_string()));
+        }
+        let devices = self.disks.len() + self.shares.len() + usize::from(self.rng);
+        if devices > MAX_VIRTIO_DEVICES {
+            return Err(Error::TooManyDevices(MAX_VIRTIO_DEVICES));
         }
         if !self.acpi && self.cpus > 1 {
             return Err(Error::SmpNeedsAcpi);
@@ -114,7 +209,28 @@ mod tests {
             memory: 128 << 20,
             acpi: true,
             rng: true,
+            disks: vec![],
+            shares: vec![],
         }
+    }
+
+    #[test]
+    fn disks_and_shares() {
+        assert_eq!(parse_disk("a.img"), Ok(DiskConfig { path: "a.img".into(), read_only: false }));
+        assert_eq!(parse_disk("/x/a:b.img:ro"), Ok(DiskConfig { path: "/x/a:b.img".into(), read_only: true }));
+        assert!(parse_disk(":ro").is_err());
+        let s = parse_share("/src:work", FsCache::Auto).unwrap();
+        assert_eq!((s.path, s.tag.as_str(), s.read_only), ("/src".into(), "work", false));
+        let s = parse_share("/a:b:tag:ro", FsCache::None).unwrap();
+        assert_eq!((s.path, s.tag.as_str(), s.read_only, s.cache), ("/a:b".into(), "tag", true, FsCache::None));
+        for bad in ["/src", ":tag", "/src:", "/src::ro", &format!("/s:{}", "t".repeat(37))] {
+            assert!(parse_share(bad, FsCache::Auto).is_err(), "{bad}");
+        }
+        let share = |tag: &str| parse_share(&format!("/d:{tag}"), FsCache::Auto).unwrap();
+        let c = VmConfig { shares: vec![share("a"), share("b"), share("a")], ..cfg() };
+        assert_eq!(c.validate(), Err(Error::DuplicateTag("a".into())));
+        let c = VmConfig { disks: vec![parse_disk("d").unwrap(); 19], ..cfg() };
+        assert_eq!(c.validate(), Err(Error::TooManyDevices(MAX_VIRTIO_DEVICES)));
     }
 
     #[test]
