@@ -18,7 +18,7 @@ const ESCAPE: u8 = 0x01;
 
 fn main() -> ExitCode {
     let started = Instant::now();
-    env_logger::Builder::from_env(env_logger::Env::new().filter_or("AIVMM_LOG", "warn"))
+    env_logger::Builder::from_env(env_logger::Env::new().filter_or("AIVMM_LOG", "warn,virtio_queue=off"))
         .format_timestamp_micros()
         .init();
     let cli = Cli::parse();

@@ -8,6 +8,7 @@
 
 use std::io::Write;
 use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Instant;
@@ -17,7 +18,7 @@ use aivmm_devices::legacy::{acpi_pm::AcpiPm, boot_timer::BootTimer, i8042::I8042
 use aivmm_devices::virtio::mmio::MmioTransport;
 use aivmm_devices::virtio::VirtioDevice;
 use aivmm_devices::{EventFdInterrupt, ExitReason, Interrupt};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::x86_64::{acpi, boot, layout, regs};
@@ -99,6 +100,8 @@ pub struct Vmm {
     serial: Arc<Mutex<Serial>>,
     exit_tx: ExitSender,
     exit_rx: mpsc::Receiver<std::result::Result<VmExit, Error>>,
+    /// Set once the guest asked to stop: vCPUs run no more guest code after it.
+    stopping: Arc<AtomicBool>,
     started: Instant,
 }
 
@@ -153,9 +156,12 @@ impl Vmm {
         };
 
         let (exit_tx, exit_rx) = mpsc::channel();
+        let stopping = Arc::new(AtomicBool::new(false));
         let on_exit: ExitHandler = {
             let tx = Mutex::new(exit_tx.clone());
+            let stopping = stopping.clone();
             Arc::new(move |r: ExitReason| {
+                stopping.store(true, Ordering::SeqCst);
                 let exit = match r {
                     ExitReason::PowerOff => VmExit::PowerOff,
                     ExitReason::Reset => VmExit::Reset,
@@ -239,6 +245,7 @@ impl Vmm {
             serial,
             exit_tx,
             exit_rx,
+            stopping,
             started,
         })
     }
@@ -261,10 +268,11 @@ impl Vmm {
             let io = self.io_bus.clone();
             let mmio = self.mmio_bus.clone();
             let tx = self.exit_tx.clone();
+            let stopping = self.stopping.clone();
             thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
-                    let r = run_vcpu(id as u32, vcpu, &io, &mmio);
+                    let r = run_vcpu(id as u32, vcpu, &io, &mmio, &stopping);
                     let _ = tx.send(r);
                 })
                 .map_err(Error::Thread)?;
@@ -273,9 +281,14 @@ impl Vmm {
     }
 }
 
-/// Runs one vCPU until the guest stops it or it fails.
-fn run_vcpu(id: u32, mut vcpu: Box<dyn Vcpu>, io: &Bus, mmio: &Bus) -> Result<VmExit> {
+/// Runs one vCPU until the guest stops it or it fails. Once `stopping` is set
+/// (a device saw a power-off or reset) the vCPU does not enter the guest again.
+fn run_vcpu(id: u32, mut vcpu: Box<dyn Vcpu>, io: &Bus, mmio: &Bus, stopping: &AtomicBool) -> Result<VmExit> {
     loop {
+        if stopping.load(Ordering::SeqCst) {
+            // The device that set the flag has already sent the VM's exit.
+            return Ok(VmExit::PowerOff);
+        }
         match vcpu.run().map_err(|e| Error::Vcpu { id, reason: e.to_string() })? {
             VcpuExit::IoIn(port, data) => {
                 if !io.read(u64::from(port), data) {

@@ -413,7 +413,7 @@ impl MmioTransport {
             match cfg.build(&self.mem, event_idx) {
                 Some(q) => queues.push(q),
                 None => {
-                    error!("virtio-mmio: queue {i} is invalid: {cfg:?}");
+                    debug!("virtio-mmio: queue {i} is invalid: {cfg:?}");
                     return self.needs_reset();
                 }
             }
