@@ -184,12 +184,10 @@ impl Vmm {
             .insert(Arc::new(Mutex::new(BootTimer::new(started))), layout::BOOT_TIMER_ADDR, layout::BOOT_TIMER_SIZE)
             .map_err(|e| device_err("boot-timer", e))?;
 
-        let mut virtio: Vec<(&str, Box<dyn VirtioDevice>)> = Vec::new();
-        if config.rng {
-            virtio.push(("virtio-rng", Box::new(aivmm_devices::virtio::rng::Rng::new())));
-        }
+        let virtio = virtio_devices(config)?;
         let mut placed = Vec::new();
         for (i, (name, dev)) in virtio.into_iter().enumerate() {
+            let name = name.as_str();
             let addr = layout::VIRTIO_MMIO_START + i as u64 * layout::VIRTIO_MMIO_SIZE;
             let irq = layout::VIRTIO_IRQ_START + i as u32;
             if irq > layout::IRQ_MAX {
@@ -279,6 +277,33 @@ impl Vmm {
         }
         self.exit_rx.recv().unwrap_or(Ok(VmExit::PowerOff))
     }
+}
+
+/// Creates the virtio devices of `config`, in the order they are placed: disks
+/// first (so the guest names them vda, vdb, … in `--disk` order), then shares, then rng.
+fn virtio_devices(config: &VmConfig) -> Result<Vec<(String, Box<dyn VirtioDevice>)>> {
+    use aivmm_devices::virtio::{block, fs, rng};
+    let mut out: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
+    for d in &config.disks {
+        let name = format!("virtio-blk {}", d.path.display());
+        let dev = block::Block::new(block::BlockConfig { path: d.path.clone(), read_only: d.read_only, id: None })
+            .map_err(|e| device_err(&name, e))?;
+        out.push((name, Box::new(dev)));
+    }
+    for s in &config.shares {
+        let name = format!("virtio-fs {}", s.path.display());
+        let cache = match s.cache {
+            crate::config::FsCache::None => fs::CachePolicy::None,
+            crate::config::FsCache::Auto => fs::CachePolicy::Auto,
+            crate::config::FsCache::Always => fs::CachePolicy::Always,
+        };
+        let cfg = fs::FsConfig { read_only: s.read_only, cache, ..fs::FsConfig::new(&s.path, &s.tag) };
+        out.push((name.clone(), Box::new(fs::Fs::new(cfg).map_err(|e| device_err(&name, e))?)));
+    }
+    if config.rng {
+        out.push(("virtio-rng".into(), Box::new(rng::Rng::new())));
+    }
+    Ok(out)
 }
 
 /// Runs one vCPU until the guest stops it or it fails. Once `stopping` is set

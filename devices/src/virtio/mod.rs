@@ -5,6 +5,8 @@
 //! queues, their notification `EventFd`s and the interrupt; from then on the device
 //! does its work on guest memory from its own event handling.
 
+pub mod block;
+pub mod fs;
 pub mod mmio;
 pub mod rng;
 

@@ -1,0 +1,1267 @@
+//! The virtio-blk device and its worker thread.
+//!
+//! `activate` moves the request queue, its notification `EventFd`, the interrupt
+//! and a handle on the [`Disk`] into a worker thread that epolls the queue
+//! `EventFd` and a kill `EventFd`. On each wake it drains the available ring: each
+//! chain is parsed ([`request::parse`]), executed synchronously against the disk,
+//! its status byte written, and it goes on the used ring with the number of bytes
+//! written to the guest. After a batch the interrupt is raised if the driver wants
+//! it (EVENT_IDX aware). `reset` writes the kill `EventFd` and joins the thread.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use log::{debug, error, warn};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_IOERR,
+    VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestMemoryMmap};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::disk::Disk;
+use super::request::{self, Invalid, Request, RequestType, Segment};
+use super::{
+    Error, Result, CONFIG_LEN, DISCARD_RANGE_LEN, ID_LEN, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG,
+    QUEUE_SIZE, SECTOR_SHIFT, SECTOR_SIZE, SEG_MAX, SIZE_MAX, VIRTIO_ID_BLOCK,
+};
+use crate::virtio::{self, ActivateArgs, VirtioDevice, VirtioInterrupt, VIRTIO_MMIO_INT_VRING};
+
+/// Epoll token of the queue's notification `EventFd`.
+const PROCESS_QUEUE: u64 = 0;
+/// Epoll token of the kill `EventFd`.
+const PROCESS_KILL: u64 = 1;
+
+/// What the VMM configures for one disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockConfig {
+    /// The raw image (a regular file or a block device).
+    pub path: PathBuf,
+    /// Open read-only and offer VIRTIO_BLK_F_RO.
+    pub read_only: bool,
+    /// The GET_ID answer (at most 20 bytes); by default derived from the file's
+    /// device and inode numbers.
+    pub id: Option<String>,
+}
+
+/// A running worker: the thread and the `EventFd` that stops it.
+struct Worker {
+    kill: EventFd,
+    handle: JoinHandle<()>,
+}
+
+/// The virtio-blk device.
+pub struct Block {
+    disk: Arc<Disk>,
+    avail_features: u64,
+    acked_features: u64,
+    config_space: [u8; CONFIG_LEN],
+    worker: Option<Worker>,
+}
+
+impl Block {
+    /// Opens and locks the image of `config`. Fails if it is missing, a
+    /// directory, empty, not a whole number of sectors, or locked by another VM.
+    pub fn new(config: BlockConfig) -> Result<Self> {
+        let disk = Disk::open(&config.path, config.read_only, config.id.as_deref())?;
+        let mut features = (1u64 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1 << VIRTIO_BLK_F_FLUSH)
+            | (1 << VIRTIO_BLK_F_SEG_MAX)
+            | (1 << VIRTIO_BLK_F_SIZE_MAX)
+            | (1 << VIRTIO_BLK_F_BLK_SIZE);
+        if disk.read_only() {
+            features |= 1 << VIRTIO_BLK_F_RO;
+        }
+        if disk.can_discard() {
+            features |= 1 << VIRTIO_BLK_F_DISCARD;
+        }
+        if disk.can_write_zeroes() {
+            features |= 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+        }
+        let config_space = config_space(&disk);
+        Ok(Self {
+            disk: Arc::new(disk),
+            avail_features: features,
+            acked_features: 0,
+            config_space,
+            worker: None,
+        })
+    }
+
+    /// The disk size in 512-byte sectors.
+    pub fn capacity(&self) -> u64 {
+        self.disk.capacity()
+    }
+
+    /// Whether the disk is read-only.
+    pub fn read_only(&self) -> bool {
+        self.disk.read_only()
+    }
+
+    /// The GET_ID answer.
+    pub fn id(&self) -> &[u8; ID_LEN] {
+        self.disk.id()
+    }
+
+    /// The features the driver accepted.
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    fn start(&mut self, args: ActivateArgs) -> Result<()> {
+        if self.worker.is_some() {
+            return Err(Error::AlreadyActive);
+        }
+        let ActivateArgs {
+            mem,
+            queues,
+            queue_evts,
+            interrupt,
+        } = args;
+        let (Some(queue), Some(queue_evt)) =
+            (queues.into_iter().next(), queue_evts.into_iter().next())
+        else {
+            return Err(Error::NoQueue);
+        };
+        if !queue.ready() {
+            return Err(Error::NoQueue);
+        }
+        let kill = EventFd::new(EFD_NONBLOCK).map_err(Error::Event)?;
+        let epoll = Epoll::new().map_err(Error::Event)?;
+        for (fd, token) in [(&queue_evt, PROCESS_QUEUE), (&kill, PROCESS_KILL)] {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd.as_raw_fd(),
+                    EpollEvent::new(EventSet::IN, token),
+                )
+                .map_err(Error::Event)?;
+        }
+        let kill_for_worker = kill.try_clone().map_err(Error::Event)?;
+        let mut handler = RequestHandler {
+            queue,
+            interrupt,
+            exec: Executor {
+                mem,
+                disk: self.disk.clone(),
+                acked_features: self.acked_features,
+            },
+            segs: Vec::with_capacity(SEG_MAX as usize),
+        };
+        let handle = std::thread::Builder::new()
+            .name("aivmm-blk".into())
+            .spawn(move || run(epoll, queue_evt, kill_for_worker, &mut handler))
+            .map_err(Error::Spawn)?;
+        self.worker = Some(Worker { kill, handle });
+        Ok(())
+    }
+
+    fn stop(&mut self) {
+        if let Some(w) = self.worker.take() {
+            if let Err(e) = w.kill.write(1) {
+                error!("virtio-blk: signalling the worker to stop failed: {e}");
+            }
+            if w.handle.join().is_err() {
+                error!("virtio-blk: the worker thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Block {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The `virtio_blk_config` bytes, little-endian, through `write_zeroes_may_unmap`.
+fn config_space(disk: &Disk) -> [u8; CONFIG_LEN] {
+    let mut c = [0u8; CONFIG_LEN];
+    let mut put = |off: usize, bytes: &[u8]| c[off..off + bytes.len()].copy_from_slice(bytes);
+    put(0, &disk.capacity().to_le_bytes());
+    put(8, &SIZE_MAX.to_le_bytes());
+    put(12, &SEG_MAX.to_le_bytes());
+    // 16..20 geometry: not offered.
+    put(20, &(SECTOR_SIZE as u32).to_le_bytes());
+    // 24..32 topology: not offered. 32 writeback, 33 unused.
+    put(34, &1u16.to_le_bytes());
+    let align = disk.fs_block_size() >> SECTOR_SHIFT;
+    if disk.can_discard() {
+        put(36, &MAX_DISCARD_SECTORS.to_le_bytes());
+        put(40, &MAX_DISCARD_SEG.to_le_bytes());
+        put(44, &align.to_le_bytes());
+    }
+    if disk.can_write_zeroes() {
+        put(48, &MAX_DISCARD_SECTORS.to_le_bytes());
+        put(52, &MAX_DISCARD_SEG.to_le_bytes());
+        put(56, &[u8::from(disk.can_discard())]);
+    }
+    c
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let Ok(start) = usize::try_from(offset) else {
+            return;
+        };
+        if let Some(src) = self.config_space.get(start..) {
+            let n = src.len().min(data.len());
+            data[..n].copy_from_slice(&src[..n]);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        // Only `writeback` is writable, and only with CONFIG_WCE, which we do not offer.
+        debug!("virtio-blk: config write at {offset:#x} ignored");
+    }
+
+    fn activate(&mut self, args: ActivateArgs) -> virtio::Result<()> {
+        self.start(args)
+            .map_err(|e| virtio::Error::Activate(e.to_string()))
+    }
+
+    fn reset(&mut self) -> bool {
+        self.stop();
+        self.acked_features = 0;
+        true
+    }
+}
+
+/// The worker's loop: wait for a notification or the kill signal.
+fn run(epoll: Epoll, queue_evt: EventFd, kill: EventFd, handler: &mut RequestHandler) {
+    // Requests posted before the worker started would otherwise wait for the next notify.
+    handler.process_queue();
+    let mut events = [EpollEvent::default(); 2];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                error!("virtio-blk: epoll_wait failed, worker exits: {e}");
+                return;
+            }
+        };
+        for ev in &events[..n] {
+            match ev.data() {
+                PROCESS_QUEUE => {
+                    // A notification count of zero (EAGAIN) is harmless: process anyway.
+                    let _ = queue_evt.read();
+                    handler.process_queue();
+                }
+                PROCESS_KILL => {
+                    let _ = kill.read();
+                    return;
+                }
+                other => warn!("virtio-blk: unexpected epoll token {other}"),
+            }
+        }
+    }
+}
+
+/// The queue and what serving it needs.
+struct RequestHandler {
+    queue: Queue,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    exec: Executor,
+    /// Data segments of the request being served (reused; at most SEG_MAX).
+    segs: Vec<Segment>,
+}
+
+/// Executes requests: guest memory, the disk and the negotiated features.
+struct Executor {
+    mem: GuestMemoryMmap,
+    disk: Arc<Disk>,
+    acked_features: u64,
+}
+
+impl RequestHandler {
+    /// Serves every available chain, then raises the interrupt if the driver wants it.
+    fn process_queue(&mut self) {
+        let mut used_any = false;
+        loop {
+            if let Err(e) = self.queue.disable_notification(&self.exec.mem) {
+                warn!("virtio-blk: disabling notifications failed: {e}");
+            }
+            let mut progressed = false;
+            while let Some(chain) = self.queue.pop_descriptor_chain(&self.exec.mem) {
+                progressed = true;
+                let head = chain.head_index();
+                let len = self.exec.serve(chain, &mut self.segs);
+                match self.queue.add_used(&self.exec.mem, head, len) {
+                    Ok(()) => used_any = true,
+                    Err(e) => debug!("virtio-blk: returning chain {head} failed: {e}"),
+                }
+            }
+            // Stop when the driver added nothing since, and also when nothing could be
+            // popped: a bogus avail index would otherwise keep us spinning.
+            match self.queue.enable_notification(&self.exec.mem) {
+                Ok(true) if progressed => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    warn!("virtio-blk: enabling notifications failed: {e}");
+                    break;
+                }
+            }
+        }
+        if !used_any {
+            return;
+        }
+        let notify = self
+            .queue
+            .needs_notification(&self.exec.mem)
+            .unwrap_or_else(|e| {
+                warn!("virtio-blk: reading the used event failed: {e}");
+                true
+            });
+        if notify {
+            if let Err(e) = self.interrupt.signal(VIRTIO_MMIO_INT_VRING) {
+                error!("virtio-blk: raising the interrupt failed: {e}");
+            }
+        }
+    }
+}
+
+impl Executor {
+    /// Parses and executes one chain; returns the bytes written to the guest.
+    fn serve<I>(&self, chain: I, segs: &mut Vec<Segment>) -> u32
+    where
+        I: Iterator<Item = virtio_queue::desc::split::Descriptor>,
+    {
+        let (status_addr, status, written) = match request::parse(chain, &self.mem, segs) {
+            Ok(req) => {
+                let (status, written) = self.execute(&req, segs);
+                (req.status, status, written)
+            }
+            Err(Invalid::Status { addr, status, why }) => {
+                debug!("virtio-blk: bad request: {why}");
+                (addr, status, 0)
+            }
+            Err(Invalid::Drop(why)) => {
+                debug!("virtio-blk: request dropped: {why}");
+                return 0;
+            }
+        };
+        if let Err(e) = self.mem.write_obj(status, status_addr) {
+            // parse checked the address; memory cannot shrink under us.
+            debug!("virtio-blk: writing the status byte failed: {e}");
+            return 0;
+        }
+        written.saturating_add(1)
+    }
+
+    /// Runs a checked request: (VIRTIO_BLK_S_* status, data bytes written to the guest).
+    fn execute(&self, req: &Request, segs: &[Segment]) -> (u8, u32) {
+        let ok = VIRTIO_BLK_S_OK as u8;
+        let ioerr = VIRTIO_BLK_S_IOERR as u8;
+        let unsupp = VIRTIO_BLK_S_UNSUPP as u8;
+        let writes = matches!(
+            req.ty,
+            RequestType::Out | RequestType::Discard | RequestType::WriteZeroes
+        );
+        if writes && self.disk.read_only() {
+            debug!("virtio-blk: {:?} on a read-only disk", req.ty);
+            return (ioerr, 0);
+        }
+        match req.ty {
+            RequestType::In | RequestType::Out => {
+                if req.data_len % SECTOR_SIZE != 0
+                    || !self
+                        .disk
+                        .sectors_in_range(req.sector, req.data_len >> SECTOR_SHIFT)
+                {
+                    debug!(
+                        "virtio-blk: {:?} of {} bytes at sector {} is out of range",
+                        req.ty, req.data_len, req.sector
+                    );
+                    return (ioerr, 0);
+                }
+                match self.transfer(req, segs) {
+                    // data_len is at most MAX_REQUEST_BYTES, which fits a u32.
+                    Ok(()) if req.ty == RequestType::In => {
+                        (ok, u32::try_from(req.data_len).unwrap_or(u32::MAX - 1))
+                    }
+                    Ok(()) => (ok, 0),
+                    Err(e) => {
+                        warn!(
+                            "virtio-blk: {}: {:?} failed: {e}",
+                            self.disk.path().display(),
+                            req.ty
+                        );
+                        (ioerr, 0)
+                    }
+                }
+            }
+            RequestType::Flush => match self.disk.flush() {
+                Ok(()) => (ok, 0),
+                Err(e) => {
+                    error!(
+                        "virtio-blk: {}: flush failed: {e}",
+                        self.disk.path().display()
+                    );
+                    (ioerr, 0)
+                }
+            },
+            RequestType::GetId => {
+                let mut done = 0usize;
+                for seg in segs {
+                    let id = &self.disk.id()[done..];
+                    let n = id.len().min(seg.len as usize);
+                    if self.mem.write_slice(&id[..n], seg.addr).is_err() {
+                        return (ioerr, 0);
+                    }
+                    done += n;
+                    if done == ID_LEN {
+                        break;
+                    }
+                }
+                // done <= ID_LEN.
+                (ok, done as u32)
+            }
+            RequestType::Discard | RequestType::WriteZeroes => {
+                let offered = if req.ty == RequestType::Discard {
+                    VIRTIO_BLK_F_DISCARD
+                } else {
+                    VIRTIO_BLK_F_WRITE_ZEROES
+                };
+                if self.acked_features & (1 << offered) == 0 {
+                    return (unsupp, 0);
+                }
+                (self.discard_or_zero(req, segs), 0)
+            }
+            RequestType::Unsupported(t) => {
+                debug!("virtio-blk: unsupported request type {t}");
+                (unsupp, 0)
+            }
+        }
+    }
+
+    /// Moves the data of an IN or OUT request between the disk and guest memory.
+    fn transfer(&self, req: &Request, segs: &[Segment]) -> io::Result<()> {
+        // sectors_in_range checked sector + length <= capacity < 2^55.
+        let mut offset = req.sector << SECTOR_SHIFT;
+        for seg in segs {
+            let len = seg.len as usize;
+            if req.ty == RequestType::In {
+                self.disk.read_to_guest(&self.mem, seg.addr, len, offset)?;
+            } else {
+                self.disk
+                    .write_from_guest(&self.mem, seg.addr, len, offset)?;
+            }
+            offset += u64::from(seg.len);
+        }
+        Ok(())
+    }
+
+    /// Executes DISCARD or WRITE_ZEROES: checks every range first, then applies them.
+    fn discard_or_zero(&self, req: &Request, segs: &[Segment]) -> u8 {
+        const PAYLOAD_MAX: usize = MAX_DISCARD_SEG as usize * DISCARD_RANGE_LEN as usize;
+        let ioerr = VIRTIO_BLK_S_IOERR as u8;
+        if req.data_len == 0
+            || req.data_len % DISCARD_RANGE_LEN != 0
+            || req.data_len > PAYLOAD_MAX as u64
+        {
+            debug!("virtio-blk: {:?} payload of {} bytes", req.ty, req.data_len);
+            return ioerr;
+        }
+        // Gather the ranges, which may straddle descriptors.
+        let mut payload = [0u8; PAYLOAD_MAX];
+        let mut at = 0usize;
+        for seg in segs {
+            let n = seg.len as usize;
+            let Some(dst) = payload.get_mut(at..at + n) else {
+                return ioerr;
+            };
+            if self.mem.read_slice(dst, seg.addr).is_err() {
+                return ioerr;
+            }
+            at += n;
+        }
+        let ranges: Vec<(u64, u32, u32)> = payload[..at]
+            .chunks_exact(DISCARD_RANGE_LEN as usize)
+            .map(|r| {
+                let mut s = [0u8; 8];
+                let mut n = [0u8; 4];
+                let mut f = [0u8; 4];
+                s.copy_from_slice(&r[..8]);
+                n.copy_from_slice(&r[8..12]);
+                f.copy_from_slice(&r[12..]);
+                (
+                    u64::from_le_bytes(s),
+                    u32::from_le_bytes(n),
+                    u32::from_le_bytes(f),
+                )
+            })
+            .collect();
+        let discard = req.ty == RequestType::Discard;
+        for &(sector, num, flags) in &ranges {
+            let allowed = if discard {
+                0
+            } else {
+                VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+            };
+            if flags & !allowed != 0 {
+                return VIRTIO_BLK_S_UNSUPP as u8;
+            }
+            if num > MAX_DISCARD_SECTORS || !self.disk.sectors_in_range(sector, u64::from(num)) {
+                debug!(
+                    "virtio-blk: {:?} of {num} sectors at {sector} out of range",
+                    req.ty
+                );
+                return ioerr;
+            }
+        }
+        for &(sector, num, flags) in &ranges {
+            if num == 0 {
+                continue;
+            }
+            let offset = sector << SECTOR_SHIFT;
+            let len = u64::from(num) << SECTOR_SHIFT;
+            let r = if discard {
+                self.disk.punch_hole(offset, len)
+            } else {
+                let unmap = flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
+                self.disk.write_zeroes(offset, len, unmap)
+            };
+            if let Err(e) = r {
+                warn!(
+                    "virtio-blk: {}: {:?} failed: {e}",
+                    self.disk.path().display(),
+                    req.ty
+                );
+                return ioerr;
+            }
+        }
+        VIRTIO_BLK_S_OK as u8
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::fs::File;
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    use std::path::Path;
+    use std::time::Duration;
+
+    use virtio_bindings::virtio_blk::{
+        VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+        VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+    };
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+    use virtio_queue::desc::RawDescriptor;
+    use vm_memory::GuestAddress;
+
+    use super::*;
+    use crate::test_utils::*;
+    use crate::virtio::mmio::{MmioTransport, CONFIG_SPACE_OFFSET, QUEUE_NOTIFY_OFFSET};
+
+    const WAIT: Duration = Duration::from_secs(5);
+    const MEM_SIZE: usize = 0x100_0000;
+    /// Per-request header and status slots, then data buffers.
+    const HDR: u64 = DATA_ADDR;
+    const STATUS: u64 = DATA_ADDR + 0x8000;
+    const BUF: u64 = DATA_ADDR + 0x10_0000;
+    const OK: u8 = VIRTIO_BLK_S_OK as u8;
+    const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+    const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
+
+    fn image(dir: &Path, size: u64) -> std::path::PathBuf {
+        let p = dir.join("disk.img");
+        File::create(&p).unwrap().set_len(size).unwrap();
+        p
+    }
+
+    fn config(path: &Path, read_only: bool) -> BlockConfig {
+        BlockConfig {
+            path: path.to_path_buf(),
+            read_only,
+            id: None,
+        }
+    }
+
+    /// A driver's view: the queue, its notifier, and request bookkeeping.
+    struct Driver<'a> {
+        mem: &'a GuestMemoryMmap,
+        q: MockSplitQueue<'a, GuestMemoryMmap>,
+        evt: EventFd,
+        irq: Arc<RecordingVirtioInterrupt>,
+        next_desc: u16,
+        submitted: u16,
+    }
+
+    impl<'a> Driver<'a> {
+        fn new(blk: &mut Block, mem: &'a GuestMemoryMmap) -> Self {
+            let q = mock_queue(mem, QUEUE_SIZE);
+            let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+            let irq = Arc::new(RecordingVirtioInterrupt::default());
+            blk.ack_features(blk.features());
+            blk.activate(ActivateArgs {
+                mem: mem.clone(),
+                queues: vec![q.create_queue::<Queue>().unwrap()],
+                queue_evts: vec![evt.try_clone().unwrap()],
+                interrupt: irq.clone(),
+            })
+            .unwrap();
+            Self {
+                mem,
+                q,
+                evt,
+                irq,
+                next_desc: 0,
+                submitted: 0,
+            }
+        }
+
+        /// Posts raw descriptors (their `next` fields relative to the first) and
+        /// waits for the chain to come back: (used len, status byte at STATUS).
+        fn raw(&mut self, descs: &[SplitDescriptor]) -> (u32, u8) {
+            let first = self.next_desc;
+            let raw: Vec<RawDescriptor> = descs
+                .iter()
+                .map(|d| {
+                    RawDescriptor::from(SplitDescriptor::new(
+                        d.addr().0,
+                        d.len(),
+                        d.flags(),
+                        d.next() + first,
+                    ))
+                })
+                .collect();
+            self.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+            self.q.add_desc_chains(&raw, first).unwrap();
+            self.next_desc += descs.len() as u16;
+            self.kick_and_wait()
+        }
+
+        fn chain(&mut self, bufs: &[Buf]) -> (u32, u8) {
+            let first = self.next_desc;
+            self.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+            add_chain(&self.q, first, bufs);
+            self.next_desc += bufs.len() as u16;
+            self.kick_and_wait()
+        }
+
+        fn kick_and_wait(&mut self) -> (u32, u8) {
+            self.submitted += 1;
+            self.evt.write(1).unwrap();
+            let n = self.submitted;
+            assert!(
+                wait_until(WAIT, || used_idx(&self.q) == n),
+                "request {n} not completed"
+            );
+            let (_, len) = used_elem(&self.q, n - 1);
+            (len, self.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap())
+        }
+
+        /// A well-formed request: header, `data`, 1-byte status.
+        fn request(&mut self, ty: u32, sector: u64, data: &[Buf]) -> (u32, u8) {
+            let mut h = [0u8; 16];
+            h[..4].copy_from_slice(&ty.to_le_bytes());
+            h[8..].copy_from_slice(&sector.to_le_bytes());
+            self.mem.write_slice(&h, GuestAddress(HDR)).unwrap();
+            let mut bufs = vec![Buf::read(HDR, 16)];
+            bufs.extend_from_slice(data);
+            bufs.push(Buf::write(STATUS, 1));
+            self.chain(&bufs)
+        }
+
+        fn fill(&self, addr: u64, bytes: &[u8]) {
+            self.mem.write_slice(bytes, GuestAddress(addr)).unwrap();
+        }
+
+        fn read(&self, addr: u64, len: usize) -> Vec<u8> {
+            let mut v = vec![0u8; len];
+            self.mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+            v
+        }
+    }
+
+    fn ranges(r: &[(u64, u32, u32)]) -> Vec<u8> {
+        r.iter()
+            .flat_map(|&(s, n, f)| {
+                let mut b = s.to_le_bytes().to_vec();
+                b.extend_from_slice(&n.to_le_bytes());
+                b.extend_from_slice(&f.to_le_bytes());
+                b
+            })
+            .collect()
+    }
+
+    fn file_bytes(p: &Path, off: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        File::open(p).unwrap().read_exact_at(&mut v, off).unwrap();
+        v
+    }
+
+    #[test]
+    fn features_and_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = image(dir.path(), 8 << 20);
+        let blk = Block::new(config(&p, false)).unwrap();
+        assert_eq!(blk.device_type(), VIRTIO_ID_BLOCK);
+        let f = blk.features();
+        for bit in [
+            VIRTIO_F_VERSION_1,
+            VIRTIO_BLK_F_FLUSH,
+            VIRTIO_BLK_F_SEG_MAX,
+            VIRTIO_BLK_F_BLK_SIZE,
+        ] {
+            assert_ne!(f & (1 << bit), 0, "bit {bit}");
+        }
+        assert_eq!(f & (1 << VIRTIO_BLK_F_RO), 0);
+        let mut cap = [0u8; 8];
+        blk.read_config(0, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), (8 << 20) / 512);
+        let mut b = [0u8; 4];
+        blk.read_config(20, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 512);
+        blk.read_config(12, &mut b);
+        assert_eq!(u32::from_le_bytes(b), SEG_MAX);
+        // Reads past the end, or straddling it, are zero-filled.
+        let mut b = [0xffu8; 8];
+        blk.read_config(CONFIG_LEN as u64 - 2, &mut b);
+        assert_eq!(&b[2..], &[0; 6]);
+        blk.read_config(u64::MAX, &mut b);
+        assert_eq!(b, [0; 8]);
+        if f & (1 << VIRTIO_BLK_F_DISCARD) != 0 {
+            blk.read_config(40, &mut b[..4]);
+            assert_eq!(
+                u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+                MAX_DISCARD_SEG
+            );
+        }
+        let ro = {
+            drop(blk);
+            Block::new(config(&p, true)).unwrap()
+        };
+        let f = ro.features();
+        assert_ne!(f & (1 << VIRTIO_BLK_F_RO), 0);
+        assert_eq!(f & (1 << VIRTIO_BLK_F_DISCARD), 0);
+        assert_eq!(f & (1 << VIRTIO_BLK_F_WRITE_ZEROES), 0);
+    }
+
+    #[test]
+    fn write_read_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = image(dir.path(), 1 << 20);
+        let mut blk = Block::new(config(&p, false)).unwrap();
+        let mem = guest_memory(MEM_SIZE);
+        let mut d = Driver::new(&mut blk, &mem);
+        let pattern: Vec<u8> = (0..1536u32).map(|i| (i * 7 + 3) as u8).collect();
+        d.fill(BUF, &pattern[..512]);
+        d.fill(BUF + 0x1000, &pattern[512..]);
+        // Two segments, the second one 1 KiB, at sector 3.
+        let (len, st) = d.request(
+            VIRTIO_BLK_T_OUT,
+            3,
+            &[Buf::read(BUF, 512), Buf::read(BUF + 0x1000, 1024)],
+        );
+        assert_eq!((len, st), (1, OK));
+        assert_eq!(file_bytes(&p, 3 * 512, 1536), pattern);
+        assert_eq!(file_bytes(&p, 2 * 512, 512), vec![0; 512]);
+        // Read it back in three pieces elsewhere.
+        let (len, st) = d.request(
+            VIRTIO_BLK_T_IN,
+            3,
+            &[
+                Buf::write(BUF + 0x10000, 1024),
+                Buf::write(BUF + 0x20000, 0),
+                Buf::write(BUF + 0x30000, 512),
+            ],
+        );
+        assert_eq!((len, st), (1537, OK));
+        let mut back = d.read(BUF + 0x10000, 1024);
+        back.extend(d.read(BUF + 0x30000, 512));
+        assert_eq!(back, pattern);
+        assert!(d.irq.count() >= 1);
+        assert_eq!(d.irq.status(), VIRTIO_MMIO_INT_VRING);
+        // The last sector is reachable.
+        let (len, st) = d.request(VIRTIO_BLK_T_IN, 2047, &[Buf::write(BUF, 512)]);
+        assert_eq!((len, st), (513, OK));
+        // Flush.
+        let (len, st) = d.request(VIRTIO_BLK_T_FLUSH, 0, &[]);
+        assert_eq!((len, st), (1, OK));
+        assert!(blk.reset());
+    }
+
+    #[test]
+    fn out_of_range_and_unaligned() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = image(dir.path(), 1 << 20);
+        let mut blk = Block::new(config(&p, false)).unwrap();
+        let mem = guest_memory(MEM_SIZE);
+        let mut d = Driver::new(&mut blk, &mem);
+        for (ty, sector, len) in [
+            (VIRTIO_BLK_T_IN, 2048, 512),
+            (VIRTIO_BLK_T_IN, 2047, 1024),
+            (VIRTIO_BLK_T_OUT, 2048, 512),
+            (VIRTIO_BLK_T_IN, u64::MAX, 512),
+            (VIRTIO_BLK_T_OUT, u64::MAX / 512, 512),
+            (VIRTIO_BLK_T_IN, 0, 100),
+        ] {
+            let buf = if ty == VIRTIO_BLK_T_IN {
+                Buf::write(BUF, len)
+            } else {
+                Buf::read(BUF, len)
+            };
+            let (ulen, st) = d.request(ty, sector, &[buf]);
+            assert_eq!((ulen, st), (1, IOERR), "{ty} at {sector}, {len} bytes");
+        }
+        // Unknown types are UNSUPP.
+        let (ulen, st) = d.request(42, 0, &[]);
+        assert_eq!((ulen, st), (1, UNSUPP));
+        assert!(blk.reset());
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 1 << 20);
+    }
+
+    #[test]
+    fn get_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = image(dir.path(), 4096);
+        let mut cfg = config(&p, true);
+        cfg.id = Some("my-disk".into());
+        let mut blk = Block::new(cfg).unwrap();
+        let mem = guest_memory(MEM_SIZE);
+        let mut d = Driver::new(&mut blk, &mem);
+        d.fill(BUF, &[0xaa; 32]);
+        let (len, st) = d.request(VIRTIO_BLK_T_GET_ID, 0, &[Buf::write(BUF, 20)]);
+        assert_eq!((len, st), (21, OK));
+        let got = d.read(BUF, 21);
+        assert_eq!(&got[..7], b"my-disk");
+        assert_eq!(&got[7..20], &[0; 13]);
+        assert_eq!(got[20], 0xaa, "nothing written past the buffer");
+        // A short buffer gets a prefix; split buffers get it all.
+        let (len, st) = d.request(VIRTIO_BLK_T_GET_ID, 0, &[Buf::write(BUF + 0x100, 4)]);
+        assert_eq!((len, st, d.read(BUF + 0x100, 4)), (5, OK, b"my-d".to_vec()));
+        let (len, st) = d.request(
+            VIRTIO_BLK_T_GET_ID,
+            0,
+            &[Buf::write(BUF + 0x200, 3), Buf::write(BUF + 0x300, 64)],
+        );
+        assert_eq!((len, st), (21, OK));
+        assert_eq!(d.read(BUF + 0x300, 4), b"disk".to_vec());
+        drop(d);
+        assert!(blk.reset());
+        // The default id is not empty.
+        drop(blk);
+        let blk = Block::new(config(&p, true)).unwrap();
+        assert_ne!(blk.id()[0], 0);
+    }
+
+    #[test]
+    fn read_only_refuses_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = image(dir.path(), 1 << 20);
+        File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .write_all_at(&[9u8; 512], 0)
+            .unwrap();
+        let mut blk = Block::new(config(&p, true)).unwrap();
+        assert!(blk.read_only());
+        let mem = guest_memory(MEM_SIZE);
+        let mut d = Driver::new(&mut blk, &mem);
+        d.fill(BUF, &[1u8; 512]);
+        let (len, st) = d.request(VIRTIO_BLK_T_OUT, 0, &[Buf::read(BUF, 512)]);
+        assert_eq!((len, st), (1, IOERR));
+        d.fill(BUF, &ranges(&[(0, 1, 0)]));
+        let (_, st) = d.request(VIRTIO_BLK_T_DISCARD, 0, &[Buf::read(BUF, 16)]);
+        assert_eq!(st, IOERR);
+        let (_, st) = d.request(VIRTIO_BLK_T_WRITE_ZEROES, 0, &[Buf::read(BUF, 16)]);
+        assert_eq!(st, IOERR);
+        assert_eq!(file_bytes(&p, 0, 512), vec![9u8; 512]);
+        // Reads work.
+        let (len, st) = d.request(VIRTIO_BLK_T_IN, 0, &[Buf::write(BUF, 512)]);
+        assert_eq!((len, st, d.read(BUF, 512)), (513, OK, vec![9u8; 512]));
+        assert!(blk.reset());
+    }
+
+    #[test]
+    fn discard_and_write_zeroes() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 4u64 << 20;
+        let p = image(dir.path(), size);
+        {
+            let f = File::options().write(true).open(&p).unwrap();
+            f.write_all_at(&vec![0x5au8; size as usize], 0).unwrap();
+            f.sync_all().unwrap();
+        }
+        let mut blk = Block::new(config(&p, false)).unwrap();
+        let features = blk.features();
+        let mem = guest_memory(MEM_SIZE);
+        let mut d = Driver::new(&mut blk, &mem);
+        let blocks = |p: &Path| std::fs::metadata(p).unwrap().blocks();
+        let before = blocks(&p);
+
+        if features & (1 << VIRTIO_BLK_F_DISCARD) != 0 {
+            // Discard the first MiB, in two ranges split across descriptors.
+            let payload = ranges(&[(0, 1024, 0), (1024, 1024, 0)]);
+            d.fill(BUF, &payload);
+            let (len, st) = d.request(
+                VIRTIO_BLK_T_DISCARD,
+                0,
+                &[Buf::read(BUF, 10), Buf::read(BUF + 10, 22)],
+            );
+            assert_eq!((len, st), (1, OK));
+            assert!(file_bytes(&p, 0, 1 << 20).iter().all(|&b| b == 0));
+            assert_eq!(file_bytes(&p, 1 << 20, 512), vec![0x5a; 512]);
+            assert!(
+                blocks(&p) < before,
+                "blocks were freed: {} -> {}",
+                before,
+                blocks(&p)
+            );
+            // The unmap flag is not allowed on discard; ranges past the end are IOERR.
+            d.fill(BUF, &ranges(&[(0, 8, 1)]));
+            assert_eq!(
+                d.request(VIRTIO_BLK_T_DISCARD, 0, &[Buf::read(BUF, 16)]).1,
+                UNSUPP
+            );
+            d.fill(BUF, &ranges(&[(8191, 2, 0)]));
+            assert_eq!(
+                d.request(VIRTIO_BLK_T_DISCARD, 0, &[Buf::read(BUF, 16)]).1,
+                IOERR
+            );
+            d.fill(BUF, &ranges(&[(u64::MAX, 2, 0)]));
+            assert_eq!(
+                d.request(VIRTIO_BLK_T_DISCARD, 0, &[Buf::read(BUF, 16)]).1,
+                IOERR
+            );
+            // A payload that is not whole ranges.
+            assert_eq!(
+                d.request(VIRTIO_BLK_T_DISCARD, 0, &[Buf::read(BUF, 15)]).1,
+                IOERR
+            );
+            assert_eq!(d.request(VIRTIO_BLK_T_DISCARD, 0, &[]).1, IOERR);
+        } else {
+            eprintln!("this filesystem cannot punch holes; discard not tested");
+        }
+
+        if features & (1 << VIRTIO_BLK_F_WRITE_ZEROES) != 0 {
+            // Zero sectors 2048..2056 without unmap, and 4096..4104 with it.
+            d.fill(
+                BUF,
+                &ranges(&[(2048, 8, 0), (4096, 8, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)]),
+            );
+            let (len, st) = d.request(VIRTIO_BLK_T_WRITE_ZEROES, 0, &[Buf::read(BUF, 32)]);
+            assert_eq!((len, st), (1, OK));
+            assert!(file_bytes(&p, 2048 * 512, 4096).iter().all(|&b| b == 0));
+            assert!(file_bytes(&p, 4096 * 512, 4096).iter().all(|&b| b == 0));
+            assert_eq!(file_bytes(&p, 2056 * 512, 512), vec![0x5a; 512]);
+            assert_eq!(file_bytes(&p, 4104 * 512, 512), vec![0x5a; 512]);
+            // Unknown flags.
+            d.fill(BUF, &ranges(&[(0, 8, 2)]));
+            assert_eq!(
+                d.request(VIRTIO_BLK_T_WRITE_ZEROES, 0, &[Buf::read(BUF, 16)])
+                    .1,
+                UNSUPP
+            );
+            // Too many ranges.
+            let many: Vec<_> = (0..=MAX_DISCARD_SEG)
+                .map(|i| (u64::from(i) * 8, 8, 0))
+                .collect();
+            let payload = ranges(&many);
+            d.fill(BUF, &payload);
+            let (_, st) = d.request(
+                VIRTIO_BLK_T_WRITE_ZEROES,
+                0,
+                &[Buf::read(BUF, payload.len() as u32)],
+            );
+            assert_eq!(st, IOERR);
+        } else {
+            eprintln!("this filesystem cannot zero ranges; write-zeroes not tested");
+        }
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), size, "size kept");
+        assert!(blk.reset());
+    }
+
+    #[test]
+    fn hostile_chains_do_not_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = image(dir.path(), 1 << 20);
+        let mut blk = Block::new(config(&p, false)).unwrap();
+        let mem = guest_memory(MEM_SIZE);
+        let mut d = Driver::new(&mut blk, &mem);
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+        d.fill(HDR, &h);
+        let hdr = Buf::read(HDR, 16);
+        let status = Buf::write(STATUS, 1);
+        // Missing status (the last buffer is device-readable): dropped, nothing written.
+        assert_eq!(d.chain(&[hdr, Buf::read(BUF, 512)]), (0, 0xff));
+        // A long last buffer is the status: its final byte is set.
+        d.fill(BUF, &[0xff; 512]);
+        assert_eq!(d.chain(&[hdr, Buf::write(BUF, 512)]), (1, 0xff));
+        assert_eq!(d.read(BUF + 511, 1), vec![OK]);
+        // Read-only status: dropped.
+        assert_eq!(
+            d.chain(&[hdr, Buf::write(BUF, 512), Buf::read(STATUS, 1)]),
+            (0, 0xff)
+        );
+        // Header alone.
+        assert_eq!(d.chain(&[hdr]), (0, 0xff));
+        // Header too short, header past memory, data past memory, data wrapping: IOERR.
+        assert_eq!(d.chain(&[Buf::read(HDR, 8), status]), (1, IOERR));
+        assert_eq!(
+            d.chain(&[Buf::read(MEM_SIZE as u64, 16), status]),
+            (1, IOERR)
+        );
+        assert_eq!(
+            d.chain(&[hdr, Buf::write(MEM_SIZE as u64 - 256, 512), status]),
+            (1, IOERR)
+        );
+        assert_eq!(
+            d.chain(&[hdr, Buf::write(u64::MAX - 100, 512), status]),
+            (1, IOERR)
+        );
+        // Status past memory.
+        assert_eq!(
+            d.chain(&[
+                hdr,
+                Buf::write(BUF, 512),
+                Buf::write(MEM_SIZE as u64 + 8, 1)
+            ]),
+            (0, 0xff)
+        );
+        // A loop: header -> data -> header ...
+        let next = VRING_DESC_F_NEXT as u16;
+        let w = VRING_DESC_F_WRITE as u16;
+        assert_eq!(
+            d.raw(&[
+                SplitDescriptor::new(HDR, 16, next, 1),
+                SplitDescriptor::new(BUF, 512, next | w, 0),
+            ]),
+            (0, 0xff)
+        );
+        // A next index past the queue.
+        assert_eq!(
+            d.raw(&[
+                SplitDescriptor::new(HDR, 16, next, 1),
+                SplitDescriptor::new(STATUS, 1, next | w, 4000),
+            ]),
+            (0, 0xff)
+        );
+        // Absurd lengths adding past 4 GiB.
+        assert_eq!(
+            d.chain(&[
+                hdr,
+                Buf::write(BUF, u32::MAX),
+                Buf::write(BUF, u32::MAX),
+                status
+            ]),
+            (0, 0xff)
+        );
+        // The worker is still alive and serves a good request.
+        let (len, st) = d.request(VIRTIO_BLK_T_IN, 0, &[Buf::write(BUF, 512)]);
+        assert_eq!((len, st), (513, OK));
+        assert!(blk.reset());
+    }
+
+    #[test]
+    fn indirect_descriptors() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = image(dir.path(), 1 << 20);
+        File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .write_all_at(&[0x3cu8; 1024], 512)
+            .unwrap();
+        let mut blk = Block::new(config(&p, false)).unwrap();
+        assert_ne!(blk.features() & (1 << VIRTIO_RING_F_INDIRECT_DESC), 0);
+        let mem = guest_memory(MEM_SIZE);
+        let mut d = Driver::new(&mut blk, &mem);
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+        h[8..].copy_from_slice(&1u64.to_le_bytes());
+        d.fill(HDR, &h);
+        let next = VRING_DESC_F_NEXT as u16;
+        let w = VRING_DESC_F_WRITE as u16;
+        let table = BUF + 0x8_0000;
+        for (i, desc) in [
+            SplitDescriptor::new(HDR, 16, next, 1),
+            SplitDescriptor::new(BUF, 1024, next | w, 2),
+            SplitDescriptor::new(STATUS, 1, w, 0),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            mem.write_obj(
+                RawDescriptor::from(desc),
+                GuestAddress(table + 16 * i as u64),
+            )
+            .unwrap();
+        }
+        let indirect = virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16;
+        let (len, st) = d.raw(&[SplitDescriptor::new(table, 48, indirect, 0)]);
+        assert_eq!((len, st), (1025, OK));
+        assert_eq!(d.read(BUF, 1024), vec![0x3c; 1024]);
+        // An indirect table whose last entry points past the table: dropped.
+        mem.write_obj(
+            RawDescriptor::from(SplitDescriptor::new(STATUS, 1, w | next, 7)),
+            GuestAddress(table + 32),
+        )
+        .unwrap();
+        assert_eq!(
+            d.raw(&[SplitDescriptor::new(table, 48, indirect, 0)]),
+            (0, 0xff)
+        );
+        assert!(blk.reset());
+    }
+
+    #[test]
+    fn bogus_avail_index_does_not_hang() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = image(dir.path(), 1 << 20);
+        let mut blk = Block::new(config(&p, false)).unwrap();
+        let mem = guest_memory(MEM_SIZE);
+        let d = Driver::new(&mut blk, &mem);
+        d.q.avail().idx().store(1000);
+        d.evt.write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(blk.reset());
+        assert_eq!(used_idx(&d.q), 0);
+    }
+
+    #[test]
+    fn lock_conflicts_between_devices() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = image(dir.path(), 1 << 20);
+        let a = Block::new(config(&p, false)).unwrap();
+        let e = Block::new(config(&p, false)).err().unwrap();
+        assert!(matches!(e, Error::Locked { .. }), "{e}");
+        assert!(e.to_string().contains(&p.display().to_string()), "{e}");
+        assert!(matches!(
+            Block::new(config(&p, true)),
+            Err(Error::Locked { .. })
+        ));
+        drop(a);
+        let _r1 = Block::new(config(&p, true)).unwrap();
+        let _r2 = Block::new(config(&p, true)).unwrap();
+        assert!(matches!(
+            Block::new(config(&p, false)),
+            Err(Error::Locked { .. })
+        ));
+    }
+
+    #[test]
+    fn bad_sizes_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for (size, want) in [(0u64, "empty"), (513, "multiple of 512")] {
+            let p = image(dir.path(), size);
+            let e = Block::new(config(&p, false)).err().unwrap();
+            assert!(e.to_string().contains(want), "{e}");
+        }
+        let e = Block::new(config(&dir.path().join("missing"), false))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("does not exist"), "{e}");
+        let e = Block::new(config(dir.path(), true)).err().unwrap();
+        assert!(e.to_string().contains("directory"), "{e}");
+    }
+
+    #[test]
+    fn through_the_mmio_transport() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = image(dir.path(), 1 << 20);
+        let mem = guest_memory(MEM_SIZE);
+        let q = mock_queue(&mem, 256);
+        let irq = Arc::new(RecordingInterrupt::default());
+        let blk = Block::new(config(&p, false)).unwrap();
+        let features = blk.features();
+        let mut t = MmioTransport::new(Box::new(blk), mem.clone(), irq.clone()).unwrap();
+        assert_eq!(read32(&mut t, 0x08), VIRTIO_ID_BLOCK);
+        let cap = u64::from(read32(&mut t, CONFIG_SPACE_OFFSET))
+            | (u64::from(read32(&mut t, CONFIG_SPACE_OFFSET + 4)) << 32);
+        assert_eq!(cap, 2048);
+        assert_eq!(mmio_init(&mut t, features, &[&q]), 0xf);
+        mem.write_slice(&[0x77u8; 512], GuestAddress(BUF)).unwrap();
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
+        h[8..].copy_from_slice(&5u64.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(HDR)).unwrap();
+        add_chain(
+            &q,
+            0,
+            &[
+                Buf::read(HDR, 16),
+                Buf::read(BUF, 512),
+                Buf::write(STATUS, 1),
+            ],
+        );
+        write32(&mut t, QUEUE_NOTIFY_OFFSET, 0);
+        assert!(wait_until(WAIT, || used_idx(&q) == 1));
+        assert!(wait_until(WAIT, || irq.count() >= 1));
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), OK);
+        assert_eq!(file_bytes(&p, 5 * 512, 512), vec![0x77; 512]);
+        // Reset through the transport stops the worker; it comes back.
+        write32(&mut t, 0x70, 0);
+        let q = mock_queue(&mem, 256);
+        assert_eq!(mmio_init(&mut t, features, &[&q]), 0xf);
+        h[..4].copy_from_slice(&VIRTIO_BLK_T_FLUSH.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(HDR)).unwrap();
+        add_chain(&q, 0, &[Buf::read(HDR, 16), Buf::write(STATUS, 1)]);
+        write32(&mut t, QUEUE_NOTIFY_OFFSET, 0);
+        assert!(wait_until(WAIT, || used_idx(&q) == 1));
+        assert_eq!(used_elem(&q, 0), (0, 1));
+    }
+
+    #[test]
+    fn reset_then_activate_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = image(dir.path(), 1 << 20);
+        let mut blk = Block::new(config(&p, false)).unwrap();
+        let mem = guest_memory(MEM_SIZE);
+        {
+            let _d = Driver::new(&mut blk, &mem);
+        }
+        let q = mock_queue(&mem, 16);
+        let second = blk.activate(ActivateArgs {
+            mem: mem.clone(),
+            queues: vec![q.create_queue::<Queue>().unwrap()],
+            queue_evts: vec![EventFd::new(EFD_NONBLOCK).unwrap()],
+            interrupt: Arc::new(RecordingVirtioInterrupt::default()),
+        });
+        assert!(second.is_err(), "already active");
+        assert!(blk.reset());
+        assert!(blk.reset(), "reset of an idle device");
+        let mut d = Driver::new(&mut blk, &mem);
+        assert_eq!(d.request(VIRTIO_BLK_T_FLUSH, 0, &[]), (1, OK));
+        let no_queue = Block::new(BlockConfig {
+            path: p.clone(),
+            read_only: true,
+            id: None,
+        });
+        assert!(no_queue.is_err(), "still locked read-write");
+    }
+}

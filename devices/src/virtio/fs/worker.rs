@@ -1,0 +1,421 @@
+//! The queue workers: one thread per ready queue, each epolling its queue's
+//! notification `EventFd` and the device's kill `EventFd`.
+//!
+//! On each wake a worker drains its available ring: [`handle_chain`] turns a chain
+//! into a FUSE `Reader` (the readable descriptors) and `Writer` (the writable
+//! ones), lets the server answer, and the chain goes on the used ring with the
+//! reply's length. A chain the transport layer cannot map (outside guest memory,
+//! overflowing lengths) or that does not decode goes back with length 0. The kill
+//! `EventFd` is never read: it stays readable, so every worker sees it.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
+use log::{debug, error, warn};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::filesystem::ShareFs;
+use super::{Error, Result};
+use crate::virtio::{VirtioInterrupt, VIRTIO_MMIO_INT_VRING};
+
+/// Epoll token of the queue's notification `EventFd`.
+const PROCESS_QUEUE: u64 = 0;
+/// Epoll token of the kill `EventFd`.
+const PROCESS_KILL: u64 = 1;
+
+/// Serves one chain and returns the number of bytes written into it.
+pub fn handle_chain(
+    server: &Server<ShareFs>,
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+) -> u32 {
+    let head = chain.head_index();
+    let reader = match Reader::from_descriptor_chain(mem, chain.clone()) {
+        Ok(r) => r,
+        Err(e) => {
+            debug!("virtio-fs: chain {head}: bad readable part: {e}");
+            return 0;
+        }
+    };
+    let writer = match VirtioFsWriter::new(mem, chain) {
+        Ok(w) => w,
+        Err(e) => {
+            debug!("virtio-fs: chain {head}: bad writable part: {e}");
+            return 0;
+        }
+    };
+    match server.handle_message(reader, Writer::VirtioFs(writer), None, None) {
+        // The reply fits the chain's writable buffers; saturate rather than trust it.
+        Ok(n) => u32::try_from(n).unwrap_or(u32::MAX),
+        Err(e) => {
+            debug!("virtio-fs: chain {head}: request failed: {e}");
+            0
+        }
+    }
+}
+
+/// One queue and what serving it needs.
+pub struct QueueWorker {
+    /// The queue's index (0 is the high-priority queue).
+    pub index: usize,
+    /// Guest memory.
+    pub mem: GuestMemoryMmap,
+    /// The queue.
+    pub queue: Queue,
+    /// The FUSE server, shared by all queues of the device.
+    pub server: Arc<Server<ShareFs>>,
+    /// Raises the device's interrupt.
+    pub interrupt: Arc<dyn VirtioInterrupt>,
+}
+
+impl QueueWorker {
+    /// Serves every available chain, then raises the interrupt if the driver wants it.
+    pub fn process_queue(&mut self) {
+        let mut used_any = false;
+        loop {
+            if let Err(e) = self.queue.disable_notification(&self.mem) {
+                warn!(
+                    "virtio-fs: queue {}: disabling notifications failed: {e}",
+                    self.index
+                );
+            }
+            let mut progressed = false;
+            while let Some(chain) = self.queue.pop_descriptor_chain(&self.mem) {
+                progressed = true;
+                let head = chain.head_index();
+                let len = handle_chain(&self.server, &self.mem, chain);
+                match self.queue.add_used(&self.mem, head, len) {
+                    Ok(()) => used_any = true,
+                    Err(e) => debug!("virtio-fs: returning chain {head} failed: {e}"),
+                }
+            }
+            // Stop when nothing new arrived, and also when nothing could be popped: a
+            // bogus avail index would otherwise keep us spinning.
+            match self.queue.enable_notification(&self.mem) {
+                Ok(true) if progressed => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    warn!(
+                        "virtio-fs: queue {}: enabling notifications failed: {e}",
+                        self.index
+                    );
+                    break;
+                }
+            }
+        }
+        if !used_any {
+            return;
+        }
+        let notify = self
+            .queue
+            .needs_notification(&self.mem)
+            .unwrap_or_else(|e| {
+                warn!("virtio-fs: reading the used event failed: {e}");
+                true
+            });
+        if notify {
+            if let Err(e) = self.interrupt.signal(VIRTIO_MMIO_INT_VRING) {
+                error!("virtio-fs: raising the interrupt failed: {e}");
+            }
+        }
+    }
+}
+
+/// Sets up the epoll set of one worker.
+pub fn worker_epoll(queue_evt: &EventFd, kill: &EventFd) -> Result<Epoll> {
+    let epoll = Epoll::new().map_err(Error::Event)?;
+    for (fd, token) in [(queue_evt, PROCESS_QUEUE), (kill, PROCESS_KILL)] {
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                fd.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, token),
+            )
+            .map_err(Error::Event)?;
+    }
+    Ok(epoll)
+}
+
+/// A worker thread's loop: wait for a notification or the kill signal.
+pub fn run(epoll: Epoll, queue_evt: EventFd, mut worker: QueueWorker) {
+    // Buffers posted before the worker started would otherwise wait for the next notify.
+    worker.process_queue();
+    let mut events = [EpollEvent::default(); 2];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                error!("virtio-fs: epoll_wait failed, worker exits: {e}");
+                return;
+            }
+        };
+        // The kill signal wins over queue work in the same wake.
+        if events[..n].iter().any(|ev| ev.data() == PROCESS_KILL) {
+            return;
+        }
+        for ev in &events[..n] {
+            match ev.data() {
+                PROCESS_QUEUE => {
+                    // A notification count of zero (EAGAIN) is harmless: process anyway.
+                    let _ = queue_evt.read();
+                    worker.process_queue();
+                }
+                other => warn!("virtio-fs: unexpected epoll token {other}"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::fs;
+    use std::os::unix::fs::MetadataExt;
+
+    use fuse_backend_rs::abi::fuse_abi::{InHeader, InitOut, Opcode};
+    use vm_memory::ByteValued;
+    use vmm_sys_util::tempdir::TempDir;
+
+    use super::*;
+    use crate::test_utils::{guest_memory, Buf};
+    use crate::virtio::fs::device::fuse_server;
+    use crate::virtio::fs::test_utils::{self as fuse, Session, REQ_ADDR, ROOT_ID, SESSION_MEM};
+    use crate::virtio::fs::FsConfig;
+
+    fn setup(read_only: bool) -> (TempDir, Arc<Server<ShareFs>>) {
+        let tmp = TempDir::new().unwrap();
+        fs::write(tmp.as_path().join("hello.txt"), b"hello from the host").unwrap();
+        let mut cfg = FsConfig::new(tmp.as_path(), "work");
+        cfg.read_only = read_only;
+        let server = fuse_server(&cfg).unwrap();
+        (tmp, server)
+    }
+
+    #[test]
+    fn fuse_round_trip_reaches_the_host() {
+        let (tmp, server) = setup(false);
+        let root = tmp.as_path();
+        let mem = guest_memory(SESSION_MEM);
+        let mut s = Session::new(&mem);
+        let mut h = |c: DescriptorChain<&GuestMemoryMmap>| handle_chain(&server, &mem, c);
+
+        let r = s.call(&fuse::init(), &mut h);
+        assert_eq!(r.errno(), 0);
+        let init = *InitOut::from_slice(&r.body[..std::mem::size_of::<InitOut>()]).unwrap();
+        assert_eq!(init.max_write, 1 << 20, "MAX_PAGES gives 1 MiB writes");
+
+        let hello = s.call(&fuse::lookup(ROOT_ID, "hello.txt"), &mut h).entry();
+        assert_eq!(hello.attr.size, 19);
+        assert_eq!(
+            s.call(&fuse::lookup(ROOT_ID, "nope"), &mut h).errno(),
+            libc::ENOENT
+        );
+        let attr = s.call(&fuse::getattr(ROOT_ID), &mut h).attr();
+        assert_eq!(attr.attr.ino, fs::metadata(root).unwrap().ino());
+
+        // CREATE + WRITE + FSYNC: the bytes are on the host, owned by the host user
+        // even though the request came from guest uid 1000.
+        let flags = (libc::O_RDWR | libc::O_CREAT) as u32;
+        let r = s.call(&fuse::create(ROOT_ID, "new.txt", flags, 0o644), &mut h);
+        let (ino, fh) = (r.entry().nodeid, r.create_open().fh);
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        assert_eq!(
+            s.call(&fuse::write(ino, fh, 0, &data), &mut h).write().size,
+            100_000
+        );
+        assert_eq!(
+            s.call(&fuse::write(ino, fh, 100_000, b"tail"), &mut h)
+                .write()
+                .size,
+            4
+        );
+        assert_eq!(s.call(&fuse::fsync(ino, fh), &mut h).errno(), 0);
+        let on_host = fs::read(root.join("new.txt")).unwrap();
+        assert_eq!(&on_host[..100_000], &data[..]);
+        assert_eq!(&on_host[100_000..], b"tail");
+        let meta = fs::metadata(root.join("new.txt")).unwrap();
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(meta.uid(), unsafe { libc::geteuid() });
+
+        // READ back a slice, and READ the host's file.
+        let r = s.call(&fuse::read(ino, fh, 99_990, 64), &mut h);
+        assert_eq!(r.body, [&data[99_990..], b"tail"].concat());
+        let fh2 = s
+            .call(&fuse::open(hello.nodeid, libc::O_RDONLY as u32), &mut h)
+            .open()
+            .fh;
+        let r = s.call(&fuse::read(hello.nodeid, fh2, 11, 100), &mut h);
+        assert_eq!(r.body, b"the host");
+        assert_eq!(s.call(&fuse::release(ino, fh), &mut h).errno(), 0);
+
+        // MKDIR + RENAME into it.
+        let sub = s
+            .call(&fuse::mkdir(ROOT_ID, "sub", 0o755), &mut h)
+            .entry()
+            .nodeid;
+        assert!(root.join("sub").is_dir());
+        let r = s.call(&fuse::rename(ROOT_ID, "new.txt", sub, "moved.txt"), &mut h);
+        assert_eq!(r.errno(), 0);
+        assert!(!root.join("new.txt").exists());
+        assert_eq!(fs::read(root.join("sub/moved.txt")).unwrap(), on_host);
+
+        // READDIR of the root.
+        let dfh = s.call(&fuse::opendir(ROOT_ID), &mut h).open().fh;
+        let mut names: Vec<String> = s
+            .call(&fuse::readdir(ROOT_ID, dfh, 0, 4096), &mut h)
+            .dirents()
+            .into_iter()
+            .map(|(_, n)| n)
+            .collect();
+        names.sort();
+        assert_eq!(names, ["hello.txt", "sub"]);
+
+        // UNLINK.
+        assert_eq!(s.call(&fuse::unlink(sub, "moved.txt"), &mut h).errno(), 0);
+        assert!(!root.join("sub/moved.txt").exists());
+    }
+
+    #[test]
+    fn read_only_share_over_fuse() {
+        let (tmp, server) = setup(true);
+        let mem = guest_memory(SESSION_MEM);
+        let mut s = Session::new(&mem);
+        let mut h = |c: DescriptorChain<&GuestMemoryMmap>| handle_chain(&server, &mem, c);
+        assert_eq!(s.call(&fuse::init(), &mut h).errno(), 0);
+        let hello = s
+            .call(&fuse::lookup(ROOT_ID, "hello.txt"), &mut h)
+            .entry()
+            .nodeid;
+        let wr = s.call(&fuse::open(hello, libc::O_WRONLY as u32), &mut h);
+        assert_eq!(wr.errno(), libc::EROFS);
+        assert_eq!(
+            s.call(&fuse::mkdir(ROOT_ID, "d", 0o755), &mut h).errno(),
+            libc::EROFS
+        );
+        let cr = fuse::create(ROOT_ID, "c", (libc::O_RDWR | libc::O_CREAT) as u32, 0o644);
+        assert_eq!(s.call(&cr, &mut h).errno(), libc::EROFS);
+        assert_eq!(
+            s.call(&fuse::unlink(ROOT_ID, "hello.txt"), &mut h).errno(),
+            libc::EROFS
+        );
+        let fh = s
+            .call(&fuse::open(hello, libc::O_RDONLY as u32), &mut h)
+            .open()
+            .fh;
+        assert_eq!(s.call(&fuse::read(hello, fh, 0, 5), &mut h).body, b"hello");
+        assert_eq!(
+            s.call(&fuse::write(hello, fh, 0, b"x"), &mut h).errno(),
+            libc::EROFS
+        );
+        assert_eq!(fs::read_dir(tmp.as_path()).unwrap().count(), 1);
+        assert_eq!(
+            fs::read(tmp.as_path().join("hello.txt")).unwrap(),
+            b"hello from the host"
+        );
+    }
+
+    #[test]
+    fn session_can_be_initialised_again() {
+        let (_tmp, server) = setup(false);
+        let mem = guest_memory(SESSION_MEM);
+        let mut s = Session::new(&mem);
+        let mut h = |c: DescriptorChain<&GuestMemoryMmap>| handle_chain(&server, &mem, c);
+        assert_eq!(s.call(&fuse::init(), &mut h).errno(), 0);
+        let a = s.call(&fuse::lookup(ROOT_ID, "hello.txt"), &mut h).entry();
+        let destroy = fuse::Request {
+            opcode: Opcode::Destroy as u32,
+            nodeid: 0,
+            body: vec![],
+        };
+        s.call_raw(
+            &destroy.encode(99, (0, 0)),
+            &[Buf::read(REQ_ADDR, 40), Buf::write(fuse::REPLY_ADDR, 64)],
+            &mut h,
+        );
+        // The old inode is gone; a new INIT serves the tree again.
+        assert_eq!(
+            s.call(&fuse::getattr(a.nodeid), &mut h).errno(),
+            libc::EBADF
+        );
+        assert_eq!(s.call(&fuse::init(), &mut h).errno(), 0);
+        assert_eq!(
+            s.call(&fuse::lookup(ROOT_ID, "hello.txt"), &mut h).errno(),
+            0
+        );
+    }
+
+    #[test]
+    fn malformed_chains_do_not_panic() {
+        let (_tmp, server) = setup(false);
+        let mem = guest_memory(SESSION_MEM);
+        let mut s = Session::new(&mem);
+        let mut h = |c: DescriptorChain<&GuestMemoryMmap>| handle_chain(&server, &mem, c);
+        assert_eq!(s.call(&fuse::init(), &mut h).errno(), 0);
+        let good = fuse::lookup(ROOT_ID, "hello.txt").encode(7, (0, 0));
+        let glen = good.len() as u32;
+        let reply = Buf::write(fuse::REPLY_ADDR, 4096);
+        let cases: Vec<(Vec<u8>, Vec<Buf>)> = vec![
+            // Request buffer outside guest memory; straddling its end.
+            (good.clone(), vec![Buf::read(0x1000_0000, glen), reply]),
+            (
+                good.clone(),
+                vec![Buf::read(SESSION_MEM as u64 - 8, glen), reply],
+            ),
+            // Reply buffer outside guest memory.
+            (
+                good.clone(),
+                vec![Buf::read(REQ_ADDR, glen), Buf::write(u64::MAX - 16, 64)],
+            ),
+            // No reply buffer; a reply buffer too small for the reply.
+            (good.clone(), vec![Buf::read(REQ_ADDR, glen)]),
+            (
+                good.clone(),
+                vec![Buf::read(REQ_ADDR, glen), Buf::write(fuse::REPLY_ADDR, 8)],
+            ),
+            // Truncated header; header only; lengths that lie.
+            (good[..10].to_vec(), vec![Buf::read(REQ_ADDR, 10), reply]),
+            (good[..40].to_vec(), vec![Buf::read(REQ_ADDR, 40), reply]),
+            (good.clone(), vec![Buf::read(REQ_ADDR, glen - 3), reply]),
+            // Only writable buffers.
+            (good.clone(), vec![Buf::write(REQ_ADDR, glen), reply]),
+        ];
+        for (i, (bytes, bufs)) in cases.iter().enumerate() {
+            let len = s.call_raw(bytes, bufs, &mut h);
+            assert!(len <= 4096, "case {i}: {len}");
+        }
+        // Header lengths: zero, huge; an unknown opcode gets ENOSYS.
+        for (len, opcode) in [
+            (0u32, Opcode::Lookup as u32),
+            (u32::MAX, Opcode::Lookup as u32),
+            (40, 9999),
+        ] {
+            let hdr = InHeader {
+                len,
+                opcode,
+                unique: 5,
+                nodeid: ROOT_ID,
+                ..Default::default()
+            };
+            s.call_raw(hdr.as_slice(), &[Buf::read(REQ_ADDR, 40), reply], &mut h);
+        }
+        let unknown = fuse::Request {
+            opcode: 9999,
+            nodeid: ROOT_ID,
+            body: vec![],
+        };
+        assert_eq!(s.call(&unknown, &mut h).errno(), libc::ENOSYS);
+        // The server still works.
+        assert_eq!(
+            s.call(&fuse::lookup(ROOT_ID, "hello.txt"), &mut h).errno(),
+            0
+        );
+    }
+}
