@@ -54,9 +54,31 @@ pub struct RunArgs {
     /// `mount -t virtiofs TAG DIR`. `:ro` makes it read-only.
     #[arg(long, value_name = "HOST_DIR:TAG[:ro]")]
     pub share: Vec<String>,
+    /// Network: none, user (passt: DHCP, DNS and NAT, no root), tap:NAME, or unix:PATH
+    /// (a unix datagram socket such as gvproxy's).
+    #[arg(long, value_name = "MODE", default_value = "none", value_parser = parse_net_arg)]
+    pub net: config::NetMode,
+    /// Forward 127.0.0.1:HOSTPORT to the guest's GUESTPORT (with --net user); add /udp for UDP.
+    #[arg(long, value_name = "HOSTPORT:GUESTPORT[/udp]", value_parser = parse_forward_arg)]
+    pub forward: Vec<config::Forward>,
+    /// Attach virtio-vsock with its host side at this unix socket: host programs connect
+    /// to PATH and send `CONNECT <port>\n`; guest connections to CID 2 port P go to PATH_P.
+    #[arg(long, value_name = "PATH")]
+    pub vsock: Option<PathBuf>,
+    /// The guest's vsock CID.
+    #[arg(long, value_name = "CID", default_value_t = config::DEFAULT_GUEST_CID)]
+    pub vsock_cid: u64,
     /// How much the guest may cache of shared directories.
     #[arg(long, value_enum, default_value_t = config::FsCache::Auto)]
     pub fs_cache: config::FsCache,
+}
+
+fn parse_net_arg(s: &str) -> Result<config::NetMode, String> {
+    config::parse_net(s).map_err(|e| e.to_string())
+}
+
+fn parse_forward_arg(s: &str) -> Result<config::Forward, String> {
+    config::parse_forward(s).map_err(|e| e.to_string())
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -81,6 +103,12 @@ impl TryFrom<&RunArgs> for VmConfig {
                 .iter()
                 .map(|s| config::parse_share(s, a.fs_cache))
                 .collect::<Result<_, _>>()?,
+            net: a.net.clone(),
+            forwards: a.forward.clone(),
+            vsock: a
+                .vsock
+                .as_ref()
+                .map(|p| config::VsockConfig { guest_cid: a.vsock_cid, uds_path: p.clone() }),
         };
         c.validate()?;
         Ok(c)

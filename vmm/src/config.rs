@@ -32,6 +32,18 @@ pub enum Error {
     /// A `--share` value could not be parsed.
     #[error("bad --share '{0}': use HOST_DIR:TAG or HOST_DIR:TAG:ro (TAG is 1 to 36 bytes, no ':')")]
     Share(String),
+    /// A `--net` value could not be parsed.
+    #[error("bad --net '{0}': use none, user, tap:NAME or unix:PATH")]
+    Net(String),
+    /// A `--forward` value could not be parsed.
+    #[error("bad --forward '{0}': use HOSTPORT:GUESTPORT, optionally with /udp (ports 1-65535)")]
+    Forward(String),
+    /// Port forwards need user-mode networking.
+    #[error("--forward needs user-mode networking (--net user)")]
+    ForwardNeedsUser,
+    /// The vsock guest CID is reserved.
+    #[error("the vsock guest CID must be 3 or more, not {0}")]
+    VsockCid(u64),
     /// Two shares use one tag.
     #[error("the share tag '{0}' is used twice")]
     DuplicateTag(String),
@@ -77,7 +89,78 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// Shared host directories (virtio-fs).
     pub shares: Vec<ShareConfig>,
+    /// The network card, if any.
+    pub net: NetMode,
+    /// Host ports forwarded into the guest (user-mode networking).
+    pub forwards: Vec<Forward>,
+    /// The vsock device, if any.
+    pub vsock: Option<VsockConfig>,
 }
+
+/// The network backend.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum NetMode {
+    /// No network card.
+    #[default]
+    None,
+    /// User-mode networking through passt: DHCP, DNS, outbound NAT, no root.
+    User,
+    /// A TAP interface (needs CAP_NET_ADMIN or a TAP owned by the user).
+    Tap(String),
+    /// A unix datagram socket, one frame per datagram (gvproxy, vmnet-helper).
+    Unix(PathBuf),
+}
+
+/// Parses `none`, `user`, `tap:NAME` or `unix:PATH`.
+pub fn parse_net(s: &str) -> Result<NetMode> {
+    match s {
+        "none" => Ok(NetMode::None),
+        "user" | "passt" => Ok(NetMode::User),
+        _ => match s.split_once(':') {
+            Some(("tap", name)) if !name.is_empty() && name.len() < 16 => Ok(NetMode::Tap(name.into())),
+            Some(("unix", path)) if !path.is_empty() => Ok(NetMode::Unix(path.into())),
+            _ => Err(Error::Net(s.to_string())),
+        },
+    }
+}
+
+/// A host port forwarded to a guest port, bound on 127.0.0.1 only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Forward {
+    /// The port on the host's loopback.
+    pub host: u16,
+    /// The port in the guest.
+    pub guest: u16,
+    /// UDP instead of TCP.
+    pub udp: bool,
+}
+
+/// Parses `HOSTPORT:GUESTPORT[/udp|/tcp]`.
+pub fn parse_forward(s: &str) -> Result<Forward> {
+    let err = || Error::Forward(s.to_string());
+    let (ports, udp) = match s.rsplit_once('/') {
+        Some((p, "udp")) => (p, true),
+        Some((p, "tcp")) => (p, false),
+        Some(_) => return Err(err()),
+        None => (s, false),
+    };
+    let (h, g) = ports.split_once(':').ok_or_else(err)?;
+    let port = |p: &str| p.parse::<u16>().ok().filter(|&n| n > 0).ok_or_else(err);
+    Ok(Forward { host: port(h)?, guest: port(g)?, udp })
+}
+
+/// The vsock device: guest CID and the host unix socket it maps to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's context id.
+    pub guest_cid: u64,
+    /// Host→guest connections come in here (`CONNECT port`); guest→host
+    /// connections to port P go to `PATH_P`.
+    pub uds_path: PathBuf,
+}
+
+/// The guest CID aivmm uses unless told otherwise.
+pub const DEFAULT_GUEST_CID: u64 = 3;
 
 /// A raw disk image attached as virtio-blk.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -163,9 +246,21 @@ impl VmConfig {
         if let Some(w) = tags.windows(2).find(|w| w[0] == w[1]) {
             return Err(Error::DuplicateTag(w[0].to_string()));
         }
-        let devices = self.disks.len() + self.shares.len() + usize::from(self.rng);
+        let devices = self.disks.len()
+            + self.shares.len()
+            + usize::from(self.rng)
+            + usize::from(self.net != NetMode::None)
+            + usize::from(self.vsock.is_some());
         if devices > MAX_VIRTIO_DEVICES {
             return Err(Error::TooManyDevices(MAX_VIRTIO_DEVICES));
+        }
+        if !self.forwards.is_empty() && self.net != NetMode::User {
+            return Err(Error::ForwardNeedsUser);
+        }
+        if let Some(v) = &self.vsock {
+            if v.guest_cid < 3 {
+                return Err(Error::VsockCid(v.guest_cid));
+            }
         }
         if !self.acpi && self.cpus > 1 {
             return Err(Error::SmpNeedsAcpi);
@@ -211,7 +306,32 @@ mod tests {
             rng: true,
             disks: vec![],
             shares: vec![],
+            net: NetMode::None,
+            forwards: vec![],
+            vsock: None,
         }
+    }
+
+    #[test]
+    fn net_forward_and_vsock() {
+        assert_eq!(parse_net("none"), Ok(NetMode::None));
+        assert_eq!(parse_net("user"), Ok(NetMode::User));
+        assert_eq!(parse_net("tap:tap0"), Ok(NetMode::Tap("tap0".into())));
+        assert_eq!(parse_net("unix:/run/gv.sock"), Ok(NetMode::Unix("/run/gv.sock".into())));
+        for bad in ["", "tap:", "tap:waytoolongname01", "slirp", "unix:"] {
+            assert!(parse_net(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_forward("2222:22"), Ok(Forward { host: 2222, guest: 22, udp: false }));
+        assert_eq!(parse_forward("5353:53/udp"), Ok(Forward { host: 5353, guest: 53, udp: true }));
+        for bad in ["22", "0:22", "22:0", "70000:22", "a:b", "1:2/sctp", ":22"] {
+            assert!(parse_forward(bad).is_err(), "{bad}");
+        }
+        let fwd = vec![parse_forward("2222:22").unwrap()];
+        assert_eq!(VmConfig { forwards: fwd.clone(), ..cfg() }.validate(), Err(Error::ForwardNeedsUser));
+        assert_eq!(VmConfig { forwards: fwd, net: NetMode::User, ..cfg() }.validate(), Ok(()));
+        let v = |cid| Some(VsockConfig { guest_cid: cid, uds_path: "/tmp/v".into() });
+        assert_eq!(VmConfig { vsock: v(2), ..cfg() }.validate(), Err(Error::VsockCid(2)));
+        assert_eq!(VmConfig { vsock: v(3), ..cfg() }.validate(), Ok(()));
     }
 
     #[test]

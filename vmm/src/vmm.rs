@@ -300,6 +300,28 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<(String, Box<dyn VirtioDevice
         let cfg = fs::FsConfig { read_only: s.read_only, cache, ..fs::FsConfig::new(&s.path, &s.tag) };
         out.push((name.clone(), Box::new(fs::Fs::new(cfg).map_err(|e| device_err(&name, e))?)));
     }
+    if config.net != crate::config::NetMode::None {
+        use aivmm_devices::virtio::net;
+        let backend = match &config.net {
+            crate::config::NetMode::Tap(name) => net::BackendConfig::Tap { name: name.clone() },
+            crate::config::NetMode::Unix(path) => net::BackendConfig::UnixDgram { path: path.clone() },
+            _ => net::BackendConfig::Passt {
+                forwards: config
+                    .forwards
+                    .iter()
+                    .map(|f| net::PortForward { host_port: f.host, guest_port: f.guest, udp: f.udp })
+                    .collect(),
+            },
+        };
+        let dev = net::Net::new(net::NetConfig { backend, mac: None }).map_err(|e| device_err("virtio-net", e))?;
+        out.push(("virtio-net".into(), Box::new(dev)));
+    }
+    if let Some(v) = &config.vsock {
+        use aivmm_devices::virtio::vsock;
+        let dev = vsock::Vsock::new(vsock::VsockConfig { guest_cid: v.guest_cid, uds_path: v.uds_path.clone() })
+            .map_err(|e| device_err("virtio-vsock", e))?;
+        out.push(("virtio-vsock".into(), Box::new(dev)));
+    }
     if config.rng {
         out.push(("virtio-rng".into(), Box::new(rng::Rng::new())));
     }

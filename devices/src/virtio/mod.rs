@@ -8,7 +8,9 @@
 pub mod block;
 pub mod fs;
 pub mod mmio;
+pub mod net;
 pub mod rng;
+pub mod vsock;
 
 use std::sync::Arc;
 

@@ -1,0 +1,322 @@
+//! User-mode networking through passt.
+//!
+//! aivmm makes a `socketpair(AF_UNIX, SOCK_STREAM)`, keeps one end and starts
+//!
+//! ```text
+//! passt -f -e -q -1 --fd N [-t 127.0.0.1/HOST:GUEST]... [-u 127.0.0.1/HOST:GUEST]...
+//! ```
+//!
+//! with the other end as fd `N`: foreground, log to stderr, quiet, serve this one
+//! peer and quit when it goes. Frames then use QEMU's stream protocol
+//! ([`Stream`]). No socket path is needed.
+//!
+//! passt lives exactly as long as the backend: the child gets `PR_SET_PDEATHSIG`
+//! (SIGKILL) so it dies with aivmm, `-1` makes it quit when its end of the socket
+//! closes (the fallback for when passt drops privileges, which clears the death
+//! signal), and dropping the backend kills and reaps it. A monitor thread forwards
+//! passt's stderr to the log and reports how it exited.
+//!
+//! passt refuses to start if it cannot bind any forwarded port, but only says so on
+//! stderr; aivmm binds each port on 127.0.0.1 itself first to give a clear error.
+
+use std::io::{self, BufRead, BufReader};
+use std::net::{Ipv4Addr, TcpListener, UdpSocket};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, ChildStderr, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use log::{debug, error, info, warn};
+
+use super::{Backend, PortForward, Stream};
+use crate::virtio::net::{Error, Result};
+
+/// The passt binary, looked up on PATH.
+pub const PASST_BINARY: &str = "passt";
+
+/// The passt child process and the thread watching it.
+struct Process {
+    child: Arc<Mutex<Child>>,
+    pid: u32,
+    stopping: Arc<AtomicBool>,
+    monitor: Option<JoinHandle<()>>,
+}
+
+/// A passt child serving the device over a stream socket.
+pub struct Passt {
+    stream: Stream,
+    process: Process,
+}
+
+impl Passt {
+    /// Checks the forwards, then starts passt from PATH.
+    pub fn spawn(forwards: &[PortForward]) -> Result<Self> {
+        Self::spawn_with(Path::new(PASST_BINARY), forwards)
+    }
+
+    /// Like [`Passt::spawn`] with an explicit binary.
+    pub fn spawn_with(binary: &Path, forwards: &[PortForward]) -> Result<Self> {
+        for f in forwards {
+            check_forward(f)?;
+        }
+        let (ours, theirs) = UnixStream::pair().map_err(Error::Socket)?;
+        let fd = theirs.as_raw_fd();
+        let mut cmd = Command::new(binary);
+        cmd.args(args(fd, forwards))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // SAFETY: getpid is async-signal-safe and called before the fork.
+        let parent = unsafe { libc::getpid() };
+        // SAFETY: the closure runs in the child between fork and exec and only
+        // makes async-signal-safe calls (prctl, getppid, fcntl) on plain integers.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // The parent may have died before the death signal was armed.
+                if libc::getppid() != parent {
+                    return Err(io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                // std made the socketpair close-on-exec; passt must inherit its end.
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(|source| {
+            if source.kind() == io::ErrorKind::NotFound {
+                Error::PasstNotInstalled
+            } else {
+                Error::PasstSpawn {
+                    binary: binary.to_path_buf(),
+                    source,
+                }
+            }
+        })?;
+        // passt has its copy now.
+        drop(theirs);
+        let pid = child.id();
+        info!(
+            "virtio-net: started passt (pid {pid}) with {} port forward(s)",
+            forwards.len()
+        );
+        let stderr = child.stderr.take();
+        let child = Arc::new(Mutex::new(child));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let monitor = {
+            let child = child.clone();
+            let stopping = stopping.clone();
+            std::thread::Builder::new()
+                .name("aivmm-passt".into())
+                .spawn(move || monitor(stderr, &child, &stopping))
+        };
+        let mut process = Process {
+            child,
+            pid,
+            stopping,
+            monitor: None,
+        };
+        match monitor {
+            Ok(h) => process.monitor = Some(h),
+            Err(e) => {
+                // `process` kills and reaps passt when dropped here.
+                return Err(Error::Spawn(e));
+            }
+        }
+        let stream = Stream::new(ours).map_err(Error::Socket)?;
+        Ok(Self { stream, process })
+    }
+}
+
+/// passt's command line for socket fd `fd` and `forwards`.
+pub fn args(fd: RawFd, forwards: &[PortForward]) -> Vec<String> {
+    let mut a: Vec<String> = ["-f", "-e", "-q", "-1", "--fd"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    a.push(fd.to_string());
+    for f in forwards {
+        a.push(if f.udp { "-u" } else { "-t" }.into());
+        a.push(format!("127.0.0.1/{}:{}", f.host_port, f.guest_port));
+    }
+    a
+}
+
+/// Refuses port 0 and host ports another process holds on 127.0.0.1.
+fn check_forward(f: &PortForward) -> Result<()> {
+    if f.host_port == 0 || f.guest_port == 0 {
+        return Err(Error::InvalidPort {
+            host: f.host_port,
+            guest: f.guest_port,
+        });
+    }
+    let addr = (Ipv4Addr::LOCALHOST, f.host_port);
+    let r = if f.udp {
+        UdpSocket::bind(addr).map(drop)
+    } else {
+        TcpListener::bind(addr).map(drop)
+    };
+    r.map_err(|source| {
+        if source.kind() == io::ErrorKind::AddrInUse {
+            Error::PortInUse {
+                port: f.host_port,
+                udp: f.udp,
+            }
+        } else {
+            Error::PortCheck {
+                port: f.host_port,
+                source,
+            }
+        }
+    })
+}
+
+/// Forwards passt's stderr to the log until it closes, then reaps passt and
+/// reports its exit.
+fn monitor(stderr: Option<ChildStderr>, child: &Mutex<Child>, stopping: &AtomicBool) {
+    if let Some(stderr) = stderr {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let line = line.trim();
+            // Without a syslog socket passt complains about every message it logs.
+            if line.is_empty() || (line.starts_with("Failed to send") && line.ends_with("syslog")) {
+                continue;
+            }
+            if line.starts_with("Don't run as root") {
+                debug!("passt: {line}");
+            } else {
+                warn!("passt: {line}");
+            }
+        }
+    }
+    let status = match child.lock() {
+        Ok(mut c) => c.wait(),
+        Err(_) => return,
+    };
+    match status {
+        Ok(s) if stopping.load(Ordering::SeqCst) => debug!("virtio-net: passt stopped ({s})"),
+        Ok(s) => error!("virtio-net: passt exited ({s}); the guest has no network now"),
+        Err(e) => error!("virtio-net: waiting for passt failed: {e}"),
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        if let Ok(mut c) = self.child.lock() {
+            // Fails harmlessly if passt already exited; Child never signals a reaped pid.
+            let _ = c.kill();
+            if let Err(e) = c.wait() {
+                warn!("virtio-net: reaping passt failed: {e}");
+            }
+        }
+        if let Some(h) = self.monitor.take() {
+            if h.join().is_err() {
+                error!("virtio-net: the passt monitor thread panicked");
+            }
+        }
+    }
+}
+
+impl Backend for Passt {
+    fn name(&self) -> &'static str {
+        "passt"
+    }
+
+    fn send(&mut self, frame: &[u8]) -> io::Result<bool> {
+        self.stream.send(frame)
+    }
+
+    fn has_pending_output(&self) -> bool {
+        self.stream.has_pending_output()
+    }
+
+    fn flush(&mut self) -> io::Result<bool> {
+        self.stream.flush()
+    }
+
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        self.stream.recv(buf)
+    }
+
+    fn as_raw_fd(&self) -> RawFd {
+        self.stream.as_raw_fd()
+    }
+
+    fn process_id(&self) -> Option<u32> {
+        Some(self.process.pid)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn command_line() {
+        let f = [
+            PortForward {
+                host_port: 8080,
+                guest_port: 80,
+                udp: false,
+            },
+            PortForward {
+                host_port: 5353,
+                guest_port: 53,
+                udp: true,
+            },
+        ];
+        assert_eq!(
+            args(7, &f).join(" "),
+            "-f -e -q -1 --fd 7 -t 127.0.0.1/8080:80 -u 127.0.0.1/5353:53"
+        );
+    }
+
+    #[test]
+    fn missing_binary_is_a_clear_error() {
+        let e = Passt::spawn_with(Path::new("/nonexistent/passt"), &[])
+            .err()
+            .unwrap();
+        assert!(matches!(e, Error::PasstNotInstalled), "{e}");
+        assert!(e.to_string().contains("apt install passt"), "{e}");
+    }
+
+    #[test]
+    fn port_in_use_is_a_clear_error() {
+        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let port = l.local_addr().unwrap().port();
+        let f = PortForward {
+            host_port: port,
+            guest_port: 80,
+            udp: false,
+        };
+        let e = Passt::spawn(&[f]).err().unwrap();
+        assert!(matches!(e, Error::PortInUse { .. }), "{e}");
+        assert!(e.to_string().contains(&format!("port {port}")), "{e}");
+        let u = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let port = u.local_addr().unwrap().port();
+        let f = PortForward {
+            host_port: port,
+            guest_port: 53,
+            udp: true,
+        };
+        let e = Passt::spawn(&[f]).err().unwrap();
+        assert!(e.to_string().contains("udp"), "{e}");
+        let f = PortForward {
+            host_port: 0,
+            guest_port: 53,
+            udp: true,
+        };
+        assert!(matches!(Passt::spawn(&[f]), Err(Error::InvalidPort { .. })));
+    }
+}
