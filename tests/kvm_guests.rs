@@ -29,7 +29,11 @@ const SKIP_ENV: &str = "AIVMM_SKIP_KVM_TESTS";
 /// the reason if not, unless [`SKIP_ENV`] is `1`, in which case it says why it
 /// skips and returns false.
 fn kvm_usable(test: &str) -> bool {
-    let problem = match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    let problem = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         Ok(_) => return true,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => "/dev/kvm does not exist".to_string(),
         Err(e) => format!("/dev/kvm cannot be opened read-write: {e}"),
@@ -81,7 +85,9 @@ fn build_guest(name: &str) -> Guest {
         .arg(&elf)
         .arg(&src)
         .output()
-        .unwrap_or_else(|e| panic!("running gcc to build the test guest {name} failed: {e} (is gcc installed?)"));
+        .unwrap_or_else(|e| {
+            panic!("running gcc to build the test guest {name} failed: {e} (is gcc installed?)")
+        });
     assert!(
         out.status.success(),
         "gcc failed to build {}:\n{}",
@@ -113,12 +119,18 @@ impl fmt::Display for Run {
 impl Run {
     /// Lines of stderr that report a VMM error.
     fn error_lines(&self) -> Vec<&str> {
-        self.stderr.lines().filter(|l| l.starts_with("aivmm: error:")).collect()
+        self.stderr
+            .lines()
+            .filter(|l| l.starts_with("aivmm: error:"))
+            .collect()
     }
 
     fn assert_success(&self) {
         assert!(self.status.success(), "expected exit 0:\n{self}");
-        assert!(self.error_lines().is_empty(), "unexpected error line:\n{self}");
+        assert!(
+            self.error_lines().is_empty(),
+            "unexpected error line:\n{self}"
+        );
         self.assert_no_panic();
     }
 
@@ -127,7 +139,10 @@ impl Run {
     }
 
     fn assert_stdout_has(&self, needle: &str) {
-        assert!(self.stdout.contains(needle), "stdout lacks {needle:?}:\n{self}");
+        assert!(
+            self.stdout.contains(needle),
+            "stdout lacks {needle:?}:\n{self}"
+        );
     }
 }
 
@@ -181,7 +196,12 @@ fn run_guest(guest: &Guest) -> Run {
         elapsed: started.elapsed(),
     };
     assert!(!timed_out, "aivmm was killed after {TIMEOUT:?}:\n{run}");
-    eprintln!("{}: {} in {:?}", guest.elf.display(), run.status, run.elapsed);
+    eprintln!(
+        "{}: {} in {:?}",
+        guest.elf.display(),
+        run.status,
+        run.elapsed
+    );
     run
 }
 
@@ -199,36 +219,53 @@ fn hello_prints_marks_boot_time_and_powers_off() {
     run.assert_success();
     run.assert_stdout_has("hello from the aivmm test guest\n");
     assert!(
-        run.stderr.lines().any(|l| l.starts_with("aivmm: boot-timer: guest marker 42 at ")
-            && l.ends_with(" ms since exec")),
+        run.stderr
+            .lines()
+            .any(|l| l.starts_with("aivmm: boot-timer: guest marker 42 at ")
+                && l.ends_with(" ms since exec")),
         "no boot-timer line for marker 42:\n{run}"
     );
 }
 
 #[test]
 fn reset_through_i8042_stops_the_vm() {
-    let Some(run) = boot("reset_i8042") else { return };
+    let Some(run) = boot("reset_i8042") else {
+        return;
+    };
     run.assert_success();
     run.assert_stdout_has("resetting via i8042\n");
 }
 
 #[test]
 fn reset_through_acpi_reset_register_stops_the_vm() {
-    let Some(run) = boot("reset_acpi") else { return };
+    let Some(run) = boot("reset_acpi") else {
+        return;
+    };
     run.assert_success();
     run.assert_stdout_has("resetting via ACPI\n");
 }
 
 #[test]
 fn triple_fault_is_one_clean_error() {
-    let Some(run) = boot("triple_fault") else { return };
-    assert!(!run.status.success(), "a triple fault must fail the run:\n{run}");
+    let Some(run) = boot("triple_fault") else {
+        return;
+    };
+    assert!(
+        !run.status.success(),
+        "a triple fault must fail the run:\n{run}"
+    );
     run.assert_no_panic();
     let errors = run.error_lines();
     assert_eq!(errors.len(), 1, "expected exactly one error line:\n{run}");
-    assert!(errors[0].contains("triple"), "the error should name the triple fault:\n{run}");
+    assert!(
+        errors[0].contains("triple"),
+        "the error should name the triple fault:\n{run}"
+    );
     run.assert_stdout_has("triple faulting\n");
-    assert!(!run.stdout.contains("FAIL"), "the guest ran past the fault:\n{run}");
+    assert!(
+        !run.stdout.contains("FAIL"),
+        "the guest ran past the fault:\n{run}"
+    );
 }
 
 /// The first 8 random bytes (as hex) from a guest's `RNG OK 64 <hex>` line.
@@ -260,10 +297,19 @@ fn virtio_rng_serves_a_driver_end_to_end() {
 
 #[test]
 fn virtio_mmio_survives_a_hostile_driver() {
-    let Some(run) = boot("virtio_bad_driver") else { return };
+    let Some(run) = boot("virtio_bad_driver") else {
+        return;
+    };
     run.assert_success();
-    let failed: Vec<&str> = run.stdout.lines().filter(|l| l.starts_with("CHECK FAIL")).collect();
-    assert!(failed.is_empty(), "the device accepted what it must refuse: {failed:?}\n{run}");
+    let failed: Vec<&str> = run
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("CHECK FAIL"))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "the device accepted what it must refuse: {failed:?}\n{run}"
+    );
     for needed in [
         "CHECK ok narrow/wide/misaligned status writes ignored",
         // Not a power of two, zero, above QueueNumMax, above 16 bits.
@@ -287,8 +333,13 @@ fn virtio_mmio_survives_a_hostile_driver() {
 
 #[test]
 fn no_guest_code_runs_after_power_off() {
-    let Some(run) = boot("after_poweroff") else { return };
+    let Some(run) = boot("after_poweroff") else {
+        return;
+    };
     run.assert_success();
     run.assert_stdout_has("powering off\n");
-    assert!(!run.stdout.contains("still"), "the vCPU ran on after S5:\n{run}");
+    assert!(
+        !run.stdout.contains("still"),
+        "the vCPU ran on after S5:\n{run}"
+    );
 }

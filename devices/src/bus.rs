@@ -57,7 +57,10 @@ impl Bus {
 
     /// Places `dev` at `base..base+len`.
     pub fn insert(&mut self, dev: SharedDevice, base: u64, len: u64) -> Result<()> {
-        let end = base.checked_add(len).filter(|_| len > 0).ok_or(Error::Overlap(base, len))?;
+        let end = base
+            .checked_add(len)
+            .filter(|_| len > 0)
+            .ok_or(Error::Overlap(base, len))?;
         if let Some((b, e)) = self.ranges.range(..end).next_back() {
             if b + e.len > base {
                 return Err(Error::Overlap(base, len));
@@ -125,12 +128,18 @@ mod tests {
     #[test]
     fn insert_resolve_and_overlap() {
         let mut bus = Bus::new();
-        bus.insert(Arc::new(Mutex::new(Echo(1))), 0x100, 0x10).unwrap();
-        bus.insert(Arc::new(Mutex::new(Echo(7))), 0x110, 0x10).unwrap();
+        bus.insert(Arc::new(Mutex::new(Echo(1))), 0x100, 0x10)
+            .unwrap();
+        bus.insert(Arc::new(Mutex::new(Echo(7))), 0x110, 0x10)
+            .unwrap();
         assert!(bus.insert(Arc::new(Mutex::new(Echo(0))), 0x10f, 2).is_err());
-        assert!(bus.insert(Arc::new(Mutex::new(Echo(0))), 0xf8, 0x9).is_err());
+        assert!(bus
+            .insert(Arc::new(Mutex::new(Echo(0))), 0xf8, 0x9)
+            .is_err());
         assert!(bus.insert(Arc::new(Mutex::new(Echo(0))), 0x0, 0).is_err());
-        assert!(bus.insert(Arc::new(Mutex::new(Echo(0))), u64::MAX, 2).is_err());
+        assert!(bus
+            .insert(Arc::new(Mutex::new(Echo(0))), u64::MAX, 2)
+            .is_err());
         let mut b = [0u8; 1];
         assert!(bus.read(0x102, &mut b));
         assert_eq!(b[0], 3);

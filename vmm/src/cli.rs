@@ -18,29 +18,55 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Boot a VM. The guest's serial console is attached to this terminal; the
-    /// VM stops when the guest powers off. Press Ctrl-A then x to stop it at once.
+    /// Run a command (by default `claude`) in a VM on a work directory, or boot a
+    /// kernel of your own with its serial console on this terminal.
+    ///
+    /// `aivmm run --workdir DIR [-- COMMAND…]` boots the default guest with DIR at
+    /// /work and attaches this terminal to COMMAND; aivmm exits with its status.
+    /// `aivmm run --kernel K …` boots K with the guest's serial console here
+    /// (Ctrl-A x stops the VM).
     Run(RunArgs),
 }
 
 /// Arguments of `aivmm run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Kernel image: an x86_64 ELF vmlinux or a bzImage.
+    /// The project directory: shared read-write at /work, where the command runs.
+    #[arg(long, value_name = "DIR")]
+    pub workdir: Option<PathBuf>,
+    /// Kernel image: an x86_64 ELF vmlinux or a bzImage (default with --workdir:
+    /// the guest image's).
     #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    pub kernel: Option<PathBuf>,
     /// Initial ramdisk.
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
-    /// Kernel command line.
-    #[arg(long, value_name = "TEXT", default_value = config::DEFAULT_CMDLINE)]
-    pub cmdline: String,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
-    pub cpus: u32,
-    /// Guest memory, e.g. 512M or 4G.
-    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_size_arg)]
-    pub memory: u64,
+    /// With --workdir: the guest's root filesystem image (default: the guest image's).
+    #[arg(long, value_name = "PATH")]
+    pub rootfs: Option<PathBuf>,
+    /// Kernel command line [default: console=ttyS0 reboot=acpi panic=-1, or the
+    /// guest image's with --workdir].
+    #[arg(long, value_name = "TEXT")]
+    pub cmdline: Option<String>,
+    /// Number of vCPUs [default: 4 with --workdir, else 1].
+    #[arg(long)]
+    pub cpus: Option<u32>,
+    /// Guest memory, e.g. 512M or 4G [default: 4G with --workdir, else 512M].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+    pub memory: Option<u64>,
+    /// With --workdir: size of the persistent per-workdir disk (sparse).
+    #[arg(long, value_name = "SIZE", default_value = "16G", value_parser = parse_size_arg)]
+    pub disk_size: u64,
+    /// With --workdir: pass an environment variable to the command (NAME takes its
+    /// value from this environment). Sent over vsock, never on the kernel command line.
+    #[arg(long, value_name = "NAME[=VALUE]")]
+    pub env: Vec<String>,
+    /// With --workdir: seconds to wait for the guest agent.
+    #[arg(long, value_name = "SECS", default_value_t = 120)]
+    pub agent_timeout: u64,
+    /// With --workdir: the command to run in /work [default: claude].
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
     /// Describe devices on the kernel command line (`virtio_mmio.device=`) instead of ACPI.
     #[arg(long)]
     pub no_acpi: bool,
@@ -56,8 +82,8 @@ pub struct RunArgs {
     pub share: Vec<String>,
     /// Network: none, user (passt: DHCP, DNS and NAT, no root), tap:NAME, or unix:PATH
     /// (a unix datagram socket such as gvproxy's).
-    #[arg(long, value_name = "MODE", default_value = "none", value_parser = parse_net_arg)]
-    pub net: config::NetMode,
+    #[arg(long, value_name = "MODE", value_parser = parse_net_arg)]
+    pub net: Option<config::NetMode>,
     /// Forward 127.0.0.1:HOSTPORT to the guest's GUESTPORT (with --net user); add /udp for UDP.
     #[arg(long, value_name = "HOSTPORT:GUESTPORT[/udp]", value_parser = parse_forward_arg)]
     pub forward: Vec<config::Forward>,
@@ -88,27 +114,33 @@ fn parse_size_arg(s: &str) -> Result<u64, String> {
 impl TryFrom<&RunArgs> for VmConfig {
     type Error = config::Error;
 
+    /// The VM of `aivmm run --kernel …` (without --workdir).
     fn try_from(a: &RunArgs) -> Result<Self, Self::Error> {
+        let kernel = a.kernel.clone().ok_or(config::Error::NoKernel)?;
         let c = VmConfig {
-            kernel: a.kernel.clone(),
+            kernel,
             initrd: a.initrd.clone(),
-            cmdline: a.cmdline.clone(),
-            cpus: a.cpus,
-            memory: a.memory,
+            cmdline: a.cmdline.clone().unwrap_or_else(|| config::DEFAULT_CMDLINE.to_string()),
+            cpus: a.cpus.unwrap_or(1),
+            memory: a.memory.unwrap_or(512 << 20),
             acpi: !a.no_acpi,
             rng: !a.no_rng,
-            disks: a.disk.iter().map(|d| config::parse_disk(d)).collect::<Result<_, _>>()?,
+            disks: a
+                .disk
+                .iter()
+                .map(|d| config::parse_disk(d))
+                .collect::<Result<_, _>>()?,
             shares: a
                 .share
                 .iter()
                 .map(|s| config::parse_share(s, a.fs_cache))
                 .collect::<Result<_, _>>()?,
-            net: a.net.clone(),
+            net: a.net.clone().unwrap_or_default(),
             forwards: a.forward.clone(),
-            vsock: a
-                .vsock
-                .as_ref()
-                .map(|p| config::VsockConfig { guest_cid: a.vsock_cid, uds_path: p.clone() }),
+            vsock: a.vsock.as_ref().map(|p| config::VsockConfig {
+                guest_cid: a.vsock_cid,
+                uds_path: p.clone(),
+            }),
         };
         c.validate()?;
         Ok(c)
@@ -127,7 +159,10 @@ mod tests {
 
     #[test]
     fn run_args_become_a_config() {
-        let c = run(&["aivmm", "run", "--kernel", "k", "--initrd", "i", "--cpus", "4", "--memory", "2G"]).unwrap();
+        let c = run(&[
+            "aivmm", "run", "--kernel", "k", "--initrd", "i", "--cpus", "4", "--memory", "2G",
+        ])
+        .unwrap();
         assert_eq!(c.kernel, PathBuf::from("k"));
         assert_eq!(c.initrd, Some(PathBuf::from("i")));
         assert_eq!((c.cpus, c.memory, c.acpi, c.rng), (4, 2 << 30, true, true));
@@ -136,9 +171,15 @@ mod tests {
 
     #[test]
     fn bad_args_are_refused() {
-        assert!(run(&["aivmm", "run"]).unwrap_err().contains("--kernel"));
-        assert!(run(&["aivmm", "run", "--kernel", "k", "--memory", "lots"]).unwrap_err().contains("bad size"));
-        assert!(run(&["aivmm", "run", "--kernel", "k", "--cpus", "0"]).unwrap_err().contains("cpus"));
-        assert!(run(&["aivmm", "run", "--kernel", "k", "--memory", "1M"]).unwrap_err().contains("memory"));
+        assert!(run(&["aivmm", "run"]).unwrap_err().contains("--workdir"));
+        assert!(run(&["aivmm", "run", "--kernel", "k", "--memory", "lots"])
+            .unwrap_err()
+            .contains("bad size"));
+        assert!(run(&["aivmm", "run", "--kernel", "k", "--cpus", "0"])
+            .unwrap_err()
+            .contains("cpus"));
+        assert!(run(&["aivmm", "run", "--kernel", "k", "--memory", "1M"])
+            .unwrap_err()
+            .contains("memory"));
     }
 }

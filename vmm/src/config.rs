@@ -5,6 +5,9 @@ use std::path::PathBuf;
 /// Errors in a configuration.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Error {
+    /// Neither a workdir nor a kernel was given.
+    #[error("nothing to run: give --workdir DIR to run the agent on a project, or --kernel PATH to boot a kernel")]
+    NoKernel,
     /// A size could not be parsed.
     #[error("bad size '{0}': use a number with an optional K, M, G or T suffix, e.g. 512M or 4G")]
     Size(String),
@@ -30,7 +33,9 @@ pub enum Error {
     #[error("bad --disk '{0}': use PATH or PATH:ro")]
     Disk(String),
     /// A `--share` value could not be parsed.
-    #[error("bad --share '{0}': use HOST_DIR:TAG or HOST_DIR:TAG:ro (TAG is 1 to 36 bytes, no ':')")]
+    #[error(
+        "bad --share '{0}': use HOST_DIR:TAG or HOST_DIR:TAG:ro (TAG is 1 to 36 bytes, no ':')"
+    )]
     Share(String),
     /// A `--net` value could not be parsed.
     #[error("bad --net '{0}': use none, user, tap:NAME or unix:PATH")]
@@ -117,7 +122,9 @@ pub fn parse_net(s: &str) -> Result<NetMode> {
         "none" => Ok(NetMode::None),
         "user" | "passt" => Ok(NetMode::User),
         _ => match s.split_once(':') {
-            Some(("tap", name)) if !name.is_empty() && name.len() < 16 => Ok(NetMode::Tap(name.into())),
+            Some(("tap", name)) if !name.is_empty() && name.len() < 16 => {
+                Ok(NetMode::Tap(name.into()))
+            }
             Some(("unix", path)) if !path.is_empty() => Ok(NetMode::Unix(path.into())),
             _ => Err(Error::Net(s.to_string())),
         },
@@ -146,7 +153,11 @@ pub fn parse_forward(s: &str) -> Result<Forward> {
     };
     let (h, g) = ports.split_once(':').ok_or_else(err)?;
     let port = |p: &str| p.parse::<u16>().ok().filter(|&n| n > 0).ok_or_else(err);
-    Ok(Forward { host: port(h)?, guest: port(g)?, udp })
+    Ok(Forward {
+        host: port(h)?,
+        guest: port(g)?,
+        udp,
+    })
 }
 
 /// The vsock device: guest CID and the host unix socket it maps to.
@@ -216,17 +227,27 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig> {
     if path.is_empty() {
         return Err(Error::Disk(s.to_string()));
     }
-    Ok(DiskConfig { path: path.into(), read_only })
+    Ok(DiskConfig {
+        path: path.into(),
+        read_only,
+    })
 }
 
 /// Parses `HOST_DIR:TAG[:ro]`.
 pub fn parse_share(s: &str, cache: FsCache) -> Result<ShareConfig> {
     let (rest, read_only) = split_mode(s);
-    let (path, tag) = rest.rsplit_once(':').ok_or_else(|| Error::Share(s.to_string()))?;
+    let (path, tag) = rest
+        .rsplit_once(':')
+        .ok_or_else(|| Error::Share(s.to_string()))?;
     if path.is_empty() || tag.is_empty() || tag.len() > MAX_TAG_LEN || tag.contains('\0') {
         return Err(Error::Share(s.to_string()));
     }
-    Ok(ShareConfig { path: path.into(), tag: tag.to_string(), read_only, cache })
+    Ok(ShareConfig {
+        path: path.into(),
+        tag: tag.to_string(),
+        read_only,
+        cache,
+    })
 }
 
 /// The command line used when none is given.
@@ -236,10 +257,17 @@ impl VmConfig {
     /// Checks the values that the CLI parser cannot.
     pub fn validate(&self) -> Result<()> {
         if self.cpus == 0 || self.cpus > MAX_CPUS {
-            return Err(Error::Cpus { max: MAX_CPUS, got: self.cpus });
+            return Err(Error::Cpus {
+                max: MAX_CPUS,
+                got: self.cpus,
+            });
         }
         if self.memory < MIN_MEMORY_MIB << 20 || self.memory > MAX_MEMORY_GIB << 30 {
-            return Err(Error::MemoryRange { min: MIN_MEMORY_MIB, max: MAX_MEMORY_GIB, got: self.memory });
+            return Err(Error::MemoryRange {
+                min: MIN_MEMORY_MIB,
+                max: MAX_MEMORY_GIB,
+                got: self.memory,
+            });
         }
         let mut tags: Vec<&str> = self.shares.iter().map(|s| s.tag.as_str()).collect();
         tags.sort_unstable();
@@ -275,7 +303,10 @@ pub fn parse_size(s: &str) -> Result<u64> {
     let t = s.trim();
     let err = || Error::Size(s.to_string());
     let lower = t.to_ascii_lowercase();
-    let body = lower.strip_suffix("ib").or_else(|| lower.strip_suffix('b')).unwrap_or(&lower);
+    let body = lower
+        .strip_suffix("ib")
+        .or_else(|| lower.strip_suffix('b'))
+        .unwrap_or(&lower);
     let (digits, shift) = match body.chars().last() {
         Some('k') => (&body[..body.len() - 1], 10),
         Some('m') => (&body[..body.len() - 1], 20),
@@ -317,39 +348,120 @@ mod tests {
         assert_eq!(parse_net("none"), Ok(NetMode::None));
         assert_eq!(parse_net("user"), Ok(NetMode::User));
         assert_eq!(parse_net("tap:tap0"), Ok(NetMode::Tap("tap0".into())));
-        assert_eq!(parse_net("unix:/run/gv.sock"), Ok(NetMode::Unix("/run/gv.sock".into())));
+        assert_eq!(
+            parse_net("unix:/run/gv.sock"),
+            Ok(NetMode::Unix("/run/gv.sock".into()))
+        );
         for bad in ["", "tap:", "tap:waytoolongname01", "slirp", "unix:"] {
             assert!(parse_net(bad).is_err(), "{bad}");
         }
-        assert_eq!(parse_forward("2222:22"), Ok(Forward { host: 2222, guest: 22, udp: false }));
-        assert_eq!(parse_forward("5353:53/udp"), Ok(Forward { host: 5353, guest: 53, udp: true }));
+        assert_eq!(
+            parse_forward("2222:22"),
+            Ok(Forward {
+                host: 2222,
+                guest: 22,
+                udp: false
+            })
+        );
+        assert_eq!(
+            parse_forward("5353:53/udp"),
+            Ok(Forward {
+                host: 5353,
+                guest: 53,
+                udp: true
+            })
+        );
         for bad in ["22", "0:22", "22:0", "70000:22", "a:b", "1:2/sctp", ":22"] {
             assert!(parse_forward(bad).is_err(), "{bad}");
         }
         let fwd = vec![parse_forward("2222:22").unwrap()];
-        assert_eq!(VmConfig { forwards: fwd.clone(), ..cfg() }.validate(), Err(Error::ForwardNeedsUser));
-        assert_eq!(VmConfig { forwards: fwd, net: NetMode::User, ..cfg() }.validate(), Ok(()));
-        let v = |cid| Some(VsockConfig { guest_cid: cid, uds_path: "/tmp/v".into() });
-        assert_eq!(VmConfig { vsock: v(2), ..cfg() }.validate(), Err(Error::VsockCid(2)));
-        assert_eq!(VmConfig { vsock: v(3), ..cfg() }.validate(), Ok(()));
+        assert_eq!(
+            VmConfig {
+                forwards: fwd.clone(),
+                ..cfg()
+            }
+            .validate(),
+            Err(Error::ForwardNeedsUser)
+        );
+        assert_eq!(
+            VmConfig {
+                forwards: fwd,
+                net: NetMode::User,
+                ..cfg()
+            }
+            .validate(),
+            Ok(())
+        );
+        let v = |cid| {
+            Some(VsockConfig {
+                guest_cid: cid,
+                uds_path: "/tmp/v".into(),
+            })
+        };
+        assert_eq!(
+            VmConfig {
+                vsock: v(2),
+                ..cfg()
+            }
+            .validate(),
+            Err(Error::VsockCid(2))
+        );
+        assert_eq!(
+            VmConfig {
+                vsock: v(3),
+                ..cfg()
+            }
+            .validate(),
+            Ok(())
+        );
     }
 
     #[test]
     fn disks_and_shares() {
-        assert_eq!(parse_disk("a.img"), Ok(DiskConfig { path: "a.img".into(), read_only: false }));
-        assert_eq!(parse_disk("/x/a:b.img:ro"), Ok(DiskConfig { path: "/x/a:b.img".into(), read_only: true }));
+        assert_eq!(
+            parse_disk("a.img"),
+            Ok(DiskConfig {
+                path: "a.img".into(),
+                read_only: false
+            })
+        );
+        assert_eq!(
+            parse_disk("/x/a:b.img:ro"),
+            Ok(DiskConfig {
+                path: "/x/a:b.img".into(),
+                read_only: true
+            })
+        );
         assert!(parse_disk(":ro").is_err());
         let s = parse_share("/src:work", FsCache::Auto).unwrap();
-        assert_eq!((s.path, s.tag.as_str(), s.read_only), ("/src".into(), "work", false));
+        assert_eq!(
+            (s.path, s.tag.as_str(), s.read_only),
+            ("/src".into(), "work", false)
+        );
         let s = parse_share("/a:b:tag:ro", FsCache::None).unwrap();
-        assert_eq!((s.path, s.tag.as_str(), s.read_only, s.cache), ("/a:b".into(), "tag", true, FsCache::None));
-        for bad in ["/src", ":tag", "/src:", "/src::ro", &format!("/s:{}", "t".repeat(37))] {
+        assert_eq!(
+            (s.path, s.tag.as_str(), s.read_only, s.cache),
+            ("/a:b".into(), "tag", true, FsCache::None)
+        );
+        for bad in [
+            "/src",
+            ":tag",
+            "/src:",
+            "/src::ro",
+            &format!("/s:{}", "t".repeat(37)),
+        ] {
             assert!(parse_share(bad, FsCache::Auto).is_err(), "{bad}");
         }
         let share = |tag: &str| parse_share(&format!("/d:{tag}"), FsCache::Auto).unwrap();
-        let c = VmConfig { shares: vec![share("a"), share("b"), share("a")], ..cfg() };
+        let c = VmConfig {
+            shares: vec![share("a"), share("b"), share("a")],
+            ..cfg()
+        };
         assert_eq!(c.validate(), Err(Error::DuplicateTag("a".into())));
-        let c = VmConfig { disks: vec![parse_disk("d").unwrap(); 19], ..cfg() };
+        let c = VmConfig {
+            disks: vec![parse_disk("d").unwrap(); 19],
+            ..cfg()
+        };
         assert_eq!(c.validate(), Err(Error::TooManyDevices(MAX_VIRTIO_DEVICES)));
     }
 
@@ -361,7 +473,16 @@ mod tests {
         assert_eq!(parse_size("64K"), Ok(64 << 10));
         assert_eq!(parse_size("1T"), Ok(1 << 40));
         assert_eq!(parse_size("1048576"), Ok(1 << 20));
-        for bad in ["", "G", "-1G", "1.5G", "4X", "99999999999999999999G", "20000000000T", "4 G"] {
+        for bad in [
+            "",
+            "G",
+            "-1G",
+            "1.5G",
+            "4X",
+            "99999999999999999999G",
+            "20000000000T",
+            "4 G",
+        ] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
     }
@@ -369,11 +490,47 @@ mod tests {
     #[test]
     fn validation() {
         assert_eq!(cfg().validate(), Ok(()));
-        assert!(matches!(VmConfig { cpus: 0, ..cfg() }.validate(), Err(Error::Cpus { .. })));
-        assert!(matches!(VmConfig { cpus: 255, ..cfg() }.validate(), Err(Error::Cpus { .. })));
-        assert!(matches!(VmConfig { memory: 1 << 20, ..cfg() }.validate(), Err(Error::MemoryRange { .. })));
-        assert!(matches!(VmConfig { memory: 2 << 40, ..cfg() }.validate(), Err(Error::MemoryRange { .. })));
-        assert_eq!(VmConfig { cpus: 2, acpi: false, ..cfg() }.validate(), Err(Error::SmpNeedsAcpi));
-        assert_eq!(VmConfig { cpus: 254, memory: 16 << 30, ..cfg() }.validate(), Ok(()));
+        assert!(matches!(
+            VmConfig { cpus: 0, ..cfg() }.validate(),
+            Err(Error::Cpus { .. })
+        ));
+        assert!(matches!(
+            VmConfig { cpus: 255, ..cfg() }.validate(),
+            Err(Error::Cpus { .. })
+        ));
+        assert!(matches!(
+            VmConfig {
+                memory: 1 << 20,
+                ..cfg()
+            }
+            .validate(),
+            Err(Error::MemoryRange { .. })
+        ));
+        assert!(matches!(
+            VmConfig {
+                memory: 2 << 40,
+                ..cfg()
+            }
+            .validate(),
+            Err(Error::MemoryRange { .. })
+        ));
+        assert_eq!(
+            VmConfig {
+                cpus: 2,
+                acpi: false,
+                ..cfg()
+            }
+            .validate(),
+            Err(Error::SmpNeedsAcpi)
+        );
+        assert_eq!(
+            VmConfig {
+                cpus: 254,
+                memory: 16 << 30,
+                ..cfg()
+            }
+            .validate(),
+            Ok(())
+        );
     }
 }

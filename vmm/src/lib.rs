@@ -8,4 +8,8 @@ pub mod arch;
 pub mod cli;
 pub mod config;
 pub mod hypervisor;
+pub mod image;
+pub mod launch;
+pub mod session;
 pub mod vmm;
+pub mod workdir;

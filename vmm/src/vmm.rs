@@ -7,14 +7,16 @@
 //! power-off or reset, or a vCPU failure.
 
 use std::io::Write;
-use std::sync::mpsc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Instant;
 
 use aivmm_devices::bus::Bus;
-use aivmm_devices::legacy::{acpi_pm::AcpiPm, boot_timer::BootTimer, i8042::I8042, serial::Serial, ExitHandler};
+use aivmm_devices::legacy::{
+    acpi_pm::AcpiPm, boot_timer::BootTimer, i8042::I8042, serial::Serial, ExitHandler,
+};
 use aivmm_devices::virtio::mmio::MmioTransport;
 use aivmm_devices::virtio::VirtioDevice;
 use aivmm_devices::{EventFdInterrupt, ExitReason, Interrupt};
@@ -107,12 +109,17 @@ pub struct Vmm {
 
 impl std::fmt::Debug for Vmm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Vmm").field("vcpus", &self.vcpus.len()).finish_non_exhaustive()
+        f.debug_struct("Vmm")
+            .field("vcpus", &self.vcpus.len())
+            .finish_non_exhaustive()
     }
 }
 
 fn device_err(name: &str, e: impl std::fmt::Display) -> Error {
-    Error::Device { name: name.to_string(), reason: e.to_string() }
+    Error::Device {
+        name: name.to_string(),
+        reason: e.to_string(),
+    }
 }
 
 fn irqfd(vm: &dyn Vm, gsi: u32, name: &str) -> Result<Arc<dyn Interrupt>> {
@@ -134,8 +141,12 @@ impl Vmm {
         let vm = hv.create_vm()?;
         vm.create_irq_controller()?;
 
-        let mem = GuestMemoryMmap::from_ranges(&boot::ram_ranges(config.memory))
-            .map_err(|e| Error::Memory { size: config.memory, reason: e.to_string() })?;
+        let mem = GuestMemoryMmap::from_ranges(&boot::ram_ranges(config.memory)).map_err(|e| {
+            Error::Memory {
+                size: config.memory,
+                reason: e.to_string(),
+            }
+        })?;
         for (slot, region) in mem.iter().enumerate() {
             // SAFETY: the region belongs to `mem`, which the Vmm keeps alive for as
             // long as the VM (and its vCPUs) exist.
@@ -172,16 +183,33 @@ impl Vmm {
 
         let mut io_bus = Bus::new();
         let mut mmio_bus = Bus::new();
-        let serial = Arc::new(Mutex::new(Serial::new(irqfd(&*vm, layout::SERIAL_IRQ, "serial")?, console)));
-        io_bus.insert(serial.clone(), layout::SERIAL_PORT, 8).map_err(|e| device_err("serial", e))?;
+        let serial = Arc::new(Mutex::new(Serial::new(
+            irqfd(&*vm, layout::SERIAL_IRQ, "serial")?,
+            console,
+        )));
         io_bus
-            .insert(Arc::new(Mutex::new(I8042::new(on_exit.clone()))), layout::I8042_PORT, 5)
+            .insert(serial.clone(), layout::SERIAL_PORT, 8)
+            .map_err(|e| device_err("serial", e))?;
+        io_bus
+            .insert(
+                Arc::new(Mutex::new(I8042::new(on_exit.clone()))),
+                layout::I8042_PORT,
+                5,
+            )
             .map_err(|e| device_err("i8042", e))?;
         io_bus
-            .insert(Arc::new(Mutex::new(AcpiPm::new(on_exit))), layout::ACPI_PM_PORT, layout::ACPI_PM_LEN)
+            .insert(
+                Arc::new(Mutex::new(AcpiPm::new(on_exit))),
+                layout::ACPI_PM_PORT,
+                layout::ACPI_PM_LEN,
+            )
             .map_err(|e| device_err("acpi-pm", e))?;
         mmio_bus
-            .insert(Arc::new(Mutex::new(BootTimer::new(started))), layout::BOOT_TIMER_ADDR, layout::BOOT_TIMER_SIZE)
+            .insert(
+                Arc::new(Mutex::new(BootTimer::new(started))),
+                layout::BOOT_TIMER_ADDR,
+                layout::BOOT_TIMER_SIZE,
+            )
             .map_err(|e| device_err("boot-timer", e))?;
 
         let virtio = virtio_devices(config)?;
@@ -203,15 +231,25 @@ impl Vmm {
                 )?;
             }
             mmio_bus
-                .insert(Arc::new(Mutex::new(transport)), addr, layout::VIRTIO_MMIO_SIZE)
+                .insert(
+                    Arc::new(Mutex::new(transport)),
+                    addr,
+                    layout::VIRTIO_MMIO_SIZE,
+                )
                 .map_err(|e| device_err(name, e))?;
-            placed.push(acpi::MmioDevice { addr, len: layout::VIRTIO_MMIO_SIZE, irq });
+            placed.push(acpi::MmioDevice {
+                addr,
+                len: layout::VIRTIO_MMIO_SIZE,
+                irq,
+            });
         }
 
         let mut cmdline_text = config.cmdline.clone();
         let rsdp = if config.acpi {
-            let cpus = u8::try_from(config.cpus).map_err(|_| Error::Acpi("too many CPUs".into()))?;
-            let rsdp = acpi::create_acpi_tables(&mem, cpus, &placed).map_err(|e| Error::Acpi(e.to_string()))?;
+            let cpus =
+                u8::try_from(config.cpus).map_err(|_| Error::Acpi("too many CPUs".into()))?;
+            let rsdp = acpi::create_acpi_tables(&mem, cpus, &placed)
+                .map_err(|e| Error::Acpi(e.to_string()))?;
             Some(rsdp.0)
         } else {
             cmdline_text.push(' ');
@@ -286,8 +324,12 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<(String, Box<dyn VirtioDevice
     let mut out: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
     for d in &config.disks {
         let name = format!("virtio-blk {}", d.path.display());
-        let dev = block::Block::new(block::BlockConfig { path: d.path.clone(), read_only: d.read_only, id: None })
-            .map_err(|e| device_err(&name, e))?;
+        let dev = block::Block::new(block::BlockConfig {
+            path: d.path.clone(),
+            read_only: d.read_only,
+            id: None,
+        })
+        .map_err(|e| device_err(&name, e))?;
         out.push((name, Box::new(dev)));
     }
     for s in &config.shares {
@@ -297,29 +339,46 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<(String, Box<dyn VirtioDevice
             crate::config::FsCache::Auto => fs::CachePolicy::Auto,
             crate::config::FsCache::Always => fs::CachePolicy::Always,
         };
-        let cfg = fs::FsConfig { read_only: s.read_only, cache, ..fs::FsConfig::new(&s.path, &s.tag) };
-        out.push((name.clone(), Box::new(fs::Fs::new(cfg).map_err(|e| device_err(&name, e))?)));
+        let cfg = fs::FsConfig {
+            read_only: s.read_only,
+            cache,
+            ..fs::FsConfig::new(&s.path, &s.tag)
+        };
+        out.push((
+            name.clone(),
+            Box::new(fs::Fs::new(cfg).map_err(|e| device_err(&name, e))?),
+        ));
     }
     if config.net != crate::config::NetMode::None {
         use aivmm_devices::virtio::net;
         let backend = match &config.net {
             crate::config::NetMode::Tap(name) => net::BackendConfig::Tap { name: name.clone() },
-            crate::config::NetMode::Unix(path) => net::BackendConfig::UnixDgram { path: path.clone() },
+            crate::config::NetMode::Unix(path) => {
+                net::BackendConfig::UnixDgram { path: path.clone() }
+            }
             _ => net::BackendConfig::Passt {
                 forwards: config
                     .forwards
                     .iter()
-                    .map(|f| net::PortForward { host_port: f.host, guest_port: f.guest, udp: f.udp })
+                    .map(|f| net::PortForward {
+                        host_port: f.host,
+                        guest_port: f.guest,
+                        udp: f.udp,
+                    })
                     .collect(),
             },
         };
-        let dev = net::Net::new(net::NetConfig { backend, mac: None }).map_err(|e| device_err("virtio-net", e))?;
+        let dev = net::Net::new(net::NetConfig { backend, mac: None })
+            .map_err(|e| device_err("virtio-net", e))?;
         out.push(("virtio-net".into(), Box::new(dev)));
     }
     if let Some(v) = &config.vsock {
         use aivmm_devices::virtio::vsock;
-        let dev = vsock::Vsock::new(vsock::VsockConfig { guest_cid: v.guest_cid, uds_path: v.uds_path.clone() })
-            .map_err(|e| device_err("virtio-vsock", e))?;
+        let dev = vsock::Vsock::new(vsock::VsockConfig {
+            guest_cid: v.guest_cid,
+            uds_path: v.uds_path.clone(),
+        })
+        .map_err(|e| device_err("virtio-vsock", e))?;
         out.push(("virtio-vsock".into(), Box::new(dev)));
     }
     if config.rng {
@@ -330,13 +389,22 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<(String, Box<dyn VirtioDevice
 
 /// Runs one vCPU until the guest stops it or it fails. Once `stopping` is set
 /// (a device saw a power-off or reset) the vCPU does not enter the guest again.
-fn run_vcpu(id: u32, mut vcpu: Box<dyn Vcpu>, io: &Bus, mmio: &Bus, stopping: &AtomicBool) -> Result<VmExit> {
+fn run_vcpu(
+    id: u32,
+    mut vcpu: Box<dyn Vcpu>,
+    io: &Bus,
+    mmio: &Bus,
+    stopping: &AtomicBool,
+) -> Result<VmExit> {
     loop {
         if stopping.load(Ordering::SeqCst) {
             // The device that set the flag has already sent the VM's exit.
             return Ok(VmExit::PowerOff);
         }
-        match vcpu.run().map_err(|e| Error::Vcpu { id, reason: e.to_string() })? {
+        match vcpu.run().map_err(|e| Error::Vcpu {
+            id,
+            reason: e.to_string(),
+        })? {
             VcpuExit::IoIn(port, data) => {
                 if !io.read(u64::from(port), data) {
                     log::trace!("vcpu{id}: read of unhandled port {port:#x}");
@@ -359,16 +427,25 @@ fn run_vcpu(id: u32, mut vcpu: Box<dyn Vcpu>, io: &Bus, mmio: &Bus, stopping: &A
             }
             VcpuExit::Interrupted => {}
             VcpuExit::Hlt => {
-                return Err(Error::Vcpu { id, reason: "the guest halted with interrupts off".into() })
+                return Err(Error::Vcpu {
+                    id,
+                    reason: "the guest halted with interrupts off".into(),
+                })
             }
             VcpuExit::PowerOff => return Ok(VmExit::PowerOff),
             VcpuExit::Reset => return Ok(VmExit::Reset),
             VcpuExit::Shutdown => {
-                return Err(Error::Vcpu { id, reason: "the guest triple-faulted (shutdown exit)".into() })
+                return Err(Error::Vcpu {
+                    id,
+                    reason: "the guest triple-faulted (shutdown exit)".into(),
+                })
             }
             VcpuExit::Failed(reason) => return Err(Error::Vcpu { id, reason }),
             VcpuExit::Unhandled(what) => {
-                return Err(Error::Vcpu { id, reason: format!("unhandled exit: {what}") })
+                return Err(Error::Vcpu {
+                    id,
+                    reason: format!("unhandled exit: {what}"),
+                })
             }
         }
     }

@@ -9,6 +9,8 @@ pub mod block;
 pub mod fs;
 pub mod mmio;
 pub mod net;
+#[cfg(test)]
+mod proptests;
 pub mod rng;
 pub mod vsock;
 

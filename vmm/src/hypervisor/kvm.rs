@@ -1,8 +1,8 @@
 //! The KVM backend (Linux), on kvm-ioctls.
 
 use std::fs::OpenOptions;
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::fd::{FromRawFd, IntoRawFd};
+use std::os::unix::fs::OpenOptionsExt;
 
 use kvm_bindings::{
     kvm_fpu, kvm_msr_entry, kvm_pit_config, kvm_regs, kvm_segment, kvm_userspace_memory_region,
@@ -64,7 +64,10 @@ impl KvmHypervisor {
 
 impl Hypervisor for KvmHypervisor {
     fn create_vm(&self) -> Result<Box<dyn Vm>> {
-        let fd = self.kvm.create_vm().map_err(|e| Error::call("KVM_CREATE_VM", e))?;
+        let fd = self
+            .kvm
+            .create_vm()
+            .map_err(|e| Error::call("KVM_CREATE_VM", e))?;
         Ok(Box::new(KvmVm { fd }))
     }
 
@@ -94,7 +97,13 @@ struct KvmVm {
 }
 
 impl Vm for KvmVm {
-    unsafe fn map_memory(&self, slot: u32, guest_addr: u64, size: u64, host_addr: u64) -> Result<()> {
+    unsafe fn map_memory(
+        &self,
+        slot: u32,
+        guest_addr: u64,
+        size: u64,
+        host_addr: u64,
+    ) -> Result<()> {
         let region = kvm_userspace_memory_region {
             slot,
             flags: 0,
@@ -108,33 +117,54 @@ impl Vm for KvmVm {
     }
 
     fn create_irq_controller(&self) -> Result<()> {
-        self.fd.set_tss_address(TSS_ADDRESS).map_err(|e| Error::call("KVM_SET_TSS_ADDR", e))?;
+        self.fd
+            .set_tss_address(TSS_ADDRESS)
+            .map_err(|e| Error::call("KVM_SET_TSS_ADDR", e))?;
         self.fd
             .set_identity_map_address(IDENTITY_MAP_ADDRESS)
             .map_err(|e| Error::call("KVM_SET_IDENTITY_MAP_ADDR", e))?;
-        self.fd.create_irq_chip().map_err(|e| Error::call("KVM_CREATE_IRQCHIP", e))?;
-        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
-        self.fd.create_pit2(pit).map_err(|e| Error::call("KVM_CREATE_PIT2", e))
+        self.fd
+            .create_irq_chip()
+            .map_err(|e| Error::call("KVM_CREATE_IRQCHIP", e))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        self.fd
+            .create_pit2(pit)
+            .map_err(|e| Error::call("KVM_CREATE_PIT2", e))
     }
 
     fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<()> {
-        self.fd.register_irqfd(evt, gsi).map_err(|e| Error::call("KVM_IRQFD", e))
+        self.fd
+            .register_irqfd(evt, gsi)
+            .map_err(|e| Error::call("KVM_IRQFD", e))
     }
 
-    fn register_ioevent(&self, evt: &EventFd, addr: IoEventAddress, datamatch: Option<u32>) -> Result<()> {
+    fn register_ioevent(
+        &self,
+        evt: &EventFd,
+        addr: IoEventAddress,
+        datamatch: Option<u32>,
+    ) -> Result<()> {
         let addr = match addr {
             IoEventAddress::Pio(a) => kvm_ioctls::IoEventAddress::Pio(a),
             IoEventAddress::Mmio(a) => kvm_ioctls::IoEventAddress::Mmio(a),
         };
         match datamatch {
             Some(v) => self.fd.register_ioevent(evt, &addr, v),
-            None => self.fd.register_ioevent(evt, &addr, kvm_ioctls::NoDatamatch),
+            None => self
+                .fd
+                .register_ioevent(evt, &addr, kvm_ioctls::NoDatamatch),
         }
         .map_err(|e| Error::call("KVM_IOEVENTFD", e))
     }
 
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>> {
-        let fd = self.fd.create_vcpu(u64::from(id)).map_err(|e| Error::call("KVM_CREATE_VCPU", e))?;
+        let fd = self
+            .fd
+            .create_vcpu(u64::from(id))
+            .map_err(|e| Error::call("KVM_CREATE_VCPU", e))?;
         Ok(Box::new(KvmVcpu { fd }))
     }
 }
@@ -166,9 +196,9 @@ impl Vcpu for KvmVcpu {
                 other => VcpuExit::Unhandled(format!("system event {other}")),
             },
             K::Intr => VcpuExit::Interrupted,
-            K::FailEntry(reason, cpu) => {
-                VcpuExit::Failed(format!("entry failed on cpu {cpu}: hardware reason {reason:#x}"))
-            }
+            K::FailEntry(reason, cpu) => VcpuExit::Failed(format!(
+                "entry failed on cpu {cpu}: hardware reason {reason:#x}"
+            )),
             K::InternalError => VcpuExit::Failed("KVM internal error (emulation failed)".into()),
             other => VcpuExit::Unhandled(format!("{other:?}")),
         })
@@ -225,11 +255,16 @@ impl X86Vcpu for KvmVcpu {
             rip: r.rip,
             rflags: r.rflags,
         };
-        self.fd.set_regs(&regs).map_err(|e| Error::call("KVM_SET_REGS", e))
+        self.fd
+            .set_regs(&regs)
+            .map_err(|e| Error::call("KVM_SET_REGS", e))
     }
 
     fn set_sregs(&self, s: &SpecialRegisters) -> Result<()> {
-        let mut sregs = self.fd.get_sregs().map_err(|e| Error::call("KVM_GET_SREGS", e))?;
+        let mut sregs = self
+            .fd
+            .get_sregs()
+            .map_err(|e| Error::call("KVM_GET_SREGS", e))?;
         sregs.cs = to_kvm_segment(&s.cs);
         sregs.ds = to_kvm_segment(&s.ds);
         sregs.es = to_kvm_segment(&s.es);
@@ -245,23 +280,37 @@ impl X86Vcpu for KvmVcpu {
         sregs.cr3 = s.cr3;
         sregs.cr4 = s.cr4;
         sregs.efer = s.efer;
-        self.fd.set_sregs(&sregs).map_err(|e| Error::call("KVM_SET_SREGS", e))
+        self.fd
+            .set_sregs(&sregs)
+            .map_err(|e| Error::call("KVM_SET_SREGS", e))
     }
 
     fn init_fpu(&self) -> Result<()> {
-        let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
-        self.fd.set_fpu(&fpu).map_err(|e| Error::call("KVM_SET_FPU", e))
+        let fpu = kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        self.fd
+            .set_fpu(&fpu)
+            .map_err(|e| Error::call("KVM_SET_FPU", e))
     }
 
     fn set_msrs(&self, msrs: &[(u32, u64)]) -> Result<()> {
         let entries: Vec<kvm_msr_entry> = msrs
             .iter()
-            .map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() })
+            .map(|&(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
             .collect();
-        let wrapped = Msrs::from_entries(&entries).map_err(|e| {
-            Error::call("KVM_SET_MSRS", std::io::Error::other(format!("{e:?}")))
-        })?;
-        let n = self.fd.set_msrs(&wrapped).map_err(|e| Error::call("KVM_SET_MSRS", e))?;
+        let wrapped = Msrs::from_entries(&entries)
+            .map_err(|e| Error::call("KVM_SET_MSRS", std::io::Error::other(format!("{e:?}"))))?;
+        let n = self
+            .fd
+            .set_msrs(&wrapped)
+            .map_err(|e| Error::call("KVM_SET_MSRS", e))?;
         if n != entries.len() {
             let bad = entries.get(n).map_or(0, |e| e.index);
             return Err(Error::call(
@@ -286,14 +335,18 @@ impl X86Vcpu for KvmVcpu {
                 ..Default::default()
             })
             .collect();
-        let cpuid = CpuId::from_entries(&kvm_entries).map_err(|e| {
-            Error::call("KVM_SET_CPUID2", std::io::Error::other(format!("{e:?}")))
-        })?;
-        self.fd.set_cpuid2(&cpuid).map_err(|e| Error::call("KVM_SET_CPUID2", e))
+        let cpuid = CpuId::from_entries(&kvm_entries)
+            .map_err(|e| Error::call("KVM_SET_CPUID2", std::io::Error::other(format!("{e:?}"))))?;
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(|e| Error::call("KVM_SET_CPUID2", e))
     }
 
     fn init_lapic(&self) -> Result<()> {
-        let mut lapic = self.fd.get_lapic().map_err(|e| Error::call("KVM_GET_LAPIC", e))?;
+        let mut lapic = self
+            .fd
+            .get_lapic()
+            .map_err(|e| Error::call("KVM_GET_LAPIC", e))?;
         let set_mode = |regs: &mut [libc::c_char], off: usize, mode: u32| {
             let mut b = [0u8; 4];
             for (i, x) in b.iter_mut().enumerate() {
@@ -306,6 +359,8 @@ impl X86Vcpu for KvmVcpu {
         };
         set_mode(&mut lapic.regs, APIC_LVT0, APIC_MODE_EXTINT);
         set_mode(&mut lapic.regs, APIC_LVT1, APIC_MODE_NMI);
-        self.fd.set_lapic(&lapic).map_err(|e| Error::call("KVM_SET_LAPIC", e))
+        self.fd
+            .set_lapic(&lapic)
+            .map_err(|e| Error::call("KVM_SET_LAPIC", e))
     }
 }

@@ -46,7 +46,10 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub(crate) fn call(op: &'static str, source: impl Into<io::Error>) -> Self {
-        Error::Call { op, source: source.into() }
+        Error::Call {
+            op,
+            source: source.into(),
+        }
     }
 }
 
@@ -75,14 +78,25 @@ pub trait Vm: Send + Sync {
     /// # Safety
     /// `host_addr..host_addr+size` must stay mapped, readable and writable for the
     /// life of the VM.
-    unsafe fn map_memory(&self, slot: u32, guest_addr: u64, size: u64, host_addr: u64) -> Result<()>;
+    unsafe fn map_memory(
+        &self,
+        slot: u32,
+        guest_addr: u64,
+        size: u64,
+        host_addr: u64,
+    ) -> Result<()>;
     /// Creates the platform's interrupt controllers (on x86: PIC, IOAPIC, LAPICs, PIT).
     fn create_irq_controller(&self) -> Result<()>;
     /// Makes every write to `evt` raise `gsi`.
     fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<()>;
     /// Makes guest writes at `addr` (with value `datamatch`, if given) signal `evt`
     /// without a vCPU exit.
-    fn register_ioevent(&self, evt: &EventFd, addr: IoEventAddress, datamatch: Option<u32>) -> Result<()>;
+    fn register_ioevent(
+        &self,
+        evt: &EventFd,
+        addr: IoEventAddress,
+        datamatch: Option<u32>,
+    ) -> Result<()>;
     /// Creates vCPU `id`.
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>>;
 }

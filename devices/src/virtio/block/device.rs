@@ -562,6 +562,48 @@ impl Executor {
     }
 }
 
+/// The worker's request path without its thread, so benches and tests can drive
+/// the queue synchronously: [`SyncHandler::process_queue`] is what one worker wake
+/// does.
+#[cfg(any(test, feature = "test-utils"))]
+pub struct SyncHandler(RequestHandler);
+
+#[cfg(any(test, feature = "test-utils"))]
+impl SyncHandler {
+    /// Serves every available chain, then raises the interrupt if the driver wants it.
+    pub fn process_queue(&mut self) {
+        self.0.process_queue();
+    }
+
+    /// The queue, to see where the device will look next.
+    pub fn queue(&self) -> &Queue {
+        &self.0.queue
+    }
+}
+
+#[cfg(any(test, feature = "test-utils"))]
+impl Block {
+    /// The handler a worker would run on `queue`, against this device's disk and
+    /// with the features acked so far; no thread is started.
+    pub fn sync_handler(
+        &self,
+        mem: GuestMemoryMmap,
+        queue: Queue,
+        interrupt: Arc<dyn VirtioInterrupt>,
+    ) -> SyncHandler {
+        SyncHandler(RequestHandler {
+            queue,
+            interrupt,
+            exec: Executor {
+                mem,
+                disk: self.disk.clone(),
+                acked_features: self.acked_features,
+            },
+            segs: Vec::with_capacity(SEG_MAX as usize),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -14,6 +14,8 @@
 
 pub mod device;
 pub mod disk;
+#[cfg(test)]
+mod proptests;
 pub mod request;
 
 use std::path::PathBuf;

@@ -38,6 +38,8 @@
 
 pub mod device;
 pub mod filesystem;
+#[cfg(test)]
+mod proptests;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
 pub mod worker;

@@ -23,12 +23,16 @@
 
 pub mod backend;
 pub mod device;
+#[cfg(test)]
+mod proptests;
 mod worker;
 
 use std::path::PathBuf;
 
 pub use backend::{Backend, BackendConfig, PortForward};
 pub use device::{Net, NetConfig};
+#[cfg(any(test, feature = "test-utils"))]
+pub use worker::SyncWorker;
 
 /// The virtio device type of a network card.
 pub const VIRTIO_ID_NET: u32 = 1;

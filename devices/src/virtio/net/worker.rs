@@ -564,6 +564,58 @@ impl NetWorker {
     }
 }
 
+/// The worker without its thread or epoll loop, so property tests and fuzz
+/// targets can drive the queues synchronously: [`SyncWorker::process`] is what
+/// one wake-up does.
+#[cfg(any(test, feature = "test-utils"))]
+pub struct SyncWorker(NetWorker);
+
+#[cfg(any(test, feature = "test-utils"))]
+impl SyncWorker {
+    /// A worker on `rx` and `tx` with `backend`, the link up.
+    pub fn new(
+        mem: GuestMemoryMmap,
+        rx: Queue,
+        tx: Queue,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        backend: Box<dyn Backend>,
+        mrg_rxbuf: bool,
+    ) -> io::Result<Self> {
+        let evt = || EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK);
+        NetWorker::new(
+            mem,
+            [rx, tx],
+            [evt()?, evt()?],
+            evt()?,
+            interrupt,
+            backend,
+            mrg_rxbuf,
+            Arc::new(AtomicBool::new(true)),
+            Arc::new(AtomicU64::new(0)),
+        )
+        .map(Self)
+        .map_err(|(e, _)| io::Error::other(e.to_string()))
+    }
+
+    /// Sends what the driver queued, receives what the backend has, then raises
+    /// the interrupt if needed. Returns true if work is left for another call.
+    pub fn process(&mut self) -> bool {
+        let more = self.0.process_tx() | self.0.process_rx();
+        self.0.finish_round();
+        more
+    }
+
+    /// The rx queue.
+    pub fn rx_queue(&self) -> &Queue {
+        &self.0.rx
+    }
+
+    /// The tx queue.
+    pub fn tx_queue(&self) -> &Queue {
+        &self.0.tx
+    }
+}
+
 /// Copies a tx chain into `buf`; `None` if it is malformed (device-writable
 /// buffers, outside guest memory, longer than `buf`, shorter than the header,
 /// looping or pointing outside the descriptor table).

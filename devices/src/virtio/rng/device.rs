@@ -16,7 +16,7 @@ use log::{debug, error, warn};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestMemory, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -268,6 +268,14 @@ fn fill_chain(
         let Some(bytes) = buf.get_mut(..want) else {
             break;
         };
+        // Check first: a hostile chain must not cost a getrandom call per bad buffer.
+        if !mem.check_range(desc.addr(), want) {
+            debug!(
+                "virtio-rng: buffer at {:#x} is outside guest memory",
+                desc.addr().0
+            );
+            break;
+        }
         if let Err(e) = getrandom(bytes) {
             error!("virtio-rng: {e}");
             break;
@@ -303,6 +311,35 @@ pub(super) fn getrandom(buf: &mut [u8]) -> Result<()> {
         done += n as usize;
     }
     Ok(())
+}
+
+/// The worker's request path without its thread, so benches and tests can drive
+/// the queue synchronously: [`SyncHandler::process_queue`] is what one worker wake
+/// does.
+#[cfg(any(test, feature = "test-utils"))]
+pub struct SyncHandler(RequestHandler);
+
+#[cfg(any(test, feature = "test-utils"))]
+impl SyncHandler {
+    /// The handler a worker would run on `queue`.
+    pub fn new(mem: GuestMemoryMmap, queue: Queue, interrupt: Arc<dyn VirtioInterrupt>) -> Self {
+        Self(RequestHandler {
+            mem,
+            queue,
+            interrupt,
+            buf: vec![0; MAX_BYTES_PER_REQUEST],
+        })
+    }
+
+    /// Serves every available chain, then raises the interrupt if the driver wants it.
+    pub fn process_queue(&mut self) {
+        self.0.process_queue();
+    }
+
+    /// The queue, to see where the device will look next.
+    pub fn queue(&self) -> &Queue {
+        &self.0.queue
+    }
 }
 
 #[cfg(test)]

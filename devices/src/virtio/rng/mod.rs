@@ -5,6 +5,8 @@
 //! returns them on the used ring. [`device`] holds the device and its worker.
 
 pub mod device;
+#[cfg(test)]
+pub(crate) mod proptests;
 
 pub use device::Rng;
 

@@ -450,6 +450,62 @@ impl VsockWorker {
     }
 }
 
+/// The worker without its thread or epoll loop, so property tests and fuzz
+/// targets can drive the queues synchronously: [`SyncWorker::process_queues`]
+/// is what the worker does after each wake-up.
+#[cfg(any(test, feature = "test-utils"))]
+pub struct SyncWorker(VsockWorker);
+
+#[cfg(any(test, feature = "test-utils"))]
+impl Vsock {
+    /// A worker with a fresh muxer on this device's listener; no thread is started.
+    pub fn sync_worker(
+        &self,
+        mem: GuestMemoryMmap,
+        rxq: Queue,
+        txq: Queue,
+        interrupt: Arc<dyn VirtioInterrupt>,
+    ) -> io::Result<SyncWorker> {
+        let evt = || EventFd::new(EFD_NONBLOCK);
+        let muxer = Muxer::new(
+            self.config.guest_cid,
+            self.config.uds_path.clone(),
+            self.listener.try_clone()?,
+            Epoll::new()?,
+        )?;
+        Ok(SyncWorker(VsockWorker {
+            mem,
+            rxq,
+            txq,
+            evts: [evt()?, evt()?, evt()?],
+            kill: evt()?,
+            interrupt,
+            muxer,
+            descs: Vec::with_capacity(usize::from(QUEUE_SIZE)),
+            payload: Vec::new(),
+            rxbufs: RxBuffers::default(),
+        }))
+    }
+}
+
+#[cfg(any(test, feature = "test-utils"))]
+impl SyncWorker {
+    /// Drains tx, then fills rx, as the worker does after each wake-up.
+    pub fn process_queues(&mut self) {
+        self.0.process_queues();
+    }
+
+    /// The rx queue.
+    pub fn rx_queue(&self) -> &Queue {
+        &self.0.rxq
+    }
+
+    /// The tx queue.
+    pub fn tx_queue(&self) -> &Queue {
+        &self.0.txq
+    }
+}
+
 /// Raises the used-buffer interrupt if the driver wants it (EVENT_IDX aware).
 fn signal_used(q: &mut Queue, mem: &GuestMemoryMmap, irq: &dyn VirtioInterrupt, name: &str) {
     let notify = q.needs_notification(mem).unwrap_or_else(|e| {

@@ -24,6 +24,8 @@ pub mod device;
 pub mod muxer;
 pub mod packet;
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod tests;
 mod unix;
 

@@ -74,7 +74,10 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
     } else {
         vec![
             (GuestAddress(0), MMIO_HOLE_START as usize),
-            (GuestAddress(HIGH_RAM_START), (size - MMIO_HOLE_START) as usize),
+            (
+                GuestAddress(HIGH_RAM_START),
+                (size - MMIO_HOLE_START) as usize,
+            ),
         ]
     }
 }
@@ -98,14 +101,28 @@ const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
 /// bzImage (entered at its 64-bit entry).
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel> {
     let shown = path.display().to_string();
-    let mut f = File::open(path).map_err(|source| Error::KernelFile { path: shown.clone(), source })?;
+    let mut f = File::open(path).map_err(|source| Error::KernelFile {
+        path: shown.clone(),
+        source,
+    })?;
     let mut magic = [0u8; 4];
-    let n = f.read(&mut magic).map_err(|source| Error::KernelFile { path: shown.clone(), source })?;
-    f.seek(SeekFrom::Start(0)).map_err(|source| Error::KernelFile { path: shown.clone(), source })?;
+    let n = f.read(&mut magic).map_err(|source| Error::KernelFile {
+        path: shown.clone(),
+        source,
+    })?;
+    f.seek(SeekFrom::Start(0))
+        .map_err(|source| Error::KernelFile {
+            path: shown.clone(),
+            source,
+        })?;
     let elf_err = if n == 4 && magic == *b"\x7fELF" {
         match Elf::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START))) {
             Ok(r) => {
-                return Ok(LoadedKernel { entry: r.kernel_load.raw_value(), end: r.kernel_end, setup_header: None })
+                return Ok(LoadedKernel {
+                    entry: r.kernel_load.raw_value(),
+                    end: r.kernel_end,
+                    setup_header: None,
+                })
             }
             Err(e) => loader_reason(&e),
         }
@@ -114,24 +131,36 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel> {
     };
     match BzImage::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START))) {
         Ok(r) => {
-            let hdr = r.setup_header.ok_or_else(|| Error::No64BitEntry(shown.clone()))?;
+            let hdr = r
+                .setup_header
+                .ok_or_else(|| Error::No64BitEntry(shown.clone()))?;
             if hdr.xloadflags & XLF_KERNEL_64 == 0 {
                 return Err(Error::No64BitEntry(shown));
             }
             Ok(LoadedKernel {
                 entry: r.kernel_load.raw_value() + BZIMAGE_64BIT_ENTRY_OFFSET,
-                end: r.kernel_end.max(r.kernel_load.raw_value() + u64::from(hdr.init_size)),
+                end: r
+                    .kernel_end
+                    .max(r.kernel_load.raw_value() + u64::from(hdr.init_size)),
                 setup_header: Some(hdr),
             })
         }
-        Err(e) => Err(Error::NotAKernel { path: shown, elf: elf_err, bz: loader_reason(&e) }),
+        Err(e) => Err(Error::NotAKernel {
+            path: shown,
+            elf: elf_err,
+            bz: loader_reason(&e),
+        }),
     }
 }
 
 /// The innermost reason of a linux-loader error, without its "Kernel Loader:" prefixes.
 fn loader_reason(e: &linux_loader::loader::Error) -> String {
     let s = e.to_string();
-    s.rsplit("Kernel Loader: ").next().unwrap_or(&s).trim().to_string()
+    s.rsplit("Kernel Loader: ")
+        .next()
+        .unwrap_or(&s)
+        .trim()
+        .to_string()
 }
 
 /// Where an initrd of `size` bytes goes: page-aligned at the top of low RAM.
@@ -153,13 +182,29 @@ fn initrd_address(mem: &GuestMemoryMmap, kernel: &LoadedKernel, size: u64) -> Re
 }
 
 /// Copies the initrd at `path` into guest memory; returns its address and size.
-pub fn load_initrd(mem: &GuestMemoryMmap, kernel: &LoadedKernel, path: &Path) -> Result<(u64, u64)> {
+pub fn load_initrd(
+    mem: &GuestMemoryMmap,
+    kernel: &LoadedKernel,
+    path: &Path,
+) -> Result<(u64, u64)> {
     let shown = path.display().to_string();
-    let mut f = File::open(path).map_err(|source| Error::InitrdFile { path: shown.clone(), source })?;
-    let size = f.metadata().map_err(|source| Error::InitrdFile { path: shown.clone(), source })?.len();
+    let mut f = File::open(path).map_err(|source| Error::InitrdFile {
+        path: shown.clone(),
+        source,
+    })?;
+    let size = f
+        .metadata()
+        .map_err(|source| Error::InitrdFile {
+            path: shown.clone(),
+            source,
+        })?
+        .len();
     let addr = initrd_address(mem, kernel, size)?;
     mem.read_exact_volatile_from(GuestAddress(addr), &mut f, size as usize)
-        .map_err(|e| Error::InitrdFile { path: shown, source: std::io::Error::other(e.to_string()) })?;
+        .map_err(|e| Error::InitrdFile {
+            path: shown,
+            source: std::io::Error::other(e.to_string()),
+        })?;
     Ok((addr, size))
 }
 
@@ -174,14 +219,26 @@ pub fn e820_map(mem: &GuestMemoryMmap) -> Vec<boot_e820_entry> {
     const E820_RAM: u32 = 1;
     const E820_RESERVED: u32 = 2;
     let mut map = vec![
-        boot_e820_entry { addr: 0, size: EBDA_START, type_: E820_RAM },
-        boot_e820_entry { addr: ACPI_START, size: ACPI_END - ACPI_START, type_: E820_RESERVED },
+        boot_e820_entry {
+            addr: 0,
+            size: EBDA_START,
+            type_: E820_RAM,
+        },
+        boot_e820_entry {
+            addr: ACPI_START,
+            size: ACPI_END - ACPI_START,
+            type_: E820_RESERVED,
+        },
     ];
     for r in mem.iter() {
         let start = r.start_addr().raw_value().max(HIMEM_START);
         let end = r.start_addr().raw_value() + r.len();
         if end > start {
-            map.push(boot_e820_entry { addr: start, size: end - start, type_: E820_RAM });
+            map.push(boot_e820_entry {
+                addr: start,
+                size: end - start,
+                type_: E820_RAM,
+            });
         }
     }
     map
@@ -195,8 +252,13 @@ pub fn write_boot_params(
     initrd: Option<(u64, u64)>,
     rsdp: Option<u64>,
 ) -> Result<()> {
-    load_cmdline(mem, GuestAddress(CMDLINE_START), cmdline).map_err(|_| Error::Write("command line"))?;
-    let cmdline_len = cmdline.as_cstring().map_err(|e| Error::Cmdline(e.to_string()))?.as_bytes().len();
+    load_cmdline(mem, GuestAddress(CMDLINE_START), cmdline)
+        .map_err(|_| Error::Write("command line"))?;
+    let cmdline_len = cmdline
+        .as_cstring()
+        .map_err(|e| Error::Cmdline(e.to_string()))?
+        .as_bytes()
+        .len();
 
     let mut params = boot_params::default();
     if let Some(h) = kernel.setup_header {
@@ -222,8 +284,11 @@ pub fn write_boot_params(
     }
     params.e820_entries = map.len() as u8;
 
-    LinuxBootConfigurator::write_bootparams(&BootParams::new(&params, GuestAddress(ZERO_PAGE_START)), mem)
-        .map_err(|_| Error::Write("zero page"))
+    LinuxBootConfigurator::write_bootparams(
+        &BootParams::new(&params, GuestAddress(ZERO_PAGE_START)),
+        mem,
+    )
+    .map_err(|_| Error::Write("zero page"))
 }
 
 #[cfg(test)]
@@ -235,7 +300,13 @@ mod tests {
         assert_eq!(ram_ranges(128 << 20), vec![(GuestAddress(0), 128 << 20)]);
         let r = ram_ranges(16 << 30);
         assert_eq!(r[0], (GuestAddress(0), MMIO_HOLE_START as usize));
-        assert_eq!(r[1], (GuestAddress(HIGH_RAM_START), ((16u64 << 30) - MMIO_HOLE_START) as usize));
+        assert_eq!(
+            r[1],
+            (
+                GuestAddress(HIGH_RAM_START),
+                ((16u64 << 30) - MMIO_HOLE_START) as usize
+            )
+        );
     }
 
     #[test]
@@ -243,7 +314,10 @@ mod tests {
         let mem = GuestMemoryMmap::from_ranges(&ram_ranges(4 << 30)).unwrap();
         let map = e820_map(&mem);
         let ram: u64 = map.iter().filter(|e| e.type_ == 1).map(|e| e.size).sum();
-        assert_eq!(ram, EBDA_START + (MMIO_HOLE_START - HIMEM_START) + (1 << 30));
+        assert_eq!(
+            ram,
+            EBDA_START + (MMIO_HOLE_START - HIMEM_START) + (1 << 30)
+        );
         assert!(map.iter().any(|e| e.type_ == 2 && e.addr == ACPI_START));
     }
 
@@ -261,8 +335,18 @@ mod tests {
     #[test]
     fn initrd_goes_at_top_of_low_ram_above_the_kernel() {
         let mem = GuestMemoryMmap::from_ranges(&ram_ranges(64 << 20)).unwrap();
-        let k = LoadedKernel { entry: HIMEM_START, end: 0x80_0000, setup_header: None };
-        assert_eq!(initrd_address(&mem, &k, 0x1001).unwrap(), (64 << 20) - 0x2000);
-        assert!(matches!(initrd_address(&mem, &k, 63 << 20), Err(Error::InitrdTooBig { .. })));
+        let k = LoadedKernel {
+            entry: HIMEM_START,
+            end: 0x80_0000,
+            setup_header: None,
+        };
+        assert_eq!(
+            initrd_address(&mem, &k, 0x1001).unwrap(),
+            (64 << 20) - 0x2000
+        );
+        assert!(matches!(
+            initrd_address(&mem, &k, 63 << 20),
+            Err(Error::InitrdTooBig { .. })
+        ));
     }
 }

@@ -49,7 +49,11 @@ fn segment(entry: u64, selector: u16) -> Segment {
     let g = ((entry >> 55) & 1) as u8;
     Segment {
         base,
-        limit: if g == 1 { (raw_limit << 12) | 0xfff } else { raw_limit },
+        limit: if g == 1 {
+            (raw_limit << 12) | 0xfff
+        } else {
+            raw_limit
+        },
         selector,
         type_: ((entry >> 40) & 0xf) as u8,
         present: ((entry >> 47) & 1) as u8,
@@ -69,7 +73,8 @@ pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<SpecialRegisters> {
         mem.write_obj(*e, GuestAddress(BOOT_GDT_START + 8 * i as u64))
             .map_err(|_| Error::Write("GDT"))?;
     }
-    mem.write_obj(0u64, GuestAddress(BOOT_IDT_START)).map_err(|_| Error::Write("IDT"))?;
+    mem.write_obj(0u64, GuestAddress(BOOT_IDT_START))
+        .map_err(|_| Error::Write("IDT"))?;
 
     const PRESENT_RW: u64 = 0x3;
     const HUGE: u64 = 0x80;
@@ -79,10 +84,14 @@ pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<SpecialRegisters> {
     for (i, chunk) in pd.chunks_exact_mut(8).enumerate() {
         chunk.copy_from_slice(&(((i as u64) << 21) | PRESENT_RW | HUGE).to_le_bytes());
     }
-    mem.write_slice(&pd, GuestAddress(PDE_START)).map_err(|_| Error::Write("page tables"))?;
+    mem.write_slice(&pd, GuestAddress(PDE_START))
+        .map_err(|_| Error::Write("page tables"))?;
     for i in 0..4u64 {
-        mem.write_obj((PDE_START + i * 4096) | PRESENT_RW, GuestAddress(PDPTE_START + i * 8))
-            .map_err(|_| Error::Write("page tables"))?;
+        mem.write_obj(
+            (PDE_START + i * 4096) | PRESENT_RW,
+            GuestAddress(PDPTE_START + i * 8),
+        )
+        .map_err(|_| Error::Write("page tables"))?;
     }
 
     let code = segment(GDT[1], CODE_SELECTOR);
@@ -96,8 +105,14 @@ pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<SpecialRegisters> {
         ss: data,
         tr: segment(GDT[3], TSS_SELECTOR),
         ldt: Segment::default(),
-        gdt: DescriptorTable { base: BOOT_GDT_START, limit: (GDT.len() * 8 - 1) as u16 },
-        idt: DescriptorTable { base: BOOT_IDT_START, limit: 7 },
+        gdt: DescriptorTable {
+            base: BOOT_GDT_START,
+            limit: (GDT.len() * 8 - 1) as u16,
+        },
+        idt: DescriptorTable {
+            base: BOOT_IDT_START,
+            limit: 7,
+        },
         cr0: X86_CR0_PE | X86_CR0_PG | X86_CR0_ET,
         cr3: PML4_START,
         cr4: X86_CR4_PAE,
@@ -229,7 +244,10 @@ mod tests {
         assert_eq!(GDT[1], 0x00af_9b00_0000_ffff);
         assert_eq!(GDT[2], 0x00cf_9300_0000_ffff);
         let cs = segment(GDT[1], CODE_SELECTOR);
-        assert_eq!((cs.base, cs.limit, cs.l, cs.db, cs.g, cs.type_, cs.present), (0, 0xffff_ffff, 1, 0, 1, 0xb, 1));
+        assert_eq!(
+            (cs.base, cs.limit, cs.l, cs.db, cs.g, cs.type_, cs.present),
+            (0, 0xffff_ffff, 1, 0, 1, 0xb, 1)
+        );
         let ds = segment(GDT[2], DATA_SELECTOR);
         assert_eq!((ds.limit, ds.db, ds.type_, ds.s), (0xffff_ffff, 1, 0x3, 1));
         let tr = segment(GDT[3], TSS_SELECTOR);
@@ -255,8 +273,16 @@ mod tests {
     #[test]
     fn cpuid_sets_apic_id_and_topology() {
         let sup = vec![
-            CpuIdEntry { function: 1, ebx: 0xffff_1234, ..Default::default() },
-            CpuIdEntry { function: 0xb, index: 1, ..Default::default() },
+            CpuIdEntry {
+                function: 1,
+                ebx: 0xffff_1234,
+                ..Default::default()
+            },
+            CpuIdEntry {
+                function: 0xb,
+                index: 1,
+                ..Default::default()
+            },
         ];
         let out = vcpu_cpuid(&sup, 3, 4);
         assert_eq!(out[0].ebx, 0x0304_1234);

@@ -1,0 +1,163 @@
+{
+  description = "aivmm: run an AI coding agent (Claude Code) in a real VM on your project";
+
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-unstable";
+
+  # Outputs, per system where they make sense:
+  #   packages.<system>.{aivmm,default}   the host binary (all four systems)
+  #   packages.<linux>.{aivmm-agent,guest,builder-guest}
+  #   apps.<system>.default               `nix run . -- run --workdir .`
+  #   nixosModules.{guest,builder}, darwinModules.builder, overlays.default
+  #   checks.<system>                     package builds, guest evaluation, a VM test
+  #
+  # The guest is Linux, so on macOS `nix run` uses the guest of the matching Linux
+  # system (aarch64-darwin -> aarch64-linux), which needs a Linux builder to build
+  # the first time: nixosModules/darwinModules.builder provide one.
+  outputs =
+    { self, nixpkgs }:
+    let
+      inherit (nixpkgs) lib;
+
+      linuxSystems = [
+        "x86_64-linux"
+        "aarch64-linux"
+      ];
+      darwinSystems = [
+        "aarch64-darwin"
+        "x86_64-darwin"
+      ];
+      allSystems = linuxSystems ++ darwinSystems;
+
+      forSystems = systems: f: lib.genAttrs systems (system: f system nixpkgs.legacyPackages.${system});
+
+      # The Linux system whose guest a host of `system` boots: same CPU.
+      guestSystemFor = system: "${lib.head (lib.splitString "-" system)}-linux";
+
+      # A NixOS configuration for the guest, from nixosModules plus `modules`.
+      guestSystem =
+        system: modules:
+        lib.nixosSystem {
+          modules = [
+            { nixpkgs.hostPlatform = system; }
+          ] ++ modules;
+        };
+
+      guestConfig = system: guestSystem system [ self.nixosModules.guest ];
+      builderConfig = system: guestSystem system [ ./guest-image/nixos/builder.nix ];
+    in
+    {
+      overlays.default = final: _prev: {
+        aivmm = final.callPackage ./nix/package.nix { };
+        aivmm-agent = final.callPackage ./nix/agent.nix { };
+      };
+
+      packages = forSystems allSystems (
+        system: pkgs:
+        {
+          aivmm = pkgs.callPackage ./nix/package.nix { };
+          default = self.packages.${system}.aivmm;
+        }
+        // lib.optionalAttrs (lib.elem system linuxSystems) {
+          aivmm-agent = pkgs.callPackage ./nix/agent.nix { };
+          # The NixOS guest as one directory: kernel, initrd, rootfs.img, cmdline
+          # (guest-image/nixos/image.nix). macOS hosts use the matching Linux one.
+          guest = (guestConfig system).config.system.build.aivmmGuest;
+          # The same for `aivmm builder serve` (guest-image/nixos/builder.nix).
+          builder-guest = (builderConfig system).config.system.build.aivmmGuest;
+        }
+      );
+
+      apps = forSystems allSystems (
+        system: pkgs:
+        let
+          guest = self.packages.${guestSystemFor system}.guest;
+          # The environment variables aivmm honours when it boots its default guest
+          # (`aivmm run --workdir DIR`, `aivmm builder serve`); flags given on the
+          # command line win over them:
+          #   AIVMM_GUEST_KERNEL       the kernel (ELF vmlinux on x86_64, Image on aarch64)
+          #   AIVMM_GUEST_INITRD       the initrd
+          #   AIVMM_GUEST_ROOTFS       the read-only store image, attached as vda
+          #   AIVMM_GUEST_CMDLINE_FILE a file holding the kernel command line; aivmm
+          #                            appends aivmm.uid=, aivmm.gid= (and its
+          #                            virtio_mmio.device= with --no-acpi)
+          # The per-workdir state disk (vdb) is aivmm's own: a sparse file it creates;
+          # the guest formats it on first boot.
+          wrapper = pkgs.writeShellApplication {
+            name = "aivmm";
+            text = ''
+              export AIVMM_GUEST_KERNEL="''${AIVMM_GUEST_KERNEL:-${guest}/kernel}"
+              export AIVMM_GUEST_INITRD="''${AIVMM_GUEST_INITRD:-${guest}/initrd}"
+              export AIVMM_GUEST_ROOTFS="''${AIVMM_GUEST_ROOTFS:-${guest}/rootfs.img}"
+              export AIVMM_GUEST_CMDLINE_FILE="''${AIVMM_GUEST_CMDLINE_FILE:-${guest}/cmdline}"
+              exec ${lib.getExe self.packages.${system}.aivmm} "$@"
+            '';
+          };
+        in
+        {
+          default = {
+            type = "app";
+            program = lib.getExe wrapper;
+            meta.description = "aivmm with the Nix-built NixOS guest";
+          };
+        }
+      );
+
+      nixosModules = {
+        # The guest configuration; extend it like any NixOS module and build
+        # `config.system.build.aivmmGuest`.
+        guest = ./guest-image/nixos/guest.nix;
+        # A Nix remote builder in an aivmm VM on a NixOS host.
+        builder = ./nix/module.nix;
+        default = self.nixosModules.builder;
+      };
+
+      darwinModules = {
+        # The same builder on a nix-darwin host.
+        builder = ./nix/darwin-module.nix;
+        default = self.darwinModules.builder;
+      };
+
+      checks = forSystems allSystems (
+        system: pkgs:
+        {
+          aivmm = self.packages.${system}.aivmm;
+        }
+        // lib.optionalAttrs (lib.elem system linuxSystems) {
+          aivmm-agent = self.packages.${system}.aivmm-agent;
+          # Evaluating the guests catches option and assertion errors without the
+          # (large) image builds; `nix build .#guest` builds the real thing.
+          guest-eval = pkgs.writeText "aivmm-guest-eval" (guestConfig system).config.system.build.toplevel.drvPath;
+          builder-eval = pkgs.writeText "aivmm-builder-eval" (builderConfig system).config.system.build.toplevel.drvPath;
+        }
+        // lib.optionalAttrs (system == "x86_64-linux") {
+          # The host module: the socket listens on loopback, the keys and the
+          # ssh/nix configuration are in place. The VM is not booted (that needs
+          # the guest image and nested KVM).
+          builder-module = pkgs.testers.runNixOSTest {
+            name = "aivmm-builder-module";
+            nodes.machine = {
+              imports = [ self.nixosModules.builder ];
+              services.aivmm-builder = {
+                enable = true;
+                port = 31022;
+                # Not booted here, so a stand-in keeps the test from building it.
+                guest = pkgs.runCommand "aivmm-guest-stub" { } "mkdir $out";
+              };
+            };
+            testScript = ''
+              machine.wait_for_unit("aivmm-builder-keys.service")
+              machine.wait_for_unit("aivmm-builder.socket")
+              machine.wait_for_open_port(31022, "127.0.0.1")
+              machine.succeed("test -f /var/lib/aivmm-builder/ssh/id_ed25519")
+              machine.succeed("grep -q '^aivmm-builder ssh-ed25519 ' /var/lib/aivmm-builder/ssh/known_hosts")
+              machine.succeed("cmp /var/lib/aivmm-builder/ssh/id_ed25519.pub /var/lib/aivmm-builder/vm/guest/authorized_keys")
+              machine.succeed("grep -q 'aivmm-builder' /etc/nix/machines")
+              machine.succeed("ssh -G aivmm-builder | grep -qx 'port 31022'")
+              # Only loopback: nothing listens on other addresses.
+              machine.fail("ss -Htln | grep ':31022' | grep -v '127.0.0.1'")
+            '';
+          };
+        }
+      );
+    };
+}

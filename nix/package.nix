@@ -1,0 +1,66 @@
+# The aivmm host binary, callPackage style:
+#
+#   pkgs.callPackage ./nix/package.nix { }
+#
+# Built from this repository's Cargo workspace with the committed Cargo.lock, so no
+# vendor hash needs updating when dependencies change.
+{
+  lib,
+  rustPlatform,
+}:
+
+let
+  cargoToml = lib.importTOML ../Cargo.toml;
+in
+rustPlatform.buildRustPackage {
+  pname = "aivmm";
+  inherit (cargoToml.package) version;
+
+  # Only what cargo needs, so editing the Nix files, docs or tests/e2e does not
+  # rebuild the binary. `maybeMissing` keeps evaluation working in a checkout where a
+  # workspace member is not committed yet; add new members here.
+  src = lib.fileset.toSource {
+    root = ../.;
+    fileset = lib.fileset.unions (
+      [
+        ../Cargo.toml
+        ../Cargo.lock
+      ]
+      ++ map lib.fileset.maybeMissing [
+        ../vmm
+        ../devices
+        ../protocol
+        ../guest
+        ../benches # Cargo.toml declares [[bench]] targets; cargo wants their files
+      ]
+    );
+  };
+
+  cargoLock.lockFile = ../Cargo.lock;
+
+  # Only the root package's binary: the guest agent is built by ./agent.nix.
+  cargoBuildFlags = [
+    "--package"
+    "aivmm"
+    "--bin"
+    "aivmm"
+  ];
+
+  # The test suite needs /dev/kvm (host KVM tests boot freestanding guests) and the
+  # nested QEMU harness in tests/e2e, neither of which exists in the Nix sandbox.
+  doCheck = false;
+
+  meta = {
+    description = cargoToml.package.description;
+    license = lib.licenses.asl20;
+    mainProgram = "aivmm";
+    # KVM on Linux, Hypervisor.framework on macOS. Today only the x86_64 KVM backend
+    # is written; the others evaluate, and build once their backends land.
+    platforms = [
+      "x86_64-linux"
+      "aarch64-linux"
+      "aarch64-darwin"
+      "x86_64-darwin"
+    ];
+  };
+}

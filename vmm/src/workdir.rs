@@ -1,0 +1,346 @@
+//! Per-workdir state for `aivmm run --workdir DIR`.
+//!
+//! Each workdir gets a directory under the user's state dir
+//! (`$XDG_STATE_HOME/aivmm/vms/<name>-<hash>`), holding:
+//! - `lock`: held (flock) while a VM runs on the workdir, so a second run is refused
+//!   and a crashed run leaves nothing stale behind (the kernel drops the lock);
+//! - `vm.json`: what `aivmm ps` shows (workdir, pid, start time, ports);
+//! - `state.img`: the guest's persistent disk (home, installed tools), sparse;
+//! - `vsock.sock` and `vsock.sock_<port>`: the host side of the guest channel;
+//! - `console.log`: the guest's serial console.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Errors of workdir state handling.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The workdir cannot be used.
+    #[error("workdir {path}: {source}")]
+    Workdir {
+        /// The path given.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The workdir is not a directory.
+    #[error("workdir {0}: not a directory")]
+    NotADirectory(PathBuf),
+    /// A file or directory could not be made or read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Another aivmm runs on the workdir.
+    #[error("aivmm is already running on {workdir}{pid}; stop it with `aivmm stop {workdir}` or use another workdir")]
+    Busy {
+        /// The workdir.
+        workdir: String,
+        /// " (pid N)" when known.
+        pid: String,
+    },
+    /// The state disk could not be formatted.
+    #[error("formatting the state disk {path} failed: {reason}")]
+    Format {
+        /// The disk.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// `Result` of workdir state handling.
+pub type Result<T> = std::result::Result<T, Error>;
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io { path: path.to_path_buf(), source }
+}
+
+/// Where aivmm keeps per-workdir state: `$XDG_STATE_HOME/aivmm/vms`, or
+/// `~/.local/state/aivmm/vms`.
+pub fn state_root() -> PathBuf {
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    base.join("aivmm").join("vms")
+}
+
+/// A short, stable name for a workdir: its last component and a hash of its path.
+pub fn state_name(workdir: &Path) -> String {
+    // FNV-1a: stable across releases, unlike std's hasher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in workdir.as_os_str().as_encoded_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let base: String = workdir
+        .file_name()
+        .map(|n| n.to_string_lossy().chars().filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c)).take(32).collect())
+        .unwrap_or_default();
+    let base = if base.is_empty() { "root".to_string() } else { base };
+    format!("{base}-{:08x}", h as u32)
+}
+
+/// The state of one workdir, locked for the life of this value.
+#[derive(Debug)]
+pub struct WorkdirState {
+    /// The workdir, canonical.
+    pub workdir: PathBuf,
+    /// Its state directory.
+    pub dir: PathBuf,
+    _lock: File,
+}
+
+impl WorkdirState {
+    /// Opens (creating if needed) and locks the state of `workdir` under `root`.
+    pub fn open(root: &Path, workdir: &Path) -> Result<Self> {
+        let workdir = fs::canonicalize(workdir)
+            .map_err(|source| Error::Workdir { path: workdir.to_path_buf(), source })?;
+        if !workdir.is_dir() {
+            return Err(Error::NotADirectory(workdir));
+        }
+        let dir = root.join(state_name(&workdir));
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let lock_path = dir.join("lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path))?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let pid = read_meta(&dir).map(|m| format!(" (pid {})", m.pid)).unwrap_or_default();
+            return Err(Error::Busy { workdir: workdir.display().to_string(), pid });
+        }
+        // The lock is ours: whatever a killed run left behind is stale.
+        for stale in ["vsock.sock", "vm.json"] {
+            let _ = fs::remove_file(dir.join(stale));
+        }
+        if let Ok(entries) = fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with("vsock.sock_") {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+        Ok(Self { workdir, dir, _lock: lock })
+    }
+
+    /// The vsock socket path.
+    pub fn vsock_path(&self) -> PathBuf {
+        self.dir.join("vsock.sock")
+    }
+
+    /// The serial console log.
+    pub fn console_log(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+
+    /// Records what `aivmm ps` shows.
+    pub fn write_meta(&self, meta: &Meta) -> Result<()> {
+        let path = self.dir.join("vm.json");
+        let tmp = self.dir.join("vm.json.tmp");
+        let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+        f.write_all(meta.to_json().as_bytes()).map_err(io_err(&tmp))?;
+        fs::rename(&tmp, &path).map_err(io_err(&path))
+    }
+
+    /// The persistent state disk, created sparse with `size` bytes and formatted
+    /// ext4 the first time.
+    pub fn state_disk(&self, size: u64) -> Result<PathBuf> {
+        let path = self.dir.join("state.img");
+        if path.exists() {
+            return Ok(path);
+        }
+        let tmp = self.dir.join("state.img.new");
+        let f = File::create(&tmp).map_err(io_err(&tmp))?;
+        f.set_len(size).map_err(io_err(&tmp))?;
+        drop(f);
+        let out = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", "aivmm-state", "-E", "root_owner=0:0,lazy_itable_init=1"])
+            .arg(&tmp)
+            .output()
+            .map_err(|e| Error::Format {
+                path: path.clone(),
+                reason: format!("cannot run mkfs.ext4 ({e}); install e2fsprogs"),
+            })?;
+        if !out.status.success() {
+            let _ = fs::remove_file(&tmp);
+            return Err(Error::Format { path, reason: String::from_utf8_lossy(&out.stderr).trim().to_string() });
+        }
+        fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        Ok(path)
+    }
+}
+
+/// What a running VM records about itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Meta {
+    /// The workdir.
+    pub workdir: PathBuf,
+    /// The aivmm process.
+    pub pid: u32,
+    /// Start time, seconds since the Unix epoch.
+    pub started: u64,
+    /// Forwarded ports, as given (`HOST:GUEST[/udp]`).
+    pub forwards: Vec<String>,
+}
+
+impl Meta {
+    /// A record for this process, now.
+    pub fn now(workdir: &Path, forwards: Vec<String>) -> Self {
+        let started = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        Self { workdir: workdir.to_path_buf(), pid: std::process::id(), started, forwards }
+    }
+
+    fn to_json(&self) -> String {
+        let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+        let fwd: Vec<String> = self.forwards.iter().map(|f| format!("\"{}\"", esc(f))).collect();
+        format!(
+            "{{\"workdir\":\"{}\",\"pid\":{},\"started\":{},\"forwards\":[{}]}}\n",
+            esc(&self.workdir.to_string_lossy()),
+            self.pid,
+            self.started,
+            fwd.join(",")
+        )
+    }
+
+    fn from_json(s: &str) -> Option<Self> {
+        let field = |name: &str| -> Option<&str> {
+            let key = format!("\"{name}\":");
+            let start = s.find(&key)? + key.len();
+            Some(&s[start..])
+        };
+        let string = |rest: &str| -> Option<String> {
+            let rest = rest.strip_prefix('"')?;
+            let mut out = String::new();
+            let mut chars = rest.chars();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => out.push(chars.next()?),
+                    '"' => return Some(out),
+                    c => out.push(c),
+                }
+            }
+            None
+        };
+        let number = |rest: &str| -> Option<u64> {
+            rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+        };
+        let fwd_text = field("forwards")?.strip_prefix('[')?;
+        let fwd_text = &fwd_text[..fwd_text.find(']')?];
+        let forwards = fwd_text
+            .split(',')
+            .filter(|f| !f.trim().is_empty())
+            .filter_map(|f| string(f.trim()))
+            .collect();
+        Some(Self {
+            workdir: PathBuf::from(string(field("workdir")?)?),
+            pid: u32::try_from(number(field("pid")?)?).ok()?,
+            started: number(field("started")?)?,
+            forwards,
+        })
+    }
+}
+
+/// Reads the record in a state directory.
+pub fn read_meta(dir: &Path) -> Option<Meta> {
+    Meta::from_json(&fs::read_to_string(dir.join("vm.json")).ok()?)
+}
+
+/// The running VMs: state directories whose lock is held, with their records.
+pub fn running(root: &Path) -> Vec<(PathBuf, Meta)> {
+    let mut out = Vec::new();
+    let Ok(entries) = fs::read_dir(root) else { return out };
+    for e in entries.flatten() {
+        let dir = e.path();
+        let Ok(lock) = OpenOptions::new().write(true).open(dir.join("lock")) else { continue };
+        // SAFETY: flock on a descriptor we own; a held lock means a live VM.
+        let free = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+        if free {
+            continue;
+        }
+        if let Some(m) = read_meta(&dir) {
+            out.push((dir, m));
+        }
+    }
+    out.sort_by(|a, b| a.1.workdir.cmp(&b.1.workdir));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_stable_and_distinct() {
+        let a = state_name(Path::new("/home/u/proj"));
+        assert_eq!(a, state_name(Path::new("/home/u/proj")));
+        assert!(a.starts_with("proj-"));
+        assert_ne!(a, state_name(Path::new("/srv/proj")));
+        assert!(state_name(Path::new("/")).starts_with("root-"));
+        assert!(state_name(Path::new("/x/we ird\n")).starts_with("weird-"));
+    }
+
+    #[test]
+    fn meta_round_trips() {
+        let m = Meta {
+            workdir: "/a \"b\"\\c".into(),
+            pid: 42,
+            started: 1_700_000_000,
+            forwards: vec!["2222:22".into(), "53:53/udp".into()],
+        };
+        assert_eq!(Meta::from_json(&m.to_json()), Some(m.clone()));
+        let none = Meta { forwards: vec![], ..m };
+        assert_eq!(Meta::from_json(&none.to_json()), Some(none));
+        assert_eq!(Meta::from_json("{garbage"), None);
+    }
+
+    #[test]
+    fn a_second_open_is_refused_until_the_first_ends() {
+        let root = tempfile::tempdir().unwrap();
+        let work = tempfile::tempdir().unwrap();
+        let first = WorkdirState::open(root.path(), work.path()).unwrap();
+        first.write_meta(&Meta::now(&first.workdir, vec!["8080:80".into()])).unwrap();
+        let err = WorkdirState::open(root.path(), work.path()).unwrap_err();
+        assert!(err.to_string().contains(&format!("(pid {})", std::process::id())), "{err}");
+        let listed = running(root.path());
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].1.forwards, vec!["8080:80".to_string()]);
+        drop(first);
+        assert!(running(root.path()).is_empty());
+        let again = WorkdirState::open(root.path(), work.path()).unwrap();
+        assert!(read_meta(&again.dir).is_none(), "stale record not cleaned");
+    }
+
+    #[test]
+    fn state_disk_is_sparse_ext4() {
+        if Command::new("mkfs.ext4").arg("-V").output().is_err() {
+            eprintln!("mkfs.ext4 missing; state disk test needs e2fsprogs");
+            return;
+        }
+        let root = tempfile::tempdir().unwrap();
+        let work = tempfile::tempdir().unwrap();
+        let st = WorkdirState::open(root.path(), work.path()).unwrap();
+        let disk = st.state_disk(1 << 30).unwrap();
+        let md = fs::metadata(&disk).unwrap();
+        assert_eq!(md.len(), 1 << 30);
+        use std::os::unix::fs::MetadataExt;
+        assert!(md.blocks() * 512 < 64 << 20, "not sparse: {} blocks", md.blocks());
+        let mut magic = [0u8; 2];
+        let f = File::open(&disk).unwrap();
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut magic, 0x438).unwrap();
+        assert_eq!(magic, [0x53, 0xef]);
+        assert_eq!(st.state_disk(1 << 30).unwrap(), disk, "second call must reuse the disk");
+    }
+}
