@@ -26,6 +26,43 @@ pub enum Command {
     /// `aivmm run --kernel K …` boots K with the guest's serial console here
     /// (Ctrl-A x stops the VM).
     Run(RunArgs),
+    /// Build (or rebuild) the default Debian-based guest image into the cache.
+    Image {
+        /// What to do with the image.
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
+    /// List running VMs: workdir, pid, uptime, forwarded ports.
+    Ps,
+    /// Stop the VM running on a workdir (or with that pid): SIGTERM, then SIGKILL
+    /// after a timeout.
+    Stop {
+        /// The workdir or the pid of the aivmm process.
+        target: String,
+        /// Seconds to wait before killing it.
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+    },
+}
+
+/// `aivmm image …`.
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Build the guest image (cached: only missing or changed parts are redone).
+    Build {
+        /// Leave Claude Code out (about 381 MB less; for tests).
+        #[arg(long)]
+        no_claude: bool,
+        /// Extra Debian packages for the root filesystem.
+        #[arg(long, value_name = "PKG")]
+        package: Vec<String>,
+        /// Rebuild even if the image exists.
+        #[arg(long)]
+        force: bool,
+        /// Build into this directory instead of the cache.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
 }
 
 /// Arguments of `aivmm run`.
@@ -153,7 +190,7 @@ mod tests {
 
     fn run(args: &[&str]) -> Result<VmConfig, String> {
         let cli = Cli::try_parse_from(args).map_err(|e| e.to_string())?;
-        let Command::Run(r) = cli.command;
+        let Command::Run(r) = cli.command else { return Err("not run".into()) };
         VmConfig::try_from(&r).map_err(|e| e.to_string())
     }
 

@@ -251,6 +251,7 @@ mod tests {
         v.extend_from_slice(extra);
         match crate::cli::Cli::try_parse_from(v).unwrap().command {
             crate::cli::Command::Run(r) => r,
+            _ => unreachable!(),
         }
     }
 

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use aivmm::cli::{Cli, Command, RunArgs};
+use aivmm::cli::{Cli, Command, ImageCommand, RunArgs};
 use aivmm::config::VmConfig;
 use aivmm::hypervisor::kvm::KvmHypervisor;
 use aivmm::vmm::{VmExit, Vmm};
@@ -26,6 +26,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(&args, started),
+        Command::Image { command } => image(command),
+        Command::Ps => ps(),
+        Command::Stop { target, timeout } => stop(&target, timeout),
     };
     match result {
         Ok(code) => code,
@@ -34,6 +37,56 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn image(cmd: ImageCommand) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let ImageCommand::Build { no_claude, package, force, out } = cmd;
+    let opts = aivmm::image::BuildOptions { with_claude: !no_claude, extra_packages: package, out, force };
+    let img = aivmm::image::build(&opts, &aivmm::image::Progress::auto())?;
+    println!("kernel  {}", img.kernel.display());
+    println!("initrd  {}", img.initrd.display());
+    println!("rootfs  {}", img.rootfs.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ps() -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    println!("{:<8} {:>9}  {:<16} WORKDIR", "PID", "UPTIME", "PORTS");
+    for (_, m) in aivmm::workdir::running(&aivmm::workdir::state_root()) {
+        let up = now.saturating_sub(m.started);
+        let uptime = format!("{}:{:02}:{:02}", up / 3600, up / 60 % 60, up % 60);
+        let ports = if m.forwards.is_empty() { "-".to_string() } else { m.forwards.join(",") };
+        println!("{:<8} {:>9}  {:<16} {}", m.pid, uptime, ports, m.workdir.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn stop(target: &str, timeout: u64) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let running = aivmm::workdir::running(&aivmm::workdir::state_root());
+    let canon = std::fs::canonicalize(target).ok();
+    let found = running.iter().find(|(_, m)| {
+        target.parse::<u32>().ok() == Some(m.pid) || canon.as_deref() == Some(m.workdir.as_path())
+    });
+    let Some((_, m)) = found else {
+        return Err(format!("no running VM for '{target}' (see `aivmm ps`)").into());
+    };
+    let pid = m.pid as libc::pid_t;
+    // SAFETY: kill only sends a signal to the recorded aivmm process.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(timeout);
+    // SAFETY: signal 0 only checks that the process exists.
+    while unsafe { libc::kill(pid, 0) } == 0 {
+        if Instant::now() >= deadline {
+            eprintln!("aivmm: {} did not stop within {timeout} s; killing it", m.workdir.display());
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Restores the terminal's canonical mode when dropped.
