@@ -1,0 +1,883 @@
+#!/usr/bin/env python3
+"""Nested-VM end-to-end harness for aivmm (driven by tests/e2e/run).
+
+Flow: build the L2 initramfs (busybox + virtio modules + l2-init.sh) and the L1
+initramfs (busybox, kvm modules, aivmm, QEMU, vmmrun, the L2 kernel and
+initramfs, l1-init.sh); boot L1 once under QEMU TCG with the scenario list on
+its kernel command line; parse L1's console as it streams; print one
+PASS/FAIL line per scenario and a summary.
+
+Environment:
+  AIVMM_BIN         aivmm binary to test (default: target/release/aivmm)
+  E2E_VMM           aivmm (default) or qemu: run QEMU microvm in aivmm's place
+                    (to debug the harness itself)
+  E2E_BOOT_RUNS     boots per VMM in qemu-compare (default 3)
+  E2E_VMM_TIMEOUT   seconds allowed for one VMM run inside L1 (default 60)
+  E2E_TIMEOUT       overall seconds allowed for L1 (default: computed)
+  E2E_KERNEL        kernel for L1 and L2 (default: newest /boot/vmlinuz-*-cloud-amd64)
+  E2E_VERBOSE=1     echo L1's console to stderr while it runs
+  E2E_STALL         seconds of console silence after which L1 counts as hung (default 100;
+                    L1 prints a heartbeat every 30 s); the harness then dumps L1's vCPU
+                    RIPs (QEMU monitor) and a sysrq-l backtrace, and kills it
+  E2E_L2_CMDLINE    replaces the L2 base command line "console=ttyS0 quiet panic=-1"
+                    (aivmm.scenario=<name> is always appended), e.g. to drop `quiet`
+  E2E_AIVMM_LOG     AIVMM_LOG for every aivmm run (default: aivmm::vmm=debug in `boot`
+                    only, for its `setup took` line; nothing elsewhere)
+"""
+
+import glob
+import gzip
+import lzma
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import tempfile
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+WORK = os.environ.get("E2E_WORK", os.path.join(HERE, "work"))
+
+SCENARIOS = {
+    "boot": "L2 reaches userspace and powers off; aivmm exits 0; boot-timer and console-marker ms",
+    "smp": "--cpus 4 --memory 2G: guest sees 4 CPUs and MemTotal > 1.8 GiB",
+    "rng": "guest reads 64+ non-zero bytes from /dev/hwrng; rng_current names virtio",
+    "blk": "--disk: guest reads a pattern from /dev/vda, writes one with fsync; host reads it back",
+    "fs": "--share: guest mounts virtiofs, reads a host file, writes one the host then sees",
+    "bad-kernel": "garbage / empty / truncated kernel: non-zero exit, one `aivmm: error:` line, no panic",
+    "qemu-compare": "boot time aivmm vs QEMU microvm and pc (KVM in L1), medians of E2E_BOOT_RUNS; "
+    "fails only if a boot breaks",
+}
+
+L2_CMDLINE_NOTE = "console=ttyS0 quiet panic=-1 aivmm.scenario=<name>"
+L1_MEM = "3072"
+TAIL = 20
+
+
+def die(msg):
+    print(f"e2e: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def note(msg):
+    print(f"e2e: {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- cpio (newc)
+
+
+class Cpio:
+    """A minimal newc writer, so device nodes and symlinks need no root."""
+
+    def __init__(self):
+        self.entries = {}  # path -> (mode, data, rdev)
+
+    def _dirs(self, path):
+        parts = path.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            d = "/".join(parts[:i])
+            if d and d not in self.entries:
+                self.entries[d] = (0o040755, b"", (0, 0))
+
+    def dir(self, path):
+        path = path.strip("/")
+        self._dirs(path + "/x")
+
+    def file(self, path, data, mode=0o644):
+        path = path.strip("/")
+        self._dirs(path)
+        self.entries[path] = (0o100000 | mode, data, (0, 0))
+
+    def copy(self, path, src, mode=None):
+        with open(src, "rb") as f:
+            data = f.read()
+        if mode is None:
+            mode = os.stat(src).st_mode & 0o777
+        self.file(path, data, mode)
+
+    def symlink(self, path, target):
+        path = path.strip("/")
+        self._dirs(path)
+        self.entries[path] = (0o120777, target.encode(), (0, 0))
+
+    def chardev(self, path, major, minor, mode=0o600):
+        path = path.strip("/")
+        self._dirs(path)
+        self.entries[path] = (0o020000 | mode, b"", (major, minor))
+
+    def write(self, out):
+        def hdr(ino, name, mode, size, rdev):
+            fields = [ino, mode, 0, 0, 1, 0, size, 0, 0, rdev[0], rdev[1], len(name) + 1, 0]
+            return b"070701" + b"".join(b"%08X" % v for v in fields)
+
+        def pad(f):
+            f.write(b"\0" * ((4 - f.tell() % 4) % 4))
+
+        with open(out + ".tmp", "wb") as f:
+            ino = 1
+            for name in sorted(self.entries):
+                mode, data, rdev = self.entries[name]
+                f.write(hdr(ino, name.encode(), mode, len(data), rdev))
+                f.write(name.encode() + b"\0")
+                pad(f)
+                f.write(data)
+                pad(f)
+                ino += 1
+            f.write(hdr(0, b"TRAILER!!!", 0, 0, (0, 0)) + b"TRAILER!!!\0")
+            pad(f)
+        os.replace(out + ".tmp", out)
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def find_kernel():
+    k = os.environ.get("E2E_KERNEL")
+    if not k:
+        cands = glob.glob("/boot/vmlinuz-*-cloud-amd64")
+        if not cands:
+            die("no /boot/vmlinuz-*-cloud-amd64 (install linux-image-cloud-amd64)")
+
+        def key(p):
+            v = p[len("/boot/vmlinuz-"):]
+            return [(0, int(x), "") if x.isdigit() else (1, 0, x) for x in re.split(r"[.+~-]", v)]
+
+        k = sorted(cands, key=key)[-1]
+    if not os.access(k, os.R_OK):
+        die(f"cannot read {k} (Debian installs it mode 0600: run as root)")
+    ver = os.path.basename(k)[len("vmlinuz-"):]
+    moddir = f"/lib/modules/{ver}"
+    if not os.path.isdir(moddir):
+        die(f"no module directory {moddir}")
+    return k, moddir
+
+
+def module_closure(moddir, names):
+    """Module paths (relative to moddir) for `names` and their deps, deps first."""
+    deps = {}
+    with open(os.path.join(moddir, "modules.dep")) as f:
+        for line in f:
+            if ":" not in line:
+                continue
+            mod, rest = line.split(":", 1)
+            deps[mod.strip()] = rest.split()
+    by_name = {}
+    for mod in deps:
+        base = re.sub(r"\.ko(\.(xz|zst|gz))?$", "", os.path.basename(mod)).replace("-", "_")
+        by_name[base] = mod
+    builtin = set()
+    try:
+        with open(os.path.join(moddir, "modules.builtin")) as f:
+            for line in f:
+                base = re.sub(r"\.ko$", "", os.path.basename(line.strip())).replace("-", "_")
+                builtin.add(base)
+    except OSError:
+        pass
+    order = []
+
+    def visit(mod):
+        if mod in order:
+            return
+        for d in deps.get(mod, []):
+            visit(d)
+        order.append(mod)
+
+    for n in names:
+        key = n.replace("-", "_")
+        if key in by_name:
+            visit(by_name[key])
+        elif key not in builtin:
+            die(f"module {n} is neither in {moddir}/modules.dep nor built in")
+    return order
+
+
+def read_module(moddir, mod):
+    path = os.path.join(moddir, mod)
+    if mod.endswith(".xz"):
+        return lzma.open(path).read()
+    if mod.endswith(".gz"):
+        return gzip.open(path).read()
+    if mod.endswith(".zst"):
+        if not shutil.which("zstd"):
+            die(f"{mod} is zstd-compressed and zstd is not installed")
+        return subprocess.run(["zstd", "-dc", path], check=True, capture_output=True).stdout
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def mod_basename(mod):
+    return re.sub(r"\.(xz|zst|gz)$", "", os.path.basename(mod))
+
+
+def add_modules(cpio, moddir, mods, order_file):
+    names = []
+    for m in mods:
+        name = mod_basename(m)
+        cpio.file(f"lib/modules/{name}", read_module(moddir, m))
+        names.append(name)
+    cpio.file(f"lib/modules/{order_file}", ("\n".join(names) + "\n").encode())
+
+
+def add_busybox(cpio):
+    bb = "/bin/busybox"
+    if not os.path.exists(bb):
+        die("no /bin/busybox (install busybox-static)")
+    if ldd_libs(bb):
+        die("/bin/busybox is dynamically linked; install busybox-static")
+    cpio.copy("bin/busybox", bb, 0o755)
+    applets = subprocess.run([bb, "--list"], capture_output=True, text=True, check=True).stdout.split()
+    for a in applets:
+        if a != "busybox":
+            cpio.symlink(f"bin/{a}", "busybox")
+    for a in ("devmem", "insmod", "poweroff", "head", "od", "dmesg"):
+        if a not in applets:
+            die(f"busybox lacks the `{a}` applet")
+    for d in ("proc", "sys", "dev", "tmp", "usr"):
+        cpio.dir(d)
+    cpio.symlink("sbin", "bin")
+    cpio.symlink("usr/bin", "../bin")
+    cpio.symlink("usr/sbin", "../bin")
+    cpio.chardev("dev/console", 5, 1)
+    cpio.chardev("dev/null", 1, 3, 0o666)
+
+
+def ldd_libs(binary):
+    """Shared libraries a dynamic binary loads, as real paths (ld.so included)."""
+    out = subprocess.run(["ldd", binary], capture_output=True, text=True)
+    if "not a dynamic executable" in out.stdout + out.stderr:
+        return []
+    libs = []
+    for line in out.stdout.splitlines():
+        m = re.search(r"=>\s*(/\S+)", line) or re.match(r"\s*(/\S+)", line)
+        if m:
+            libs.append(m.group(1))
+        elif "not found" in line:
+            die(f"{binary}: {line.strip()}")
+    return libs
+
+
+def add_binary(cpio, dest, src, strip=False):
+    data_src = src
+    if strip and shutil.which("strip"):
+        tmp = os.path.join(WORK, os.path.basename(dest) + ".stripped")
+        shutil.copyfile(src, tmp)
+        if subprocess.run(["strip", "--strip-debug", tmp], capture_output=True).returncode == 0:
+            data_src = tmp
+    cpio.copy(dest, data_src, 0o755)
+    for lib in ldd_libs(src):
+        cpio.copy(lib, os.path.realpath(lib), 0o755)
+
+
+def build_vmmrun():
+    src = os.path.join(HERE, "vmmrun.rs")
+    out = os.path.join(WORK, "vmmrun")
+    if os.path.exists(out) and os.path.getmtime(out) >= os.path.getmtime(src):
+        return out
+    rustc = shutil.which("rustc") or os.path.expanduser("~/.cargo/bin/rustc")
+    r = subprocess.run([rustc, "--edition", "2021", "-O", "-o", out, src], capture_output=True, text=True)
+    if r.returncode != 0:
+        die(f"building vmmrun failed:\n{r.stderr}")
+    return out
+
+
+def find_firmware(name):
+    for d in ("/usr/share/qemu", "/usr/share/seabios", "/usr/lib/ipxe/qemu", "/usr/share/qemu/firmware"):
+        p = os.path.join(d, name)
+        if os.path.exists(p):
+            return os.path.realpath(p)
+    return None
+
+
+def build_l2(kernel, moddir):
+    cpio = Cpio()
+    add_busybox(cpio)
+    mods = module_closure(moddir, ["virtio_mmio", "virtio_rng"])
+    add_modules(cpio, moddir, mods, "order")
+    for scen, wanted in (("blk", ["virtio_blk"]), ("fs", ["virtiofs"])):
+        extra = [m for m in module_closure(moddir, wanted) if m not in mods]
+        add_modules(cpio, moddir, extra, f"order-{scen}")
+    cpio.copy("init", os.path.join(HERE, "l2-init.sh"), 0o755)
+    out = os.path.join(WORK, "l2-initrd.cpio")
+    cpio.write(out)
+    return out, [mod_basename(m) for m in mods]
+
+
+def build_l1(kernel, moddir, l2_initrd, aivmm, vmmrun):
+    cpio = Cpio()
+    add_busybox(cpio)
+    kvm = module_closure(moddir, ["kvm"])
+    add_modules(cpio, moddir, kvm, "kvm-order")
+    for vendor in ("kvm_amd", "kvm_intel"):
+        for m in module_closure(moddir, [vendor]):
+            if m not in kvm:
+                cpio.file(f"lib/modules/{mod_basename(m)}", read_module(moddir, m))
+    qemu = shutil.which("qemu-system-x86_64")
+    if not qemu:
+        die("no qemu-system-x86_64 (install qemu-system-x86)")
+    add_binary(cpio, "usr/local/qemu/qemu-system-x86_64", qemu)
+    cpio.symlink("bin/qemu-system-x86_64", "/usr/local/qemu/qemu-system-x86_64")
+    for fw in ("bios-256k.bin", "bios.bin", "linuxboot_dma.bin", "linuxboot.bin", "kvmvapic.bin",
+               "qboot.rom", "bios-microvm.bin", "pvh.bin", "multiboot_dma.bin"):
+        p = find_firmware(fw)
+        if p:
+            cpio.copy(f"fw/{fw}", p, 0o644)
+        elif fw in ("bios-256k.bin", "linuxboot_dma.bin", "bios-microvm.bin"):
+            die(f"QEMU firmware {fw} not found")
+    if aivmm:
+        add_binary(cpio, "usr/local/aivmm/aivmm", aivmm, strip=True)
+        cpio.symlink("bin/aivmm", "/usr/local/aivmm/aivmm")
+    add_binary(cpio, "bin/vmmrun", vmmrun)
+    cpio.copy("l2/vmlinuz", kernel, 0o644)
+    cpio.copy("l2/initrd.cpio", l2_initrd, 0o644)
+    cpio.copy("init", os.path.join(HERE, "l1-init.sh"), 0o755)
+    if os.environ.get("E2E_AIVMM_LOG"):
+        cpio.file("e2e/aivmm-log", os.environ["E2E_AIVMM_LOG"].encode() + b"\n")
+    if os.environ.get("E2E_L2_CMDLINE"):
+        cpio.file("e2e/l2-cmdline", os.environ["E2E_L2_CMDLINE"].encode() + b"\n")
+    out = os.path.join(WORK, "l1-initrd.cpio")
+    cpio.write(out)
+    return out
+
+
+# ---------------------------------------------------------------- parsing
+
+
+class Run:
+    def __init__(self, tag):
+        self.tag = tag
+        self.out = []  # (ms, line)
+        self.err = []
+        self.seq = []  # (kind, ms, line) in arrival order, for tails
+        self.exit = None
+        self.timeout = False
+        self.wall_ms = None
+
+    def first(self, needle):
+        for ms, line in self.out:
+            if needle in line:
+                return ms
+        return None
+
+    def results(self):
+        kv = {}
+        for _, line in self.out:
+            i = line.find("E2E-RESULT ")
+            if i >= 0:
+                for m in re.finditer(r"(\w+)=(\S*)", line[i + 11:]):
+                    kv[m.group(1)] = m.group(2)
+        return kv
+
+    def boot_timer_ms(self):
+        for _, line in self.err:
+            m = re.search(r"aivmm: boot-timer: guest marker \S+ at (\d+(?:\.\d+)?) ms", line)
+            if m:
+                return float(m.group(1))
+        return None
+
+    def setup_ms(self):
+        """aivmm's own exec -> first vCPU run, from its debug line `setup took 12.3ms since exec`."""
+        for _, line in self.err:
+            m = re.search(r"setup took ([\d.]+)(ns|µs|us|ms|s) since exec", line)
+            if m:
+                scale = {"ns": 1e-6, "µs": 1e-3, "us": 1e-3, "ms": 1.0, "s": 1000.0}[m.group(2)]
+                return float(m.group(1)) * scale
+        return None
+
+    def tail(self, n=TAIL):
+        return [f"[{self.tag} {kind} {ms}ms] {l}" for kind, ms, l in self.seq[-n:]]
+
+    def broke(self):
+        """Why this boot run is not a clean boot-to-poweroff, or None."""
+        if self.exit is None:
+            return "no exit report (L1 lost it)"
+        for _, l in self.err + self.out:
+            if "panicked" in l or "Kernel panic" in l:
+                return f"panic (exit={self.exit}): {l.strip()}"
+        if self.timeout:
+            quiet = "" if self.out else "; no guest console output"
+            return f"timed out after {self.wall_ms} ms, killed (E2E_VMM_TIMEOUT){quiet}"
+        errors = [l for _, l in self.err if l.startswith("aivmm: error:")]
+        if self.first("E2E-MARKER") is None:
+            return f"no E2E-MARKER on the console (exit={self.exit})" + (f": {errors[0]}" if errors else "")
+        if self.first("E2E-DONE") is None:
+            return f"guest init did not finish (exit={self.exit})" + (f": {errors[0]}" if errors else "")
+        if self.exit != "0":
+            return f"exit status {self.exit}" + (f": {errors[0]}" if errors else "")
+        return None
+
+
+class Scenario:
+    def __init__(self, name):
+        self.name = name
+        self.runs = {}
+        self.order = []
+        self.kernel_log = []
+        self.heartbeat = []
+        self.lines = []
+        self.ended = False
+
+    def run(self, tag):
+        if tag not in self.runs:
+            self.runs[tag] = Run(tag)
+            self.order.append(tag)
+        return self.runs[tag]
+
+    def tail(self):
+        out = []
+        for t in self.order:
+            out += self.runs[t].tail()
+        out += [f"[L1] {l}" for l in self.heartbeat[-2:]]
+        noise = re.compile(r"Unhandled [WR]DMSR|unstable TSC")
+        out += [f"[L1 kernel] {l}" for l in self.kernel_log if not noise.search(l)][-10:]
+        return out[-(TAIL * 2):]
+
+
+def fmt_ms(v):
+    return "n/a" if v is None else f"{v:.0f}"
+
+
+def judge(sc, vmm_mode):
+    """Returns (ok, message, extra lines)."""
+    if not sc.ended:
+        return False, "did not finish", []
+    if sc.name in ("boot", "smp", "rng", "blk", "fs"):
+        r = sc.runs.get(sc.name)
+        if r is None:
+            return False, "VMM did not run", []
+        why = r.broke()
+        if why:
+            return False, why, []
+        res = r.results()
+        warn = any("E2E-WARN" in l for _, l in r.out)
+        bt = r.boot_timer_ms()
+        figs = (f"marker {fmt_ms(r.first('E2E-MARKER'))} ms, boot-timer {fmt_ms(bt)} ms, "
+                f"guest uptime {res.get('uptime_s', '?')} s, exit after {r.wall_ms} ms")
+        if r.setup_ms() is not None:
+            figs += f", aivmm setup {r.setup_ms():.1f} ms"
+        if vmm_mode == "aivmm" and bt is None and not any("devmem-failed" in l for _, l in r.out):
+            return False, f"guest wrote the boot-timer but aivmm printed no boot-timer line ({figs})", []
+        if warn:
+            figs += "; " + ", ".join(l.split("E2E-WARN", 1)[1].strip() for _, l in r.out if "E2E-WARN" in l)
+        if sc.name == "smp":
+            cpus = int(res.get("cpus", "0") or 0)
+            mem = int(res.get("memtotal_kb", "0") or 0)
+            if cpus != 4:
+                return False, f"guest sees {cpus} CPUs (online={res.get('online')}), want 4", []
+            if mem <= 1.8 * 1024 * 1024:
+                return False, f"MemTotal {mem} kB, want > 1.8 GiB", []
+            figs = f"cpus={cpus} MemTotal={mem} kB; " + figs
+        if sc.name == "rng":
+            cur = res.get("rng_current", "")
+            n = int(res.get("rng_bytes", "0") or 0)
+            hexs = res.get("rng_hex", "")
+            if "virtio" not in cur:
+                return False, f"rng_current={cur!r} (available: {res.get('rng_available')}), want virtio", []
+            if n < 64:
+                return False, f"read {n} bytes from /dev/hwrng, want >= 64", []
+            if not re.search(r"[1-9a-f]", hexs):
+                return False, f"/dev/hwrng bytes are all zero ({hexs})", []
+            figs = f"rng_current={cur}, {n} bytes; " + figs
+        if sc.name == "blk":
+            if res.get("blk_sectors") in (None, "none", "0"):
+                return False, f"no /dev/vda in the guest (sectors={res.get('blk_sectors')})", []
+            if res.get("blk_head") != "E2E-DISK-PATTERN":
+                return False, f"guest read {res.get('blk_head')!r} at sector 0, want 'E2E-DISK-PATTERN'", []
+            if res.get("blk_readback") != "E2E-GUEST-WROTE":
+                return False, (f"guest write failed (rc={res.get('blk_write_rc')}, read back "
+                               f"{res.get('blk_readback')!r})"), []
+            if res.get("host_readback") != "E2E-GUEST-WROTE":
+                return False, f"host reads {res.get('host_readback')!r} where the guest wrote", []
+            figs = f"vda {res.get('blk_sectors')} sectors, read+write+fsync ok; " + figs
+        if sc.name == "fs":
+            if res.get("fs_mount_rc") != "0":
+                return False, f"mount -t virtiofs failed (rc={res.get('fs_mount_rc')})", []
+            if res.get("fs_read") != "E2E-FS-HELLO":
+                return False, f"guest read {res.get('fs_read')!r} from sub/hello.txt (ls: {res.get('fs_ls')})", []
+            if res.get("fs_write_rc") != "0" or res.get("host_sees") != "E2E-FS-GUEST":
+                return False, f"guest write rc={res.get('fs_write_rc')}, host sees {res.get('host_sees')!r}", []
+            figs = "read and write through virtiofs ok; " + figs
+        return True, figs, []
+    if sc.name == "bad-kernel":
+        problems = []
+        for case in ("garbage", "empty", "truncated"):
+            r = sc.runs.get(f"bad-kernel/{case}")
+            if r is None or r.exit is None:
+                problems.append(f"{case}: no result")
+                continue
+            errs = [l for _, l in r.err if l.strip()]
+            allt = [l for _, l in r.out + r.err]
+            if r.timeout:
+                problems.append(f"{case}: still running after {r.wall_ms} ms")
+            elif r.exit == "0":
+                problems.append(f"{case}: exit status 0")
+            elif not r.exit.isdigit():
+                problems.append(f"{case}: killed by {r.exit}")
+            if any("panicked" in l for l in allt):
+                problems.append(f"{case}: Rust panic: {next(l for l in allt if 'panicked' in l)!r}")
+            elif len(errs) != 1 or not errs[0].startswith("aivmm: error:"):
+                shown = " | ".join(errs[:3]) if errs else "(nothing)"
+                problems.append(f"{case}: stderr should be one `aivmm: error:` line, got {len(errs)}: {shown}")
+        if problems:
+            return False, "; ".join(problems), []
+        msgs = [f"{c}: {sc.runs[f'bad-kernel/{c}'].err[0][1]}" for c in ("garbage", "empty", "truncated")]
+        return True, "3 bad kernels rejected", ["  " + m for m in msgs]
+    if sc.name == "qemu-compare":
+        kinds = ("aivmm", "qemu-microvm", "qemu-pc")
+        marker = {k: [] for k in kinds}
+        uptime = {k: [] for k in kinds}
+        bt = []
+        broken = []
+        for tag in sc.order:
+            parts = tag.split("/")
+            if len(parts) != 3:
+                continue
+            k, r = parts[1], sc.runs[tag]
+            why = r.broke()
+            if why:
+                broken.append(f"{k} run {parts[2]}: {why}")
+                continue
+            marker[k].append(r.first("E2E-MARKER"))
+            try:
+                uptime[k].append(float(r.results().get("uptime_s", "nan")))
+            except ValueError:
+                pass
+            if k == "aivmm" and r.boot_timer_ms() is not None:
+                bt.append(r.boot_timer_ms())
+
+        def med(v):
+            return statistics.median(v) if v else None
+
+        extra = ["  boot median ms (exec -> E2E-MARKER console line): "
+                 + " ".join(f"{k}={fmt_ms(med(marker[k]))}" for k in kinds)
+                 + f" (runs: " + ", ".join(f"{k}={len(marker[k])}" for k in kinds) + ")"]
+        for q in ("qemu-microvm", "qemu-pc"):
+            a, b = med(marker["aivmm"]), med(marker[q])
+            extra.append(f"  boot ratio aivmm/{q}: {a / b:.2f}" if a and b else f"  boot ratio aivmm/{q}: n/a")
+        extra.append("  guest uptime at marker median s: "
+                     + " ".join(f"{k}={med(uptime[k]):.2f}" if uptime[k] else f"{k}=n/a" for k in kinds))
+        extra.append(f"  aivmm boot-timer median ms: {fmt_ms(med(bt))}")
+        extra.append("  all runs ms: " + "; ".join(f"{k}=" + ",".join(fmt_ms(x) for x in marker[k]) for k in kinds))
+        if vmm_mode == "qemu":
+            extra.append("  (E2E_VMM=qemu: the 'aivmm' column is QEMU microvm)")
+        if broken:
+            return False, "; ".join(broken), extra
+        return True, "figures below", extra
+    return False, "unknown scenario", []
+
+
+# ---------------------------------------------------------------- main
+
+
+def main():
+    args = sys.argv[1:]
+    if "-h" in args or "--help" in args:
+        print(__doc__)
+        print("usage: tests/e2e/run [--list] [SCENARIO...]")
+        return 0
+    if "--list" in args:
+        for n, d in SCENARIOS.items():
+            print(f"{n:14} {d}")
+        return 0
+    names = args or list(SCENARIOS)
+    for n in names:
+        if n not in SCENARIOS:
+            die(f"unknown scenario {n!r} (try --list)")
+
+    vmm_mode = os.environ.get("E2E_VMM", "aivmm")
+    if vmm_mode not in ("aivmm", "qemu"):
+        die("E2E_VMM must be aivmm or qemu")
+    runs = int(os.environ.get("E2E_BOOT_RUNS", "3"))
+    vto = int(os.environ.get("E2E_VMM_TIMEOUT", "60"))
+    aivmm = os.environ.get("AIVMM_BIN") or os.path.join(ROOT, "target/release/aivmm")
+    if not os.path.exists(aivmm):
+        if vmm_mode == "aivmm":
+            die(f"no aivmm binary at {aivmm}")
+        aivmm = None
+    else:
+        aivmm = os.path.abspath(aivmm)
+
+    os.makedirs(WORK, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    logdir = os.path.join(WORK, "logs", stamp)
+    os.makedirs(logdir, exist_ok=True)
+    latest = os.path.join(WORK, "logs", "latest")
+    try:
+        if os.path.islink(latest):
+            os.unlink(latest)
+        os.symlink(stamp, latest)
+    except OSError:
+        pass
+
+    t0 = time.monotonic()
+    kernel, moddir = find_kernel()
+    vmmrun = build_vmmrun()
+    l2, l2mods = build_l2(kernel, moddir)
+    l1 = build_l1(kernel, moddir, l2, aivmm, vmmrun)
+    note(f"kernel {kernel}; L2 modules {' '.join(l2mods)}; L1 initramfs "
+         f"{os.path.getsize(l1) >> 20} MiB; built in {time.monotonic() - t0:.1f} s; logs {logdir}")
+
+    budget = {"blk": vto, "fs": vto, "boot": vto, "smp": vto, "rng": vto, "bad-kernel": 90, "qemu-compare": 3 * runs * vto}
+    overall = int(os.environ.get("E2E_TIMEOUT", 0)) or 150 + sum(budget[n] + 20 for n in names)
+    # nokaslr: RIPs of a hung L1 are comparable between runs.
+    append = (f"console=ttyS0 quiet panic=-1 mitigations=off nokaslr e2e.scenarios={','.join(names)} "
+              f"e2e.vmm={vmm_mode} e2e.runs={runs} e2e.timeout={vto}")
+    cmd = ["qemu-system-x86_64", "-accel", "tcg,thread=multi", "-M", "pc", "-cpu", "max",
+           "-m", L1_MEM, "-smp", "2", "-nographic", "-no-reboot", "-net", "none",
+           "-kernel", kernel, "-initrd", l1, "-append", append]
+    mondir = tempfile.mkdtemp(prefix="aivmm-e2e-")
+    monitor = os.path.join(mondir, "l1-monitor.sock")
+    cmd += ["-monitor", f"unix:{monitor},server=on,wait=off"]
+    with open(os.path.join(logdir, "l1-command.txt"), "w") as f:
+        f.write(" ".join(cmd) + "\n")
+
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        return watch(proc, names, vmm_mode, runs, overall, logdir, t0, monitor)
+    finally:
+        shutil.rmtree(mondir, ignore_errors=True)
+        if proc.poll() is None:  # interrupted: don't leave L1 running
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def monitor_cmd(path, command, wait=2.0):
+    """Runs one QEMU monitor command on L1; returns its output (best effort)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(wait)
+            s.connect(path)
+            s.sendall(command.encode() + b"\n")
+            buf = b""
+            end = time.monotonic() + wait
+            while time.monotonic() < end:
+                try:
+                    chunk = s.recv(65536)
+                except socket.timeout:
+                    break
+                if not chunk:
+                    break
+                buf += chunk
+            text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", buf.decode("utf-8", "replace").replace("\r", ""))
+            return "".join(l + "\n" for l in text.split("\n")
+                           if l.strip() and not l.startswith(("(qemu)", "QEMU ")))
+    except OSError as e:
+        return f"(monitor: {e})"
+
+
+def l1_hang_dump(monitor, path):
+    """Samples L1's vCPUs through QEMU's monitor into `path`; returns a short summary.
+    (Debian's System.map is a stub: symbols come from the sysrq-l backtraces, if any.)"""
+    samples = []
+    with open(path, "w") as f:
+        for i in range(3):
+            regs = monitor_cmd(monitor, "info registers -a")
+            f.write(f"=== info registers -a, sample {i}\n{regs}\n")
+            samples.append(re.findall(r"RIP=([0-9a-f]{16})", regs))
+            time.sleep(1)
+        for n in range(len(samples[0])):
+            f.write(f"=== cpu {n} code\n" + monitor_cmd(monitor, f"cpu {n}\nx/12i $pc", 1.5))
+        f.write("=== info cpus\n" + monitor_cmd(monitor, "info cpus") + "\n")
+    out = []
+    for n in range(len(samples[0])):
+        seen = [s[n] for s in samples if len(s) > n]
+        moving = "moving" if len(set(seen)) > 1 else "stuck"
+        out.append(f"CPU#{n} RIP={','.join(dict.fromkeys(seen))} ({moving})")
+    return out
+
+
+def watch(proc, names, vmm_mode, runs, overall, logdir, t0, monitor):
+    """Streams L1's console, reports each scenario as it ends; returns the exit status."""
+    console = open(os.path.join(logdir, "l1-console.log"), "w")
+    lines = queue.Queue()
+
+    def pump():
+        for raw in proc.stdout:
+            text = raw.decode("utf-8", "replace").replace("\r", "").rstrip("\n")
+            lines.put(re.sub(r"\x1b(\[[0-9;?]*[A-Za-z]|c)", "", text))
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+
+    # A scenario named twice runs twice (to chase a flaky one): ids smp, smp#2, ...
+    ids = []
+    for n in names:
+        k = names[:len(ids) + 1].count(n)
+        ids.append(n if k == 1 else f"{n}#{k}")
+    scen = {i: Scenario(i.split("#")[0]) for i in ids}
+    started = set()
+    cur = None
+    console_tail = []
+    reported = set()
+    results = {}
+    verbose = os.environ.get("E2E_VERBOSE") == "1"
+    start = time.monotonic()
+    deadline = start + overall
+    stall = int(os.environ.get("E2E_STALL", "100"))
+    last_line = start
+    l1_status = []
+    killed = None
+
+    def report(name):
+        sc = scen[name]
+        ok, msg, extra = judge(sc, vmm_mode)
+        results[name] = ok
+        reported.add(name)
+        with open(os.path.join(logdir, f"scenario-{name.replace('#', '-')}.log"), "w") as f:
+            f.write("\n".join(sc.lines) + "\n")
+        if ok:
+            print(f"PASS {name}: {msg}" if msg else f"PASS {name}", flush=True)
+            for e in extra:
+                print(e, flush=True)
+        else:
+            print(f"FAIL {name}: {msg}", flush=True)
+            for e in extra:
+                print(e, flush=True)
+            for t in sc.tail():
+                print(f"  | {t}", flush=True)
+            print(f"  logs: {os.path.join(logdir, f'scenario-{name.replace(chr(35), chr(45))}.log')} "
+                  f"and {console.name}", flush=True)
+
+    while True:
+        try:
+            line = lines.get(timeout=max(0.1, min(deadline, last_line + stall) - time.monotonic()))
+            if line is not None:
+                last_line = time.monotonic()
+        except queue.Empty:
+            line = ""
+        if line is None:
+            break
+        if time.monotonic() >= deadline:
+            killed = f"L1 exceeded the overall bound of {overall} s"
+            break
+        if time.monotonic() >= last_line + stall and proc.poll() is None:
+            rips = l1_hang_dump(monitor, os.path.join(logdir, "l1-hang.txt"))
+            # sysrq 9: console loglevel 9, so the dumps reach the console; l: backtraces
+            # of busy CPUs; w: blocked (D state) tasks.
+            for key in ("9", "l", "w"):
+                monitor_cmd(monitor, f"sendkey alt-sysrq-{key}", 0.5)
+            end = time.monotonic() + 15
+            while time.monotonic() < end:  # collect the backtraces
+                try:
+                    extra = lines.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if extra is None:
+                    break
+                console.write(f"{time.monotonic() - start:9.3f} {extra}\n")
+                console_tail = (console_tail + [extra])[-TAIL:]
+            console.write("".join(f"stall: {r}\n" for r in rips))
+            killed = (f"L1 hung: no console output (not even its 30 s heartbeat) for {stall} s; "
+                      f"L1 vCPUs at: {'; '.join(rips) or 'unknown'} (see l1-hang.txt)")
+            break
+        if line == "" and lines.empty() and proc.poll() is not None:
+            continue
+        elapsed = time.monotonic() - start
+        console.write(f"{elapsed:9.3f} {line}\n")
+        console.flush()
+        if verbose:
+            print(f"  l1 {elapsed:7.1f} {line}", file=sys.stderr, flush=True)
+        console_tail = (console_tail + [line])[-TAIL:]
+        i = line.find("@@")
+        if i < 0:
+            if cur:
+                scen[cur].lines.append(line)
+            continue
+        body = line[i + 2:]
+        kind, _, rest = body.partition(" ")
+        if kind == "L1":
+            l1_status.append(rest)
+            if cur:
+                scen[cur].lines.append(body)
+                scen[cur].heartbeat.append(rest)
+            if rest.startswith("kvm=missing"):
+                note("L1 has no /dev/kvm")
+            if rest.startswith("up "):
+                note(f"L1 userspace after {elapsed:.1f} s ({rest})")
+            continue
+        if kind == "BEGIN":
+            n = rest.split()[0]
+            cur = next((i for i in ids if scen[i].name == n and i not in started), None)
+            if cur:
+                started.add(cur)
+            continue
+        if kind == "END":
+            if cur and cur not in reported:
+                scen[cur].ended = True
+                report(cur)
+            cur = None
+            continue
+        if cur is None:
+            continue
+        sc = scen[cur]
+        sc.lines.append(body)
+        if kind in ("O", "E"):
+            parts = rest.split(" ", 2)
+            if len(parts) >= 2 and parts[1].isdigit():
+                r = sc.run(parts[0])
+                ms, text = int(parts[1]), parts[2] if len(parts) > 2 else ""
+                (r.out if kind == "O" else r.err).append((ms, text))
+                r.seq.append(("out" if kind == "O" else "err", ms, text))
+        elif kind == "X":
+            parts = rest.split()
+            r = sc.run(parts[0])
+            kv = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+            r.exit = kv.get("exit")
+            r.timeout = kv.get("timeout") == "1"
+            r.wall_ms = int(kv.get("wall_ms", "0") or 0)
+        elif kind == "K":
+            sc.kernel_log.append(rest.split(" ", 1)[1] if " " in rest else rest)
+
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, 9)
+        except OSError:
+            proc.kill()
+    proc.wait()
+    console.close()
+    wall = time.monotonic() - t0
+
+    shown = False
+    for n in ids:
+        if n in reported:
+            continue
+        why = killed or f"L1 exited (status {proc.returncode}) before the scenario finished"
+        results[n] = False
+        if n not in started:
+            print(f"FAIL {n}: {why} (not started)", flush=True)
+            continue
+        print(f"FAIL {n}: {why}", flush=True)
+        for t in scen[n].tail():
+            print(f"  | {t}", flush=True)
+        if not shown:
+            shown = True
+            for t in console_tail[-TAIL:]:
+                print(f"  | [L1 console] {t}", flush=True)
+        print(f"  logs: {console.name}", flush=True)
+    if not shown and len(reported) < len(ids):
+        for t in console_tail[-TAIL:]:
+            print(f"  | [L1 console] {t}", flush=True)
+        print(f"  logs: {console.name}", flush=True)
+
+    passed = sum(1 for v in results.values() if v)
+    failed = len(ids) - passed
+    note(f"wall time {wall:.1f} s (L1 {time.monotonic() - start:.1f} s); logs {logdir}")
+    print(f"{passed} passed, {failed} failed", flush=True)
+    return 0 if failed == 0 else 1
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,139 @@
+#!/bin/sh
+# L1 init: runs inside QEMU TCG on the host. Loads KVM, then runs each scenario
+# named in `e2e.scenarios=` one at a time, every VMM run wrapped by `vmmrun`
+# (stopwatch + watchdog). All output goes to L1's console, which the host parses:
+#   @@L1 ...              L1 status lines
+#   @@BEGIN <name> / @@END <name>   scenario delimiters
+#   @@O/@@E/@@X <tag> ... one VMM run (see vmmrun.rs)
+#   @@K <name> <line>     L1 kernel log lines logged during the scenario
+export PATH=/bin:/usr/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev 2>/dev/null
+mkdir -p /tmp
+mount -t tmpfs tmp /tmp # virtio-fs passthrough wants file handles; initramfs may be ramfs
+
+SCENARIOS=""
+VMM=aivmm
+RUNS=3
+TO=60
+for w in $(cat /proc/cmdline); do
+	case "$w" in
+	e2e.scenarios=*) SCENARIOS=$(echo "${w#*=}" | tr , ' ') ;;
+	e2e.vmm=*) VMM="${w#*=}" ;;
+	e2e.runs=*) RUNS="${w#*=}" ;;
+	e2e.timeout=*) TO="${w#*=}" ;;
+	esac
+done
+read -r up _ </proc/uptime
+echo "@@L1 up uptime_s=$up"
+
+while read -r m; do
+	insmod "/lib/modules/$m" 2>/dev/null
+done </lib/modules/kvm-order
+insmod /lib/modules/kvm-amd.ko 2>/dev/null || insmod /lib/modules/kvm-intel.ko 2>/dev/null
+if [ -c /dev/kvm ]; then
+	echo "@@L1 kvm=ok $(cat /sys/module/kvm_amd/parameters/nested 2>/dev/null || cat /sys/module/kvm_intel/parameters/nested 2>/dev/null)"
+else
+	echo "@@L1 kvm=missing"
+	dmesg | tail -20 | sed 's/^/@@L1 dmesg: /'
+fi
+# Only crit/alert/emerg kernel messages (lockups, oopses) interrupt the console;
+# the rest is dumped after each scenario as @@K lines.
+echo "3 4 1 7" >/proc/sys/kernel/printk
+echo 1 >/proc/sys/kernel/sysrq # the host sends sysrq-l when L1 hangs
+dmesg -c >/dev/null
+# Heartbeat: tells a stuck step (L1 alive) from a stuck L1 kernel (silence).
+(while sleep 30; do
+	read -r up _ </proc/uptime
+	echo "@@L1 alive uptime_s=$up; running: $(ps -o pid,stat,args | grep -E 'aivmm|qemu|vmmrun' | grep -v grep | tr -s ' ' | tr '\n' ';')"
+	dmesg -c | sed 's/^/@@K heartbeat /'
+done) &
+
+L2K=/l2/vmlinuz
+L2I=/l2/initrd.cpio
+BASE="console=ttyS0 quiet panic=-1"
+# E2E_L2_CMDLINE on the host replaces BASE (e.g. without `quiet`, to debug a boot).
+[ -s /e2e/l2-cmdline ] && BASE=$(cat /e2e/l2-cmdline)
+# E2E_AIVMM_LOG on the host sets AIVMM_LOG for every aivmm run.
+LOG=""
+[ -s /e2e/aivmm-log ] && LOG=$(cat /e2e/aivmm-log)
+
+# run_vmm TAG KIND CPUS MEM SCENARIO [TIMEOUT]: boot L2 once under KIND.
+# With e2e.vmm=qemu (debugging the harness), KIND aivmm runs QEMU microvm instead.
+# DISK (a raw image) and SHARE (HOST_DIR:TAG) attach virtio-blk / virtio-fs.
+run_vmm() {
+	tag=$1 kind=$2 cpus=$3 mem=$4 scen=$5 to=${6:-$TO}
+	cmd="$BASE aivmm.scenario=$scen"
+	[ "$kind" = aivmm ] && [ "$VMM" = qemu ] && kind=qemu-microvm
+	case "$kind" in
+	aivmm)
+		AIVMM_LOG="${AIVMM_LOG:-$LOG}" vmmrun "$tag" "$to" -- aivmm run --kernel $L2K --initrd $L2I --cmdline "$cmd" \
+			${cpus:+--cpus $cpus} ${mem:+--memory $mem} ${DISK:+--disk $DISK} ${SHARE:+--share $SHARE}
+		;;
+	qemu-microvm)
+		vmmrun "$tag" "$to" -- qemu-system-x86_64 -L /fw -M microvm,acpi=on,rtc=on -enable-kvm -cpu host \
+			-smp "${cpus:-1}" -m "${mem:-256M}" -nodefaults -no-user-config -display none \
+			-serial stdio -no-reboot -device virtio-rng-device \
+			${DISK:+-drive file=$DISK,if=none,id=d0,format=raw -device virtio-blk-device,drive=d0} \
+			-kernel $L2K -initrd $L2I -append "$cmd"
+		;;
+	qemu-pc)
+		vmmrun "$tag" "$to" -- qemu-system-x86_64 -L /fw -M pc -enable-kvm -cpu host \
+			-smp "${cpus:-1}" -m "${mem:-256M}" -nodefaults -no-user-config -display none \
+			-serial stdio -no-reboot \
+			-kernel $L2K -initrd $L2I -append "$cmd"
+		;;
+	esac
+}
+
+scenario() {
+	case "$1" in
+	# `setup took …` (exec to first vCPU run) is an aivmm debug log line.
+	boot) AIVMM_LOG=${LOG:-aivmm::vmm=debug} run_vmm boot aivmm "" "" boot ;;
+	smp) run_vmm smp aivmm 4 2G smp ;;
+	rng) run_vmm rng aivmm "" "" rng ;;
+	bad-kernel)
+		head -c 65536 /dev/urandom >/tmp/garbage.bin
+		: >/tmp/empty.bin
+		head -c 4096 $L2K >/tmp/truncated.bin
+		for k in garbage empty truncated; do
+			vmmrun "bad-kernel/$k" 30 -- aivmm run --kernel /tmp/$k.bin --initrd $L2I --cmdline "$BASE"
+		done
+		;;
+	blk)
+		# The guest checks the pattern at sector 0 and writes one at sector 2048.
+		dd if=/dev/zero of=/tmp/disk.img bs=1M count=16 2>/dev/null
+		echo E2E-DISK-PATTERN | dd of=/tmp/disk.img conv=notrunc 2>/dev/null
+		DISK=/tmp/disk.img run_vmm blk aivmm "" "" blk
+		echo "@@O blk 0 E2E-RESULT host_readback=$(dd if=/tmp/disk.img bs=512 skip=2048 count=1 2>/dev/null | head -c 15)"
+		;;
+	fs)
+		rm -rf /tmp/share && mkdir -p /tmp/share/sub
+		echo E2E-FS-HELLO >/tmp/share/sub/hello.txt
+		SHARE=/tmp/share:e2e run_vmm fs aivmm "" "" fs
+		echo "@@O fs 0 E2E-RESULT host_sees=$(cat /tmp/share/from-guest.txt 2>/dev/null | head -c 20)"
+		;;
+	qemu-compare)
+		i=1
+		while [ $i -le "$RUNS" ]; do
+			for k in aivmm qemu-microvm qemu-pc; do
+				run_vmm "qemu-compare/$k/$i" $k 1 256M boot
+			done
+			i=$((i + 1))
+		done
+		;;
+	*) echo "@@L1 unknown scenario $1" ;;
+	esac
+}
+
+for s in $SCENARIOS; do
+	read -r up _ </proc/uptime
+	echo "@@BEGIN $s uptime_s=$up"
+	scenario "$s"
+	dmesg -c | sed "s/^/@@K $s /"
+	read -r up _ </proc/uptime
+	echo "@@END $s uptime_s=$up"
+done
+echo "@@L1 done"
+poweroff -f

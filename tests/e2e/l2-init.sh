@@ -1,0 +1,68 @@
+#!/bin/sh
+# L2 init: the guest that the VMM under test (aivmm, or QEMU for comparison) boots.
+# Loads the virtio modules, writes the boot marker, runs the scenario named by
+# `aivmm.scenario=` on the kernel command line, prints `E2E-RESULT key=value`
+# lines on the console and powers off. Keep it short: every fork and every
+# console line costs real time under nested TCG.
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev 2>/dev/null
+
+# Module load order is written by the harness from modules.dep; scenarios that
+# need more (blk, fs) load their own list later, so the boot path stays the same.
+load_mods() {
+	while read -r m; do
+		insmod "/lib/modules/$m" 2>/dev/null || echo "E2E-WARN insmod-failed=$m"
+	done <"/lib/modules/order${1:+-$1}"
+}
+load_mods
+
+# Boot marker: the aivmm boot-timer MMIO write, then a console line that is
+# timestamped host-side (the same method for every VMM).
+devmem 0xc0000000 8 1 2>/dev/null || echo "E2E-WARN devmem-failed"
+echo "E2E-MARKER"
+
+scenario=none
+for w in $(cat /proc/cmdline); do
+	case "$w" in aivmm.scenario=*) scenario="${w#*=}" ;; esac
+done
+read -r up _ </proc/uptime
+echo "E2E-RESULT scenario=$scenario uptime_s=$up"
+
+case "$scenario" in
+smp)
+	n=$(grep -c '^processor' /proc/cpuinfo)
+	mem=$(sed -n 's/^MemTotal: *\([0-9]*\) kB/\1/p' /proc/meminfo)
+	echo "E2E-RESULT cpus=$n online=$(cat /sys/devices/system/cpu/online) memtotal_kb=$mem"
+	;;
+blk)
+	load_mods blk
+	echo "E2E-RESULT blk_sectors=$(cat /sys/block/vda/size 2>/dev/null || echo none) blk_head=$(head -c 16 /dev/vda 2>/dev/null)"
+	echo E2E-GUEST-WROTE | dd of=/dev/vda bs=512 seek=2048 conv=fsync 2>/dev/null
+	echo "E2E-RESULT blk_write_rc=$? blk_readback=$(dd if=/dev/vda bs=512 skip=2048 count=1 iflag=direct 2>/dev/null | head -c 15)"
+	;;
+fs)
+	load_mods fs
+	mkdir -p /mnt
+	mount -t virtiofs e2e /mnt
+	echo "E2E-RESULT fs_mount_rc=$? fs_read=$(cat /mnt/sub/hello.txt 2>/dev/null) fs_ls=$(ls /mnt | tr '\n' ,)"
+	echo E2E-FS-GUEST >/mnt/from-guest.txt
+	echo "E2E-RESULT fs_write_rc=$?"
+	sync
+	umount /mnt
+	;;
+rng)
+	cur=$(cat /sys/class/misc/hw_random/rng_current 2>/dev/null)
+	echo "E2E-RESULT rng_current=${cur:-missing} rng_available=$(cat /sys/class/misc/hw_random/rng_available 2>/dev/null | tr ' ' ,)"
+	if [ -c /dev/hwrng ]; then
+		head -c 128 /dev/hwrng >/rng.bin 2>/dev/null
+		echo "E2E-RESULT rng_bytes=$(wc -c </rng.bin) rng_hex=$(od -An -tx1 -N32 /rng.bin | tr -d ' \n')"
+	else
+		echo "E2E-RESULT rng_bytes=0 rng_hex=nodev"
+	fi
+	;;
+esac
+
+echo "E2E-DONE"
+poweroff -f
