@@ -157,7 +157,10 @@ impl TryFrom<&RunArgs> for VmConfig {
         let c = VmConfig {
             kernel,
             initrd: a.initrd.clone(),
-            cmdline: a.cmdline.clone().unwrap_or_else(|| config::DEFAULT_CMDLINE.to_string()),
+            cmdline: a
+                .cmdline
+                .clone()
+                .unwrap_or_else(|| config::DEFAULT_CMDLINE.to_string()),
             cpus: a.cpus.unwrap_or(1),
             memory: a.memory.unwrap_or(512 << 20),
             acpi: !a.no_acpi,
@@ -190,7 +193,9 @@ mod tests {
 
     fn run(args: &[&str]) -> Result<VmConfig, String> {
         let cli = Cli::try_parse_from(args).map_err(|e| e.to_string())?;
-        let Command::Run(r) = cli.command else { return Err("not run".into()) };
+        let Command::Run(r) = cli.command else {
+            return Err("not run".into());
+        };
         VmConfig::try_from(&r).map_err(|e| e.to_string())
     }
 

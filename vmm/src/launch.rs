@@ -71,18 +71,33 @@ const POWEROFF_WAIT: Duration = Duration::from_secs(15);
 /// `AIVMM_GUEST_INITRD`, `AIVMM_GUEST_ROOTFS` (and `AIVMM_GUEST_CMDLINE_FILE`),
 /// else the cached Debian-built image, built now if missing.
 pub fn resolve_image(args: &RunArgs) -> Result<GuestImage> {
-    let env = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let env = |name: &str| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     let kernel = args.kernel.clone().or_else(|| env("AIVMM_GUEST_KERNEL"));
     if let Some(kernel) = kernel {
         let cmdline = match (&args.cmdline, env("AIVMM_GUEST_CMDLINE_FILE")) {
             (Some(c), _) => c.clone(),
-            (None, Some(f)) => std::fs::read_to_string(&f).map_err(|e| Error::Io(f, e))?.trim().to_string(),
+            (None, Some(f)) => std::fs::read_to_string(&f)
+                .map_err(|e| Error::Io(f, e))?
+                .trim()
+                .to_string(),
             (None, None) => image::CMDLINE.to_string(),
         };
         return Ok(GuestImage {
             kernel,
-            initrd: args.initrd.clone().or_else(|| env("AIVMM_GUEST_INITRD")).unwrap_or_default(),
-            rootfs: args.rootfs.clone().or_else(|| env("AIVMM_GUEST_ROOTFS")).ok_or(Error::NoRootfs)?,
+            initrd: args
+                .initrd
+                .clone()
+                .or_else(|| env("AIVMM_GUEST_INITRD"))
+                .unwrap_or_default(),
+            rootfs: args
+                .rootfs
+                .clone()
+                .or_else(|| env("AIVMM_GUEST_ROOTFS"))
+                .ok_or(Error::NoRootfs)?,
             cmdline,
         });
     }
@@ -100,7 +115,9 @@ pub fn command_env(entries: &[String]) -> Result<Vec<(String, String)>> {
         .map(|e| match e.split_once('=') {
             Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
             Some(_) => Err(Error::EnvMissing(e.clone())),
-            None => std::env::var(e).map(|v| (e.clone(), v)).map_err(|_| Error::EnvMissing(e.clone())),
+            None => std::env::var(e)
+                .map(|v| (e.clone(), v))
+                .map_err(|_| Error::EnvMissing(e.clone())),
         })
         .collect()
 }
@@ -123,8 +140,14 @@ pub fn vm_config(
         shares.push(config::parse_share(s, args.fs_cache)?);
     }
     let mut disks = vec![
-        DiskConfig { path: image.rootfs.clone(), read_only: true },
-        DiskConfig { path: state_disk.to_path_buf(), read_only: false },
+        DiskConfig {
+            path: image.rootfs.clone(),
+            read_only: true,
+        },
+        DiskConfig {
+            path: state_disk.to_path_buf(),
+            read_only: false,
+        },
     ];
     for d in &args.disk {
         disks.push(config::parse_disk(d)?);
@@ -141,7 +164,10 @@ pub fn vm_config(
         shares,
         net: args.net.clone().unwrap_or(NetMode::User),
         forwards: args.forward.clone(),
-        vsock: Some(VsockConfig { guest_cid: args.vsock_cid, uds_path: state.vsock_path() }),
+        vsock: Some(VsockConfig {
+            guest_cid: args.vsock_cid,
+            uds_path: state.vsock_path(),
+        }),
     };
     c.validate()?;
     Ok(c)
@@ -149,13 +175,19 @@ pub fn vm_config(
 
 /// The last `n` lines of the console log, as a note for an error message.
 fn console_tail(path: &Path, n: usize) -> String {
-    let Ok(f) = File::open(path) else { return String::new() };
+    let Ok(f) = File::open(path) else {
+        return String::new();
+    };
     let lines: Vec<String> = BufReader::new(f).lines().map_while(|l| l.ok()).collect();
     if lines.is_empty() {
         return String::new();
     }
     let start = lines.len().saturating_sub(n);
-    format!("; the guest console ({}) ended with:\n  {}", path.display(), lines[start..].join("\n  "))
+    format!(
+        "; the guest console ({}) ended with:\n  {}",
+        path.display(),
+        lines[start..].join("\n  ")
+    )
 }
 
 fn is_tty(fd: i32) -> bool {
@@ -200,7 +232,11 @@ pub fn run(hv: &dyn Hypervisor, args: &RunArgs, workdir: &Path, started: Instant
 
     let tty = is_tty(libc::STDIN_FILENO) && is_tty(libc::STDOUT_FILENO);
     let spec = Spec {
-        argv: if args.command.is_empty() { vec!["claude".to_string()] } else { args.command.clone() },
+        argv: if args.command.is_empty() {
+            vec!["claude".to_string()]
+        } else {
+            args.command.clone()
+        },
         env,
         cwd: Some("/work".to_string()),
         uid: Some(ids.0),
@@ -225,8 +261,12 @@ pub fn run(hv: &dyn Hypervisor, args: &RunArgs, workdir: &Path, started: Instant
             // The agent has exited; the guest's init powers off now.
             match done_rx.recv_timeout(POWEROFF_WAIT) {
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => log::warn!("the VM stopped with an error after the command exited: {e}"),
-                Err(_) => log::warn!("the guest did not power off within {POWEROFF_WAIT:?}; stopping it"),
+                Ok(Err(e)) => {
+                    log::warn!("the VM stopped with an error after the command exited: {e}")
+                }
+                Err(_) => {
+                    log::warn!("the guest did not power off within {POWEROFF_WAIT:?}; stopping it")
+                }
             }
             Ok(code)
         }
@@ -235,7 +275,10 @@ pub fn run(hv: &dyn Hypervisor, args: &RunArgs, workdir: &Path, started: Instant
                 Ok(Err(e)) => format!(": {e}"),
                 _ => String::new(),
             };
-            Err(Error::VmStopped(format!("{why}{}", console_tail(&log_path, 15))))
+            Err(Error::VmStopped(format!(
+                "{why}{}",
+                console_tail(&log_path, 15)
+            )))
         }
         Err(e) => Err(Error::Session(e, console_tail(&log_path, 15))),
     }
@@ -259,9 +302,22 @@ mod tests {
     fn env_entries() {
         std::env::set_var("AIVMM_TEST_ENV_X", "x-value");
         let e = command_env(&["A=1".into(), "B=".into(), "AIVMM_TEST_ENV_X".into()]).unwrap();
-        assert_eq!(e, vec![("A".into(), "1".into()), ("B".into(), "".into()), ("AIVMM_TEST_ENV_X".into(), "x-value".into())]);
-        assert!(matches!(command_env(&["AIVMM_TEST_ENV_UNSET_Y".into()]), Err(Error::EnvMissing(_))));
-        assert!(matches!(command_env(&["=v".into()]), Err(Error::EnvMissing(_))));
+        assert_eq!(
+            e,
+            vec![
+                ("A".into(), "1".into()),
+                ("B".into(), "".into()),
+                ("AIVMM_TEST_ENV_X".into(), "x-value".into())
+            ]
+        );
+        assert!(matches!(
+            command_env(&["AIVMM_TEST_ENV_UNSET_Y".into()]),
+            Err(Error::EnvMissing(_))
+        ));
+        assert!(matches!(
+            command_env(&["=v".into()]),
+            Err(Error::EnvMissing(_))
+        ));
     }
 
     #[test]
@@ -269,7 +325,17 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let work = tempfile::tempdir().unwrap();
         let state = WorkdirState::open(root.path(), work.path()).unwrap();
-        let a = args(&["--workdir", ".", "--forward", "8080:80", "--share", "/tmp:tmp:ro", "--", "echo", "hi"]);
+        let a = args(&[
+            "--workdir",
+            ".",
+            "--forward",
+            "8080:80",
+            "--share",
+            "/tmp:tmp:ro",
+            "--",
+            "echo",
+            "hi",
+        ]);
         let img = GuestImage {
             kernel: "/k".into(),
             initrd: "/i".into(),
@@ -279,15 +345,39 @@ mod tests {
         let c = vm_config(&a, &img, &state, Path::new("/s.img"), (1000, 100)).unwrap();
         assert_eq!(c.cmdline, "console=ttyS0 aivmm.uid=1000 aivmm.gid=100");
         assert_eq!((c.cpus, c.memory), (DEFAULT_CPUS, DEFAULT_MEMORY));
-        assert_eq!(c.disks[0], DiskConfig { path: "/r.ext4".into(), read_only: true });
-        assert_eq!(c.disks[1], DiskConfig { path: "/s.img".into(), read_only: false });
-        assert_eq!((c.shares[0].tag.as_str(), c.shares[0].read_only), (WORK_TAG, false));
+        assert_eq!(
+            c.disks[0],
+            DiskConfig {
+                path: "/r.ext4".into(),
+                read_only: true
+            }
+        );
+        assert_eq!(
+            c.disks[1],
+            DiskConfig {
+                path: "/s.img".into(),
+                read_only: false
+            }
+        );
+        assert_eq!(
+            (c.shares[0].tag.as_str(), c.shares[0].read_only),
+            (WORK_TAG, false)
+        );
         assert_eq!(c.shares[0].path, state.workdir);
-        assert_eq!((c.shares[1].tag.as_str(), c.shares[1].read_only), ("tmp", true));
+        assert_eq!(
+            (c.shares[1].tag.as_str(), c.shares[1].read_only),
+            ("tmp", true)
+        );
         assert_eq!(c.net, NetMode::User);
-        assert_eq!(c.vsock.as_ref().map(|v| v.uds_path.clone()), Some(state.vsock_path()));
+        assert_eq!(
+            c.vsock.as_ref().map(|v| v.uds_path.clone()),
+            Some(state.vsock_path())
+        );
         assert_eq!(a.command, vec!["echo".to_string(), "hi".to_string()]);
         let dup = args(&["--workdir", ".", "--share", "/tmp:work"]);
-        assert!(matches!(vm_config(&dup, &img, &state, Path::new("/s"), (0, 0)), Err(Error::Config(_))));
+        assert!(matches!(
+            vm_config(&dup, &img, &state, Path::new("/s"), (0, 0)),
+            Err(Error::Config(_))
+        ));
     }
 }

@@ -40,8 +40,18 @@ fn main() -> ExitCode {
 }
 
 fn image(cmd: ImageCommand) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    let ImageCommand::Build { no_claude, package, force, out } = cmd;
-    let opts = aivmm::image::BuildOptions { with_claude: !no_claude, extra_packages: package, out, force };
+    let ImageCommand::Build {
+        no_claude,
+        package,
+        force,
+        out,
+    } = cmd;
+    let opts = aivmm::image::BuildOptions {
+        with_claude: !no_claude,
+        extra_packages: package,
+        out,
+        force,
+    };
     let img = aivmm::image::build(&opts, &aivmm::image::Progress::auto())?;
     println!("kernel  {}", img.kernel.display());
     println!("initrd  {}", img.initrd.display());
@@ -57,8 +67,18 @@ fn ps() -> Result<ExitCode, Box<dyn std::error::Error>> {
     for (_, m) in aivmm::workdir::running(&aivmm::workdir::state_root()) {
         let up = now.saturating_sub(m.started);
         let uptime = format!("{}:{:02}:{:02}", up / 3600, up / 60 % 60, up % 60);
-        let ports = if m.forwards.is_empty() { "-".to_string() } else { m.forwards.join(",") };
-        println!("{:<8} {:>9}  {:<16} {}", m.pid, uptime, ports, m.workdir.display());
+        let ports = if m.forwards.is_empty() {
+            "-".to_string()
+        } else {
+            m.forwards.join(",")
+        };
+        println!(
+            "{:<8} {:>9}  {:<16} {}",
+            m.pid,
+            uptime,
+            ports,
+            m.workdir.display()
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -79,7 +99,10 @@ fn stop(target: &str, timeout: u64) -> Result<ExitCode, Box<dyn std::error::Erro
     // SAFETY: signal 0 only checks that the process exists.
     while unsafe { libc::kill(pid, 0) } == 0 {
         if Instant::now() >= deadline {
-            eprintln!("aivmm: {} did not stop within {timeout} s; killing it", m.workdir.display());
+            eprintln!(
+                "aivmm: {} did not stop within {timeout} s; killing it",
+                m.workdir.display()
+            );
             // SAFETY: as above.
             unsafe { libc::kill(pid, libc::SIGKILL) };
             break;

@@ -60,7 +60,10 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io { path: path.to_path_buf(), source }
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Where aivmm keeps per-workdir state: `$XDG_STATE_HOME/aivmm/vms`, or
@@ -84,9 +87,19 @@ pub fn state_name(workdir: &Path) -> String {
     }
     let base: String = workdir
         .file_name()
-        .map(|n| n.to_string_lossy().chars().filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c)).take(32).collect())
+        .map(|n| {
+            n.to_string_lossy()
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c))
+                .take(32)
+                .collect()
+        })
         .unwrap_or_default();
-    let base = if base.is_empty() { "root".to_string() } else { base };
+    let base = if base.is_empty() {
+        "root".to_string()
+    } else {
+        base
+    };
     format!("{base}-{:08x}", h as u32)
 }
 
@@ -103,8 +116,10 @@ pub struct WorkdirState {
 impl WorkdirState {
     /// Opens (creating if needed) and locks the state of `workdir` under `root`.
     pub fn open(root: &Path, workdir: &Path) -> Result<Self> {
-        let workdir = fs::canonicalize(workdir)
-            .map_err(|source| Error::Workdir { path: workdir.to_path_buf(), source })?;
+        let workdir = fs::canonicalize(workdir).map_err(|source| Error::Workdir {
+            path: workdir.to_path_buf(),
+            source,
+        })?;
         if !workdir.is_dir() {
             return Err(Error::NotADirectory(workdir));
         }
@@ -119,8 +134,13 @@ impl WorkdirState {
             .map_err(io_err(&lock_path))?;
         // SAFETY: flock on a descriptor we own.
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let pid = read_meta(&dir).map(|m| format!(" (pid {})", m.pid)).unwrap_or_default();
-            return Err(Error::Busy { workdir: workdir.display().to_string(), pid });
+            let pid = read_meta(&dir)
+                .map(|m| format!(" (pid {})", m.pid))
+                .unwrap_or_default();
+            return Err(Error::Busy {
+                workdir: workdir.display().to_string(),
+                pid,
+            });
         }
         // The lock is ours: whatever a killed run left behind is stale.
         for stale in ["vsock.sock", "vm.json"] {
@@ -133,7 +153,11 @@ impl WorkdirState {
                 }
             }
         }
-        Ok(Self { workdir, dir, _lock: lock })
+        Ok(Self {
+            workdir,
+            dir,
+            _lock: lock,
+        })
     }
 
     /// The vsock socket path.
@@ -151,7 +175,8 @@ impl WorkdirState {
         let path = self.dir.join("vm.json");
         let tmp = self.dir.join("vm.json.tmp");
         let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-        f.write_all(meta.to_json().as_bytes()).map_err(io_err(&tmp))?;
+        f.write_all(meta.to_json().as_bytes())
+            .map_err(io_err(&tmp))?;
         fs::rename(&tmp, &path).map_err(io_err(&path))
     }
 
@@ -167,7 +192,14 @@ impl WorkdirState {
         f.set_len(size).map_err(io_err(&tmp))?;
         drop(f);
         let out = Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-L", "aivmm-state", "-E", "root_owner=0:0,lazy_itable_init=1"])
+            .args([
+                "-q",
+                "-F",
+                "-L",
+                "aivmm-state",
+                "-E",
+                "root_owner=0:0,lazy_itable_init=1",
+            ])
             .arg(&tmp)
             .output()
             .map_err(|e| Error::Format {
@@ -176,7 +208,10 @@ impl WorkdirState {
             })?;
         if !out.status.success() {
             let _ = fs::remove_file(&tmp);
-            return Err(Error::Format { path, reason: String::from_utf8_lossy(&out.stderr).trim().to_string() });
+            return Err(Error::Format {
+                path,
+                reason: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
         }
         fs::rename(&tmp, &path).map_err(io_err(&path))?;
         Ok(path)
@@ -199,13 +234,24 @@ pub struct Meta {
 impl Meta {
     /// A record for this process, now.
     pub fn now(workdir: &Path, forwards: Vec<String>) -> Self {
-        let started = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        Self { workdir: workdir.to_path_buf(), pid: std::process::id(), started, forwards }
+        let started = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Self {
+            workdir: workdir.to_path_buf(),
+            pid: std::process::id(),
+            started,
+            forwards,
+        }
     }
 
     fn to_json(&self) -> String {
         let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
-        let fwd: Vec<String> = self.forwards.iter().map(|f| format!("\"{}\"", esc(f))).collect();
+        let fwd: Vec<String> = self
+            .forwards
+            .iter()
+            .map(|f| format!("\"{}\"", esc(f)))
+            .collect();
         format!(
             "{{\"workdir\":\"{}\",\"pid\":{},\"started\":{},\"forwards\":[{}]}}\n",
             esc(&self.workdir.to_string_lossy()),
@@ -235,7 +281,10 @@ impl Meta {
             None
         };
         let number = |rest: &str| -> Option<u64> {
-            rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
         };
         let fwd_text = field("forwards")?.strip_prefix('[')?;
         let fwd_text = &fwd_text[..fwd_text.find(']')?];
@@ -261,10 +310,14 @@ pub fn read_meta(dir: &Path) -> Option<Meta> {
 /// The running VMs: state directories whose lock is held, with their records.
 pub fn running(root: &Path) -> Vec<(PathBuf, Meta)> {
     let mut out = Vec::new();
-    let Ok(entries) = fs::read_dir(root) else { return out };
+    let Ok(entries) = fs::read_dir(root) else {
+        return out;
+    };
     for e in entries.flatten() {
         let dir = e.path();
-        let Ok(lock) = OpenOptions::new().write(true).open(dir.join("lock")) else { continue };
+        let Ok(lock) = OpenOptions::new().write(true).open(dir.join("lock")) else {
+            continue;
+        };
         // SAFETY: flock on a descriptor we own; a held lock means a live VM.
         let free = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
         if free {
@@ -301,7 +354,10 @@ mod tests {
             forwards: vec!["2222:22".into(), "53:53/udp".into()],
         };
         assert_eq!(Meta::from_json(&m.to_json()), Some(m.clone()));
-        let none = Meta { forwards: vec![], ..m };
+        let none = Meta {
+            forwards: vec![],
+            ..m
+        };
         assert_eq!(Meta::from_json(&none.to_json()), Some(none));
         assert_eq!(Meta::from_json("{garbage"), None);
     }
@@ -311,9 +367,15 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let work = tempfile::tempdir().unwrap();
         let first = WorkdirState::open(root.path(), work.path()).unwrap();
-        first.write_meta(&Meta::now(&first.workdir, vec!["8080:80".into()])).unwrap();
+        first
+            .write_meta(&Meta::now(&first.workdir, vec!["8080:80".into()]))
+            .unwrap();
         let err = WorkdirState::open(root.path(), work.path()).unwrap_err();
-        assert!(err.to_string().contains(&format!("(pid {})", std::process::id())), "{err}");
+        assert!(
+            err.to_string()
+                .contains(&format!("(pid {})", std::process::id())),
+            "{err}"
+        );
         let listed = running(root.path());
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].1.forwards, vec!["8080:80".to_string()]);
@@ -336,11 +398,19 @@ mod tests {
         let md = fs::metadata(&disk).unwrap();
         assert_eq!(md.len(), 1 << 30);
         use std::os::unix::fs::MetadataExt;
-        assert!(md.blocks() * 512 < 64 << 20, "not sparse: {} blocks", md.blocks());
+        assert!(
+            md.blocks() * 512 < 64 << 20,
+            "not sparse: {} blocks",
+            md.blocks()
+        );
         let mut magic = [0u8; 2];
         let f = File::open(&disk).unwrap();
         std::os::unix::fs::FileExt::read_exact_at(&f, &mut magic, 0x438).unwrap();
         assert_eq!(magic, [0x53, 0xef]);
-        assert_eq!(st.state_disk(1 << 30).unwrap(), disk, "second call must reuse the disk");
+        assert_eq!(
+            st.state_disk(1 << 30).unwrap(),
+            disk,
+            "second call must reuse the disk"
+        );
     }
 }

@@ -360,6 +360,8 @@ pub fn build(inputs: &Inputs, mtime: u32) -> Result<(Vec<u8>, Vec<String>)> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     #[test]
@@ -444,7 +446,7 @@ mod tests {
             elf.push(0);
         }
         let shoff = elf.len();
-        let mut sh = |name: u32, off: usize, size: usize| {
+        let sh = |name: u32, off: usize, size: usize| {
             let mut h = vec![0u8; 64];
             h[..4].copy_from_slice(&name.to_le_bytes());
             h[0x18..0x20].copy_from_slice(&(off as u64).to_le_bytes());

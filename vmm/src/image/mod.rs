@@ -639,6 +639,8 @@ fn build_into(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     #[test]
@@ -711,16 +713,20 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         // AIVMM_IMAGE_TEST_OUT keeps the image for a boot test by hand.
-        let out = std::env::var_os("AIVMM_IMAGE_TEST_OUT").map(PathBuf::from).unwrap_or_else(|| dir.path().join("img"));
+        let out = std::env::var_os("AIVMM_IMAGE_TEST_OUT")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| dir.path().join("img"));
         let t = std::time::Instant::now();
+        // AIVMM_IMAGE_TEST_CLAUDE=1 includes Claude Code (a 381 MB download).
+        let with_claude = std::env::var("AIVMM_IMAGE_TEST_CLAUDE").as_deref() == Ok("1");
         let opts = BuildOptions {
-            with_claude: false,
+            with_claude,
             out: Some(out.clone()),
             ..BuildOptions::default()
         };
         let img = build(&opts, &Progress::lines()).unwrap();
         eprintln!(
-            "full build without claude: {:.1}s",
+            "full build (claude: {with_claude}): {:.1}s",
             t.elapsed().as_secs_f64()
         );
 

@@ -204,6 +204,8 @@ pub fn parse_list(text: &str) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     const INDEX: &str = "\
