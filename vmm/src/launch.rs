@@ -33,6 +33,9 @@ pub enum Error {
     /// A `--env` entry names a variable that is not set here.
     #[error("--env {0}: no such variable in this environment (use NAME=VALUE)")]
     EnvMissing(String),
+    /// The guest agent binary is missing.
+    #[error("the guest agent {0} is missing: build it with `cargo build --release -p aivmm-agent`, or set AIVMM_AGENT")]
+    NoAgent(PathBuf),
     /// `--kernel` without a root filesystem.
     #[error("--kernel with --workdir needs --rootfs (or AIVMM_GUEST_ROOTFS)")]
     NoRootfs,
@@ -108,6 +111,24 @@ pub fn resolve_image(args: &RunArgs) -> Result<GuestImage> {
     Ok(img)
 }
 
+/// The tag under which aivmm shares its guest agent.
+pub const AGENT_TAG: &str = "aivmm";
+
+/// The guest agent to share: `AIVMM_AGENT`, else `aivmm-agent` beside this executable.
+pub fn agent_binary() -> Result<PathBuf> {
+    let path = match std::env::var_os("AIVMM_AGENT").filter(|v| !v.is_empty()) {
+        Some(p) => PathBuf::from(p),
+        None => std::env::current_exe()
+            .map_err(|e| Error::Io("current executable".into(), e))?
+            .with_file_name("aivmm-agent"),
+    };
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(Error::NoAgent(path))
+    }
+}
+
 /// The environment passed to the command: `NAME=VALUE` as given, `NAME` from here.
 pub fn command_env(entries: &[String]) -> Result<Vec<(String, String)>> {
     entries
@@ -128,14 +149,18 @@ pub fn vm_config(
     image: &GuestImage,
     state: &WorkdirState,
     state_disk: &Path,
+    agent_dir: &Path,
     ids: (u32, u32),
 ) -> Result<VmConfig> {
-    let mut shares = vec![ShareConfig {
-        path: state.workdir.clone(),
-        tag: WORK_TAG.to_string(),
-        read_only: false,
-        cache: args.fs_cache,
-    }];
+    let mut shares = vec![
+        ShareConfig { path: state.workdir.clone(), tag: WORK_TAG.to_string(), read_only: false, cache: args.fs_cache },
+        ShareConfig {
+            path: agent_dir.to_path_buf(),
+            tag: AGENT_TAG.to_string(),
+            read_only: true,
+            cache: config::FsCache::Always,
+        },
+    ];
     for s in &args.share {
         shares.push(config::parse_share(s, args.fs_cache)?);
     }
@@ -201,9 +226,10 @@ pub fn run(hv: &dyn Hypervisor, args: &RunArgs, workdir: &Path, started: Instant
     let env = command_env(&args.env)?;
     let image = resolve_image(args)?;
     let state_disk = state.state_disk(args.disk_size)?;
+    let agent_dir = state.stage_agent(&agent_binary()?)?;
     // SAFETY: getuid and getgid cannot fail.
     let ids = unsafe { (libc::getuid(), libc::getgid()) };
-    let config = vm_config(args, &image, &state, &state_disk, ids)?;
+    let config = vm_config(args, &image, &state, &state_disk, &agent_dir, ids)?;
 
     let vsock = state.vsock_path();
     let mut sess = Session::listen(&vsock).map_err(|e| Error::Session(e, String::new()))?;
@@ -342,7 +368,7 @@ mod tests {
             rootfs: "/r.ext4".into(),
             cmdline: "console=ttyS0".into(),
         };
-        let c = vm_config(&a, &img, &state, Path::new("/s.img"), (1000, 100)).unwrap();
+        let c = vm_config(&a, &img, &state, Path::new("/s.img"), Path::new("/ag"), (1000, 100)).unwrap();
         assert_eq!(c.cmdline, "console=ttyS0 aivmm.uid=1000 aivmm.gid=100");
         assert_eq!((c.cpus, c.memory), (DEFAULT_CPUS, DEFAULT_MEMORY));
         assert_eq!(
@@ -364,10 +390,9 @@ mod tests {
             (WORK_TAG, false)
         );
         assert_eq!(c.shares[0].path, state.workdir);
-        assert_eq!(
-            (c.shares[1].tag.as_str(), c.shares[1].read_only),
-            ("tmp", true)
-        );
+        assert_eq!((c.shares[1].tag.as_str(), c.shares[1].read_only), (AGENT_TAG, true));
+        assert_eq!(c.shares[1].path, PathBuf::from("/ag"));
+        assert_eq!((c.shares[2].tag.as_str(), c.shares[2].read_only), ("tmp", true));
         assert_eq!(c.net, NetMode::User);
         assert_eq!(
             c.vsock.as_ref().map(|v| v.uds_path.clone()),
@@ -376,7 +401,7 @@ mod tests {
         assert_eq!(a.command, vec!["echo".to_string(), "hi".to_string()]);
         let dup = args(&["--workdir", ".", "--share", "/tmp:work"]);
         assert!(matches!(
-            vm_config(&dup, &img, &state, Path::new("/s"), (0, 0)),
+            vm_config(&dup, &img, &state, Path::new("/s"), Path::new("/ag"), (0, 0)),
             Err(Error::Config(_))
         ));
     }

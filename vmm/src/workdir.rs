@@ -13,7 +13,6 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Errors of workdir state handling.
@@ -45,14 +44,6 @@ pub enum Error {
         workdir: String,
         /// " (pid N)" when known.
         pid: String,
-    },
-    /// The state disk could not be formatted.
-    #[error("formatting the state disk {path} failed: {reason}")]
-    Format {
-        /// The disk.
-        path: PathBuf,
-        /// Why.
-        reason: String,
     },
 }
 
@@ -180,8 +171,9 @@ impl WorkdirState {
         fs::rename(&tmp, &path).map_err(io_err(&path))
     }
 
-    /// The persistent state disk, created sparse with `size` bytes and formatted
-    /// ext4 the first time.
+    /// The persistent state disk, created sparse with `size` bytes the first
+    /// time. It starts all zeros: the guest formats a blank disk itself (see
+    /// guest-image/README.md), so the host needs no mkfs.
     pub fn state_disk(&self, size: u64) -> Result<PathBuf> {
         let path = self.dir.join("state.img");
         if path.exists() {
@@ -191,30 +183,20 @@ impl WorkdirState {
         let f = File::create(&tmp).map_err(io_err(&tmp))?;
         f.set_len(size).map_err(io_err(&tmp))?;
         drop(f);
-        let out = Command::new("mkfs.ext4")
-            .args([
-                "-q",
-                "-F",
-                "-L",
-                "aivmm-state",
-                "-E",
-                "root_owner=0:0,lazy_itable_init=1",
-            ])
-            .arg(&tmp)
-            .output()
-            .map_err(|e| Error::Format {
-                path: path.clone(),
-                reason: format!("cannot run mkfs.ext4 ({e}); install e2fsprogs"),
-            })?;
-        if !out.status.success() {
-            let _ = fs::remove_file(&tmp);
-            return Err(Error::Format {
-                path,
-                reason: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            });
-        }
         fs::rename(&tmp, &path).map_err(io_err(&path))?;
         Ok(path)
+    }
+
+    /// Copies the guest agent into `agent/` of the state directory, which aivmm
+    /// shares read-only with the guest (tag `aivmm`); returns that directory.
+    pub fn stage_agent(&self, agent: &Path) -> Result<PathBuf> {
+        let dir = self.dir.join("agent");
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let tmp = dir.join(".aivmm-agent.new");
+        fs::copy(agent, &tmp).map_err(io_err(agent))?;
+        let dst = dir.join("aivmm-agent");
+        fs::rename(&tmp, &dst).map_err(io_err(&dst))?;
+        Ok(dir)
     }
 }
 
@@ -386,11 +368,7 @@ mod tests {
     }
 
     #[test]
-    fn state_disk_is_sparse_ext4() {
-        if Command::new("mkfs.ext4").arg("-V").output().is_err() {
-            eprintln!("mkfs.ext4 missing; state disk test needs e2fsprogs");
-            return;
-        }
+    fn state_disk_is_sparse_and_kept() {
         let root = tempfile::tempdir().unwrap();
         let work = tempfile::tempdir().unwrap();
         let st = WorkdirState::open(root.path(), work.path()).unwrap();
@@ -398,19 +376,13 @@ mod tests {
         let md = fs::metadata(&disk).unwrap();
         assert_eq!(md.len(), 1 << 30);
         use std::os::unix::fs::MetadataExt;
-        assert!(
-            md.blocks() * 512 < 64 << 20,
-            "not sparse: {} blocks",
-            md.blocks()
-        );
-        let mut magic = [0u8; 2];
-        let f = File::open(&disk).unwrap();
-        std::os::unix::fs::FileExt::read_exact_at(&f, &mut magic, 0x438).unwrap();
-        assert_eq!(magic, [0x53, 0xef]);
-        assert_eq!(
-            st.state_disk(1 << 30).unwrap(),
-            disk,
-            "second call must reuse the disk"
-        );
+        assert_eq!(md.blocks(), 0, "not sparse");
+        fs::write(&disk, b"guest data").unwrap();
+        assert_eq!(st.state_disk(1 << 30).unwrap(), disk);
+        assert_eq!(fs::read(&disk).unwrap(), b"guest data", "second call must reuse the disk");
+        let agent = work.path().join("agent-bin");
+        fs::write(&agent, b"\x7fELF").unwrap();
+        let dir = st.stage_agent(&agent).unwrap();
+        assert_eq!(fs::read(dir.join("aivmm-agent")).unwrap(), b"\x7fELF");
     }
 }
