@@ -81,7 +81,7 @@ pub struct RunArgs {
     /// With --workdir: the guest's root filesystem image (default: the guest image's).
     #[arg(long, value_name = "PATH")]
     pub rootfs: Option<PathBuf>,
-    /// Kernel command line [default: console=ttyS0 reboot=acpi panic=-1, or the
+    /// Kernel command line [default: console=ttyS0 reboot=acpi panic=-1 pci=off, or the
     /// guest image's with --workdir].
     #[arg(long, value_name = "TEXT")]
     pub cmdline: Option<String>,

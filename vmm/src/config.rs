@@ -251,7 +251,7 @@ pub fn parse_share(s: &str, cache: FsCache) -> Result<ShareConfig> {
 }
 
 /// The command line used when none is given.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=acpi panic=-1";
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=acpi panic=-1 pci=off";
 
 impl VmConfig {
     /// Checks the values that the CLI parser cannot.

@@ -173,6 +173,7 @@ pub fn boot_msrs() -> Vec<(u32, u64)> {
 }
 
 const CPUID_HYPERVISOR_BIT: u32 = 1 << 31;
+const CPUID_TSC_DEADLINE_BIT: u32 = 1 << 24;
 
 /// Adapts the hypervisor's supported CPUID to vCPU `id` of `count`: its APIC id,
 /// the logical processor count, the hypervisor bit, and the x2APIC topology leaves.
@@ -187,6 +188,9 @@ pub fn vcpu_cpuid(supported: &[CpuIdEntry], id: u32, count: u32) -> Vec<CpuIdEnt
                     e.edx |= 1 << 28;
                 }
                 e.ecx |= CPUID_HYPERVISOR_BIT;
+                // KVM's in-kernel LAPIC emulates the TSC-deadline timer, but the
+                // supported CPUID does not advertise it; the guest's cheapest timer.
+                e.ecx |= CPUID_TSC_DEADLINE_BIT;
             }
             0xb | 0x1f => {
                 // One thread per core; all cores in one package.
@@ -287,6 +291,7 @@ mod tests {
         let out = vcpu_cpuid(&sup, 3, 4);
         assert_eq!(out[0].ebx, 0x0304_1234);
         assert_ne!(out[0].ecx & CPUID_HYPERVISOR_BIT, 0);
+        assert_ne!(out[0].ecx & CPUID_TSC_DEADLINE_BIT, 0);
         assert_eq!((out[1].eax, out[1].ebx, out[1].edx), (2, 4, 3));
     }
 }
