@@ -343,3 +343,54 @@ fn no_guest_code_runs_after_power_off() {
         "the vCPU ran on after S5:\n{run}"
     );
 }
+
+/// The pattern `blk_flush.c` writes to sectors 8..16.
+fn blk_pattern() -> Vec<u8> {
+    let pat = b"AIVMM-DURABLE-";
+    (0..4096usize).map(|i| if i % 16 < pat.len() { pat[i % 16] } else { b'0' + (i / 16 % 10) as u8 }).collect()
+}
+
+#[test]
+fn flushed_block_write_survives_kill_9() {
+    if !kvm_usable("blk_flush") {
+        return;
+    }
+    let guest = build_guest("blk_flush");
+    let img = tempfile::NamedTempFile::new().expect("image");
+    img.as_file().set_len(1 << 20).expect("sizing the image");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_aivmm"))
+        .args(["run", "--no-rng", "--memory", MEMORY, "--kernel"])
+        .arg(&guest.elf)
+        .arg("--disk")
+        .arg(img.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting aivmm");
+    let mut out = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 256];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&seen).contains("FLUSHED") || seen.windows(8).any(|w| w == b"BLK FAIL") {
+                let _ = tx.send(String::from_utf8_lossy(&seen).into_owned());
+                return;
+            }
+        }
+        let _ = tx.send(String::from_utf8_lossy(&seen).into_owned());
+    });
+    let seen = rx.recv_timeout(TIMEOUT).unwrap_or_default();
+    // SIGKILL right after the guest saw its flush complete: no clean shutdown.
+    child.kill().expect("SIGKILL");
+    let _ = child.wait();
+    assert!(seen.contains("FLUSHED"), "the guest did not finish its flush: {seen:?}");
+    let data = std::fs::read(img.path()).expect("reading the image");
+    assert_eq!(&data[8 * 512..8 * 512 + 4096], &blk_pattern()[..], "flushed data lost after kill -9");
+    assert!(data[..8 * 512].iter().all(|&b| b == 0), "bytes before the write changed");
+}

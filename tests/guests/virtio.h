@@ -118,16 +118,16 @@ static inline int virtio_reset(void)
     return vread(VIRTIO_MMIO_STATUS) == 0;
 }
 
-/* Steps 1-6 of §3.1.1 up to FEATURES_OK, accepting VERSION_1 only. Returns a
- * reason on failure, 0 on success. */
-static inline const char *virtio_negotiate(void)
+/* Steps 1-6 of §3.1.1 up to FEATURES_OK for device `id`, accepting VERSION_1
+ * and the low feature bits `lo`. Returns a reason on failure, 0 on success. */
+static inline const char *virtio_negotiate_dev(u32 id, u32 lo)
 {
     if (vread(VIRTIO_MMIO_MAGIC_VALUE) != VIRTIO_MAGIC)
         return "bad magic";
     if (vread(VIRTIO_MMIO_VERSION) != 2)
         return "version is not 2";
-    if (vread(VIRTIO_MMIO_DEVICE_ID) != VIRTIO_ID_RNG)
-        return "device id is not 4";
+    if (vread(VIRTIO_MMIO_DEVICE_ID) != id)
+        return "unexpected device id";
     if (!virtio_reset())
         return "reset did not clear status";
     vwrite(VIRTIO_MMIO_STATUS, STATUS_ACKNOWLEDGE);
@@ -135,14 +135,23 @@ static inline const char *virtio_negotiate(void)
     vwrite(VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
     if (!(vread(VIRTIO_MMIO_DEVICE_FEATURES) & FEATURE_HI_VERSION_1))
         return "no VIRTIO_F_VERSION_1";
+    vwrite(VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
+    if ((vread(VIRTIO_MMIO_DEVICE_FEATURES) & lo) != lo)
+        return "a wanted feature is not offered";
     vwrite(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
-    vwrite(VIRTIO_MMIO_DRIVER_FEATURES, 0);
+    vwrite(VIRTIO_MMIO_DRIVER_FEATURES, lo);
     vwrite(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
     vwrite(VIRTIO_MMIO_DRIVER_FEATURES, FEATURE_HI_VERSION_1);
     vwrite(VIRTIO_MMIO_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
     if (!(vread(VIRTIO_MMIO_STATUS) & STATUS_FEATURES_OK))
         return "FEATURES_OK not kept";
     return 0;
+}
+
+/* virtio_negotiate_dev for the rng device with VERSION_1 only. */
+static inline const char *virtio_negotiate(void)
+{
+    return virtio_negotiate_dev(VIRTIO_ID_RNG, 0);
 }
 
 /* Programs queue 0 with the given size and ring addresses and marks it ready. */
