@@ -91,9 +91,9 @@ pub struct RunArgs {
     /// Guest memory, e.g. 512M or 4G [default: 4G with --workdir, else 512M].
     #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
     pub memory: Option<u64>,
-    /// With --workdir: size of the persistent per-workdir disk (sparse).
-    #[arg(long, value_name = "SIZE", default_value = "16G", value_parser = parse_size_arg)]
-    pub disk_size: u64,
+    /// With --workdir: size of the persistent per-workdir disk (sparse) [default: 16G].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+    pub disk_size: Option<u64>,
     /// With --workdir: pass an environment variable to the command (NAME takes its
     /// value from this environment). Sent over vsock, never on the kernel command line.
     #[arg(long, value_name = "NAME[=VALUE]")]

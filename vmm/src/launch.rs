@@ -65,6 +65,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// The defaults of a workdir run.
 const DEFAULT_CPUS: u32 = 4;
 const DEFAULT_MEMORY: u64 = 4 << 30;
+const DEFAULT_DISK_SIZE: u64 = 16 << 30;
 /// The mount tag of the workdir share.
 pub const WORK_TAG: &str = "work";
 /// How long aivmm waits for the guest to power off after the command exited.
@@ -225,7 +226,7 @@ pub fn run(hv: &dyn Hypervisor, args: &RunArgs, workdir: &Path, started: Instant
     let state = WorkdirState::open(&workdir::state_root(), workdir)?;
     let env = command_env(&args.env)?;
     let image = resolve_image(args)?;
-    let state_disk = state.state_disk(args.disk_size)?;
+    let state_disk = state.state_disk(args.disk_size.unwrap_or(DEFAULT_DISK_SIZE))?;
     let agent_dir = state.stage_agent(&agent_binary()?)?;
     // SAFETY: getuid and getgid cannot fail.
     let ids = unsafe { (libc::getuid(), libc::getgid()) };

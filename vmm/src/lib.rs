@@ -11,5 +11,6 @@ pub mod hypervisor;
 pub mod image;
 pub mod launch;
 pub mod session;
+pub mod settings;
 pub mod vmm;
 pub mod workdir;

@@ -25,7 +25,7 @@ fn main() -> ExitCode {
     .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run(&args, started),
+        Command::Run(mut args) => run(&mut args, started),
         Command::Image { command } => image(command),
         Command::Ps => ps(),
         Command::Stop { target, timeout } => stop(&target, timeout),
@@ -131,15 +131,19 @@ impl Drop for RawTerminal {
     }
 }
 
-fn run(args: &RunArgs, started: Instant) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    if let Some(workdir) = &args.workdir {
+fn run(args: &mut RunArgs, started: Instant) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    if let Some(workdir) = args.workdir.clone() {
+        if let Some(file) = aivmm::settings::apply(args, &workdir)? {
+            log::info!("settings from {}", file.display());
+        }
+        let workdir = &workdir;
         let hv = KvmHypervisor::new()?;
         let code = aivmm::launch::run(&hv, args, workdir, started)?;
         let _ = std::io::stdout().flush();
         // Exit at once: vCPU and device threads end with the process.
         std::process::exit(code);
     }
-    let config = VmConfig::try_from(args)?;
+    let config = VmConfig::try_from(&*args)?;
     let hv = KvmHypervisor::new()?;
     let vmm = Vmm::build(&hv, &config, started, Box::new(std::io::stdout()))?;
     let raw = RawTerminal::enter();
