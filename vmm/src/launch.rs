@@ -216,6 +216,32 @@ fn console_tail(path: &Path, n: usize) -> String {
     )
 }
 
+/// Set by the SIGTERM/SIGHUP handler; read by the thread [`forward_termination`] starts.
+static TERMINATE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn note_termination(sig: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    TERMINATE.store(sig, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Turns SIGTERM and SIGHUP to aivmm (`aivmm stop`, a closed terminal) into the
+/// same signal for the guest command, so it ends and the guest powers off
+/// cleanly; `aivmm stop` kills aivmm if that takes too long.
+fn forward_termination(control: session::Control) {
+    for sig in [libc::SIGTERM, libc::SIGHUP] {
+        if let Err(e) = vmm_sys_util::signal::register_signal_handler(sig, note_termination) {
+            log::warn!("cannot handle signal {sig}: {e}");
+        }
+    }
+    let _ = std::thread::Builder::new().name("signals".into()).spawn(move || loop {
+        let sig = TERMINATE.swap(0, std::sync::atomic::Ordering::SeqCst);
+        if sig != 0 {
+            log::info!("signal {sig}: passing it to the guest command");
+            control.signal(sig);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    });
+}
+
 fn is_tty(fd: i32) -> bool {
     // SAFETY: isatty only inspects the descriptor.
     unsafe { libc::isatty(fd) == 1 }
@@ -246,6 +272,7 @@ pub fn run(hv: &dyn Hypervisor, args: &RunArgs, workdir: &Path, started: Instant
         .collect();
     state.write_meta(&Meta::now(&state.workdir, forwards))?;
 
+    forward_termination(sess.control());
     let control = sess.control();
     let (done_tx, done_rx) = mpsc::channel();
     std::thread::Builder::new()
