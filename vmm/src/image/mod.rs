@@ -101,7 +101,7 @@ pub const KERNEL_META: &str = "linux-image-cloud-amd64";
 /// The npm package with the native `claude` binary.
 pub const CLAUDE_NPM: &str = "@anthropic-ai/claude-code-linux-x64";
 /// The base kernel command line; aivmm appends `aivmm.uid=U aivmm.gid=G`.
-pub const CMDLINE: &str = "console=ttyS0 quiet panic=-1";
+pub const CMDLINE: &str = "console=ttyS0 quiet panic=-1 pci=off";
 /// Every timestamp in the image unless SOURCE_DATE_EPOCH says otherwise (2024-01-01).
 pub const DEFAULT_EPOCH: u64 = 1_704_067_200;
 
