@@ -21,6 +21,10 @@ Environment:
                     RIPs (QEMU monitor) and a sysrq-l backtrace, and kills it
   E2E_L2_CMDLINE    replaces the L2 base command line "console=ttyS0 quiet panic=-1"
                     (aivmm.scenario=<name> is always appended), e.g. to drop `quiet`
+  E2E_GUEST_TIMEOUT seconds for one `aivmm run --workdir` in guest-exit-status/guest-claude (240)
+  E2E_GUEST_CMDLINE replaces the Debian guest's base command line (--cmdline), e.g.
+                    "console=ttyS0 panic=-1 aivmm.debug=1"
+  AIVMM_AGENT_BIN   aivmm-agent to put beside aivmm in L1 (default: target/release/aivmm-agent)
   E2E_AIVMM_LOG     AIVMM_LOG for every aivmm run (default: aivmm::vmm=debug in `boot`
                     only, for its `setup took` line; nothing elsewhere)
 """
@@ -41,6 +45,8 @@ import sys
 import threading
 import time
 
+import e2e_io  # the I/O scenarios (fs-ro, net, vsock, ...): tests/e2e/e2e_io.py
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 WORK = os.environ.get("E2E_WORK", os.path.join(HERE, "work"))
@@ -54,10 +60,23 @@ SCENARIOS = {
     "bad-kernel": "garbage / empty / truncated kernel: non-zero exit, one `aivmm: error:` line, no panic",
     "qemu-compare": "boot time aivmm vs QEMU microvm and pc (KVM in L1), medians of E2E_BOOT_RUNS; "
     "fails only if a boot breaks",
+    "guest-exit-status": "run --workdir with the Debian image (no Claude): command stdout reaches aivmm's "
+    "stdout, a file written in /work reaches the host, aivmm exits with the command's status (7)",
+    "guest-claude": "run --workdir with the Debian image with Claude Code: `claude --version` prints "
+    "'Claude Code', aivmm exits 0",
 }
+SCENARIOS.update(e2e_io.SCENARIOS)
+# Scenarios that use a Debian guest image (`aivmm image build --out WORK/image-<kind>`),
+# attached to L1 as a read-only virtio disk with serial e2e-<kind>.
+GUEST_IMAGE_SCENARIOS = {"guest-exit-status": "noclaude", "guest-claude": "claude"}
+# Scenarios left out of the default set (run them by name).
+NOT_DEFAULT = set()
+NOT_DEFAULT.update(e2e_io.NOT_DEFAULT)
 
 L2_CMDLINE_NOTE = "console=ttyS0 quiet panic=-1 aivmm.scenario=<name>"
 L1_MEM = "3072"
+# Seconds allowed for one `aivmm run --workdir` with the Debian guest inside L1.
+GUEST_TIMEOUT = int(os.environ.get("E2E_GUEST_TIMEOUT", "240"))
 TAIL = 20
 
 
@@ -303,10 +322,64 @@ def build_l2(kernel, moddir):
     for scen, wanted in (("blk", ["virtio_blk"]), ("fs", ["virtiofs"])):
         extra = [m for m in module_closure(moddir, wanted) if m not in mods]
         add_modules(cpio, moddir, extra, f"order-{scen}")
+    e2e_io.l2_extras(cpio, moddir, mods, sys.modules[__name__])
     cpio.copy("init", os.path.join(HERE, "l2-init.sh"), 0o755)
     out = os.path.join(WORK, "l2-initrd.cpio")
     cpio.write(out)
     return out, [mod_basename(m) for m in mods]
+
+
+def build_guest_images(names, aivmm):
+    """Builds (or finds up to date) the Debian guest images the scenarios need, on
+    the host: {kind: directory}. `image build --out` rebuilds only if the recipe or a
+    package changed (it checks the manifest); offline, an existing image is used."""
+    kinds = sorted({GUEST_IMAGE_SCENARIOS[n] for n in names if n in GUEST_IMAGE_SCENARIOS})
+    images = {}
+    for kind in kinds:
+        out = os.path.join(WORK, f"image-{kind}")
+        cmd = [aivmm, "image", "build", "--out", out] + (["--no-claude"] if kind == "noclaude" else [])
+        t = time.monotonic()
+        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        complete = all(os.path.exists(os.path.join(out, f))
+                       for f in ("vmlinuz", "initrd.cpio", "rootfs.ext4", "manifest.txt"))
+        if r.returncode != 0:
+            if not complete:
+                die(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
+            note(f"image build {kind} failed; using the existing {out}: {r.stderr.strip()[-300:]}")
+        size = os.path.getsize(os.path.join(out, "rootfs.ext4"))
+        used = os.stat(os.path.join(out, "rootfs.ext4")).st_blocks * 512
+        note(f"guest image {kind}: {out} (rootfs {size >> 20} MiB, {used >> 20} MiB allocated), "
+             f"image build took {time.monotonic() - t:.1f} s")
+        images[kind] = out
+    return images
+
+
+def add_guest_images(cpio, moddir, images):
+    """L1 side of the guest images: their kernels and initrds in the initramfs (the
+    rootfs is a virtio disk, not RAM), the virtio-pci/blk modules to see it, and
+    aivmm-agent beside aivmm (aivmm shares it with the guest)."""
+    if not images:
+        return
+    mods = module_closure(moddir, ["virtio_pci", "virtio_blk"])
+    add_modules(cpio, moddir, mods, "l1-disk-order")
+    for kind, d in images.items():
+        cpio.copy(f"guest/{kind}/vmlinuz", os.path.join(d, "vmlinuz"), 0o644)
+        cpio.copy(f"guest/{kind}/initrd.cpio", os.path.join(d, "initrd.cpio"), 0o644)
+    agent = os.environ.get("AIVMM_AGENT_BIN") or os.path.join(ROOT, "target/release/aivmm-agent")
+    if not os.path.exists(agent):
+        die(f"no aivmm-agent at {agent} (cargo build --release builds it)")
+    add_binary(cpio, "usr/local/aivmm/aivmm-agent", agent, strip=True)
+    if os.environ.get("E2E_GUEST_CMDLINE"):
+        cpio.file("e2e/guest-cmdline", os.environ["E2E_GUEST_CMDLINE"].encode() + b"\n")
+
+
+def guest_image_drives(images):
+    """QEMU options attaching each guest rootfs to L1, read-only, found by serial."""
+    opts = []
+    for kind, d in images.items():
+        opts += ["-drive", f"file={os.path.join(d, 'rootfs.ext4')},format=raw,if=none,id=gi-{kind},readonly=on",
+                 "-device", f"virtio-blk-pci,drive=gi-{kind},serial=e2e-{kind}"]
+    return opts
 
 
 def build_l1(kernel, moddir, l2_initrd, aivmm, vmmrun):
@@ -336,6 +409,7 @@ def build_l1(kernel, moddir, l2_initrd, aivmm, vmmrun):
     add_binary(cpio, "bin/vmmrun", vmmrun)
     cpio.copy("l2/vmlinuz", kernel, 0o644)
     cpio.copy("l2/initrd.cpio", l2_initrd, 0o644)
+    e2e_io.l1_extras(cpio, moddir, sys.modules[__name__])
     cpio.copy("init", os.path.join(HERE, "l1-init.sh"), 0o755)
     if os.environ.get("E2E_AIVMM_LOG"):
         cpio.file("e2e/aivmm-log", os.environ["E2E_AIVMM_LOG"].encode() + b"\n")
@@ -443,6 +517,53 @@ def fmt_ms(v):
     return "n/a" if v is None else f"{v:.0f}"
 
 
+def judge_guest(sc):
+    """guest-exit-status / guest-claude: one `aivmm run --workdir` with the Debian image.
+    Boot-to-ready is exec -> the command's first stdout line (the agent connected,
+    got the command and ran it)."""
+    r = sc.runs.get(sc.name)
+    if r is None:
+        return False, "aivmm did not run", []
+    res = {}
+    for t in sc.order:  # E2E-RESULT lines L1 prints after the run
+        res.update(sc.runs[t].results())
+    allt = [l for _, l in r.out + r.err]
+    errs = [l for _, l in r.err if l.startswith("aivmm: error:")]
+    why = None
+    if r.exit is None:
+        why = "no exit report (L1 lost it)"
+    elif any("panicked" in l for l in allt):
+        why = f"Rust panic: {next(l for l in allt if 'panicked' in l).strip()}"
+    elif r.timeout:
+        why = f"timed out after {r.wall_ms} ms, killed" + ("; no output" if not r.out else "")
+    if sc.name == "guest-exit-status":
+        want = "7"
+        ready = r.first("hello-from-guest")
+        if why is None and r.exit != want:
+            why = f"aivmm exit status {r.exit}, want {want}" + (f": {errs[0]}" if errs else "")
+        if why is None and ready is None:
+            why = "`echo hello-from-guest` output did not reach aivmm's stdout"
+        if why is None and res.get("host_sees") != "E2E-GUEST-FILE":
+            why = f"L1 finds {res.get('host_sees')!r} in workdir/from-guest.txt, want 'E2E-GUEST-FILE'"
+        figs = (f"exit 7 passed through, stdout relayed, /work write seen by L1; boot-to-ready "
+                f"(exec -> first command output) {fmt_ms(ready)} ms, aivmm exit after {r.wall_ms} ms")
+    else:
+        want = "0"
+        line = next((l for _, l in r.out if "Claude Code" in l), None)
+        ready = r.first("Claude Code")
+        if why is None and r.exit != want:
+            why = f"aivmm exit status {r.exit}, want {want}" + (f": {errs[0]}" if errs else "")
+        if why is None and line is None:
+            why = "`claude --version` printed no 'Claude Code'"
+        figs = (f"{(line or '').strip()!r}; exec -> version line {fmt_ms(ready)} ms, "
+                f"aivmm exit after {r.wall_ms} ms")
+    if res.get("rootfs_dev"):
+        figs += f"; rootfs {res.get('rootfs_dev')}"
+    if why:
+        return False, why, []
+    return True, figs, []
+
+
 def judge(sc, vmm_mode):
     """Returns (ok, message, extra lines)."""
     if not sc.ended:
@@ -503,7 +624,16 @@ def judge(sc, vmm_mode):
             if res.get("fs_write_rc") != "0" or res.get("host_sees") != "E2E-FS-GUEST":
                 return False, f"guest write rc={res.get('fs_write_rc')}, host sees {res.get('host_sees')!r}", []
             figs = "read and write through virtiofs ok; " + figs
+        if sc.name in ("fs", "blk"):  # the extended checks (e2e_io.py)
+            problems, info = e2e_io.extend(sc, [sc.name] + (["blk/ext4"] if sc.name == "blk" else []))
+            if problems:
+                return False, "; ".join(problems), info
+            return True, figs, info
         return True, figs, []
+    if sc.name in GUEST_IMAGE_SCENARIOS:
+        return judge_guest(sc)
+    if sc.name in e2e_io.SCENARIOS:
+        return e2e_io.judge(sc)
     if sc.name == "bad-kernel":
         problems = []
         for case in ("garbage", "empty", "truncated"):
@@ -585,7 +715,7 @@ def main():
         for n, d in SCENARIOS.items():
             print(f"{n:14} {d}")
         return 0
-    names = args or list(SCENARIOS)
+    names = args or [n for n in SCENARIOS if n not in NOT_DEFAULT]
     for n in names:
         if n not in SCENARIOS:
             die(f"unknown scenario {n!r} (try --list)")
@@ -619,18 +749,31 @@ def main():
     kernel, moddir = find_kernel()
     vmmrun = build_vmmrun()
     l2, l2mods = build_l2(kernel, moddir)
+    guest_images = build_guest_images(names, aivmm) if aivmm else {}
     l1 = build_l1(kernel, moddir, l2, aivmm, vmmrun)
+    if guest_images:  # appended to the L1 initramfs as a second cpio archive
+        gi = Cpio()
+        add_guest_images(gi, moddir, guest_images)
+        gi.write(os.path.join(WORK, "l1-guest-initrd.cpio"))
+        with open(l1, "ab") as f, open(os.path.join(WORK, "l1-guest-initrd.cpio"), "rb") as g:
+            shutil.copyfileobj(g, f)
     note(f"kernel {kernel}; L2 modules {' '.join(l2mods)}; L1 initramfs "
          f"{os.path.getsize(l1) >> 20} MiB; built in {time.monotonic() - t0:.1f} s; logs {logdir}")
 
     budget = {"blk": vto, "fs": vto, "boot": vto, "smp": vto, "rng": vto, "bad-kernel": 90, "qemu-compare": 3 * runs * vto}
+    for n in GUEST_IMAGE_SCENARIOS:
+        budget.setdefault(n, max(vto, GUEST_TIMEOUT))
+    budget.update(e2e_io.BUDGET)
+    for n, extra in e2e_io.EXTRA_BUDGET.items():
+        budget[n] += extra
     overall = int(os.environ.get("E2E_TIMEOUT", 0)) or 150 + sum(budget[n] + 20 for n in names)
     # nokaslr: RIPs of a hung L1 are comparable between runs.
     append = (f"console=ttyS0 quiet panic=-1 mitigations=off nokaslr e2e.scenarios={','.join(names)} "
-              f"e2e.vmm={vmm_mode} e2e.runs={runs} e2e.timeout={vto}")
+              f"e2e.vmm={vmm_mode} e2e.runs={runs} e2e.timeout={vto} e2e.guest_timeout={GUEST_TIMEOUT}")
     cmd = ["qemu-system-x86_64", "-accel", "tcg,thread=multi", "-M", "pc", "-cpu", "max",
            "-m", L1_MEM, "-smp", "2", "-nographic", "-no-reboot", "-net", "none",
            "-kernel", kernel, "-initrd", l1, "-append", append]
+    cmd += guest_image_drives(guest_images)
     mondir = tempfile.mkdtemp(prefix="aivmm-e2e-")
     monitor = os.path.join(mondir, "l1-monitor.sock")
     cmd += ["-monitor", f"unix:{monitor},server=on,wait=off"]

@@ -23,6 +23,7 @@ for w in $(cat /proc/cmdline); do
 	e2e.vmm=*) VMM="${w#*=}" ;;
 	e2e.runs=*) RUNS="${w#*=}" ;;
 	e2e.timeout=*) TO="${w#*=}" ;;
+	e2e.guest_timeout=*) GTO="${w#*=}" ;;
 	esac
 done
 read -r up _ </proc/uptime
@@ -32,6 +33,12 @@ while read -r m; do
 	insmod "/lib/modules/$m" 2>/dev/null
 done </lib/modules/kvm-order
 insmod /lib/modules/kvm-amd.ko 2>/dev/null || insmod /lib/modules/kvm-intel.ko 2>/dev/null
+# The guest-image scenarios' root filesystems are virtio-pci disks (found by serial).
+if [ -s /lib/modules/l1-disk-order ]; then
+	while read -r m; do
+		insmod "/lib/modules/$m" 2>/dev/null
+	done </lib/modules/l1-disk-order
+fi
 if [ -c /dev/kvm ]; then
 	echo "@@L1 kvm=ok $(cat /sys/module/kvm_amd/parameters/nested 2>/dev/null || cat /sys/module/kvm_intel/parameters/nested 2>/dev/null)"
 else
@@ -87,8 +94,49 @@ run_vmm() {
 	esac
 }
 
+# guest_disk KIND: the L1 block device whose virtio serial is e2e-KIND.
+guest_disk() {
+	for d in /sys/block/vd*; do
+		[ "$(cat "$d/serial" 2>/dev/null)" = "e2e-$1" ] && { echo "/dev/${d##*/}"; return; }
+	done
+}
+
+# run_guest TAG KIND -- CMD...: `aivmm run --workdir /tmp/gw-TAG` with the Debian image
+# KIND (kernel and initrd from the initramfs, rootfs the read-only disk). State in
+# tmpfs; --net none (the commands need no network). Prints the console.log tail afterwards.
+run_guest() {
+	tag=$1 kind=$2
+	shift 3
+	dev=$(guest_disk "$kind")
+	if [ -z "$dev" ]; then
+		echo "@@O $tag 0 E2E-RESULT rootfs_dev=missing"
+		ls /sys/block | sed "s|^|@@O $tag 0 L1 block device: |"
+		return
+	fi
+	echo "@@O $tag 0 E2E-RESULT rootfs_dev=$dev"
+	gw=/tmp/gw-$tag
+	rm -rf "$gw" && mkdir -p "$gw" /tmp/e2e-state
+	gcmd=""
+	[ -s /e2e/guest-cmdline ] && gcmd=$(cat /e2e/guest-cmdline)
+	XDG_STATE_HOME=/tmp/e2e-state AIVMM_LOG="${AIVMM_LOG:-$LOG}" vmmrun "$tag" "${GTO:-240}" -- \
+		aivmm run --workdir "$gw" --kernel "/guest/$kind/vmlinuz" --initrd "/guest/$kind/initrd.cpio" \
+		--rootfs "$dev" ${gcmd:+--cmdline "$gcmd"} --net none --cpus 1 --memory 1G --disk-size 2G -- "$@"
+	for f in /tmp/e2e-state/aivmm/vms/gw-"$tag"-*/console.log; do
+		[ -f "$f" ] && tail -n 40 "$f" | sed "s|^|@@O $tag/console 0 |"
+	done
+}
+
+. /l1-io.sh # the I/O scenarios' L1 side
+
 scenario() {
 	case "$1" in
+	guest-exit-status)
+		run_guest guest-exit-status noclaude -- sh -c 'echo hello-from-guest; echo E2E-GUEST-FILE >/work/from-guest.txt; exit 7'
+		echo "@@O guest-exit-status 0 E2E-RESULT host_sees=$(cat /tmp/gw-guest-exit-status/from-guest.txt 2>/dev/null | head -c 20)"
+		;;
+	guest-claude)
+		run_guest guest-claude claude -- claude --version
+		;;
 	# `setup took …` (exec to first vCPU run) is an aivmm debug log line.
 	boot) AIVMM_LOG=${LOG:-aivmm::vmm=debug} run_vmm boot aivmm "" "" boot ;;
 	smp) run_vmm smp aivmm 4 2G smp ;;
@@ -107,12 +155,14 @@ scenario() {
 		echo E2E-DISK-PATTERN | dd of=/tmp/disk.img conv=notrunc 2>/dev/null
 		DISK=/tmp/disk.img run_vmm blk aivmm "" "" blk
 		echo "@@O blk 0 E2E-RESULT host_readback=$(dd if=/tmp/disk.img bs=512 skip=2048 count=1 2>/dev/null | head -c 15)"
+		io_blk_ext4 # tests/e2e/l1-io.sh
 		;;
 	fs)
 		rm -rf /tmp/share && mkdir -p /tmp/share/sub
 		echo E2E-FS-HELLO >/tmp/share/sub/hello.txt
 		SHARE=/tmp/share:e2e run_vmm fs aivmm "" "" fs
 		echo "@@O fs 0 E2E-RESULT host_sees=$(cat /tmp/share/from-guest.txt 2>/dev/null | head -c 20)"
+		io_fs_check # tests/e2e/l1-io.sh
 		;;
 	qemu-compare)
 		i=1
@@ -123,6 +173,7 @@ scenario() {
 			i=$((i + 1))
 		done
 		;;
+	fs-ro | fs-escape | fs-many | blk-ro | net | forward | net-tap | vsock) io_scenario "$1" ;; # tests/e2e/l1-io.sh
 	*) echo "@@L1 unknown scenario $1" ;;
 	esac
 }

@@ -49,6 +49,7 @@ fs)
 	echo "E2E-RESULT fs_mount_rc=$? fs_read=$(cat /mnt/sub/hello.txt 2>/dev/null) fs_ls=$(ls /mnt | tr '\n' ,)"
 	echo E2E-FS-GUEST >/mnt/from-guest.txt
 	echo "E2E-RESULT fs_write_rc=$?"
+	. /l2-io.sh && io_fs_extra # tests/e2e/l2-io.sh
 	sync
 	umount /mnt
 	;;
@@ -61,6 +62,9 @@ rng)
 	else
 		echo "E2E-RESULT rng_bytes=0 rng_hex=nodev"
 	fi
+	;;
+fs-ro | fs-escape | fs-many | blk-ext4 | blk-ro | net | forward | net-tap | vsock)
+	. /l2-io.sh && io_main "$scenario" # tests/e2e/l2-io.sh
 	;;
 esac
 

@@ -1,0 +1,154 @@
+"""The I/O scenarios of the nested-VM harness (imported by harness.py).
+
+Guest side: l2-io.sh; L1 side: l1-io.sh. Both print, inside one aivmm run's
+output (tag = the run), lines the judge here reads:
+  E2E-CHECK <name> ok | E2E-CHECK <name> FAIL <why>
+  E2E-RESULT g_<key>=<v> (guest) and h_<key>=<v> (L1): must be equal
+  E2E-FIG <key>=<v> ...: figures for the PASS line
+"""
+
+import os
+import re
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+SCENARIOS = {
+    "fs-ro": "--share DIR:TAG:ro: write/create/mkdir/unlink/chmod/rename/symlink/truncate fail with "
+    "'Read-only file system', reads work, L1's tree unchanged",
+    "fs-many": "2000 empty files created in a share (not default: aivmm keeps an O_PATH fd per "
+    "inode and hits RLIMIT_NOFILE 1024 -> EMFILE); creates/s",
+    "fs-escape": "symlinks (absolute, relative) and .. from the share toward an L1 secret outside it: "
+    "the secret's marker never reaches the guest; nothing outside the share changes",
+    "blk-ro": "--disk IMG:ro: blockdev --getro = 1, writes fail, reads work, image unchanged",
+    "net": "--net user (passt): DHCP, then 32 MiB each way with an L1 TCP server via the gateway, "
+    "sha256-checked; MiB/s",
+    "forward": "--net user --forward 18080:8080: L1 fetches 1 MiB from a guest TCP server, sha256-checked",
+    "vsock": "--vsock: 16 MiB guest->L1 (CID 2 port 5000 -> PATH_5000) and L1->guest (CONNECT 5001), "
+    "sha256-checked; MiB/s",
+    "net-tap": "--net tap:tap0: static 10.0.99.2, ping L1's 10.0.99.1, 32 MiB each way over TCP; MiB/s",
+}
+
+# Not in the default set (run them by name): fs-many hits aivmm's RLIMIT_NOFILE (EMFILE);
+# net/forward: passt exits 1 at start inside L1; vsock: one of two runs stalled the guest upload.
+NOT_DEFAULT = {"fs-many", "net", "forward", "vsock"}
+
+# Seconds each takes at most (the L1 overall timeout is the sum).
+BUDGET = {"fs-many": 120, "fs-ro": 120, "fs-escape": 120, "blk-ro": 120, "net": 150, "forward": 150, "vsock": 150,
+          "net-tap": 150}
+# Extra seconds for the extended fs and blk scenarios (blk boots a second time).
+EXTRA_BUDGET = {"fs": 60, "blk": 120}
+
+# Checks that must be present (so a check that silently did not run fails).
+REQUIRED = {
+    "fs": [c for c in ("create", "append", "rename", "symlink", "hardlink", "rmdir", "chmod",
+                                   "truncate", "dd-4m-fsync", "big-readback", "git-commit", "creates",
+                                   "l1-a.txt", "l1-symlink", "l1-linkcount", "l1-git-log", "l1-git-fsck",
+                                   "l1-creates", "l1-truncate", "l1-chmod")],
+    "fs-ro": ["mount", "ro-read", "erofs-write", "erofs-create", "erofs-mkdir", "erofs-unlink",
+              "erofs-chmod", "ro-read-after", "l1-share-unchanged"],
+    "fs-many": ["mount", "creates", "l1-creates"],
+    "fs-escape": ["mount", "escape-listed", "l1-secret-intact", "l1-outside-untouched"],
+    "blk/ext4": ["mke2fs", "mount-ext4", "ext-write", "umount", "l1-e2fsck", "l1-ext-hello", "l1-ext-symlink"],
+    "blk-ro": ["getro", "ro-read", "write-fails", "ro-read-after", "l1-image-unchanged"],
+    "net": ["dhcp", "tcp-up", "tcp-down"],
+    "forward": ["dhcp", "serve-8080"],
+    "vsock": ["vsock-up", "vsock-down", "l1-host-connect"],
+    "net-tap": ["static-ip", "ping", "tcp-up", "tcp-down"],
+}
+# g_/h_ pairs that must be present (and equal).
+PAIRS = {"fs": ["big_sha"], "blk/ext4": ["ext_sha"], "net": ["up_sha", "down_sha"], "forward": ["fwd_sha"],
+         "vsock": ["vup_sha", "vdown_sha"], "net-tap": ["up_sha", "down_sha"]}
+
+
+def l2_extras(cpio, moddir, base_mods, h):
+    """Guest side: l2-io.sh, socat and git with their libraries, net and vsock modules."""
+    cpio.copy("l2-io.sh", os.path.join(HERE, "l2-io.sh"), 0o644)
+    h.add_binary(cpio, "bin/socat", "/usr/bin/socat")
+    h.add_binary(cpio, "bin/git", "/usr/bin/git")
+    for scen, wanted in (("net", ["virtio_net"]), ("vsock", ["vmw_vsock_virtio_transport"])):
+        extra = [m for m in h.module_closure(moddir, wanted) if m not in base_mods]
+        h.add_modules(cpio, moddir, extra, f"order-{scen}")
+
+
+def l1_extras(cpio, moddir, h):
+    """L1 side: l1-io.sh, socat, passt, git, debugfs/e2fsck, the tun module, a passwd
+    (passt started as root switches to `nobody`)."""
+    cpio.copy("l1-io.sh", os.path.join(HERE, "l1-io.sh"), 0o644)
+    for b in ("/usr/bin/socat", "/usr/bin/passt", "/usr/bin/git", "/usr/sbin/debugfs", "/usr/sbin/e2fsck"):
+        h.add_binary(cpio, "bin/" + os.path.basename(b), b)
+    h.add_modules(cpio, moddir, h.module_closure(moddir, ["tun"]), "io-order")
+    cpio.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n")
+    cpio.file("etc/group", b"root:x:0:\nnogroup:x:65534:\n")
+
+
+def collect(run):
+    checks, figs, res = [], [], {}
+    for _, line in run.out:
+        i = line.find("E2E-CHECK ")
+        if i >= 0:
+            parts = line[i + 10:].split(" ", 2)
+            checks.append((parts[0], parts[1] if len(parts) > 1 else "", parts[2] if len(parts) > 2 else ""))
+        i = line.find("E2E-FIG ")
+        if i >= 0:
+            figs.append(line[i + 8:].strip())
+    res = run.results()
+    return checks, figs, res
+
+
+def check_run(sc, tag):
+    """(problems, figures) of the run `tag` in scenario sc."""
+    r = sc.runs.get(tag)
+    if r is None:
+        return [f"{tag}: VMM did not run"], []
+    problems = []
+    why = r.broke()
+    if why:
+        problems.append(f"{tag}: {why}")
+    checks, figs, res = collect(r)
+    names = {c[0] for c in checks}
+    bad = [f"{n} {st} {rest}".strip() for n, st, rest in checks if st != "ok"]
+    if bad:
+        problems.append(f"{tag}: " + "; ".join(bad))
+    missing = [n for n in REQUIRED.get(tag, []) if n not in names]
+    if missing:
+        problems.append(f"{tag}: checks missing: {' '.join(missing)}")
+    for k in PAIRS.get(tag, []):
+        g, hv = res.get("g_" + k), res.get("h_" + k)
+        if not g or g != hv:
+            problems.append(f"{tag}: {k} differs: guest {g} L1 {hv}")
+    for k in res:
+        if k.startswith("g_") and "h_" + k[2:] in res and res[k] != res["h_" + k[2:]]:
+            if k[2:] not in PAIRS.get(tag, []):
+                problems.append(f"{tag}: {k[2:]} differs: guest {res[k]} L1 {res['h_' + k[2:]]}")
+    n_ok = sum(1 for c in checks if c[1] == "ok")
+    info = [f"{tag}: {n_ok} checks ok" + (f", {len(PAIRS.get(tag, []))} sha256 pairs equal" if PAIRS.get(tag) else "")]
+    if figs:
+        info.append(f"{tag}: " + " ".join(figs))
+    if "dhcp_ip" in res:
+        info.append(f"{tag}: dhcp ip={res.get('dhcp_ip')} router={res.get('dhcp_router')}")
+    return problems, info
+
+
+def judge(sc):
+    """New scenarios: (ok, message, extra lines)."""
+    problems, info = check_run(sc, sc.name)
+    if sc.name == "fs-escape":
+        r = sc.runs.get(sc.name)
+        leaks = [l for _, l in (r.out + r.err if r else []) if "E2E-SECRET-" in l]
+        if leaks:
+            problems.append(f"the L1 secret reached the guest: {leaks[0][:200]!r}")
+        else:
+            info.append("fs-escape: secret marker absent from all guest output")
+    if problems:
+        return False, "; ".join(problems), info
+    return True, "; ".join(info), []
+
+
+def extend(sc, tags):
+    """Extra checks for the extended fs / blk scenarios: (problems, info)."""
+    problems, info = [], []
+    for t in tags:
+        p, i = check_run(sc, t)
+        problems += p
+        info += i
+    return problems, info

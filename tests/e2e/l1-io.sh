@@ -1,0 +1,223 @@
+# Sourced by l1-init.sh: the L1 side of the I/O scenarios. L1 prepares the
+# host side (files, servers, tap), runs aivmm once, then checks what the guest
+# did. Check lines go out as @@O <tag> 0 E2E-CHECK|E2E-RESULT|E2E-FIG ..., so the
+# harness sees them as part of that aivmm run (see e2e_io.py).
+export HOME=/tmp
+
+now_cs() {
+	read -r u _ </proc/uptime
+	u=${u%.*}${u#*.}
+	while [ "${u#0}" != "$u" ]; do u=${u#0}; done
+	echo "${u:-0}"
+}
+rate() {
+	c=$2
+	[ "$c" -lt 1 ] && c=1
+	v=$(($1 * 1000 / c / 1048576))
+	echo "$((v / 10)).$((v % 10))"
+}
+sha() { sha256sum <"$1" | cut -d' ' -f1; }
+# Output for the current run tag $IOTAG.
+h() { echo "@@O $IOTAG 0 $*"; }
+hck() { # hck NAME CMD...
+	n=$1
+	shift
+	if "$@" >/tmp/hck.out 2>&1; then
+		h "E2E-CHECK l1-$n ok"
+	else
+		h "E2E-CHECK l1-$n FAIL rc=$? $(head -c 300 /tmp/hck.out | tr '\n' ' ')"
+	fi
+}
+hfile() { # hfile NAME PATH PRINTF-FORMAT: PATH holds exactly those bytes
+	hck "$1" [ "$(sha "$2" 2>&1)" = "$(printf "$3" | sha256sum | cut -d' ' -f1)" ]
+}
+
+# run_io TAG TIMEOUT L2-SCENARIO AIVMM-ARGS...
+run_io() {
+	IOTAG=$1
+	io_t=$2 io_s=$3
+	shift 3
+	AIVMM_LOG="${AIVMM_LOG:-$LOG}" vmmrun "$IOTAG" "$io_t" -- $IO_CHROOT aivmm run --kernel $L2K --initrd $L2I \
+		--cmdline "$BASE aivmm.scenario=$io_s" "$@"
+}
+
+io_mods() {
+	[ -e /tmp/.io-mods ] && return
+	while read -r m; do insmod "/lib/modules/$m" 2>/dev/null; done </lib/modules/io-order
+	ip link set lo up
+	: >/tmp/.io-mods
+}
+
+# passt copies L1's default-route interface: give L1 one (an idle tap) and a gateway.
+l1_net() {
+	io_mods
+	[ -e /tmp/.l1-net ] && return
+	# (busybox ip cannot add a dummy link; a tap with no reader does, link down is fine)
+	tunctl -t d0 >/dev/null
+	ip addr add 10.0.2.15/24 dev d0
+	ip link set d0 up
+	ip route add default via 10.0.2.2 dev d0
+	# passt makes a user namespace (refused to a chrooted process) and pivot_root()s
+	# (refused when the root is the initramfs: rootfs has no parent mount). So aivmm
+	# (and so passt) runs in its own mount namespace whose root is a recursive bind
+	# mount of / moved onto / (what switch_root does): same files, same /tmp.
+	mkdir -p /tmp/nr
+	mount -o rbind / /tmp/nr
+	printf '%s\n' 'cd /tmp/nr && mount --move /tmp/nr / && exec chroot . "$@"' >/tmp/io-nsroot.sh
+	: >/tmp/.l1-net
+}
+
+tcp_servers() { # 5001: guest->L1 sink; 5002: L1->guest 32 MiB source
+	head -c 33554432 /dev/urandom >/tmp/net-down
+	h "E2E-RESULT h_down_sha=$(sha /tmp/net-down)"
+	rm -f /tmp/net-up
+	socat -u TCP-LISTEN:5001,reuseaddr OPEN:/tmp/net-up,creat,trunc &
+	SP1=$!
+	socat -u OPEN:/tmp/net-down TCP-LISTEN:5002,reuseaddr &
+	SP2=$!
+}
+tcp_collect() {
+	sleep 1
+	kill $SP1 $SP2 2>/dev/null
+	h "E2E-RESULT h_up_sha=$(sha /tmp/net-up 2>/dev/null)"
+	rm -f /tmp/net-up /tmp/net-down
+}
+
+io_fs_check() { # after the fs scenario: what the guest did in /tmp/share/w
+	IOTAG=fs
+	W=/tmp/share/w
+	hfile a.txt $W/a.txt 'E2E-A1\nE2E-A2\n'
+	hfile m2 $W/m2 'E2E-MV\n'
+	hck m1-gone [ ! -e $W/m1 ]
+	hck symlink [ "$(readlink $W/sl)" = a.txt ]
+	hck linkcount [ "$(stat -c %h $W/a.txt)" = 2 ]
+	hck hardlink-inode [ "$(stat -c %i $W/a.txt)" = "$(stat -c %i $W/hl)" ]
+	hck d2-gone [ ! -e $W/d2 ]
+	hfile d1/f $W/d1/f 'E2E-IN\n'
+	hck chmod [ "$(stat -c %a $W/ex)" = 750 ]
+	hfile ex $W/ex 'E2E-X\n'
+	hfile truncate $W/tr '0123'
+	hck del-gone [ ! -e $W/del ]
+	h "E2E-RESULT h_big_sha=$(sha $W/big 2>&1) h_big_size=$(stat -c %s $W/big 2>&1)"
+	hck git-log [ "$(git -c safe.directory='*' -C $W/repo log --format=%s 2>&1)" = e2e-commit ]
+	hck git-fsck git -c safe.directory='*' -C $W/repo fsck --strict
+	hck git-show [ "$(git -c safe.directory='*' -C $W/repo show HEAD:f.txt 2>&1)" = E2E-GIT ]
+	hck git-author [ "$(git -c safe.directory='*' -C $W/repo log --format=%an/%ae 2>&1)" = e2e/e2e@example.invalid ]
+	hck creates [ "$(ls $W/many | wc -l)" = 500 ]
+	rm -rf $W
+}
+
+io_blk_ext4() { # after blk: a second run makes an ext2 fs (busybox mke2fs) and writes files
+	rm -f /tmp/ext.img
+	dd if=/dev/zero of=/tmp/ext.img bs=1M count=32 2>/dev/null
+	run_io blk/ext4 120 blk-ext4 --disk /tmp/ext.img
+	hck e2fsck e2fsck -fn /tmp/ext.img
+	hck ext-hello [ "$(debugfs -R 'cat /hello.txt' /tmp/ext.img 2>/dev/null)" = E2E-EXT-HELLO ]
+	hck ext-symlink sh -c "debugfs -R 'stat /sl' /tmp/ext.img 2>/dev/null | grep -q 'Fast link dest: \"hello.txt\"'"
+	rm -f /tmp/ext-rand.bin
+	debugfs -R 'dump /dir/rand.bin /tmp/ext-rand.bin' /tmp/ext.img >/dev/null 2>&1
+	h "E2E-RESULT h_ext_sha=$(sha /tmp/ext-rand.bin 2>&1)"
+	rm -f /tmp/ext.img /tmp/ext-rand.bin
+}
+
+io_scenario() {
+	IOTAG=$1
+	case "$1" in
+	fs-ro)
+		rm -rf /tmp/share-ro && mkdir -p /tmp/share-ro/sub
+		echo E2E-RO-HELLO >/tmp/share-ro/hello.txt
+		echo E2E-RO-INNER >/tmp/share-ro/sub/inner.txt
+		before=$(find /tmp/share-ro -exec stat -c '%n %s %a %h %Y' {} \; | sort | sha256sum)
+		run_io fs-ro 120 fs-ro --share /tmp/share-ro:e2e:ro
+		after=$(find /tmp/share-ro -exec stat -c '%n %s %a %h %Y' {} \; | sort | sha256sum)
+		hck share-unchanged [ "$before" = "$after" ]
+		;;
+	fs-many)
+		rm -rf /tmp/share-many && mkdir -p /tmp/share-many
+		run_io fs-many 120 fs-many --share /tmp/share-many:e2e
+		hck creates [ "$(ls /tmp/share-many/many | wc -l)" = 2000 ]
+		rm -rf /tmp/share-many
+		;;
+	fs-escape)
+		rm -rf /tmp/esc && mkdir -p /tmp/esc/share/sub
+		M="E2E-SECRET-$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+		echo "$M" >/tmp/esc/e2e-secret.txt
+		ln -s /tmp/esc/e2e-secret.txt /tmp/esc/share/abs
+		ln -s ../e2e-secret.txt /tmp/esc/share/rel
+		ln -s ../../e2e-secret.txt /tmp/esc/share/sub/deep
+		ln -s /tmp/esc /tmp/esc/share/dirlink
+		echo E2E-ESC-OK >/tmp/esc/share/sub/ok.txt
+		run_io fs-escape 120 fs-escape --share /tmp/esc/share:e2e
+		hck secret-intact [ "$(cat /tmp/esc/e2e-secret.txt)" = "$M" ]
+		hck outside-untouched [ "$(ls -a /tmp/esc | tr '\n' ' ')" = ". .. e2e-secret.txt share " ]
+		h "E2E-RESULT l1_share_after=$(ls -a /tmp/esc/share | tr '\n' ,)"
+		;;
+	blk-ro)
+		rm -f /tmp/ro.img
+		dd if=/dev/zero of=/tmp/ro.img bs=1M count=16 2>/dev/null
+		echo E2E-DISK-PATTERN | dd of=/tmp/ro.img conv=notrunc 2>/dev/null
+		before=$(sha /tmp/ro.img)
+		run_io blk-ro 120 blk-ro --disk /tmp/ro.img:ro
+		hck image-unchanged [ "$before" = "$(sha /tmp/ro.img)" ]
+		rm -f /tmp/ro.img
+		;;
+	net)
+		l1_net
+		tcp_servers
+		IO_CHROOT="unshare -m /bin/sh /tmp/io-nsroot.sh" run_io net 150 net --net user
+		tcp_collect
+		;;
+	forward)
+		l1_net
+		rm -f /tmp/fwd-got
+		(
+			i=0
+			while [ $i -lt 120 ]; do
+				socat -u TCP:127.0.0.1:18080 OPEN:/tmp/fwd-got,creat,trunc 2>/dev/null
+				[ -s /tmp/fwd-got ] && break
+				sleep 1
+				i=$((i + 1))
+			done
+		) &
+		FP=$!
+		IO_CHROOT="unshare -m /bin/sh /tmp/io-nsroot.sh" run_io forward 150 forward --net user --forward 18080:8080
+		kill $FP 2>/dev/null
+		h "E2E-RESULT h_fwd_sha=$(sha /tmp/fwd-got 2>&1)"
+		rm -f /tmp/fwd-got
+		;;
+	net-tap)
+		io_mods
+		if ! ip link show tap0 >/dev/null 2>&1; then
+			tunctl -t tap0 >/dev/null
+			ip addr add 10.0.99.1/24 dev tap0
+			ip link set tap0 up
+		fi
+		tcp_servers
+		run_io net-tap 150 net-tap --net tap:tap0
+		tcp_collect
+		;;
+	vsock)
+		rm -f /tmp/vs.sock /tmp/vs.sock_5000 /tmp/v-up
+		head -c 16777216 /dev/urandom >/tmp/v-down
+		IOTAG=vsock
+		h "E2E-RESULT h_vdown_sha=$(sha /tmp/v-down)"
+		socat -u UNIX-LISTEN:/tmp/vs.sock_5000 OPEN:/tmp/v-up,creat,trunc &
+		UP=$!
+		(
+			# Once the guest's upload is in, its listener on port 5001 is up.
+			while kill -0 $UP 2>/dev/null; do sleep 0.2; done
+			t0=$(now_cs)
+			(printf 'CONNECT 5001\n' && cat /tmp/v-down) | socat -u - UNIX-CONNECT:/tmp/vs.sock
+			rc=$?
+			t1=$(now_cs)
+			h "E2E-CHECK l1-host-connect $([ $rc = 0 ] && echo ok || echo "FAIL socat rc=$rc")"
+			h "E2E-FIG vsock_down_MiBps=$(rate 16777216 $((t1 - t0)))"
+		) &
+		DP=$!
+		run_io vsock 150 vsock --vsock /tmp/vs.sock
+		kill $UP $DP 2>/dev/null
+		h "E2E-RESULT h_vup_sha=$(sha /tmp/v-up 2>&1) h_vup_bytes=$(stat -c %s /tmp/v-up 2>&1)"
+		rm -f /tmp/v-up /tmp/v-down
+		;;
+	esac
+}
