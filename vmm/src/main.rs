@@ -23,6 +23,7 @@ fn main() -> ExitCode {
     )
     .format_timestamp_micros()
     .init();
+    raise_fd_limit();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(mut args) => run(&mut args, started),
@@ -110,6 +111,21 @@ fn stop(target: &str, timeout: u64) -> Result<ExitCode, Box<dyn std::error::Erro
         std::thread::sleep(Duration::from_millis(100));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// virtio-fs keeps one descriptor per guest-visible inode: lift the soft limit on
+/// open files to the hard limit, so a share with many files does not hit 1024.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                log::debug!("cannot raise the open-file limit");
+            }
+        }
+    }
 }
 
 /// Restores the terminal's canonical mode when dropped.
