@@ -28,9 +28,10 @@ SCENARIOS = {
     "net-tap": "--net tap:tap0: static 10.0.99.2, ping L1's 10.0.99.1, 32 MiB each way over TCP; MiB/s",
 }
 
-# Not in the default set (run them by name): fs-many hits aivmm's RLIMIT_NOFILE (EMFILE);
-# net/forward: passt exits 1 at start inside L1; vsock: one of two runs stalled the guest upload.
-NOT_DEFAULT = {"fs-many", "net", "forward", "vsock"}
+# Not in the default set (run them by name): forward fails (no connection reaches the guest
+# through passt's forward inside L1); net and vsock passed in most runs but not all (one
+# triple fault in net, one stalled guest upload in vsock), so they stay out until that is fixed.
+NOT_DEFAULT = {"net", "forward", "vsock"}
 
 # Seconds each takes at most (the L1 overall timeout is the sum).
 BUDGET = {"fs-many": 120, "fs-ro": 120, "fs-escape": 120, "blk-ro": 120, "net": 150, "forward": 150, "vsock": 150,
