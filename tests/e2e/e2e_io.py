@@ -15,8 +15,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SCENARIOS = {
     "fs-ro": "--share DIR:TAG:ro: write/create/mkdir/unlink/chmod/rename/symlink/truncate fail with "
     "'Read-only file system', reads work, L1's tree unchanged",
-    "fs-many": "2000 empty files created in a share (not default: aivmm keeps an O_PATH fd per "
-    "inode and hits RLIMIT_NOFILE 1024 -> EMFILE); creates/s",
+    "fs-many": "2000 empty files created in a share (more than the default 1024 open files: aivmm "
+    "keeps an O_PATH fd per inode and raises its limit); creates/s",
     "fs-escape": "symlinks (absolute, relative) and .. from the share toward an L1 secret outside it: "
     "the secret's marker never reaches the guest; nothing outside the share changes",
     "blk-ro": "--disk IMG:ro: blockdev --getro = 1, writes fail, reads work, image unchanged",
