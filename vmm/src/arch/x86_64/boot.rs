@@ -137,6 +137,19 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel> {
             if hdr.xloadflags & XLF_KERNEL_64 == 0 {
                 return Err(Error::No64BitEntry(shown));
             }
+            // The protected-mode part is `syssize` 16-byte units after the setup
+            // sectors; a shorter file is cut off and would crash the guest.
+            let sects = if hdr.setup_sects == 0 { 4 } else { hdr.setup_sects };
+            let setup = (u64::from(sects) + 1) * 512;
+            let want = setup + u64::from(hdr.syssize) * 16;
+            let have = f.metadata().map_or(0, |m| m.len());
+            if have < want {
+                return Err(Error::NotAKernel {
+                    path: shown,
+                    elf: elf_err,
+                    bz: format!("truncated bzImage: {have} bytes, its header says {want}"),
+                });
+            }
             Ok(LoadedKernel {
                 entry: r.kernel_load.raw_value() + BZIMAGE_64BIT_ENTRY_OFFSET,
                 end: r
@@ -155,12 +168,18 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel> {
 
 /// The innermost reason of a linux-loader error, without its "Kernel Loader:" prefixes.
 fn loader_reason(e: &linux_loader::loader::Error) -> String {
-    let s = e.to_string();
-    s.rsplit("Kernel Loader: ")
-        .next()
-        .unwrap_or(&s)
-        .trim()
-        .to_string()
+    use linux_loader::loader::{bzimage, Error as L};
+    match e {
+        // The header promised more than the file holds.
+        L::Bzimage(bzimage::Error::Underflow | bzimage::Error::Overflow)
+        | L::Bzimage(bzimage::Error::ReadBzImageCompressedKernel) => {
+            "truncated or corrupt bzImage".to_string()
+        }
+        _ => {
+            let s = e.to_string();
+            s.rsplit("Kernel Loader: ").next().unwrap_or(&s).trim().to_string()
+        }
+    }
 }
 
 /// Where an initrd of `size` bytes goes: page-aligned at the top of low RAM.
