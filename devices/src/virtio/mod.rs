@@ -9,6 +9,7 @@ pub mod block;
 pub mod fs;
 pub mod mmio;
 pub mod net;
+pub mod queue_thread;
 #[cfg(test)]
 mod proptests;
 pub mod rng;

@@ -9,10 +9,8 @@
 //! it (EVENT_IDX aware). `reset` writes the kill `EventFd` and joins the thread.
 
 use std::io;
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use log::{debug, error, warn};
 use virtio_bindings::virtio_blk::{
@@ -24,8 +22,6 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::disk::Disk;
 use super::request::{self, Invalid, Request, RequestType, Segment};
@@ -33,12 +29,8 @@ use super::{
     Error, Result, CONFIG_LEN, DISCARD_RANGE_LEN, ID_LEN, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG,
     QUEUE_SIZE, SECTOR_SHIFT, SECTOR_SIZE, SEG_MAX, SIZE_MAX, VIRTIO_ID_BLOCK,
 };
+use crate::virtio::queue_thread::{self, QueueThread};
 use crate::virtio::{self, ActivateArgs, VirtioDevice, VirtioInterrupt, VIRTIO_MMIO_INT_VRING};
-
-/// Epoll token of the queue's notification `EventFd`.
-const PROCESS_QUEUE: u64 = 0;
-/// Epoll token of the kill `EventFd`.
-const PROCESS_KILL: u64 = 1;
 
 /// What the VMM configures for one disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,19 +44,13 @@ pub struct BlockConfig {
     pub id: Option<String>,
 }
 
-/// A running worker: the thread and the `EventFd` that stops it.
-struct Worker {
-    kill: EventFd,
-    handle: JoinHandle<()>,
-}
-
 /// The virtio-blk device.
 pub struct Block {
     disk: Arc<Disk>,
     avail_features: u64,
     acked_features: u64,
     config_space: [u8; CONFIG_LEN],
-    worker: Option<Worker>,
+    worker: Option<QueueThread>,
 }
 
 impl Block {
@@ -136,18 +122,6 @@ impl Block {
         if !queue.ready() {
             return Err(Error::NoQueue);
         }
-        let kill = EventFd::new(EFD_NONBLOCK).map_err(Error::Event)?;
-        let epoll = Epoll::new().map_err(Error::Event)?;
-        for (fd, token) in [(&queue_evt, PROCESS_QUEUE), (&kill, PROCESS_KILL)] {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd.as_raw_fd(),
-                    EpollEvent::new(EventSet::IN, token),
-                )
-                .map_err(Error::Event)?;
-        }
-        let kill_for_worker = kill.try_clone().map_err(Error::Event)?;
         let mut handler = RequestHandler {
             queue,
             interrupt,
@@ -158,22 +132,18 @@ impl Block {
             },
             segs: Vec::with_capacity(SEG_MAX as usize),
         };
-        let handle = std::thread::Builder::new()
-            .name("aivmm-blk".into())
-            .spawn(move || run(epoll, queue_evt, kill_for_worker, &mut handler))
-            .map_err(Error::Spawn)?;
-        self.worker = Some(Worker { kill, handle });
+        let worker = QueueThread::spawn("aivmm-blk", queue_evt, move || handler.process_queue())
+            .map_err(|e| match e {
+                queue_thread::Error::Event(e) => Error::Event(e),
+                queue_thread::Error::Spawn(e) => Error::Spawn(e),
+            })?;
+        self.worker = Some(worker);
         Ok(())
     }
 
     fn stop(&mut self) {
         if let Some(w) = self.worker.take() {
-            if let Err(e) = w.kill.write(1) {
-                error!("virtio-blk: signalling the worker to stop failed: {e}");
-            }
-            if w.handle.join().is_err() {
-                error!("virtio-blk: the worker thread panicked");
-            }
+            w.stop();
         }
     }
 }
@@ -251,37 +221,6 @@ impl VirtioDevice for Block {
         self.stop();
         self.acked_features = 0;
         true
-    }
-}
-
-/// The worker's loop: wait for a notification or the kill signal.
-fn run(epoll: Epoll, queue_evt: EventFd, kill: EventFd, handler: &mut RequestHandler) {
-    // Requests posted before the worker started would otherwise wait for the next notify.
-    handler.process_queue();
-    let mut events = [EpollEvent::default(); 2];
-    loop {
-        let n = match epoll.wait(-1, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                error!("virtio-blk: epoll_wait failed, worker exits: {e}");
-                return;
-            }
-        };
-        for ev in &events[..n] {
-            match ev.data() {
-                PROCESS_QUEUE => {
-                    // A notification count of zero (EAGAIN) is harmless: process anyway.
-                    let _ = queue_evt.read();
-                    handler.process_queue();
-                }
-                PROCESS_KILL => {
-                    let _ = kill.read();
-                    return;
-                }
-                other => warn!("virtio-blk: unexpected epoll token {other}"),
-            }
-        }
     }
 }
 
@@ -623,6 +562,7 @@ mod tests {
     use vm_memory::GuestAddress;
 
     use super::*;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
     use crate::test_utils::*;
     use crate::virtio::mmio::{MmioTransport, CONFIG_SPACE_OFFSET, QUEUE_NOTIFY_OFFSET};
 

@@ -8,36 +8,22 @@
 //! joins the thread, so the device can be activated again.
 
 use std::io;
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use log::{debug, error, warn};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestMemory, GuestMemoryMmap};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{Error, Result, MAX_BYTES_PER_REQUEST, QUEUE_SIZE, VIRTIO_ID_RNG};
+use crate::virtio::queue_thread::{self, QueueThread};
 use crate::virtio::{self, ActivateArgs, VirtioDevice, VirtioInterrupt, VIRTIO_MMIO_INT_VRING};
-
-/// Epoll token of the queue's notification `EventFd`.
-const PROCESS_QUEUE: u64 = 0;
-/// Epoll token of the kill `EventFd`.
-const PROCESS_KILL: u64 = 1;
-
-/// A running worker: the thread and the `EventFd` that stops it.
-struct Worker {
-    kill: EventFd,
-    handle: JoinHandle<()>,
-}
 
 /// The virtio-rng device.
 pub struct Rng {
     acked_features: u64,
-    worker: Option<Worker>,
+    worker: Option<QueueThread>,
 }
 
 impl Default for Rng {
@@ -78,40 +64,24 @@ impl Rng {
         if !queue.ready() {
             return Err(Error::NoQueue);
         }
-        let kill = EventFd::new(EFD_NONBLOCK).map_err(Error::Event)?;
-        let epoll = Epoll::new().map_err(Error::Event)?;
-        for (fd, token) in [(&queue_evt, PROCESS_QUEUE), (&kill, PROCESS_KILL)] {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd.as_raw_fd(),
-                    EpollEvent::new(EventSet::IN, token),
-                )
-                .map_err(Error::Event)?;
-        }
-        let kill_for_worker = kill.try_clone().map_err(Error::Event)?;
         let mut handler = RequestHandler {
             mem,
             queue,
             interrupt,
             buf: vec![0; MAX_BYTES_PER_REQUEST],
         };
-        let handle = std::thread::Builder::new()
-            .name("aivmm-rng".into())
-            .spawn(move || run(epoll, queue_evt, kill_for_worker, &mut handler))
-            .map_err(Error::Spawn)?;
-        self.worker = Some(Worker { kill, handle });
+        let worker = QueueThread::spawn("aivmm-rng", queue_evt, move || handler.process_queue())
+            .map_err(|e| match e {
+                queue_thread::Error::Event(e) => Error::Event(e),
+                queue_thread::Error::Spawn(e) => Error::Spawn(e),
+            })?;
+        self.worker = Some(worker);
         Ok(())
     }
 
     fn stop(&mut self) {
         if let Some(w) = self.worker.take() {
-            if let Err(e) = w.kill.write(1) {
-                error!("virtio-rng: signalling the worker to stop failed: {e}");
-            }
-            if w.handle.join().is_err() {
-                error!("virtio-rng: the worker thread panicked");
-            }
+            w.stop();
         }
     }
 }
@@ -157,37 +127,6 @@ impl VirtioDevice for Rng {
         self.stop();
         self.acked_features = 0;
         true
-    }
-}
-
-/// The worker's loop: wait for a notification or the kill signal.
-fn run(epoll: Epoll, queue_evt: EventFd, kill: EventFd, handler: &mut RequestHandler) {
-    // Buffers posted before the worker started would otherwise wait for the next notify.
-    handler.process_queue();
-    let mut events = [EpollEvent::default(); 2];
-    loop {
-        let n = match epoll.wait(-1, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                error!("virtio-rng: epoll_wait failed, worker exits: {e}");
-                return;
-            }
-        };
-        for ev in &events[..n] {
-            match ev.data() {
-                PROCESS_QUEUE => {
-                    // A notification count of zero (EAGAIN) is harmless: process anyway.
-                    let _ = queue_evt.read();
-                    handler.process_queue();
-                }
-                PROCESS_KILL => {
-                    let _ = kill.read();
-                    return;
-                }
-                other => warn!("virtio-rng: unexpected epoll token {other}"),
-            }
-        }
     }
 }
 
@@ -351,6 +290,7 @@ mod tests {
     use vm_memory::GuestAddress;
 
     use super::*;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
     use crate::test_utils::*;
     use crate::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
 

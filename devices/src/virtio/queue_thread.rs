@@ -1,0 +1,103 @@
+//! The worker thread of a single-queue device (rng, blk).
+//!
+//! [`QueueThread::spawn`] starts a thread that epolls the queue's notification
+//! `EventFd` and a kill `EventFd`, and calls the device's `process` closure once at
+//! start (buffers posted before activation) and on every notification.
+//! [`QueueThread::stop`] writes the kill `EventFd` and joins the thread, so the
+//! device can be reset and activated again.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::thread::JoinHandle;
+
+use log::{error, warn};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Epoll token of the queue's notification `EventFd`.
+const PROCESS_QUEUE: u64 = 0;
+/// Epoll token of the kill `EventFd`.
+const PROCESS_KILL: u64 = 1;
+
+/// Why a worker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Creating the kill `EventFd` or the epoll set failed.
+    #[error("setting up the worker's events: {0}")]
+    Event(#[source] io::Error),
+    /// The thread could not be started.
+    #[error("starting the worker thread: {0}")]
+    Spawn(#[source] io::Error),
+}
+
+/// A running worker: the thread and the `EventFd` that stops it.
+#[derive(Debug)]
+pub struct QueueThread {
+    name: &'static str,
+    kill: EventFd,
+    handle: JoinHandle<()>,
+}
+
+impl QueueThread {
+    /// Starts thread `name` serving `queue_evt` with `process`.
+    pub fn spawn(
+        name: &'static str,
+        queue_evt: EventFd,
+        mut process: impl FnMut() + Send + 'static,
+    ) -> Result<Self, Error> {
+        let kill = EventFd::new(EFD_NONBLOCK).map_err(Error::Event)?;
+        let epoll = Epoll::new().map_err(Error::Event)?;
+        for (fd, token) in [(&queue_evt, PROCESS_QUEUE), (&kill, PROCESS_KILL)] {
+            epoll
+                .ctl(ControlOperation::Add, fd.as_raw_fd(), EpollEvent::new(EventSet::IN, token))
+                .map_err(Error::Event)?;
+        }
+        let kill_for_worker = kill.try_clone().map_err(Error::Event)?;
+        let handle = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || run(name, &epoll, &queue_evt, &kill_for_worker, &mut process))
+            .map_err(Error::Spawn)?;
+        Ok(Self { name, kill, handle })
+    }
+
+    /// Stops the thread and waits for it.
+    pub fn stop(self) {
+        if let Err(e) = self.kill.write(1) {
+            error!("{}: signalling the worker to stop failed: {e}", self.name);
+        }
+        if self.handle.join().is_err() {
+            error!("{}: the worker thread panicked", self.name);
+        }
+    }
+}
+
+/// The worker's loop: wait for a notification or the kill signal.
+fn run(name: &str, epoll: &Epoll, queue_evt: &EventFd, kill: &EventFd, process: &mut dyn FnMut()) {
+    // Buffers posted before the worker started would otherwise wait for the next notify.
+    process();
+    let mut events = [EpollEvent::default(); 2];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                error!("{name}: epoll_wait failed, worker exits: {e}");
+                return;
+            }
+        };
+        for ev in &events[..n] {
+            match ev.data() {
+                PROCESS_QUEUE => {
+                    // A notification count of zero (EAGAIN) is harmless: process anyway.
+                    let _ = queue_evt.read();
+                    process();
+                }
+                PROCESS_KILL => {
+                    let _ = kill.read();
+                    return;
+                }
+                other => warn!("{name}: unexpected epoll token {other}"),
+            }
+        }
+    }
+}
