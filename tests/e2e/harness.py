@@ -930,6 +930,10 @@ def watch(proc, names, vmm_mode, runs, overall, logdir, t0, monitor, retry_hang=
         if time.monotonic() >= deadline:
             killed = f"L1 exceeded the overall bound of {overall} s"
             break
+        # L1's own kernel watchdog seeing its CPUs locked up is the same L1 hang, only
+        # not silent (the soft-lockup lines keep coming).
+        if line and "BUG: soft lockup" in line and proc.poll() is None:
+            last_line = time.monotonic() - stall
         if time.monotonic() >= last_line + stall and proc.poll() is None:
             rips = l1_hang_dump(monitor, os.path.join(logdir, "l1-hang.txt"))
             # sysrq 9: console loglevel 9, so the dumps reach the console; l: backtraces
