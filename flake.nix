@@ -72,7 +72,8 @@
         let
           guest = self.packages.${guestSystemFor system}.guest;
           # The environment variables aivmm honours when it boots its default guest
-          # (`aivmm run --workdir DIR`, `aivmm builder serve`); flags given on the
+          # (`aivmm run --workdir DIR`; `aivmm builder serve` reads the same set named
+          # AIVMM_BUILDER_*, which nix/builder-common.nix sets); flags given on the
           # command line win over them:
           #   AIVMM_GUEST_KERNEL       the kernel (ELF vmlinux on x86_64, Image on aarch64)
           #   AIVMM_GUEST_INITRD       the initrd
@@ -128,6 +129,14 @@
           # (large) image builds; `nix build .#guest` builds the real thing.
           guest-eval = pkgs.writeText "aivmm-guest-eval" (guestConfig system).config.system.build.toplevel.drvPath;
           builder-eval = pkgs.writeText "aivmm-builder-eval" (builderConfig system).config.system.build.toplevel.drvPath;
+        }
+        // lib.optionalAttrs (lib.elem system darwinSystems) {
+          # The entitlement the package signs aivmm with is a well-formed plist
+          # granting com.apple.security.hypervisor.
+          entitlements = pkgs.runCommand "aivmm-entitlements-check" { nativeBuildInputs = [ pkgs.python3 ]; } ''
+            python3 -c 'import plistlib, sys; d = plistlib.load(open(sys.argv[1], "rb")); assert d == {"com.apple.security.hypervisor": True}, d' ${./macos/aivmm.entitlements}
+            touch $out
+          '';
         }
         // lib.optionalAttrs (system == "x86_64-linux") {
           # The host module: the socket listens on loopback, the keys and the

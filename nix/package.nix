@@ -6,6 +6,8 @@
 # vendor hash needs updating when dependencies change.
 {
   lib,
+  stdenv,
+  darwin,
   rustPlatform,
 }:
 
@@ -45,6 +47,14 @@ rustPlatform.buildRustPackage {
     "--bin"
     "aivmm"
   ];
+
+  # On macOS the binary must carry the Hypervisor.framework entitlement
+  # (../macos/aivmm.entitlements); sign it ad hoc after the fixup phase, whose
+  # own ad hoc signature has no entitlements.
+  nativeBuildInputs = lib.optionals stdenv.hostPlatform.isDarwin [ darwin.sigtool ];
+  postFixup = lib.optionalString stdenv.hostPlatform.isDarwin ''
+    codesign --force --sign - --entitlements ${../macos/aivmm.entitlements} $out/bin/aivmm
+  '';
 
   # The test suite needs /dev/kvm (host KVM tests boot freestanding guests) and the
   # nested QEMU harness in tests/e2e, neither of which exists in the Nix sandbox.

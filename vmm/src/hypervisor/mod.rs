@@ -6,6 +6,9 @@
 //! [`VcpuExit`]. The register types are aivmm's own, so a backend converts at the
 //! edge and nothing above this module names a backend's types.
 
+// HVF: everything above the framework calls compiles (and is tested) on every
+// host; only its FFI files are macOS-only.
+pub mod hvf;
 #[cfg(target_os = "linux")]
 pub mod kvm;
 #[cfg(target_arch = "x86_64")]

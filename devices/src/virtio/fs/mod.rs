@@ -38,6 +38,8 @@
 
 pub mod device;
 pub mod filesystem;
+// The Linux-FUSE-ABI translations a macOS host passthrough needs (portable, tested here).
+pub mod macos;
 #[cfg(test)]
 mod proptests;
 #[cfg(any(test, feature = "test-utils"))]
