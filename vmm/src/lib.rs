@@ -13,4 +13,8 @@ pub mod launch;
 pub mod session;
 pub mod settings;
 pub mod vmm;
+// The arm64 VM on Hypervisor.framework: portable, tested on Linux against a fake.
+pub mod vmm_hvf;
+#[cfg(target_os = "macos")]
+pub mod vmm_hvf_darwin;
 pub mod workdir;

@@ -5,6 +5,14 @@
 //! notifications, and makes [`Vcpu`]s; a `Vcpu` runs until it exits with a
 //! [`VcpuExit`]. The register types are aivmm's own, so a backend converts at the
 //! edge and nothing above this module names a backend's types.
+//!
+//! Device interrupts go through [`Vm::interrupt`], which hands a device an
+//! [`Interrupt`] for its line: on KVM an `EventFd` registered as an irqfd (the
+//! provided method), on Hypervisor.framework a direct `hv_gic_set_spi`. The
+//! `EventFd` methods (`register_irqfd`, `register_ioevent`) exist on Linux only,
+//! so the trait also builds on macOS. [`Hypervisor::create_vm_for`] passes the
+//! VM's [`VmShape`] to backends that must know it up front (HVF's PSCI checks
+//! CPU_ON targets and entry points against it).
 
 // HVF: everything above the framework calls compiles (and is tested) on every
 // host; only its FFI files are macOS-only.
@@ -15,7 +23,10 @@ pub mod kvm;
 pub mod x86_64;
 
 use std::io;
+use std::sync::Arc;
 
+use aivmm_devices::Interrupt;
+#[cfg(target_os = "linux")]
 use vmm_sys_util::eventfd::EventFd;
 
 /// Errors of the hypervisor layer.
@@ -65,10 +76,25 @@ pub enum IoEventAddress {
     Mmio(u64),
 }
 
+/// What a VM is made for: the backends that size things at creation read it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VmShape {
+    /// vCPUs the VM will have.
+    pub vcpus: u32,
+    /// Guest RAM, `[start, end)`.
+    pub ram: (u64, u64),
+}
+
 /// A hypervisor: the factory of VMs.
 pub trait Hypervisor: Send + Sync {
     /// Creates a VM with no memory and no vCPUs.
     fn create_vm(&self) -> Result<Box<dyn Vm>>;
+    /// Creates a VM for `shape`. KVM needs no shape, so by default this is
+    /// [`Hypervisor::create_vm`].
+    fn create_vm_for(&self, shape: &VmShape) -> Result<Box<dyn Vm>> {
+        let _ = shape;
+        self.create_vm()
+    }
     /// CPUID entries the hypervisor can expose to a guest.
     #[cfg(target_arch = "x86_64")]
     fn supported_cpuid(&self) -> Result<Vec<x86_64::CpuIdEntry>>;
@@ -90,10 +116,23 @@ pub trait Vm: Send + Sync {
     ) -> Result<()>;
     /// Creates the platform's interrupt controllers (on x86: PIC, IOAPIC, LAPICs, PIT).
     fn create_irq_controller(&self) -> Result<()>;
+    /// The interrupt a device raises on `line` (an x86 GSI; on arm64 an SPI
+    /// number, INTID `32 + line`). On Linux this is an irqfd by default.
+    #[cfg(target_os = "linux")]
+    fn interrupt(&self, line: u32) -> Result<Arc<dyn Interrupt>> {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::call("eventfd", e))?;
+        self.register_irqfd(&evt, line)?;
+        Ok(Arc::new(aivmm_devices::EventFdInterrupt(evt)))
+    }
+    /// The interrupt a device raises on `line` (an SPI number on arm64).
+    #[cfg(not(target_os = "linux"))]
+    fn interrupt(&self, line: u32) -> Result<Arc<dyn Interrupt>>;
     /// Makes every write to `evt` raise `gsi`.
+    #[cfg(target_os = "linux")]
     fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<()>;
     /// Makes guest writes at `addr` (with value `datamatch`, if given) signal `evt`
     /// without a vCPU exit.
+    #[cfg(target_os = "linux")]
     fn register_ioevent(
         &self,
         evt: &EventFd,
@@ -138,4 +177,52 @@ pub trait Vcpu: Send {
     /// The x86 register interface.
     #[cfg(target_arch = "x86_64")]
     fn x86(&self) -> &dyn x86_64::X86Vcpu;
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// A VM that records the irqfds it is given.
+    #[derive(Default)]
+    struct RecordingVm(Mutex<Vec<(EventFd, u32)>>);
+
+    impl Vm for RecordingVm {
+        unsafe fn map_memory(&self, _: u32, _: u64, _: u64, _: u64) -> Result<()> {
+            Ok(())
+        }
+        fn create_irq_controller(&self) -> Result<()> {
+            Ok(())
+        }
+        fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<()> {
+            let dup = evt.try_clone().map_err(|e| Error::call("dup", e))?;
+            self.0.lock().unwrap().push((dup, gsi));
+            Ok(())
+        }
+        fn register_ioevent(&self, _: &EventFd, _: IoEventAddress, _: Option<u32>) -> Result<()> {
+            Ok(())
+        }
+        fn create_vcpu(&self, _: u32) -> Result<Box<dyn Vcpu>> {
+            Err(Error::call("create_vcpu", io::Error::other("none here")))
+        }
+    }
+
+    #[test]
+    fn default_interrupt_is_an_irqfd_on_the_line() {
+        let vm = RecordingVm::default();
+        let irq = vm.interrupt(7).unwrap();
+        irq.trigger().unwrap();
+        irq.trigger().unwrap();
+        let regs = vm.0.lock().unwrap();
+        assert_eq!(regs.len(), 1);
+        assert_eq!(regs[0].1, 7);
+        assert_eq!(
+            regs[0].0.read().unwrap(),
+            2,
+            "each trigger is one eventfd write"
+        );
+    }
 }

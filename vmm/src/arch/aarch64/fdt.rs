@@ -190,7 +190,7 @@ fn build(cfg: &FdtConfig<'_>) -> FdtWriterResult<Vec<u8>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
     use super::super::layout::*;
     use super::*;
@@ -219,7 +219,7 @@ mod tests {
 
     /// Decompiles `blob` with dtc. `None` (with the reason printed) when dtc is
     /// missing outside CI; in CI a missing dtc fails the test.
-    fn decompile(blob: &[u8]) -> Option<String> {
+    pub(crate) fn decompile(blob: &[u8]) -> Option<String> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("guest.dtb");
         std::fs::write(&path, blob).unwrap();

@@ -501,8 +501,25 @@ impl<A: HvfApi> Drop for HvfVm<A> {
 #[cfg(target_arch = "aarch64")]
 mod traits {
     use super::*;
-    use crate::hypervisor::{IoEventAddress, Vcpu, VcpuExit, Vm};
+    #[cfg(target_os = "linux")]
+    use crate::hypervisor::IoEventAddress;
+    use crate::hypervisor::{Hypervisor, Vcpu, VcpuExit, Vm, VmShape};
+    #[cfg(target_os = "linux")]
     use vmm_sys_util::eventfd::EventFd;
+
+    impl<A: HvfApi> Hypervisor for HvfHypervisor<A> {
+        fn create_vm(&self) -> super::super::Result<Box<dyn Vm>> {
+            Err(Error::Invalid(
+                "Hypervisor.framework needs the vCPU count up front; use create_vm_for".into(),
+            )
+            .into())
+        }
+
+        fn create_vm_for(&self, shape: &VmShape) -> super::super::Result<Box<dyn Vm>> {
+            let vm = self.create_hvf_vm(shape.vcpus, shape.ram.0, shape.ram.1)?;
+            Ok(Box::new(vm))
+        }
+    }
 
     impl<A: HvfApi> Vm for HvfVm<A> {
         unsafe fn map_memory(
@@ -518,9 +535,14 @@ mod traits {
         fn create_irq_controller(&self) -> super::super::Result<()> {
             self.create_gic().map(|_| ()).map_err(Into::into)
         }
+        fn interrupt(&self, line: u32) -> super::super::Result<Arc<dyn aivmm_devices::Interrupt>> {
+            Ok(HvfVm::interrupt(self, line))
+        }
+        #[cfg(target_os = "linux")]
         fn register_irqfd(&self, _evt: &EventFd, _gsi: u32) -> super::super::Result<()> {
             Err(Error::Invalid("HVF has no irqfd; use HvfVm::interrupt".into()).into())
         }
+        #[cfg(target_os = "linux")]
         fn register_ioevent(
             &self,
             _evt: &EventFd,

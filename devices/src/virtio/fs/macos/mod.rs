@@ -14,12 +14,24 @@
 //!   `fuse_dirent` records of READDIR, and `statfs` as `fuse_kstatfs`;
 //! - [`xattr`]: Linux extended attribute namespaces on a host without them.
 //!
-//! The host side (opening files relative to the share root, inode tables, the
-//! FUSE request loop) is the same as on Linux and lives with the device.
+//!
+//! On top of them:
+//! - [`passthrough`]: [`passthrough::PosixFs`], the host side: inodes, handles
+//!   and every operation, from portable POSIX calls only (so it runs, and is
+//!   tested, on Linux too), answering with Linux errno values;
+//! - [`server`]: [`server::LinuxFuseServer`], the request loop in the Linux FUSE
+//!   ABI over `PosixFs`, for any host (on macOS fuse-backend-rs encodes macFUSE's
+//!   ABI, which the guest does not speak), and the chain I/O around it;
+//! - `fuse` (Linux hosts): `PosixFs` as a fuse-backend-rs `FileSystem`, so the
+//!   two request loops can be compared reply for reply in tests.
 
 pub mod attr;
 pub mod errno;
 pub mod flags;
+#[cfg(target_os = "linux")]
+pub mod fuse;
+pub mod passthrough;
+pub mod server;
 pub mod xattr;
 
 /// Errors of the translation layer: a value the guest's kernel cannot be given,
