@@ -174,12 +174,19 @@ fn wait_until(child: &mut Child, deadline: Instant) -> (ExitStatus, bool) {
 
 /// Runs aivmm on `guest` and collects its output. A run past [`TIMEOUT`] fails the test.
 fn run_guest(guest: &Guest) -> Run {
+    run_guest_with(guest, |_| {})
+}
+
+/// [`run_guest`], with `extra` adding to the command (more options, a `pre_exec`).
+fn run_guest_with(guest: &Guest, extra: impl FnOnce(&mut Command)) -> Run {
     let started = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_aivmm"))
-        .arg("run")
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_aivmm"));
+    cmd.arg("run")
         .arg("--kernel")
         .arg(&guest.elf)
-        .args(["--memory", MEMORY])
+        .args(["--memory", MEMORY]);
+    extra(&mut cmd);
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -234,6 +241,35 @@ fn reset_through_i8042_stops_the_vm() {
     };
     run.assert_success();
     run.assert_stdout_has("resetting via i8042\n");
+}
+
+#[test]
+fn guest_kernel_panic_then_reset_is_an_error_naming_the_panic() {
+    let Some(run) = boot("panic_reset") else {
+        return;
+    };
+    run.assert_no_panic();
+    assert_eq!(run.status.code(), Some(1), "{run}");
+    assert_eq!(
+        run.error_lines(),
+        vec!["aivmm: error: guest kernel panic: Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000300"],
+        "{run}"
+    );
+}
+
+#[test]
+fn guest_kernel_panic_without_a_reset_is_stopped() {
+    let Some(run) = boot("panic_hang") else {
+        return;
+    };
+    run.assert_no_panic();
+    assert_eq!(run.status.code(), Some(1), "{run}");
+    assert_eq!(
+        run.error_lines(),
+        vec!["aivmm: error: guest kernel panic: Kernel panic - not syncing: VFS: Unable to mount root fs on unknown-block(0,0)"],
+        "{run}"
+    );
+    assert!(run.elapsed < Duration::from_secs(10), "{run}");
 }
 
 #[test]
@@ -348,6 +384,41 @@ fn no_guest_code_runs_after_power_off() {
 fn blk_pattern() -> Vec<u8> {
     let pat = b"AIVMM-DURABLE-";
     (0..4096usize).map(|i| if i % 16 < pat.len() { pat[i % 16] } else { b'0' + (i / 16 % 10) as u8 }).collect()
+}
+
+/// A host file that cannot grow (here RLIMIT_FSIZE below the sector the guest
+/// writes; a full disk gives ENOSPC the same way) fails the request with an I/O
+/// error the guest sees and aivmm logs; aivmm is not killed (SIGXFSZ).
+#[test]
+fn host_write_limit_gives_the_guest_an_io_error_not_a_crash() {
+    if !kvm_usable("blk_flush") {
+        return;
+    }
+    let guest = build_guest("blk_flush");
+    let img = tempfile::NamedTempFile::new().expect("image");
+    img.as_file().set_len(1 << 20).expect("sizing the image");
+    let r = run_guest_with(&guest, |cmd| {
+        cmd.arg("--no-rng").arg("--disk").arg(img.path());
+        // SAFETY: setrlimit between fork and exec only changes the child's limit.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                let lim = libc::rlimit { rlim_cur: 2048, rlim_max: 2048 };
+                if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    r.assert_no_panic();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(r.status.signal(), None, "aivmm was killed: {r}");
+    assert!(r.stdout.contains("BLK FAIL request status is not OK"), "{r}");
+    assert!(r.stderr.contains("File too large"), "the failure is not logged: {r}");
+    assert!(!r.stdout.contains("FLUSHED"), "{r}");
+    let data = std::fs::read(img.path()).expect("reading the image");
+    assert!(data.iter().all(|&b| b == 0), "the refused write changed the image");
 }
 
 #[test]

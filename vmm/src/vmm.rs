@@ -67,6 +67,12 @@ pub enum Error {
     /// A vCPU thread could not be started.
     #[error("cannot start a vCPU thread: {0}")]
     Thread(std::io::Error),
+    /// The seccomp filters could not be built or installed.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::Error),
+    /// The guest kernel panicked (seen on its serial console) and then reset or stopped.
+    #[error("guest kernel panic: {0}")]
+    GuestPanic(String),
     /// A vCPU stopped on an error.
     #[error("vCPU {id}: {reason}")]
     Vcpu {
@@ -105,6 +111,65 @@ pub struct Vmm {
     /// Set once the guest asked to stop: vCPUs run no more guest code after it.
     stopping: Arc<AtomicBool>,
     started: Instant,
+    /// The seccomp filters, unless `--seccomp=off`.
+    seccomp: Option<Arc<crate::seccomp::Filters>>,
+    /// The first kernel panic line the guest printed on its console, and when.
+    panic_line: Arc<Mutex<Option<(String, Instant)>>>,
+}
+
+/// What a Linux guest prints when it panics.
+const PANIC_MARKER: &str = "Kernel panic - not syncing";
+
+/// How long a guest that panicked may go on (printing its backtrace, resetting)
+/// before aivmm stops it: a guest with `panic=0`, or whose reset never arrives,
+/// would otherwise hang for ever.
+const PANIC_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// The serial console's output: passed on unchanged, and scanned line by line for
+/// a guest kernel panic, whose line is kept (the guest then resets: `panic=-1`).
+struct PanicWatch {
+    out: Box<dyn Write + Send>,
+    line: Vec<u8>,
+    found: Arc<Mutex<Option<(String, Instant)>>>,
+}
+
+impl PanicWatch {
+    /// Longest console line kept for the check.
+    const MAX_LINE: usize = 512;
+
+    fn scan(&mut self, data: &[u8]) {
+        for &b in data {
+            if b == b'\n' {
+                self.end_line();
+            } else if self.line.len() < Self::MAX_LINE {
+                self.line.push(b);
+            }
+        }
+    }
+
+    fn end_line(&mut self) {
+        let text = String::from_utf8_lossy(&self.line);
+        if let Some(at) = text.find(PANIC_MARKER) {
+            if let Ok(mut found) = self.found.lock() {
+                if found.is_none() {
+                    *found = Some((text[at..].trim_end().to_string(), Instant::now()));
+                }
+            }
+        }
+        self.line.clear();
+    }
+}
+
+impl Write for PanicWatch {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let n = self.out.write(data)?;
+        self.scan(&data[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
 }
 
 impl std::fmt::Debug for Vmm {
@@ -138,6 +203,10 @@ impl Vmm {
         console: Box<dyn Write + Send>,
     ) -> Result<Self> {
         config.validate()?;
+        let seccomp = match config.seccomp {
+            crate::seccomp::SeccompMode::On => Some(Arc::new(crate::seccomp::Filters::build()?)),
+            crate::seccomp::SeccompMode::Off => None,
+        };
         let vm = hv.create_vm()?;
         vm.create_irq_controller()?;
 
@@ -156,7 +225,7 @@ impl Vmm {
             }
         }
 
-        let kernel = boot::load_kernel(&mem, &config.kernel)?;
+        let kernel = boot::load_kernel_cached(&mem, &config.kernel, config.kernel_cache.as_deref())?;
         let initrd = match &config.initrd {
             Some(p) => Some(boot::load_initrd(&mem, &kernel, p)?),
             None => None,
@@ -179,6 +248,12 @@ impl Vmm {
 
         let mut io_bus = Bus::new();
         let mut mmio_bus = Bus::new();
+        let panic_line = Arc::new(Mutex::new(None));
+        let console = Box::new(PanicWatch {
+            out: console,
+            line: Vec::new(),
+            found: panic_line.clone(),
+        });
         let serial = Arc::new(Mutex::new(Serial::new(
             irqfd(&*vm, layout::SERIAL_IRQ, "serial")?,
             console,
@@ -279,6 +354,8 @@ impl Vmm {
             exit_rx,
             stopping,
             started,
+            seccomp,
+            panic_line,
         })
     }
 
@@ -294,22 +371,56 @@ impl Vmm {
 
     /// Starts the vCPUs and waits until the guest powers off or resets, or a
     /// vCPU fails. vCPU threads still running are left to end with the process.
+    ///
+    /// With seccomp on, every thread of the process gets the API filter first, the
+    /// device worker spawner the device filter, and each vCPU thread the vCPU filter
+    /// before it runs guest code (see [`crate::seccomp`]).
     pub fn run(mut self) -> Result<VmExit> {
         log::debug!("setup took {:?} since exec", self.started.elapsed());
+        if let Some(filters) = &self.seccomp {
+            filters.install_process()?;
+            crate::seccomp::start_worker_spawner(filters.clone())?;
+        }
         for (id, vcpu) in self.vcpus.drain(..).enumerate() {
             let io = self.io_bus.clone();
             let mmio = self.mmio_bus.clone();
             let tx = self.exit_tx.clone();
             let stopping = self.stopping.clone();
+            let filters = self.seccomp.clone();
             thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
+                    if let Some(f) = filters {
+                        if let Err(e) = f.apply(crate::seccomp::ThreadKind::Vcpu) {
+                            let _ = tx.send(Err(e.into()));
+                            return;
+                        }
+                    }
                     let r = run_vcpu(id as u32, vcpu, &io, &mmio, &stopping);
                     let _ = tx.send(r);
                 })
                 .map_err(Error::Thread)?;
         }
-        self.exit_rx.recv().unwrap_or(Ok(VmExit::PowerOff))
+        let panic = || self.panic_line.lock().ok().and_then(|p| p.clone());
+        let exit = loop {
+            match self.exit_rx.recv_timeout(std::time::Duration::from_millis(250)) {
+                Ok(exit) => break exit,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break Ok(VmExit::PowerOff),
+                Err(mpsc::RecvTimeoutError::Timeout) => match panic() {
+                    Some((line, at)) if at.elapsed() >= PANIC_GRACE => {
+                        log::warn!("no guest reset within {PANIC_GRACE:?} of its kernel panic; stopping it");
+                        self.stopping.store(true, Ordering::SeqCst);
+                        return Err(Error::GuestPanic(line));
+                    }
+                    _ => {}
+                },
+            }
+        };
+        // A guest that panicked resets (`panic=-1`) or stops: report the panic instead.
+        match (exit, panic()) {
+            (Ok(_), Some((line, _))) => Err(Error::GuestPanic(line)),
+            (exit, _) => exit,
+        }
     }
 }
 
@@ -510,8 +621,31 @@ fn run_vcpu(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
     use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn panic_lines_are_seen_on_the_console() {
+        let found = Arc::new(Mutex::new(None));
+        let mut w = PanicWatch {
+            out: Box::new(std::io::sink()),
+            line: Vec::new(),
+            found: found.clone(),
+        };
+        w.write_all(b"[    1.0] ok\r\n[    2.0] Kernel panic - not sync").unwrap();
+        assert!(found.lock().unwrap().is_none());
+        w.write_all(b"ing: Attempted to kill init! exitcode=0x00000300\r\n").unwrap();
+        w.write_all(b"---[ end Kernel panic - not syncing: x ]---\r\n").unwrap();
+        assert_eq!(
+            found.lock().unwrap().as_ref().map(|f| f.0.as_str()),
+            Some("Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000300")
+        );
+        // A long line without a newline is bounded.
+        w.write_all(&[b'x'; 100_000]).unwrap();
+        assert!(w.line.len() <= PanicWatch::MAX_LINE);
+    }
 
     #[test]
     fn guest_ram_is_huge_page_aligned_and_usable() {

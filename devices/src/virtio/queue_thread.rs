@@ -5,9 +5,16 @@
 //! start (buffers posted before activation) and on every notification.
 //! [`QueueThread::stop`] writes the kill `EventFd` and joins the thread, so the
 //! device can be reset and activated again.
+//!
+//! Every device worker thread (blk, rng, fs, net, vsock) starts through
+//! [`spawn_worker`]. A device is activated by a guest register write, on a vCPU
+//! thread, and a thread inherits its parent's seccomp filter; so the VMM can
+//! install a spawner ([`set_worker_spawner`]) that creates workers on a thread of
+//! its own, which carries the device filter rather than the vCPU one.
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 
 use log::{error, warn};
@@ -30,12 +37,72 @@ pub enum Error {
     Spawn(#[source] io::Error),
 }
 
+/// A job for the worker spawner: the thread's name and what it runs.
+pub type WorkerJob = (String, Box<dyn FnOnce() + Send>);
+/// Starts a worker thread for a job (see [`set_worker_spawner`]).
+pub type WorkerSpawner = dyn Fn(WorkerJob) -> io::Result<JoinHandle<()>> + Send + Sync;
+
+/// The spawner workers start through; `None` spawns them from the calling thread.
+static SPAWNER: RwLock<Option<Arc<WorkerSpawner>>> = RwLock::new(None);
+
+/// Makes every later [`spawn_worker`] start its thread through `spawner` (`None`:
+/// from the calling thread again).
+pub fn set_worker_spawner(spawner: Option<Arc<WorkerSpawner>>) {
+    match SPAWNER.write() {
+        Ok(mut s) => *s = spawner,
+        Err(p) => *p.into_inner() = spawner,
+    }
+}
+
+/// A device worker thread started by [`spawn_worker`]; `join` gives what it returned.
+#[derive(Debug)]
+pub struct WorkerHandle<T> {
+    handle: JoinHandle<()>,
+    result: Arc<Mutex<Option<T>>>,
+}
+
+impl<T> WorkerHandle<T> {
+    /// Waits for the thread; `Err` if it panicked.
+    pub fn join(self) -> std::thread::Result<T> {
+        self.handle.join()?;
+        let taken = match self.result.lock() {
+            Ok(mut r) => r.take(),
+            Err(p) => p.into_inner().take(),
+        };
+        taken.ok_or_else(|| Box::new("the worker left no result") as Box<dyn std::any::Any + Send>)
+    }
+}
+
+/// Starts device worker thread `name` running `f`, through the installed spawner
+/// if there is one.
+pub fn spawn_worker<T: Send + 'static>(
+    name: impl Into<String>,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> io::Result<WorkerHandle<T>> {
+    let name = name.into();
+    let result = Arc::new(Mutex::new(None));
+    let slot = result.clone();
+    let job: Box<dyn FnOnce() + Send> = Box::new(move || {
+        let r = f();
+        match slot.lock() {
+            Ok(mut s) => *s = Some(r),
+            Err(p) => *p.into_inner() = Some(r),
+        }
+    });
+    let spawner = SPAWNER.read().map(|s| s.clone()).unwrap_or(None);
+    let handle = match spawner {
+        Some(spawn) => spawn((name, job))?,
+        None => std::thread::Builder::new().name(name).spawn(job)?,
+    };
+    Ok(WorkerHandle { handle, result })
+}
+
 /// A running worker: the thread and the `EventFd` that stops it.
 #[derive(Debug)]
 pub struct QueueThread {
     name: &'static str,
     kill: EventFd,
-    handle: JoinHandle<()>,
+    handle: WorkerHandle<()>,
 }
 
 impl QueueThread {
@@ -53,10 +120,10 @@ impl QueueThread {
                 .map_err(Error::Event)?;
         }
         let kill_for_worker = kill.try_clone().map_err(Error::Event)?;
-        let handle = std::thread::Builder::new()
-            .name(name.into())
-            .spawn(move || run(name, &epoll, &queue_evt, &kill_for_worker, &mut process))
-            .map_err(Error::Spawn)?;
+        let handle = spawn_worker(name, move || {
+            run(name, &epoll, &queue_evt, &kill_for_worker, &mut process)
+        })
+        .map_err(Error::Spawn)?;
         Ok(Self { name, kill, handle })
     }
 

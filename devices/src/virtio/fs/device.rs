@@ -7,7 +7,6 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::PassthroughFs;
@@ -23,6 +22,7 @@ use super::{
     Error, FsConfig, Result, CONFIG_SPACE_LEN, MAX_REQUEST_QUEUES, NUM_HIPRIO_QUEUES, QUEUE_SIZE,
     TAG_LEN, VIRTIO_ID_FS,
 };
+use crate::virtio::queue_thread::{spawn_worker, WorkerHandle};
 use crate::virtio::{self, ActivateArgs, VirtioDevice};
 
 /// A configuration that passed [`check_config`]: the root resolved and printable.
@@ -76,7 +76,11 @@ pub fn share_fs(config: &FsConfig) -> Result<ShareFs> {
 fn build_fs(checked: &Checked) -> Result<ShareFs> {
     let cfg = passthrough_config(&checked.config, &checked.root);
     let inner = PassthroughFs::<()>::new(cfg).map_err(Error::Passthrough)?;
-    Ok(ShareFs::new(inner, checked.config.read_only))
+    Ok(ShareFs::new(
+        inner,
+        checked.config.root.clone(),
+        checked.config.read_only,
+    ))
 }
 
 /// A FUSE server for `config`, as the device's workers use it.
@@ -87,7 +91,7 @@ pub fn fuse_server(config: &FsConfig) -> Result<Arc<Server<ShareFs>>> {
 /// Running workers: their threads and the `EventFd` that stops them all.
 struct Workers {
     kill: EventFd,
-    handles: Vec<JoinHandle<()>>,
+    handles: Vec<WorkerHandle<()>>,
 }
 
 /// The virtio-fs device.
@@ -162,7 +166,16 @@ impl Fs {
         }
         let server = match self.next_server.take() {
             Some(s) => s,
-            None => Arc::new(Server::new(build_fs(&self.checked)?)),
+            // After a reset: build the new server on a worker thread, since this
+            // runs on a vCPU thread, whose seccomp filter does not open files.
+            None => {
+                let checked = self.checked.clone();
+                let fs = spawn_worker("aivmm-fs-init", move || build_fs(&checked))
+                    .map_err(Error::Spawn)?
+                    .join()
+                    .map_err(|_| Error::Passthrough(std::io::Error::other("setup panicked")))??;
+                Arc::new(Server::new(fs))
+            }
         };
         let kill = EventFd::new(EFD_NONBLOCK).map_err(Error::Event)?;
         let mut workers = Workers {
@@ -181,10 +194,10 @@ impl Fs {
                     server: server.clone(),
                     interrupt: interrupt.clone(),
                 };
-                std::thread::Builder::new()
-                    .name(format!("aivmm-fs-q{index}"))
-                    .spawn(move || run(epoll, queue_evt, worker))
-                    .map_err(Error::Spawn)
+                spawn_worker(format!("aivmm-fs-q{index}"), move || {
+                    run(epoll, queue_evt, worker)
+                })
+                .map_err(Error::Spawn)
             });
             match spawned {
                 Ok(h) => workers.handles.push(h),

@@ -19,6 +19,21 @@
 //! looked up at the root gives the root; symlinks are returned as links (the guest
 //! resolves them in its own view) and are never opened for I/O; operations by inode
 //! go through the `/proc/self/fd` magic links, which name the object, not a path.
+//! Every lookup resolves one name relative to a held directory fd with
+//! `O_NOFOLLOW`, so a symlink swapped in during a lookup is found as a link, never
+//! followed; `openat2(RESOLVE_BENEATH)` would add nothing to such one-component
+//! lookups except for `..`, which is checked here instead.
+//!
+//! On top of that, [`ShareFs`] adds:
+//! - **No device nodes.** `mknod` of a character or block device is refused (EPERM):
+//!   aivmm may run as root, and a device node made in the share would give the guest
+//!   the host's device. FIFOs and sockets stay (the guest kernel serves them itself).
+//! - **Only regular files and directories are opened.** A guest kernel is untrusted
+//!   and can send `OPEN` or `CREATE` for any inode: opening a device node, FIFO or
+//!   socket on the host is refused (EPERM), so it can neither reach a host device nor
+//!   block a worker on a FIFO.
+//! - **`..` stays inside.** A `..` lookup whose result is no longer under the share
+//!   root (a directory the host moved out while the guest held it) is refused (EACCES).
 
 use std::ffi::{CStr, CString};
 use std::io;
@@ -28,6 +43,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn};
+use fuse_backend_rs::api::filesystem::ROOT_ID;
 use fuse_backend_rs::api::filesystem::{
     Context, DirEntry, Entry, FileLock, FileSystem, FsOptions, GetxattrReply, ListxattrReply,
     OpenOptions, SetattrValid, ZeroCopyReader, ZeroCopyWriter,
@@ -104,13 +120,20 @@ pub fn passthrough_config(cfg: &FsConfig, root: &str) -> passthrough::Config {
 pub struct ShareFs {
     inner: PassthroughFs<()>,
     read_only: bool,
+    /// The share root, symlinks resolved.
+    root: std::path::PathBuf,
 }
 
 impl ShareFs {
-    /// Wraps `inner`; with `read_only`, every change is refused with EROFS.
-    pub fn new(inner: PassthroughFs<()>, read_only: bool) -> Self {
+    /// Wraps `inner`, which serves `root` (resolved); with `read_only`, every
+    /// change is refused with EROFS.
+    pub fn new(inner: PassthroughFs<()>, root: std::path::PathBuf, read_only: bool) -> Self {
         host_umask();
-        Self { inner, read_only }
+        Self {
+            inner,
+            read_only,
+            root,
+        }
     }
 
     fn check_writable(&self) -> io::Result<()> {
@@ -177,6 +200,27 @@ impl ShareFs {
         Ok(fd)
     }
 
+    /// Refuses to open anything but a regular file: a device node would be the
+    /// host's device, a FIFO could block the worker. The type of an inode never
+    /// changes, so checking the held inode is race-free.
+    fn check_regular(&self, ctx: &Context, inode: u64) -> io::Result<()> {
+        let (st, _) = self.inner.getattr(ctx, inode, None)?;
+        if st.st_mode & libc::S_IFMT == libc::S_IFREG {
+            Ok(())
+        } else {
+            Err(io::Error::from_raw_os_error(libc::EPERM))
+        }
+    }
+
+    /// Whether `inode`'s host object is still the share root or under it, by the
+    /// path its `/proc/self/fd` link names now.
+    fn under_root(&self, inode: u64) -> bool {
+        let Ok(path) = self.inner.readlinkat_proc_file(inode) else {
+            return false;
+        };
+        path == self.root || path.starts_with(&self.root)
+    }
+
     /// `link` without `AT_EMPTY_PATH` (which needs `CAP_DAC_READ_SEARCH`): link the
     /// object through its `/proc/self/fd` magic link, which names the object itself.
     fn link_via_proc(
@@ -233,7 +277,12 @@ impl FileSystem for ShareFs {
     }
 
     fn lookup(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
-        self.inner.lookup(ctx, parent, name)
+        let entry = self.inner.lookup(ctx, parent, name)?;
+        if name.to_bytes() == b".." && parent != ROOT_ID && !self.under_root(entry.inode) {
+            self.inner.forget(ctx, entry.inode, 1);
+            return Err(io::Error::from_raw_os_error(libc::EACCES));
+        }
+        Ok(entry)
     }
 
     fn forget(&self, ctx: &Context, inode: u64, count: u64) {
@@ -290,6 +339,10 @@ impl FileSystem for ShareFs {
         umask: u32,
     ) -> io::Result<Entry> {
         self.check_writable()?;
+        let kind = mode & libc::S_IFMT;
+        if kind == libc::S_IFCHR || kind == libc::S_IFBLK {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
         self.inner.mknod(ctx, inode, name, mode, rdev, umask)
     }
 
@@ -348,6 +401,7 @@ impl FileSystem for ShareFs {
         fuse_flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
         self.check_open_flags(flags)?;
+        self.check_regular(ctx, inode)?;
         self.inner.open(ctx, inode, flags, fuse_flags)
     }
 
@@ -359,7 +413,26 @@ impl FileSystem for ShareFs {
         args: CreateIn,
     ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
         self.check_writable()?;
-        self.inner.create(ctx, parent, name, args)
+        // An existing special file of that name is not opened (see `open`); the
+        // check after the create catches one swapped in meanwhile.
+        if let Ok(e) = self.inner.lookup(ctx, parent, name) {
+            let kind = e.attr.st_mode & libc::S_IFMT;
+            self.inner.forget(ctx, e.inode, 1);
+            if kind != libc::S_IFREG {
+                return Err(io::Error::from_raw_os_error(libc::EPERM));
+            }
+        }
+        let (entry, handle, opts, passthrough) = self.inner.create(ctx, parent, name, args)?;
+        if entry.attr.st_mode & libc::S_IFMT != libc::S_IFREG {
+            if let Some(h) = handle {
+                let _ = self
+                    .inner
+                    .release(ctx, entry.inode, 0, h, false, false, None);
+            }
+            self.inner.forget(ctx, entry.inode, 1);
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
+        Ok((entry, handle, opts, passthrough))
     }
 
     fn read(
@@ -859,6 +932,198 @@ mod tests {
         // And the public entry point works whichever path it takes.
         f.fs.link(&ctx(), file.inode, ROOT_ID, &c("hard2")).unwrap();
         assert_eq!(ino_of(&f.root.join("hard2")), ino_of(&f.root.join("file")));
+        outside_untouched(&f);
+    }
+
+    fn create_args(flags: i32) -> CreateIn {
+        CreateIn {
+            flags: flags as u32,
+            mode: 0o644,
+            umask: 0,
+            fuse_flags: 0,
+        }
+    }
+
+    #[test]
+    fn device_nodes_cannot_be_made_and_special_files_are_not_opened() {
+        let f = fixture(false);
+        for (mode, rdev) in [
+            (libc::S_IFCHR | 0o666, 0x0103),
+            (libc::S_IFBLK | 0o666, 0x0800),
+        ] {
+            assert_eq!(
+                errno(f.fs.mknod(&ctx(), ROOT_ID, &c("dev"), mode, rdev, 0)),
+                libc::EPERM
+            );
+        }
+        assert!(!f.root.join("dev").exists());
+        // A FIFO may be made (the guest kernel serves it) but aivmm never opens it:
+        // opening it for writing would block the worker until a reader came.
+        let fifo =
+            f.fs.mknod(&ctx(), ROOT_ID, &c("fifo"), libc::S_IFIFO | 0o644, 0, 0)
+                .unwrap();
+        for flags in [libc::O_WRONLY, libc::O_RDONLY, libc::O_RDWR] {
+            assert_eq!(
+                errno(f.fs.open(&ctx(), fifo.inode, flags as u32, 0)),
+                libc::EPERM
+            );
+        }
+        assert_eq!(
+            errno(f.fs.create(&ctx(), ROOT_ID, &c("fifo"), create_args(libc::O_WRONLY))),
+            libc::EPERM
+        );
+        // A device node the host placed in the share (needs root to make one here).
+        let node = CString::new(f.root.join("null").as_os_str().as_bytes()).unwrap();
+        // SAFETY: mknod with a NUL-terminated path; the result is checked.
+        if unsafe { libc::mknod(node.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) } == 0 {
+            let e = f.fs.lookup(&ctx(), ROOT_ID, &c("null")).unwrap();
+            assert_eq!(
+                errno(f.fs.open(&ctx(), e.inode, libc::O_RDWR as u32, 0)),
+                libc::EPERM
+            );
+            assert_eq!(
+                errno(f.fs.create(&ctx(), ROOT_ID, &c("null"), create_args(libc::O_RDWR))),
+                libc::EPERM
+            );
+        }
+        // Regular files still open and create.
+        let file = f.fs.lookup(&ctx(), ROOT_ID, &c("file")).unwrap();
+        f.fs.open(&ctx(), file.inode, libc::O_RDWR as u32, 0)
+            .unwrap();
+        f.fs.create(&ctx(), ROOT_ID, &c("new"), create_args(libc::O_RDWR))
+            .unwrap();
+        outside_untouched(&f);
+    }
+
+    #[test]
+    fn dotdot_from_a_directory_moved_out_is_refused() {
+        let f = fixture(false);
+        let sub = f.fs.lookup(&ctx(), ROOT_ID, &c("sub")).unwrap();
+        fs::create_dir(f.root.join("sub/deeper")).unwrap();
+        let deeper = f.fs.lookup(&ctx(), sub.inode, &c("deeper")).unwrap();
+        // Inside the share, .. works as usual.
+        let up = f.fs.lookup(&ctx(), deeper.inode, &c("..")).unwrap();
+        assert_eq!(up.attr.st_ino, ino_of(&f.root.join("sub")));
+        // The host moves `sub` out of the share while the guest holds it.
+        fs::rename(f.root.join("sub"), f.outside.join("sub")).unwrap();
+        assert_eq!(
+            errno(f.fs.lookup(&ctx(), sub.inode, &c(".."))),
+            libc::EACCES
+        );
+        assert_eq!(
+            errno(f.fs.lookup(&ctx(), deeper.inode, &c(".."))),
+            libc::EACCES
+        );
+        fs::rename(f.outside.join("sub"), f.root.join("sub")).unwrap();
+        outside_untouched(&f);
+    }
+
+    #[test]
+    fn proc_self_fd_links_are_only_links() {
+        let f = fixture(false);
+        // An fd aivmm holds on an outside file, named through /proc/self/fd.
+        let secret = fs::File::open(f.outside.join("secret")).unwrap();
+        for target in [
+            format!("/proc/self/fd/{}", secret.as_raw_fd()),
+            "/proc/self/root/etc/passwd".to_string(),
+            "/proc/self/cwd".to_string(),
+        ] {
+            std::os::unix::fs::symlink(&target, f.root.join("pfd")).unwrap();
+            let e = f.fs.lookup(&ctx(), ROOT_ID, &c("pfd")).unwrap();
+            assert_eq!(e.attr.st_mode & libc::S_IFMT, libc::S_IFLNK, "{target}");
+            assert_eq!(f.fs.readlink(&ctx(), e.inode).unwrap(), target.as_bytes());
+            for flags in [libc::O_RDONLY, libc::O_RDWR | libc::O_TRUNC] {
+                assert!(
+                    f.fs.open(&ctx(), e.inode, flags as u32, 0).is_err(),
+                    "{target}"
+                );
+            }
+            assert!(f.fs.lookup(&ctx(), e.inode, &c("secret")).is_err());
+            assert!(f.fs.opendir(&ctx(), e.inode, 0).is_err());
+            // The guest cannot make a name with a slash either.
+            assert_eq!(
+                errno(f.fs.lookup(&ctx(), ROOT_ID, &c(&target))),
+                libc::EINVAL
+            );
+            f.fs.forget(&ctx(), e.inode, 1);
+            fs::remove_file(f.root.join("pfd")).unwrap();
+        }
+        outside_untouched(&f);
+    }
+
+    #[test]
+    fn hard_links_need_an_inode_from_inside() {
+        let f = fixture(false);
+        // Inode numbers the guest never got from a lookup name nothing.
+        for forged in [0u64, 2, 999, u64::MAX] {
+            assert!(f.fs.link(&ctx(), forged, ROOT_ID, &c("stolen")).is_err());
+            assert!(f
+                .fs
+                .link_via_proc(&ctx(), forged, ROOT_ID, &c("stolen"))
+                .is_err());
+            assert!(f.fs.open(&ctx(), forged, libc::O_RDONLY as u32, 0).is_err());
+        }
+        assert!(!f.root.join("stolen").exists());
+        // A link through a symlink to an outside file links the symlink, not the file.
+        let l = f.fs.lookup(&ctx(), ROOT_ID, &c("abs_link")).unwrap();
+        let e = f.fs.link(&ctx(), l.inode, ROOT_ID, &c("hl")).unwrap();
+        assert_eq!(e.attr.st_mode & libc::S_IFMT, libc::S_IFLNK);
+        assert_eq!(fs::metadata(f.outside.join("secret")).unwrap().nlink(), 1);
+        outside_untouched(&f);
+    }
+
+    /// The host swaps `sub` between a directory and a symlink to outside as fast as
+    /// it can while the guest looks it up and creates in it: nothing ever lands
+    /// outside, and a lookup finds either the directory or the link, never the
+    /// outside directory.
+    #[test]
+    fn symlink_swaps_during_lookups_never_escape() {
+        use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+        let f = fixture(false);
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let swaps = std::sync::Arc::new(AtomicU32::new(0));
+        let swapper = {
+            let (root, outside) = (f.root.clone(), f.outside.clone());
+            let (stop, swaps) = (stop.clone(), swaps.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = fs::rename(root.join("sub"), root.join("sub_real"));
+                    let _ = std::os::unix::fs::symlink(&outside, root.join("sub"));
+                    let _ = fs::remove_file(root.join("sub"));
+                    let _ = fs::rename(root.join("sub_real"), root.join("sub"));
+                    swaps.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        let outside_ino = ino_of(&f.outside);
+        let mut created = 0;
+        // At least 3000 rounds, and on a loaded machine until the swapper has run
+        // a while and some creates landed (bounded in time).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let mut i = 0;
+        while (i < 3000 || swaps.load(Ordering::Relaxed) < 100 || created == 0)
+            && std::time::Instant::now() < deadline
+        {
+            i += 1;
+            let Ok(e) = f.fs.lookup(&ctx(), ROOT_ID, &c("sub")) else {
+                continue;
+            };
+            assert_ne!(e.attr.st_ino, outside_ino);
+            let name = c(&format!("x{i}"));
+            if f.fs
+                .create(&ctx(), e.inode, &name, create_args(libc::O_RDWR))
+                .is_ok()
+            {
+                created += 1;
+            }
+            let _ = f.fs.mkdir(&ctx(), e.inode, &c(&format!("d{i}")), 0o755, 0);
+            let _ = f.fs.lookup(&ctx(), e.inode, &c("secret"));
+            f.fs.forget(&ctx(), e.inode, 1);
+        }
+        stop.store(true, Ordering::Relaxed);
+        swapper.join().unwrap();
+        let swaps = swaps.load(Ordering::Relaxed);
+        assert!(swaps > 0 && created > 0, "swaps {swaps} created {created}");
         outside_untouched(&f);
     }
 

@@ -418,4 +418,70 @@ mod tests {
             0
         );
     }
+
+    /// Set for the child process of `a_host_write_limit_is_an_error_for_the_guest`.
+    const LIMIT_CHILD_ENV: &str = "AIVMM_FS_LIMIT_CHILD";
+
+    /// In a child process (the limit is per process): the share's file system
+    /// cannot grow past 64 KiB, like a full disk. Writes past it are errors for the
+    /// guest; the worker carries on.
+    #[test]
+    #[ignore = "run by a_host_write_limit_is_an_error_for_the_guest in a child process"]
+    fn limit_child() {
+        if std::env::var_os(LIMIT_CHILD_ENV).is_none() {
+            return;
+        }
+        // SAFETY: SIG_IGN and a plain rlimit; aivmm's main does the same for SIGXFSZ.
+        unsafe {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let lim = libc::rlimit {
+                rlim_cur: 65536,
+                rlim_max: 65536,
+            };
+            assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &lim), 0);
+        }
+        let (tmp, server) = setup(false);
+        let mem = guest_memory(SESSION_MEM);
+        let mut s = Session::new(&mem);
+        let mut h = |c: DescriptorChain<&GuestMemoryMmap>| handle_chain(&server, &mem, c);
+        assert_eq!(s.call(&fuse::init(), &mut h).errno(), 0);
+        let flags = (libc::O_RDWR | libc::O_CREAT) as u32;
+        let r = s.call(&fuse::create(ROOT_ID, "big", flags, 0o644), &mut h);
+        let (ino, fh) = (r.entry().nodeid, r.create_open().fh);
+        let data = vec![7u8; 100_000];
+        // The write stops at the limit (a short write), the next one fails.
+        let r = s.call(&fuse::write(ino, fh, 0, &data), &mut h);
+        assert_eq!(r.errno(), 0);
+        assert_eq!(r.write().size, 65536);
+        let r = s.call(&fuse::write(ino, fh, 65536, &data[..1000]), &mut h);
+        assert_eq!(r.errno(), libc::EFBIG);
+        assert_eq!(s.call(&fuse::fsync(ino, fh), &mut h).errno(), 0);
+        // The worker still serves requests.
+        assert_eq!(
+            s.call(&fuse::lookup(ROOT_ID, "hello.txt"), &mut h).errno(),
+            0
+        );
+        assert_eq!(
+            fs::metadata(tmp.as_path().join("big")).unwrap().len(),
+            65536
+        );
+        eprintln!("limit-child-ok");
+    }
+
+    #[test]
+    fn a_host_write_limit_is_an_error_for_the_guest() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--ignored",
+                "--exact",
+                "virtio::fs::worker::tests::limit_child",
+                "--nocapture",
+            ])
+            .env(LIMIT_CHILD_ENV, "1")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{:?}: {err}", out.status);
+        assert!(err.contains("limit-child-ok"), "{err}");
+    }
 }

@@ -7,7 +7,6 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use log::{debug, error, warn};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -35,7 +34,7 @@ pub struct NetConfig {
 /// A running worker: the thread (which hands the backend back) and its kill switch.
 struct Worker {
     kill: EventFd,
-    handle: JoinHandle<Box<dyn Backend>>,
+    handle: crate::virtio::queue_thread::WorkerHandle<Box<dyn Backend>>,
 }
 
 /// The virtio-net device.
@@ -170,9 +169,7 @@ impl Net {
                 return Err(e);
             }
         };
-        let handle = std::thread::Builder::new()
-            .name("aivmm-net".into())
-            .spawn(move || worker.run())
+        let handle = crate::virtio::queue_thread::spawn_worker("aivmm-net", move || worker.run())
             .map_err(Error::Spawn)?;
         self.worker = Some(Worker { kill, handle });
         Ok(())

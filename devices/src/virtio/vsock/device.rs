@@ -17,7 +17,6 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Instant;
 
 use log::{debug, error, warn};
@@ -60,7 +59,7 @@ pub struct VsockConfig {
 /// A running worker: the thread and the `EventFd` that stops it.
 struct Worker {
     kill: EventFd,
-    handle: JoinHandle<()>,
+    handle: crate::virtio::queue_thread::WorkerHandle<()>,
 }
 
 /// The virtio-vsock device.
@@ -213,9 +212,7 @@ impl Vsock {
             payload: Vec::new(),
             rxbufs: RxBuffers::default(),
         };
-        let handle = std::thread::Builder::new()
-            .name("aivmm-vsock".into())
-            .spawn(move || w.run())
+        let handle = crate::virtio::queue_thread::spawn_worker("aivmm-vsock", move || w.run())
             .map_err(Error::Spawn)?;
         self.worker = Some(Worker { kill, handle });
         Ok(())

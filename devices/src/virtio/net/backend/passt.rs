@@ -44,6 +44,8 @@ struct Process {
     pid: u32,
     stopping: Arc<AtomicBool>,
     monitor: Option<JoinHandle<()>>,
+    /// How passt ended, once the monitor saw it end while the VM still needed it.
+    died: Arc<Mutex<Option<String>>>,
 }
 
 /// A passt child serving the device over a stream socket.
@@ -111,18 +113,21 @@ impl Passt {
         let stderr = child.stderr.take();
         let child = Arc::new(Mutex::new(child));
         let stopping = Arc::new(AtomicBool::new(false));
+        let died = Arc::new(Mutex::new(None));
         let monitor = {
             let child = child.clone();
             let stopping = stopping.clone();
+            let died = died.clone();
             std::thread::Builder::new()
                 .name("aivmm-passt".into())
-                .spawn(move || monitor(stderr, &child, &stopping))
+                .spawn(move || monitor(stderr, &child, &stopping, &died))
         };
         let mut process = Process {
             child,
             pid,
             stopping,
             monitor: None,
+            died,
         };
         match monitor {
             Ok(h) => process.monitor = Some(h),
@@ -179,9 +184,22 @@ fn check_forward(f: &PortForward) -> Result<()> {
     })
 }
 
+impl Passt {
+    /// How passt ended, if it died while the VM was running (it is also logged as
+    /// an error, with passt's last words before it).
+    pub fn died(&self) -> Option<String> {
+        self.process.died.lock().ok().and_then(|d| d.clone())
+    }
+}
+
 /// Forwards passt's stderr to the log until it closes, then reaps passt and
 /// reports its exit.
-fn monitor(stderr: Option<ChildStderr>, child: &Mutex<Child>, stopping: &AtomicBool) {
+fn monitor(
+    stderr: Option<ChildStderr>,
+    child: &Mutex<Child>,
+    stopping: &AtomicBool,
+    died: &Mutex<Option<String>>,
+) {
     if let Some(stderr) = stderr {
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
@@ -203,7 +221,16 @@ fn monitor(stderr: Option<ChildStderr>, child: &Mutex<Child>, stopping: &AtomicB
     };
     match status {
         Ok(s) if stopping.load(Ordering::SeqCst) => debug!("virtio-net: passt stopped ({s})"),
-        Ok(s) => error!("virtio-net: passt exited ({s}); the guest has no network now"),
+        Ok(s) => {
+            let pid = child.lock().map(|c| c.id()).unwrap_or(0);
+            error!(
+                "virtio-net: the user-mode network helper passt (pid {pid}) exited ({s}); \
+                 the guest has no network now"
+            );
+            if let Ok(mut d) = died.lock() {
+                *d = Some(s.to_string());
+            }
+        }
         Err(e) => error!("virtio-net: waiting for passt failed: {e}"),
     }
 }
@@ -280,6 +307,41 @@ mod tests {
             args(7, &f).join(" "),
             "-f -e -q -1 --fd 7 -t 127.0.0.1/8080:80 -u 127.0.0.1/5353:53"
         );
+    }
+
+    /// A passt that dies while the VM runs is reported.
+    #[test]
+    fn a_helper_that_dies_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("passt");
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\necho 'fake passt: going away' >&2\nexit 3\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let p = Passt::spawn_with(&fake, &[]).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while p.died().is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(p.died().as_deref(), Some("exit status: 3"));
+        // A helper stopped by aivmm itself is not reported as dead.
+        let dir2 = tempfile::tempdir().unwrap();
+        let sleeper = dir2.path().join("passt");
+        std::fs::write(&sleeper, "#!/bin/sh\nexec sleep 30\n").unwrap();
+        std::fs::set_permissions(
+            &sleeper,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let q = Passt::spawn_with(&sleeper, &[]).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert_eq!(q.died(), None);
+        let died = q.process.died.clone();
+        drop(q);
+        assert_eq!(*died.lock().unwrap(), None);
     }
 
     #[test]

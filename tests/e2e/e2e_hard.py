@@ -1,0 +1,220 @@
+"""The hardening scenarios of the nested-VM harness (imported by harness.py).
+
+Guest side: l2-hard.sh (L2 scenarios named hard-*); L1 side: l1-hard.sh. Lines
+read here, inside one aivmm run's output:
+  E2E-CHECK <name> ok | E2E-CHECK <name> FAIL <why>
+  E2E-RESULT g_<key>=<v> (guest) and h_<key>=<v> (L1): must be equal
+  E2E-THREAD tid=.. name=.. seccomp=.. filters=..   (the seccomp scenario)
+"""
+
+import os
+import re
+
+import e2e_io  # collect(): the E2E-CHECK lines of a run
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+SCENARIOS = {
+    "fs-escape-hard": "a hostile guest in a share: absolute, relative, /proc/self/root and /proc/1/root "
+    "symlinks, .., mknod of block and char devices (refused), a symlink/directory swap race run by L1 "
+    "during 300 guest reads and creates; L1's secret never reaches the guest, nothing lands outside",
+    "blk-durability": "the guest writes 1 MiB to /dev/vda with fsync (FLUSH); L1 kill -9's aivmm as "
+    "soon as the guest prints that the flush completed; the bytes are in the image (sha256)",
+    "fs-durability": "the guest writes 1 MiB to a file in a virtio-fs share with fsync; L1 kill -9's "
+    "aivmm right after; the file on L1 has those bytes (sha256)",
+    "panic": "the guest kernel panics (init exits; panic=-1 resets): aivmm exits non-zero with "
+    "`aivmm: error: guest kernel panic: Kernel panic - not syncing: ...`; a plain guest reset still exits 0",
+    "disk-full": "the share and a sparse disk image on a 4 MiB tmpfs in L1: the guest's 8 MiB writes get "
+    "ENOSPC (virtio-fs) and EIO (virtio-blk); both devices work afterwards; aivmm exits 0",
+    "seccomp": "aivmm with a disk, a share and rng, devices active: every thread in "
+    "/proc/PID/task/*/status shows Seccomp: 2 (and, as a control, 0 with --seccomp off)",
+}
+
+NOT_DEFAULT = set()
+
+# Seconds each takes at most (the L1 overall timeout is the sum).
+BUDGET = {"disk-full": 120, "fs-escape-hard": 150, "blk-durability": 120, "fs-durability": 120, "panic": 200, "seccomp": 260}
+
+REQUIRED = {
+    "fs-escape-hard": ["mount", "abs-symlink", "rel-symlink", "deep-rel-symlink", "procroot-symlink",
+                       "proc1-symlink", "dotdot", "dotdot-deep", "dotdot-cd", "dirlink", "mknod-blk",
+                       "mknod-chr", "mkfifo", "plant-through-symlink", "proc-fd-symlink", "hardlink-across",
+                       "swap-no-secret", "l1-secret-intact", "l1-outside-untouched", "l1-no-device-nodes",
+                       "l1-fifo-is-fifo", "l1-guest-symlink-kept", "l1-proc-fd-symlink-kept"],
+    "seccomp": ["mount", "blk-read", "fs-write", "l1-go", "l1-threads-seccomp-2"],
+    "seccomp/off": ["mount", "l1-threads-seccomp-0"],
+    "disk-full": ["mount", "fs-enospc", "fs-after-full", "blk-eio", "blk-read-after", "l1-after-file"],
+    "blk-durability": [],
+    "fs-durability": ["mount"],
+}
+
+
+def l2_extras(cpio):
+    """Guest side: l2-hard.sh."""
+    cpio.copy("l2-hard.sh", os.path.join(HERE, "l2-hard.sh"), 0o644)
+
+
+def l1_extras(cpio):
+    """L1 side: l1-hard.sh."""
+    cpio.copy("l1-hard.sh", os.path.join(HERE, "l1-hard.sh"), 0o644)
+
+
+def check_run(sc, tag, clean=True):
+    """(problems, info) of run `tag`: its checks, the required ones, g_/h_ pairs;
+    with `clean`, also a clean boot to power-off."""
+    r = sc.runs.get(tag)
+    if r is None:
+        return [f"{tag}: aivmm did not run"], []
+    problems = []
+    if clean:
+        why = r.broke()
+        if why:
+            problems.append(f"{tag}: {why}")
+    checks = e2e_io.collect(r)[0]
+    names = {c[0] for c in checks}
+    bad = [f"{n} {st} {rest}".strip() for n, st, rest in checks if st != "ok"]
+    if bad:
+        problems.append(f"{tag}: " + "; ".join(bad))
+    missing = [n for n in REQUIRED.get(tag, []) if n not in names]
+    if missing:
+        problems.append(f"{tag}: checks missing: {' '.join(missing)}")
+    res = r.results()
+    for k in res:
+        if k.startswith("g_") and "h_" + k[2:] in res and res[k] != res["h_" + k[2:]]:
+            problems.append(f"{tag}: {k[2:]} differs: guest {res[k]} L1 {res['h_' + k[2:]]}")
+    n_ok = sum(1 for c in checks if c[1] == "ok")
+    return problems, [f"{tag}: {n_ok} checks ok"]
+
+
+def panics(run):
+    return [l for _, l in run.out + run.err if "panicked" in l]
+
+
+def judge_durability(sc):
+    r = sc.runs.get(sc.name)
+    if r is None:
+        return False, "aivmm did not run", []
+    problems, info = check_run(sc, sc.name, clean=False)
+    res = r.results()
+    flushed = r.first("E2E-HARD-FLUSHED")
+    if flushed is None:
+        problems.append("the guest never printed E2E-HARD-FLUSHED")
+    if not res.get("h_killed"):
+        problems.append("L1 did not kill aivmm")
+    if r.exit != "sig9":
+        problems.append(f"aivmm exit {r.exit}, want sig9 (killed)")
+    g, h = res.get("g_dur_sha"), res.get("h_dur_sha")
+    if not g or g != h:
+        problems.append(f"data lost: guest wrote sha256 {g}, L1 finds {h}")
+    if panics(r):
+        problems.append(f"Rust panic: {panics(r)[0]}")
+    if problems:
+        return False, "; ".join(problems), info
+    return True, (f"1 MiB flushed at {flushed} ms, aivmm killed -9 right after (pid {res.get('h_killed')}), "
+                  f"L1 finds the same sha256 {g[:16]}..."), info
+
+
+def judge_panic_run(sc, tag):
+    """(problems, the error line) of one run whose guest panics."""
+    problems = []
+    r = sc.runs.get(tag)
+    line = None
+    if r is None or r.exit is None:
+        problems.append(f"{tag}: no result")
+    else:
+        errs = [l for _, l in r.err if l.startswith("aivmm: error:")]
+        line = next((l for l in errs if l.startswith("aivmm: error: guest kernel panic: Kernel panic - not syncing")),
+                    None)
+        if r.timeout:
+            problems.append(f"{tag}: still running after {r.wall_ms} ms")
+        elif r.exit == "0" or not r.exit.isdigit():
+            problems.append(f"{tag}: aivmm exit {r.exit}, want a non-zero status")
+        if line is None:
+            problems.append(f"{tag}: no `aivmm: error: guest kernel panic: Kernel panic - not syncing` line; "
+                            f"stderr errors: {errs[:3]}")
+        if r.first("E2E-HARD-PANICKING") is None:
+            problems.append(f"{tag}: the guest did not reach its panic")
+        if panics(r):
+            problems.append(f"{tag}: Rust panic: {panics(r)[0]}")
+    return problems, line
+
+
+def judge_panic(sc):
+    problems, line = judge_panic_run(sc, "panic")
+    p2, _ = judge_panic_run(sc, "panic/no-reset")
+    problems += p2
+    r, r2 = sc.runs.get("panic"), sc.runs.get("panic/no-reset")
+    q = sc.runs.get("panic/reset")
+    if q is None or q.exit is None:
+        problems.append("panic/reset: no result")
+    else:
+        errs = [l for _, l in q.err if l.startswith("aivmm: error:")]
+        if q.exit != "0":
+            problems.append(f"panic/reset: a plain reset gave exit {q.exit}, want 0: {errs[:2]}")
+        if errs:
+            problems.append(f"panic/reset: error lines after a plain reset: {errs[:2]}")
+        if q.first("E2E-HARD-RESETTING") is None:
+            problems.append("panic/reset: the guest did not reach its reboot")
+    if problems:
+        return False, "; ".join(problems), []
+    return True, (f"exit {r.exit} after {r.wall_ms} ms with: {line.strip()}; without a guest reset "
+                  f"aivmm stops it itself (exit {r2.exit} after {r2.wall_ms} ms); a plain reset still exits 0"), []
+
+
+def judge_seccomp(sc):
+    problems, info = [], []
+    for tag in ("seccomp", "seccomp/off"):
+        p, i = check_run(sc, tag)
+        problems += p
+        info += i
+    r = sc.runs.get("seccomp")
+    threads = []
+    if r is not None:
+        for _, l in r.out:
+            m = re.search(r"E2E-THREAD tid=(\d+) name=(\S*) seccomp=(\d+) filters=(\S+)", l)
+            if m:
+                threads.append((m.group(2), m.group(3), m.group(4)))
+        errs = [l for _, l in r.err if "seccomp" in l and "aivmm: error" in l]
+        if errs:
+            problems.append(f"seccomp: {errs[0]}")
+    names = {t[0] for t in threads}
+    for want in ("vcpu0", "aivmm-fs-q1", "aivmm-blk"):
+        if want not in names:
+            problems.append(f"seccomp: no {want} thread among {sorted(names)}")
+    summary = ", ".join(f"{n}:{s}/{f}" for n, s, f in threads)
+    info.append(f"threads (name:Seccomp/filters): {summary}")
+    if problems:
+        return False, "; ".join(problems), info
+    return True, f"{len(threads)} threads, all Seccomp: 2 (vCPU and device threads 2 filters, API 1)", info
+
+
+def judge_escape(sc):
+    problems, info = check_run(sc, sc.name)
+    r = sc.runs.get(sc.name)
+    leaks = [l for _, l in (r.out + r.err if r else []) if "E2E-HSECRET-" in l]
+    if leaks:
+        problems.append(f"the L1 secret reached the guest: {leaks[0][:200]!r}")
+    res = r.results() if r else {}
+    info.append(f"swap race: {res.get('g_swap_planted')} creates landed inside the share, "
+                f"{res.get('g_swap_secret_reads')} secret reads")
+    if problems:
+        return False, "; ".join(problems), info
+    return True, "; ".join(info), []
+
+
+def judge(sc):
+    """(ok, message, extra lines) for one of SCENARIOS."""
+    if not sc.ended:
+        return False, "did not finish", []
+    if sc.name in ("blk-durability", "fs-durability"):
+        return judge_durability(sc)
+    if sc.name == "panic":
+        return judge_panic(sc)
+    if sc.name == "seccomp":
+        return judge_seccomp(sc)
+    if sc.name == "disk-full":
+        problems, info = check_run(sc, sc.name)
+        if problems:
+            return False, "; ".join(problems), info
+        return True, "ENOSPC in the share, EIO on the disk, both usable after, aivmm exit 0; " + "; ".join(info), []
+    return judge_escape(sc)
