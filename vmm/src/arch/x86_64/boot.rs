@@ -97,6 +97,58 @@ const XLF_KERNEL_64: u16 = 1 << 0;
 /// The 64-bit entry of a bzImage sits 0x200 bytes into its protected-mode code.
 const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
 
+/// Loads the kernel at `path` as [`load_kernel`] does, except that a bzImage is
+/// booted through its unpacked vmlinux, cached under `cache_dir` (see
+/// [`super::vmlinux`]). Any trouble with the cache falls back to the bzImage.
+pub fn load_kernel_cached(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    cache_dir: Option<&Path>,
+) -> Result<LoadedKernel> {
+    if let Some(dir) = cache_dir {
+        let mut head = [0u8; 0x280];
+        let is_bz = File::open(path)
+            .and_then(|mut f| f.read_exact(&mut head))
+            .is_ok()
+            && super::vmlinux::is_bzimage(&head);
+        if is_bz {
+            match super::vmlinux::cached_vmlinux(path, dir) {
+                Ok(elf) => match load_kernel(mem, &elf) {
+                    Ok(mut k) => {
+                        log::debug!("booting {} through {}", path.display(), elf.display());
+                        // The zero page gets the bzImage's own header, as a bootloader
+                        // would give it: the kernel reads fields by protocol version
+                        // (0x20e and up: the RSDP address) and would otherwise see 0.
+                        k.setup_header = Some(bzimage_header(&head));
+                        return Ok(k);
+                    }
+                    Err(e) => log::warn!(
+                        "the cached vmlinux {} did not load ({e}); booting the bzImage",
+                        elf.display()
+                    ),
+                },
+                Err(e) => log::info!(
+                    "booting {} with its own decompressor: {e}",
+                    path.display()
+                ),
+            }
+        }
+    }
+    load_kernel(mem, path)
+}
+
+/// The setup header of a bzImage whose first bytes are `head` (at least 0x206
+/// long; the header's remaining bytes, if `head` is shorter, stay zero).
+fn bzimage_header(head: &[u8]) -> linux_loader::loader::bootparam::setup_header {
+    use vm_memory::ByteValued;
+    let mut h = linux_loader::loader::bootparam::setup_header::default();
+    let dst = h.as_mut_slice();
+    let src = head.get(0x1f1..).unwrap_or(&[]);
+    let n = dst.len().min(src.len());
+    dst[..n].copy_from_slice(&src[..n]);
+    h
+}
+
 /// Loads the kernel at `path`: an ELF vmlinux (entered at its ELF entry) or a
 /// bzImage (entered at its 64-bit entry).
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel> {

@@ -5,3 +5,4 @@ pub mod acpi;
 pub mod boot;
 pub mod layout;
 pub mod regs;
+pub mod vmlinux;
