@@ -84,6 +84,17 @@ impl Session {
     /// Sends `req` with a reply buffer of `reply_len` bytes, serves it, and
     /// returns the reply header.
     fn call(&mut self, req: &Request, reply_len: u32) -> OutHeader {
+        self.serve(req, reply_len);
+        let used = self.drv.used_idx();
+        let h: OutHeader = self.mem.read_obj(GuestAddress(REPLY_ADDR)).unwrap();
+        debug_assert_eq!(h.unique, self.unique);
+        debug_assert_eq!(self.drv.used_elem(used.wrapping_sub(1)).1, h.len);
+        h
+    }
+
+    /// Puts `req` on the queue with a reply buffer of `reply_len` bytes and lets
+    /// the device serve it; the chain must come back used.
+    fn serve(&mut self, req: &Request, reply_len: u32) {
         self.unique += 1;
         let bytes = req.encode(self.unique, self.ids);
         self.mem
@@ -94,19 +105,16 @@ impl Session {
         self.drv.set_desc(1, REPLY_ADDR, reply_len, F_WRITE, 0);
         self.drv.publish(0);
         self.worker.process_queue();
-        let used = self.drv.used_idx();
-        debug_assert_eq!(used, self.drv.avail_idx());
-        let h: OutHeader = self.mem.read_obj(GuestAddress(REPLY_ADDR)).unwrap();
-        debug_assert_eq!(h.unique, self.unique);
-        debug_assert_eq!(self.drv.used_elem(used.wrapping_sub(1)).1, h.len);
-        h
+        debug_assert_eq!(self.drv.used_idx(), self.drv.avail_idx());
     }
 
-    /// Sends a request that has no reply (FORGET).
+    /// Sends a request that has no reply (FORGET): the device returns the chain
+    /// with nothing written.
     fn send_no_reply(&mut self, req: &Request) {
         let before = self.drv.used_idx();
-        self.call(req, 0x100);
+        self.serve(req, 0x100);
         assert_eq!(self.drv.used_idx(), before.wrapping_add(1));
+        assert_eq!(self.drv.used_elem(before).1, 0, "a reply to FORGET");
     }
 
     /// The object at `off` in the reply body.
