@@ -5,7 +5,7 @@
 #
 # How it fits together:
 #   nix-daemon ──ssh──▶ 127.0.0.1:port ──(socket activation)──▶ aivmm builder serve
-#                                        ──vsock/net forward──▶ builder guest sshd :22
+#              ──vsock port 22 (CONNECT 22 on the vsock socket)──▶ guest socat ──▶ sshd
 # The guest is ../guest-image/nixos/builder.nix, evaluated with this nixpkgs for the
 # Linux system matching the host's CPU.
 #
@@ -135,14 +135,17 @@ in
     supportedFeatures = lib.mkOption {
       type = lib.types.listOf lib.types.str;
       default = [
-        "kvm"
         "big-parallel"
         "benchmark"
+      ];
+      example = [
+        "kvm"
         "nixos-test"
       ];
       description = ''
-        Features advertised in nix.buildMachines. `kvm` and `nixos-test` need nested
-        virtualisation on the host.
+        Features advertised in nix.buildMachines (what `aivmm builder install` prints
+        too). `kvm` and `nixos-test` would need KVM inside the guest, which aivmm
+        does not offer yet.
       '';
     };
 
@@ -178,12 +181,13 @@ in
         ]
         ++ (if cfg.onDemand.enable then [ "--idle" cfg.onDemand.ttl ] else [ "--always-on" ]);
 
-      # Points aivmm at the builder guest (see flake.nix for these variables).
+      # Points `aivmm builder serve` at the builder guest (without them it builds
+      # and boots the Debian builder image, `aivmm image build --builder`).
       environment = {
-        AIVMM_GUEST_KERNEL = "${cfg.guest}/kernel";
-        AIVMM_GUEST_INITRD = "${cfg.guest}/initrd";
-        AIVMM_GUEST_ROOTFS = "${cfg.guest}/rootfs.img";
-        AIVMM_GUEST_CMDLINE_FILE = "${cfg.guest}/cmdline";
+        AIVMM_BUILDER_KERNEL = "${cfg.guest}/kernel";
+        AIVMM_BUILDER_INITRD = "${cfg.guest}/initrd";
+        AIVMM_BUILDER_ROOTFS = "${cfg.guest}/rootfs.img";
+        AIVMM_BUILDER_CMDLINE_FILE = "${cfg.guest}/cmdline";
       };
 
       # Idempotent; $1 is the owner of the VM directory.

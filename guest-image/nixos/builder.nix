@@ -1,6 +1,11 @@
 # The builder guest that `aivmm builder serve` boots: a Nix remote builder reached
 # over SSH. The host's nix-daemon connects to 127.0.0.1:PORT, aivmm forwards that to
-# the guest's sshd, and the `builder` user may run only the Nix daemon protocol.
+# the guest's vsock port 22, socat here bridges it to sshd (on the guest's loopback
+# only), and the `builder` user may run only the Nix daemon protocol.
+#
+# The control channel (the same protocol as the Debian builder image's init2,
+# guest-image/builder/): once sshd answers, the guest connects to the host's vsock
+# port 10022 and says `ready`; `poweroff` on it (or its end) powers the guest off.
 #
 # Keys: the host module (nix/module.nix, nix/darwin-module.nix) generates them in the
 # service's state directory, and aivmm shares `<state-dir>/guest` read-only with the
@@ -18,6 +23,7 @@
 
 let
   cfg = config.aivmm.builder;
+  controlPort = 10022;
   keysDir = "/run/aivmm-builder";
   sshDir = "/var/lib/aivmm-builder";
 
@@ -28,6 +34,19 @@ let
       "nix-store --serve --write") exec ${config.nix.package}/bin/nix-store --serve --write ;;
       *) echo "aivmm-builder: only Nix remote builds are allowed" >&2; exit 1 ;;
     esac
+  '';
+
+  # The guest end of the control channel; stdin/stdout are the vsock connection.
+  controlScript = pkgs.writeShellScript "aivmm-builder-control" ''
+    : > /run/aivmm-builder-control-up
+    echo "ready $(uname -r)"
+    while read -r cmd; do
+      case "$cmd" in
+        ping) echo pong ;;
+        poweroff) echo bye; exit 0 ;;
+        *) echo "unknown $cmd" ;;
+      esac
+    done
   '';
 in
 {
@@ -83,9 +102,57 @@ in
       '';
     };
 
+    # aivmm's vsock port 22 -> sshd on the guest's loopback.
+    systemd.services.aivmm-builder-vsock = {
+      description = "Bridge vsock port 22 to sshd";
+      wantedBy = [ "multi-user.target" ];
+      after = [ "sshd.service" ];
+      serviceConfig = {
+        ExecStart = "${pkgs.socat}/bin/socat VSOCK-LISTEN:22,fork,reuseaddr TCP:127.0.0.1:22";
+        Restart = "always";
+      };
+    };
+
+    systemd.services.aivmm-builder-control = {
+      description = "Tell aivmm the builder is ready; power off when it asks";
+      wantedBy = [ "multi-user.target" ];
+      after = [
+        "sshd.service"
+        "aivmm-builder-vsock.service"
+        "nix-daemon.socket"
+      ];
+      requires = [ "sshd.service" ];
+      path = [
+        pkgs.socat
+        pkgs.iproute2
+        pkgs.coreutils
+        pkgs.systemd
+      ];
+      serviceConfig.Type = "simple";
+      script = ''
+        until ss -Htln 'sport = :22' | grep -q .; do sleep 0.1; done
+        i=0
+        while :; do
+          socat VSOCK-CONNECT:2:${toString controlPort} EXEC:${controlScript} || true
+          [ -e /run/aivmm-builder-control-up ] && break
+          i=$((i + 1))
+          [ $i -lt 50 ] || break
+          sleep 0.2
+        done
+        systemctl poweroff --no-block
+      '';
+    };
+
     services.openssh = {
       enable = true;
       openFirewall = false;
+      # Reached only through the vsock bridge above.
+      listenAddresses = [
+        {
+          addr = "127.0.0.1";
+          port = 22;
+        }
+      ];
       startWhenNeeded = false;
       hostKeys = [
         {
@@ -122,11 +189,10 @@ in
 
     nix.settings = {
       trusted-users = [ "builder" ];
+      # No `kvm`/`nixos-test`: aivmm gives the guest no nested KVM.
       system-features = [
-        "kvm"
         "big-parallel"
         "benchmark"
-        "nixos-test"
       ];
       max-jobs = "auto";
       cores = 0;
