@@ -212,7 +212,12 @@ io_main() {
 		dhcp
 		head -c 1048576 /dev/urandom >/tmp/page
 		echo "E2E-RESULT g_fwd_sha=$(sha /tmp/page)"
-		ck serve-8080 timeout 90 socat -u OPEN:/tmp/page TCP-LISTEN:8080,reuseaddr
+		# L1 retries until it has the whole page: a connection it gave up on (passt
+		# accepted it before this listener existed) fails here with EPIPE, so serve again.
+		# The request (4 bytes) is read before the reply: a socket closed with unread
+		# input sends RST, which would cut off the reply in flight.
+		ck serve-8080 timeout 90 sh -c 'until socat TCP-LISTEN:8080,reuseaddr SYSTEM:"head -c 4 >/dev/null; cat /tmp/page"; do sleep 0.2; done'
+		sleep 5 # what socat handed the kernel is still on its way out through passt
 		;;
 	net-tap)
 		load_mods net
