@@ -6,11 +6,19 @@
 //!
 //! ```text
 //! agent → host   Ready { version }
+//! host  → agent  Setup(Setup)                            (optional, before Start)
 //! host  → agent  Start(Spec)
 //! host  → agent  Input… Resize… Signal… CloseInput      (any order, any number)
 //! agent → host   Output… Stderr…                         (interleaved with the above)
 //! agent → host   Exited(status)                          (last frame; the agent exits)
 //! ```
+//!
+//! `aivmm exec` uses the same exchange the other way round: the agent listens on
+//! guest vsock port [`EXEC_PORT`], the host connects (through the hybrid vsock's
+//! `CONNECT` line), and each connection runs one more command beside the first.
+//! [`ToGuest::Shutdown`] on the first connection ends the guest: the agent stops
+//! the command (SIGHUP and SIGTERM, SIGKILL after the grace time), reports
+//! `Exited` and exits, and the guest's init powers off.
 //!
 //! If the command cannot be started, the agent sends [`ToHost::Error`] and then
 //! `Exited(Code(127))`.
@@ -36,6 +44,8 @@
 //! | 0x83 `Resize` | host→guest | `u16 rows`, `u16 cols` |
 //! | 0x84 `Signal` | host→guest | `i32 signal number` |
 //! | 0x85 `CloseInput` | host→guest | nothing |
+//! | 0x86 `Setup` | host→guest | [`Setup`], see its docs for the field order |
+//! | 0x87 `Shutdown` | host→guest | `u32 grace_ms` |
 //!
 //! The two directions use separate type ranges, so a frame sent the wrong way is an
 //! unknown type. A decoding error leaves the stream out of step: drop the connection.
@@ -44,8 +54,10 @@ use std::io::{self, Read, Write};
 
 /// The vsock port the agent connects to on the host (CID 2).
 pub const AGENT_PORT: u32 = 1024;
+/// The guest vsock port the agent listens on for `aivmm exec` connections.
+pub const EXEC_PORT: u32 = 1025;
 /// The protocol version in [`ToHost::Ready`]. Bumped on any incompatible change.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Size of the length prefix.
 pub const HEADER_LEN: usize = 4;
 /// The largest frame body (type byte and payload) either side accepts.
@@ -114,6 +126,39 @@ pub struct Spec {
     pub tty: bool,
 }
 
+/// A virtio-fs share the agent mounts before the command starts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Mount {
+    /// The virtio-fs tag.
+    pub tag: String,
+    /// The absolute guest path (created if missing).
+    pub path: String,
+    /// Mount read-only.
+    pub read_only: bool,
+}
+
+/// What the agent prepares, as root, before the first command starts.
+///
+/// Wire order: `mounts` (list of `tag`, `path`, `u8 read_only`), `links` (list of
+/// string pairs: link path, target), `ssh_key` (option string), `uid` (u32), `gid`
+/// (u32), `home` (string).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Setup {
+    /// Shares to mount, in order.
+    pub mounts: Vec<Mount>,
+    /// Symbolic links to make (path, target), owned by `uid`:`gid`; an existing
+    /// file at the path is replaced.
+    pub links: Vec<(String, String)>,
+    /// An OpenSSH public key: authorize it for the user and start sshd.
+    pub ssh_key: Option<String>,
+    /// The user's id.
+    pub uid: u32,
+    /// The user's group id.
+    pub gid: u32,
+    /// The user's home directory in the guest.
+    pub home: String,
+}
+
 /// How the guest command ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExitStatus {
@@ -170,6 +215,14 @@ pub enum ToGuest {
     /// No more input: close the command's stdin (pipe mode) or send the terminal's
     /// end-of-file character (tty mode).
     CloseInput,
+    /// Prepare the guest (mounts, links, sshd). Sent at most once, before `Start`.
+    Setup(Setup),
+    /// Stop the command and let the guest power off: SIGHUP and SIGTERM now,
+    /// SIGKILL to what is left after `grace_ms`.
+    Shutdown {
+        /// Milliseconds between SIGTERM and SIGKILL.
+        grace_ms: u32,
+    },
 }
 
 /// A message type of one direction.
@@ -190,6 +243,8 @@ const INPUT: u8 = 0x82;
 const RESIZE: u8 = 0x83;
 const SIGNAL: u8 = 0x84;
 const CLOSE_INPUT: u8 = 0x85;
+const SETUP: u8 = 0x86;
+const SHUTDOWN: u8 = 0x87;
 
 impl Message for ToHost {
     fn encode_body(&self, out: &mut Vec<u8>) {
@@ -267,6 +322,14 @@ impl Message for ToGuest {
                 out.extend(n.to_le_bytes());
             }
             Self::CloseInput => out.push(CLOSE_INPUT),
+            Self::Setup(s) => {
+                out.push(SETUP);
+                s.encode(out);
+            }
+            Self::Shutdown { grace_ms } => {
+                out.push(SHUTDOWN);
+                out.extend(grace_ms.to_le_bytes());
+            }
         }
     }
 
@@ -282,6 +345,10 @@ impl Message for ToGuest {
             },
             SIGNAL => Self::Signal(r.i32()?),
             CLOSE_INPUT => Self::CloseInput,
+            SETUP => Self::Setup(Setup::decode(&mut r)?),
+            SHUTDOWN => Self::Shutdown {
+                grace_ms: r.u32()?,
+            },
             k => return Err(Error::UnknownType(k)),
         };
         r.finish()?;
@@ -345,6 +412,79 @@ impl Spec {
                 1 => true,
                 _ => return Err(Error::BadValue("tty flag")),
             },
+        })
+    }
+}
+
+/// A guest path for a mount or link: absolute, no `..`, no empty name.
+fn check_guest_path(p: &str) -> Result<()> {
+    let ok = p.starts_with('/') && p.split('/').skip(1).all(|c| !c.is_empty() && c != "..");
+    if ok && p != "/" {
+        Ok(())
+    } else {
+        Err(Error::BadValue("guest path"))
+    }
+}
+
+impl Setup {
+    fn encode(&self, out: &mut Vec<u8>) {
+        put_len(out, self.mounts.len());
+        for m in &self.mounts {
+            put_str(out, &m.tag);
+            put_str(out, &m.path);
+            out.push(u8::from(m.read_only));
+        }
+        put_len(out, self.links.len());
+        for (path, target) in &self.links {
+            put_str(out, path);
+            put_str(out, target);
+        }
+        put_opt(out, &self.ssh_key, |o, s| put_str(o, s));
+        out.extend(self.uid.to_le_bytes());
+        out.extend(self.gid.to_le_bytes());
+        put_str(out, &self.home);
+    }
+
+    fn decode(r: &mut Cursor<'_>) -> Result<Self> {
+        let n = r.u32()?;
+        let mut mounts = Vec::new();
+        for _ in 0..n {
+            let tag = r.string()?;
+            let path = r.string()?;
+            check_guest_path(&path)?;
+            let read_only = match r.u8()? {
+                0 => false,
+                1 => true,
+                _ => return Err(Error::BadValue("read-only flag")),
+            };
+            if tag.is_empty() {
+                return Err(Error::BadValue("mount tag"));
+            }
+            mounts.push(Mount {
+                tag,
+                path,
+                read_only,
+            });
+        }
+        let n = r.u32()?;
+        let mut links = Vec::new();
+        for _ in 0..n {
+            let path = r.string()?;
+            check_guest_path(&path)?;
+            links.push((path, r.string()?));
+        }
+        let ssh_key = r.opt(Cursor::string)?;
+        let uid = r.u32()?;
+        let gid = r.u32()?;
+        let home = r.string()?;
+        check_guest_path(&home)?;
+        Ok(Self {
+            mounts,
+            links,
+            ssh_key,
+            uid,
+            gid,
+            home,
         })
     }
 }
@@ -587,7 +727,55 @@ mod tests {
             },
             ToGuest::Signal(15),
             ToGuest::CloseInput,
+            ToGuest::Setup(setup()),
+            ToGuest::Setup(Setup {
+                home: "/root".into(),
+                ..Setup::default()
+            }),
+            ToGuest::Shutdown { grace_ms: 5000 },
         ]
+    }
+
+    fn setup() -> Setup {
+        Setup {
+            mounts: vec![
+                Mount {
+                    tag: "share0".into(),
+                    path: "/home/me/notes".into(),
+                    read_only: true,
+                },
+                Mount {
+                    tag: "claude".into(),
+                    path: "/home/user/.claude".into(),
+                    read_only: false,
+                },
+            ],
+            links: vec![("/home/user/.claude.json".into(), "/run/aivmm/claude/.claude.json".into())],
+            ssh_key: Some("ssh-ed25519 AAAA test".into()),
+            uid: 1000,
+            gid: 100,
+            home: "/home/user".into(),
+        }
+    }
+
+    #[test]
+    fn setup_paths_are_checked() {
+        let body = |s: Setup| encode(&ToGuest::Setup(s)).unwrap()[HEADER_LEN..].to_vec();
+        for bad in ["relative", "/", "/a/../etc", "/a//b", ""] {
+            let mut s = setup();
+            s.mounts[0].path = bad.into();
+            assert!(matches!(ToGuest::decode_body(&body(s)), Err(Error::BadValue(_))), "{bad}");
+            let mut s = setup();
+            s.links[0].0 = bad.into();
+            assert!(matches!(ToGuest::decode_body(&body(s)), Err(Error::BadValue(_))), "{bad}");
+        }
+        let mut s = setup();
+        s.mounts[0].tag = String::new();
+        assert!(matches!(ToGuest::decode_body(&body(s)), Err(Error::BadValue(_))));
+        assert_eq!(
+            encode(&ToGuest::Shutdown { grace_ms: 258 }).unwrap(),
+            [5, 0, 0, 0, 0x87, 2, 1, 0, 0]
+        );
     }
 
     fn all_to_host() -> Vec<ToHost> {
@@ -838,7 +1026,9 @@ mod tests {
                     RESIZE,
                     SIGNAL,
                     CLOSE_INPUT,
-                ][(next() % 8) as usize];
+                    SETUP,
+                    SHUTDOWN,
+                ][(next() % 10) as usize];
             }
             let _ = ToHost::decode_body(&body);
             let _ = ToGuest::decode_body(&body);

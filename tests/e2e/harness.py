@@ -46,6 +46,11 @@ import threading
 import time
 
 import e2e_io  # the I/O scenarios (fs-ro, net, vsock, ...): tests/e2e/e2e_io.py
+import e2e_run  # the `run --workdir` scenarios (workdir, lock, stop, ...): tests/e2e/e2e_run.py
+import e2e_builder  # aivmm builder serve: tests/e2e/e2e_builder.py
+import e2e_hard  # the hardening scenarios (seccomp, panic, durability, ...): tests/e2e/e2e_hard.py
+import e2e_bench  # aivmm vs QEMU figures, benches/results/: tests/e2e/e2e_bench.py
+import e2e_kernel  # guest-custom-kernel (kernel from linux-source): tests/e2e/e2e_kernel.py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -66,12 +71,25 @@ SCENARIOS = {
     "'Claude Code', aivmm exits 0",
 }
 SCENARIOS.update(e2e_io.SCENARIOS)
+SCENARIOS.update(e2e_run.SCENARIOS)
+SCENARIOS.update(e2e_hard.SCENARIOS)
 # Scenarios that use a Debian guest image (`aivmm image build --out WORK/image-<kind>`),
 # attached to L1 as a read-only virtio disk with serial e2e-<kind>.
 GUEST_IMAGE_SCENARIOS = {"guest-exit-status": "noclaude", "guest-claude": "claude"}
+GUEST_IMAGE_SCENARIOS.update({n: e2e_run.IMAGE_KIND for n in e2e_run.SCENARIOS})
+SCENARIOS.update(e2e_builder.SCENARIOS)
+GUEST_IMAGE_SCENARIOS.update(e2e_builder.IMAGES)
+SCENARIOS.update(e2e_kernel.SCENARIOS)
+GUEST_IMAGE_SCENARIOS.update(e2e_kernel.IMAGES)
 # Scenarios left out of the default set (run them by name).
 NOT_DEFAULT = set()
 NOT_DEFAULT.update(e2e_io.NOT_DEFAULT)
+NOT_DEFAULT.update(e2e_run.NOT_DEFAULT)
+NOT_DEFAULT.update(e2e_builder.NOT_DEFAULT)
+NOT_DEFAULT.update(e2e_kernel.NOT_DEFAULT)
+NOT_DEFAULT.update(e2e_hard.NOT_DEFAULT)
+SCENARIOS.update(e2e_bench.SCENARIOS)
+NOT_DEFAULT.update(e2e_bench.NOT_DEFAULT)
 
 L2_CMDLINE_NOTE = "console=ttyS0 quiet panic=-1 aivmm.scenario=<name>"
 L1_MEM = "3072"
@@ -323,6 +341,8 @@ def build_l2(kernel, moddir):
         extra = [m for m in module_closure(moddir, wanted) if m not in mods]
         add_modules(cpio, moddir, extra, f"order-{scen}")
     e2e_io.l2_extras(cpio, moddir, mods, sys.modules[__name__])
+    e2e_hard.l2_extras(cpio)
+    e2e_bench.l2_extras(cpio, moddir, mods, sys.modules[__name__])
     cpio.copy("init", os.path.join(HERE, "l2-init.sh"), 0o755)
     out = os.path.join(WORK, "l2-initrd.cpio")
     cpio.write(out)
@@ -333,11 +353,13 @@ def build_guest_images(names, aivmm):
     """Builds (or finds up to date) the Debian guest images the scenarios need, on
     the host: {kind: directory}. `image build --out` rebuilds only if the recipe or a
     package changed (it checks the manifest); offline, an existing image is used."""
-    kinds = sorted({GUEST_IMAGE_SCENARIOS[n] for n in names if n in GUEST_IMAGE_SCENARIOS})
+    kinds = sorted({GUEST_IMAGE_SCENARIOS[n] for n in names if n in GUEST_IMAGE_SCENARIOS}
+                   | {k for n in names for k in e2e_kernel.EXTRA_KINDS.get(n, [])})
     images = {}
     for kind in kinds:
         out = os.path.join(WORK, f"image-{kind}")
         cmd = [aivmm, "image", "build", "--out", out] + (["--no-claude"] if kind == "noclaude" else [])
+        cmd += e2e_builder.IMAGE_FLAGS.get(kind, []) + e2e_kernel.IMAGE_FLAGS.get(kind, [])
         t = time.monotonic()
         r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
         complete = all(os.path.exists(os.path.join(out, f))
@@ -410,6 +432,11 @@ def build_l1(kernel, moddir, l2_initrd, aivmm, vmmrun):
     cpio.copy("l2/vmlinuz", kernel, 0o644)
     cpio.copy("l2/initrd.cpio", l2_initrd, 0o644)
     e2e_io.l1_extras(cpio, moddir, sys.modules[__name__])
+    e2e_run.l1_extras(cpio, moddir, sys.modules[__name__])
+    e2e_builder.l1_extras(cpio, moddir, sys.modules[__name__])
+    e2e_kernel.l1_extras(cpio, moddir, sys.modules[__name__])
+    e2e_hard.l1_extras(cpio)
+    e2e_bench.l1_extras(cpio, moddir, sys.modules[__name__])
     cpio.copy("init", os.path.join(HERE, "l1-init.sh"), 0o755)
     if os.environ.get("E2E_AIVMM_LOG"):
         cpio.file("e2e/aivmm-log", os.environ["E2E_AIVMM_LOG"].encode() + b"\n")
@@ -630,10 +657,20 @@ def judge(sc, vmm_mode):
                 return False, "; ".join(problems), info
             return True, figs, info
         return True, figs, []
+    if sc.name in e2e_builder.SCENARIOS:
+        return e2e_builder.judge(sc)
+    if sc.name in e2e_run.SCENARIOS:
+        return e2e_run.judge(sc)
+    if sc.name in e2e_kernel.SCENARIOS:
+        return e2e_kernel.judge(sc)
     if sc.name in GUEST_IMAGE_SCENARIOS:
         return judge_guest(sc)
     if sc.name in e2e_io.SCENARIOS:
         return e2e_io.judge(sc)
+    if sc.name in e2e_hard.SCENARIOS:
+        return e2e_hard.judge(sc)
+    if sc.name in e2e_bench.SCENARIOS:
+        return e2e_bench.judge(sc, vmm_mode)
     if sc.name == "bad-kernel":
         problems = []
         for case in ("garbage", "empty", "truncated"):
@@ -659,7 +696,7 @@ def judge(sc, vmm_mode):
         msgs = [f"{c}: {sc.runs[f'bad-kernel/{c}'].err[0][1]}" for c in ("garbage", "empty", "truncated")]
         return True, "3 bad kernels rejected", ["  " + m for m in msgs]
     if sc.name == "qemu-compare":
-        kinds = ("aivmm", "qemu-microvm", "qemu-pc")
+        kinds = ("aivmm", "aivmm-vmlinux", "qemu-microvm", "qemu-pc")
         marker = {k: [] for k in kinds}
         uptime = {k: [] for k in kinds}
         bt = []
@@ -690,6 +727,9 @@ def judge(sc, vmm_mode):
         for q in ("qemu-microvm", "qemu-pc"):
             a, b = med(marker["aivmm"]), med(marker[q])
             extra.append(f"  boot ratio aivmm/{q}: {a / b:.2f}" if a and b else f"  boot ratio aivmm/{q}: n/a")
+        a, b = med(marker["aivmm-vmlinux"]), med(marker["aivmm"])
+        extra.append(f"  vmlinux cache: aivmm-vmlinux (--kernel-cache, no guest decompressor)/aivmm: "
+                     + (f"{a / b:.2f}" if a and b else "n/a"))
         extra.append("  guest uptime at marker median s: "
                      + " ".join(f"{k}={med(uptime[k]):.2f}" if uptime[k] else f"{k}=n/a" for k in kinds))
         extra.append(f"  aivmm boot-timer median ms: {fmt_ms(med(bt))}")
@@ -760,10 +800,15 @@ def main():
     note(f"kernel {kernel}; L2 modules {' '.join(l2mods)}; L1 initramfs "
          f"{os.path.getsize(l1) >> 20} MiB; built in {time.monotonic() - t0:.1f} s; logs {logdir}")
 
-    budget = {"blk": vto, "fs": vto, "boot": vto, "smp": vto, "rng": vto, "bad-kernel": 90, "qemu-compare": 3 * runs * vto}
+    budget = {"blk": vto, "fs": vto, "boot": vto, "smp": vto, "rng": vto, "bad-kernel": 90, "qemu-compare": 4 * runs * vto}
     for n in GUEST_IMAGE_SCENARIOS:
         budget.setdefault(n, max(vto, GUEST_TIMEOUT))
     budget.update(e2e_io.BUDGET)
+    budget.update(e2e_run.BUDGET)
+    budget.update(e2e_builder.BUDGET)
+    budget.update(e2e_kernel.BUDGET)
+    budget.update(e2e_hard.BUDGET)
+    budget.update(e2e_bench.BUDGET)
     for n, extra in e2e_io.EXTRA_BUDGET.items():
         budget[n] += extra
     overall = int(os.environ.get("E2E_TIMEOUT", 0)) or 150 + sum(budget[n] + 20 for n in names)

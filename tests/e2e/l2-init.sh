@@ -66,6 +66,8 @@ rng)
 fs-ro | fs-escape | fs-many | blk-ext4 | blk-ro | net | forward | net-tap | vsock)
 	. /l2-io.sh && io_main "$scenario" # tests/e2e/l2-io.sh
 	;;
+hard-*) . /l2-hard.sh && hard_main "$scenario" ;; # tests/e2e/l2-hard.sh
+bench-*) . /l2-bench.sh && bench_main "$scenario" ;; # tests/e2e/l2-bench.sh
 esac
 
 echo "E2E-DONE"

@@ -10,6 +10,13 @@ use crate::config::{self, VmConfig};
 #[derive(Debug, Parser)]
 #[command(name = "aivmm", version, about, propagate_version = true)]
 pub struct Cli {
+    /// Say more on stderr (-v: progress details, -vv: debug). The per-VM log file
+    /// gets the details either way.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    pub verbose: u8,
+    /// Print only errors (no progress, no notes).
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -32,17 +39,52 @@ pub enum Command {
         #[command(subcommand)]
         command: ImageCommand,
     },
-    /// List running VMs: workdir, pid, uptime, forwarded ports.
+    /// A Linux Nix remote builder in a VM, on 127.0.0.1 only, booted on demand
+    /// (`serve`, `status`, `install`, `uninstall`).
+    Builder {
+        /// What to do.
+        #[command(subcommand)]
+        command: crate::builder::Command,
+    },
+    /// List running VMs: workdir, pid, uptime, state, forwarded ports.
     Ps,
-    /// Stop the VM running on a workdir (or with that pid): SIGTERM, then SIGKILL
-    /// after a timeout.
+    /// Stop the VM running on a workdir (or with that pid): its command gets SIGHUP
+    /// and SIGTERM, the guest powers off (ACPI S5); after the timeout aivmm is killed.
     Stop {
         /// The workdir or the pid of the aivmm process.
         target: String,
-        /// Seconds to wait before killing it.
-        #[arg(long, default_value_t = 10)]
+        /// Seconds to wait for a clean power-off before killing it.
+        #[arg(long, default_value_t = 30)]
         timeout: u64,
     },
+    /// Run a command in the VM running on a workdir (over vsock), as the user, in
+    /// /work; exits with its status.
+    Exec(ExecArgs),
+    /// Print a shell completion script, e.g. `aivmm completions bash >
+    /// ~/.local/share/bash-completion/completions/aivmm`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), e.g. `aivmm man | man -l -`.
+    Man,
+}
+
+/// Arguments of `aivmm exec`.
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// The workdir (or the pid of its aivmm process).
+    pub target: String,
+    /// Pass an environment variable (NAME takes its value from this environment).
+    #[arg(long, value_name = "NAME[=VALUE]")]
+    pub env: Vec<String>,
+    /// Run as root instead of the user.
+    #[arg(long)]
+    pub root: bool,
+    /// The command [default: bash].
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
 }
 
 /// `aivmm image …`.
@@ -62,6 +104,16 @@ pub enum ImageCommand {
         /// Build into this directory instead of the cache.
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
+        /// Build the Nix builder image (sshd, Nix; no Claude Code) that `aivmm
+        /// builder serve` boots.
+        #[arg(long)]
+        builder: bool,
+        /// Build the kernel from Debian's linux-source with guest-image/kernel.config
+        /// (everything the boot needs built in) instead of using Debian's cloud
+        /// kernel. Needs make, gcc, flex, bison, bc, libelf-dev and libssl-dev; the
+        /// first build takes 10-30 minutes, then it is cached.
+        #[arg(long)]
+        kernel_from_source: bool,
     },
 }
 
@@ -92,14 +144,31 @@ pub struct RunArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
     pub memory: Option<u64>,
     /// With --workdir: size of the persistent per-workdir disk (sparse) [default: 16G].
-    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+    #[arg(long, value_name = "SIZE", value_parser = parse_disk_size_arg)]
     pub disk_size: Option<u64>,
     /// With --workdir: pass an environment variable to the command (NAME takes its
     /// value from this environment). Sent over vsock, never on the kernel command line.
     #[arg(long, value_name = "NAME[=VALUE]")]
     pub env: Vec<String>,
-    /// With --workdir: seconds to wait for the guest agent.
-    #[arg(long, value_name = "SECS", default_value_t = 120)]
+    /// With --workdir: share a host directory read-only, at the same path in the
+    /// guest. Any number.
+    #[arg(long, value_name = "PATH")]
+    pub share_ro: Vec<PathBuf>,
+    /// With --workdir: share a host directory read-write, at the same path in the
+    /// guest. Any number.
+    #[arg(long, value_name = "PATH")]
+    pub share_rw: Vec<PathBuf>,
+    /// With --workdir: share your Claude Code login (~/.claude read-write, and a
+    /// copy of ~/.claude.json kept in aivmm's state) so it survives across VMs.
+    #[arg(long)]
+    pub claude_auth: bool,
+    /// With --workdir: start sshd in the guest, reachable on 127.0.0.1 at a free
+    /// port with a key aivmm generates (needs --net user).
+    #[arg(long)]
+    pub ssh: bool,
+    /// With --workdir: seconds to wait for the guest agent (1 to 86400).
+    #[arg(long, value_name = "SECS", default_value_t = 120,
+          value_parser = clap::value_parser!(u64).range(1..=86400))]
     pub agent_timeout: u64,
     /// With --workdir: the command to run in /work [default: claude].
     #[arg(last = true, value_name = "COMMAND")]
@@ -134,6 +203,14 @@ pub struct RunArgs {
     /// How much the guest may cache of shared directories.
     #[arg(long, value_enum, default_value_t = config::FsCache::Auto)]
     pub fs_cache: config::FsCache,
+    /// Seccomp filters on every thread; `off` is for debugging only.
+    #[arg(long, value_enum, value_name = "on|off", default_value_t = crate::seccomp::SeccompMode::On)]
+    pub seccomp: crate::seccomp::SeccompMode,
+    /// Boot a bzImage through a vmlinux aivmm unpacks once and caches (in the cache
+    /// directory's kernels/) instead of the guest's own decompressor. Experimental:
+    /// the nested harness measures it slower overall (see tests/e2e `qemu-compare`).
+    #[arg(long)]
+    pub kernel_cache: bool,
 }
 
 fn parse_net_arg(s: &str) -> Result<config::NetMode, String> {
@@ -146,6 +223,12 @@ fn parse_forward_arg(s: &str) -> Result<config::Forward, String> {
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
     config::parse_size(s).map_err(|e| e.to_string())
+}
+
+fn parse_disk_size_arg(s: &str) -> Result<u64, String> {
+    config::parse_size(s)
+        .and_then(config::check_disk_size)
+        .map_err(|e| e.to_string())
 }
 
 impl TryFrom<&RunArgs> for VmConfig {
@@ -181,6 +264,8 @@ impl TryFrom<&RunArgs> for VmConfig {
                 guest_cid: a.vsock_cid,
                 uds_path: p.clone(),
             }),
+            seccomp: a.seccomp,
+            kernel_cache: config::kernel_cache_dir(a.kernel_cache),
         };
         c.validate()?;
         Ok(c)
@@ -189,6 +274,8 @@ impl TryFrom<&RunArgs> for VmConfig {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     fn run(args: &[&str]) -> Result<VmConfig, String> {
@@ -212,6 +299,40 @@ mod tests {
     }
 
     #[test]
+    fn completions_and_man_page_are_generated() {
+        use clap::CommandFactory;
+        let mut cmd = Cli::command();
+        let mut out = Vec::new();
+        clap_complete::generate(clap_complete::Shell::Bash, &mut cmd, "aivmm", &mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("--share-ro") && text.contains("--claude-auth"));
+        let mut man = Vec::new();
+        clap_mangen::Man::new(Cli::command()).render(&mut man).unwrap();
+        let man = String::from_utf8(man).unwrap();
+        assert!(man.starts_with(".ie") || man.contains(".TH aivmm"), "{}", &man[..200]);
+    }
+
+    #[test]
+    fn workdir_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "aivmm", "-q", "run", "--workdir", ".", "--share-ro", "/a", "--share-rw", "/b",
+            "--share-ro", "/c", "--claude-auth", "--ssh", "--", "sh", "-c", "x",
+        ])
+        .unwrap();
+        assert!(cli.quiet);
+        let Command::Run(r) = cli.command else { panic!() };
+        assert_eq!(r.share_ro, vec![PathBuf::from("/a"), PathBuf::from("/c")]);
+        assert_eq!(r.share_rw, vec![PathBuf::from("/b")]);
+        assert!(r.claude_auth && r.ssh);
+        assert_eq!(r.command, vec!["sh", "-c", "x"]);
+        let cli = Cli::try_parse_from(["aivmm", "exec", "dir", "-vv", "--", "ls", "-l"]).unwrap();
+        assert_eq!(cli.verbose, 2);
+        let Command::Exec(e) = cli.command else { panic!() };
+        assert_eq!((e.target.as_str(), e.command.len()), ("dir", 2));
+        assert!(Cli::try_parse_from(["aivmm", "-q", "-v", "ps"]).is_err());
+    }
+
+    #[test]
     fn bad_args_are_refused() {
         assert!(run(&["aivmm", "run"]).unwrap_err().contains("--workdir"));
         assert!(run(&["aivmm", "run", "--kernel", "k", "--memory", "lots"])
@@ -223,5 +344,22 @@ mod tests {
         assert!(run(&["aivmm", "run", "--kernel", "k", "--memory", "1M"])
             .unwrap_err()
             .contains("memory"));
+        assert!(run(&["aivmm", "run", "--kernel", "k", "--disk-size", "1M"])
+            .unwrap_err()
+            .contains("--disk-size must be between"));
+        assert!(run(&["aivmm", "run", "--kernel", "k", "--agent-timeout", "0"])
+            .unwrap_err()
+            .contains("--agent-timeout"));
+        assert!(run(&["aivmm", "run", "--kernel", "k", "--seccomp", "maybe"])
+            .unwrap_err()
+            .contains("--seccomp"));
+        let long = "x".repeat(3000);
+        assert!(run(&["aivmm", "run", "--kernel", "k", "--cmdline", &long])
+            .unwrap_err()
+            .contains("command line is 3000 bytes"));
+        let c = run(&["aivmm", "run", "--kernel", "k", "--seccomp=off"]).unwrap();
+        assert_eq!(c.seccomp, crate::seccomp::SeccompMode::Off);
+        let c = run(&["aivmm", "run", "--kernel", "k"]).unwrap();
+        assert_eq!(c.seccomp, crate::seccomp::SeccompMode::On, "on by default");
     }
 }

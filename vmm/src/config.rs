@@ -46,9 +46,15 @@ pub enum Error {
     /// Port forwards need user-mode networking.
     #[error("--forward needs user-mode networking (--net user)")]
     ForwardNeedsUser,
-    /// The vsock guest CID is reserved.
-    #[error("the vsock guest CID must be 3 or more, not {0}")]
+    /// The vsock guest CID is reserved or does not fit.
+    #[error("the vsock guest CID must be between 3 and 4294967294, not {0}")]
     VsockCid(u64),
+    /// The kernel command line is longer than Linux takes.
+    #[error("the kernel command line is {0} bytes; Linux takes at most {MAX_CMDLINE_LEN}")]
+    CmdlineTooLong(usize),
+    /// The persistent disk size is out of range.
+    #[error("--disk-size must be between {min} MiB and {max} TiB, not {0} bytes", min = MIN_DISK_SIZE >> 20, max = MAX_DISK_SIZE >> 40)]
+    DiskSize(u64),
     /// Two shares use one tag.
     #[error("the share tag '{0}' is used twice")]
     DuplicateTag(String),
@@ -69,6 +75,23 @@ pub const MIN_MEMORY_MIB: u64 = 32;
 pub const MAX_MEMORY_GIB: u64 = 1024;
 /// The most vCPUs (the IOAPIC/xAPIC id space, less the IOAPIC's own id).
 pub const MAX_CPUS: u32 = 254;
+
+/// The longest kernel command line (x86 `COMMAND_LINE_SIZE` less the NUL); the
+/// kernel would cut a longer one short without a word.
+pub const MAX_CMDLINE_LEN: usize = 2047;
+/// The smallest persistent workdir disk (the guest formats it ext4).
+pub const MIN_DISK_SIZE: u64 = 64 << 20;
+/// The largest persistent workdir disk (it is sparse, but ext4 has limits too).
+pub const MAX_DISK_SIZE: u64 = 64 << 40;
+
+/// Checks a `--disk-size` (or `disk_size` setting).
+pub fn check_disk_size(size: u64) -> Result<u64> {
+    if (MIN_DISK_SIZE..=MAX_DISK_SIZE).contains(&size) {
+        Ok(size)
+    } else {
+        Err(Error::DiskSize(size))
+    }
+}
 
 /// The most virtio devices: one interrupt line each, GSIs 5 to 23.
 pub const MAX_VIRTIO_DEVICES: usize = 19;
@@ -100,6 +123,11 @@ pub struct VmConfig {
     pub forwards: Vec<Forward>,
     /// The vsock device, if any.
     pub vsock: Option<VsockConfig>,
+    /// Seccomp filters on every thread (off only for debugging).
+    pub seccomp: crate::seccomp::SeccompMode,
+    /// Where a bzImage's unpacked vmlinux is cached, so the guest boots without
+    /// its decompressor ([`crate::arch::x86_64::vmlinux`]); `None` boots the bzImage.
+    pub kernel_cache: Option<PathBuf>,
 }
 
 /// The network backend.
@@ -286,15 +314,28 @@ impl VmConfig {
             return Err(Error::ForwardNeedsUser);
         }
         if let Some(v) = &self.vsock {
-            if v.guest_cid < 3 {
+            // 0-2 are the hypervisor, local and host; u32::MAX is VMADDR_CID_ANY.
+            if v.guest_cid < 3 || v.guest_cid >= u64::from(u32::MAX) {
                 return Err(Error::VsockCid(v.guest_cid));
             }
+        }
+        if self.cmdline.len() > MAX_CMDLINE_LEN {
+            return Err(Error::CmdlineTooLong(self.cmdline.len()));
         }
         if !self.acpi && self.cpus > 1 {
             return Err(Error::SmpNeedsAcpi);
         }
         Ok(())
     }
+}
+
+/// The vmlinux cache directory, `<cache root>/kernels`, when `enabled` and there
+/// is a cache directory; otherwise `None` (the bzImage boots as it is).
+pub fn kernel_cache_dir(enabled: bool) -> Option<PathBuf> {
+    if !enabled {
+        return None;
+    }
+    crate::image::cache_root().ok().map(|d| d.join("kernels"))
 }
 
 /// Parses a size such as `4G`, `512M`, `65536K` or `1073741824`; a bare number is
@@ -340,6 +381,8 @@ mod tests {
             net: NetMode::None,
             forwards: vec![],
             vsock: None,
+            seccomp: crate::seccomp::SeccompMode::On,
+            kernel_cache: None,
         }
     }
 
@@ -414,6 +457,16 @@ mod tests {
             .validate(),
             Ok(())
         );
+        for bad in [u64::from(u32::MAX), 1 << 40] {
+            assert_eq!(
+                VmConfig {
+                    vsock: v(bad),
+                    ..cfg()
+                }
+                .validate(),
+                Err(Error::VsockCid(bad))
+            );
+        }
     }
 
     #[test]
@@ -463,6 +516,33 @@ mod tests {
             ..cfg()
         };
         assert_eq!(c.validate(), Err(Error::TooManyDevices(MAX_VIRTIO_DEVICES)));
+    }
+
+    #[test]
+    fn cmdline_and_disk_size_limits() {
+        let long = "a".repeat(MAX_CMDLINE_LEN + 1);
+        assert_eq!(
+            VmConfig {
+                cmdline: long,
+                ..cfg()
+            }
+            .validate(),
+            Err(Error::CmdlineTooLong(MAX_CMDLINE_LEN + 1))
+        );
+        let fits = "a".repeat(MAX_CMDLINE_LEN);
+        assert_eq!(
+            VmConfig {
+                cmdline: fits,
+                ..cfg()
+            }
+            .validate(),
+            Ok(())
+        );
+        assert_eq!(check_disk_size(16 << 30), Ok(16 << 30));
+        for bad in [0, 1, (64 << 20) - 1, (64 << 40) + 1, u64::MAX] {
+            assert_eq!(check_disk_size(bad), Err(Error::DiskSize(bad)));
+        }
+        assert!(Error::DiskSize(0).to_string().contains("between 64 MiB and 64 TiB"));
     }
 
     #[test]

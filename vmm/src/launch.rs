@@ -1,13 +1,22 @@
 //! `aivmm run --workdir DIR [-- COMMAND…]`: from the command line to a command
 //! running in the guest, attached to this terminal.
 //!
-//! The flow: lock the workdir's state ([`crate::workdir`]), find the guest image
-//! (flags, then `AIVMM_GUEST_*` variables, then the cached Debian-built image,
-//! built on first use), make the per-workdir disk, listen for the guest agent on
-//! the vsock socket, build the VM and run it on its own thread. The main thread
-//! runs the [`Session`]: the agent connects, gets the command, and relays the
-//! terminal until the command exits; aivmm then waits for the guest to power off
-//! and exits with the command's status.
+//! The flow: lock the workdir's state ([`crate::workdir`]) and start its log file,
+//! plan the extras (`--share-ro`/`--share-rw` at the same path in the guest,
+//! `--claude-auth`, `--ssh`), find the guest image (flags, then `AIVMM_GUEST_*`
+//! variables, then the cached Debian-built image, built on first use), make the
+//! per-workdir disk, listen for the guest agent on the vsock socket, build the VM
+//! and run it on its own thread. The main thread runs the [`Session`]: the agent
+//! connects, gets the [`Setup`] (mounts, links, sshd) and the command, and relays
+//! the terminal until the command exits; aivmm then waits for the guest to power
+//! off and exits with the command's status.
+//!
+//! Nothing secret goes on the kernel command line (every guest process can read
+//! it): `--env` values travel in the `Start` message over vsock.
+//!
+//! `aivmm stop` sends aivmm SIGTERM; aivmm asks the agent to stop the command
+//! ([`session::Control::shutdown`]), the agent exits and the guest's init powers
+//! off through ACPI (S5), which ends the VM.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
@@ -17,12 +26,12 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use crate::cli::RunArgs;
-use crate::config::{self, DiskConfig, NetMode, ShareConfig, VmConfig, VsockConfig};
+use crate::config::{self, DiskConfig, Forward, NetMode, ShareConfig, VmConfig, VsockConfig};
 use crate::hypervisor::Hypervisor;
 use crate::image::{self, GuestImage};
-use crate::session::{self, Io, Session, Spec};
+use crate::session::{self, Io, Mount, Session, Setup, Spec};
 use crate::vmm::{self as vm, Vmm};
-use crate::workdir::{self, Meta, WorkdirState};
+use crate::workdir::{self, Meta, Phase, WorkdirState};
 
 /// Errors of a workdir run.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +48,22 @@ pub enum Error {
     /// `--kernel` without a root filesystem.
     #[error("--kernel with --workdir needs --rootfs (or AIVMM_GUEST_ROOTFS)")]
     NoRootfs,
+    /// A `--share-ro`/`--share-rw` path cannot be shared.
+    #[error("--{flag} {path}: {why}")]
+    Share {
+        /// `share-ro` or `share-rw`.
+        flag: &'static str,
+        /// The path given.
+        path: PathBuf,
+        /// Why, with a hint.
+        why: String,
+    },
+    /// `--claude-auth` cannot find or prepare the user's Claude files.
+    #[error("--claude-auth: {0}")]
+    ClaudeAuth(String),
+    /// `--ssh` cannot be set up.
+    #[error("--ssh: {0}")]
+    Ssh(String),
     /// The workdir state could not be opened or prepared.
     #[error(transparent)]
     Workdir(#[from] workdir::Error),
@@ -63,13 +88,18 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// The defaults of a workdir run.
-const DEFAULT_CPUS: u32 = 4;
-const DEFAULT_MEMORY: u64 = 4 << 30;
+pub const DEFAULT_CPUS: u32 = 4;
+/// Guest memory of a workdir run unless `--memory` or `aivmm.toml` says otherwise.
+pub const DEFAULT_MEMORY: u64 = 4 << 30;
 const DEFAULT_DISK_SIZE: u64 = 16 << 30;
 /// The mount tag of the workdir share.
 pub const WORK_TAG: &str = "work";
 /// How long aivmm waits for the guest to power off after the command exited.
 const POWEROFF_WAIT: Duration = Duration::from_secs(15);
+/// After `aivmm stop`: how long the command has between SIGTERM and SIGKILL.
+pub const STOP_GRACE_MS: u32 = 5000;
+/// Where the guest sees `--claude-auth`'s copy of `~/.claude.json`.
+const GUEST_CLAUDE_STATE: &str = "/run/aivmm/claude";
 
 /// The guest image: `--kernel/--initrd/--rootfs`, else `AIVMM_GUEST_KERNEL`,
 /// `AIVMM_GUEST_INITRD`, `AIVMM_GUEST_ROOTFS` (and `AIVMM_GUEST_CMDLINE_FILE`),
@@ -105,7 +135,12 @@ pub fn resolve_image(args: &RunArgs) -> Result<GuestImage> {
             cmdline,
         });
     }
-    let mut img = image::default_image(&image::BuildOptions::default(), &image::Progress::auto())?;
+    let progress = if crate::logging::quiet() {
+        image::Progress::quiet()
+    } else {
+        image::Progress::auto()
+    };
+    let mut img = image::default_image(&image::BuildOptions::default(), &progress)?;
     if let Some(c) = &args.cmdline {
         img.cmdline = c.clone();
     }
@@ -144,6 +179,252 @@ pub fn command_env(entries: &[String]) -> Result<Vec<(String, String)>> {
         .collect()
 }
 
+/// The guest's home directory for host uid `uid` (see guest-image/README.md).
+pub fn guest_home(uid: u32) -> &'static str {
+    if uid == 0 {
+        "/root"
+    } else {
+        "/home/user"
+    }
+}
+
+/// Guest directories a share may not cover: the system's own, and /work.
+const RESERVED: &[&str] = &[
+    "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc", "/run", "/sbin", "/sys",
+    "/usr", "/var", "/work", "/tmp", "/home", "/root", "/mnt", "/opt", "/srv", "/media",
+];
+/// Of those, the ones nothing may be mounted below either.
+const RESERVED_TREES: &[&str] = &["/dev", "/proc", "/run", "/sys", "/usr", "/etc", "/boot", "/work"];
+
+/// Checks a `--share-ro`/`--share-rw` path and returns it canonical (the guest
+/// mounts it at that same path).
+fn share_path(flag: &'static str, path: &Path) -> Result<PathBuf> {
+    let fail = |why: String| Error::Share {
+        flag,
+        path: path.to_path_buf(),
+        why,
+    };
+    let canon = std::fs::canonicalize(path)
+        .map_err(|e| fail(format!("{e} (give an existing directory)")))?;
+    if !canon.is_dir() {
+        return Err(fail("not a directory (share the directory that holds it)".into()));
+    }
+    let c = canon.to_string_lossy();
+    if canon == Path::new("/")
+        || RESERVED.contains(&c.as_ref())
+        || RESERVED_TREES.iter().any(|t| canon.starts_with(t))
+    {
+        return Err(fail(format!(
+            "the guest needs {c} for itself; share a directory below your home or project instead"
+        )));
+    }
+    if c.contains('\n') || c.len() > 1024 {
+        return Err(fail("the path is too long or has a newline".into()));
+    }
+    Ok(canon)
+}
+
+/// What a workdir run adds to the plain VM: shares, the guest [`Setup`] and port
+/// forwards.
+#[derive(Debug, Default)]
+pub struct Extras {
+    /// Extra virtio-fs shares (after `work` and `aivmm`).
+    pub shares: Vec<ShareConfig>,
+    /// What the agent does before the command.
+    pub setup: Setup,
+    /// All port forwards (`--forward` and `--ssh`'s).
+    pub forwards: Vec<Forward>,
+    /// With `--ssh`: the host port and the `ssh -F` config file.
+    pub ssh: Option<(u16, PathBuf)>,
+}
+
+/// Host paths `--claude-auth` shares: `~/.claude`, and the directory holding
+/// aivmm's copy of `~/.claude.json`.
+#[derive(Debug)]
+pub struct ClaudeFiles {
+    /// The user's `~/.claude`.
+    pub dir: PathBuf,
+    /// `<state root>/../claude`, holding `.claude.json`.
+    pub state: PathBuf,
+}
+
+/// Prepares `--claude-auth`: makes `~/.claude` if missing, and refreshes aivmm's
+/// copy of `~/.claude.json` (under `state_root`'s parent) from the host's when the
+/// host's is newer. The guest's `~/.claude.json` links to that copy, so what the
+/// guest writes there survives across VMs without touching the host's file.
+pub fn claude_files(home: &Path, state_root: &Path) -> Result<ClaudeFiles> {
+    let err = |what: &Path, e: std::io::Error| Error::ClaudeAuth(format!("{}: {e}", what.display()));
+    let dir = home.join(".claude");
+    if !dir.is_dir() {
+        std::fs::create_dir_all(&dir).map_err(|e| err(&dir, e))?;
+    }
+    let state = state_root
+        .parent()
+        .unwrap_or(state_root)
+        .join("claude");
+    std::fs::create_dir_all(&state).map_err(|e| err(&state, e))?;
+    let host_json = home.join(".claude.json");
+    let copy = state.join(".claude.json");
+    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    match (mtime(&host_json), mtime(&copy)) {
+        (Some(h), c) if c.is_none_or(|c| h > c) => {
+            let tmp = state.join(".claude.json.new");
+            std::fs::copy(&host_json, &tmp).map_err(|e| err(&host_json, e))?;
+            std::fs::rename(&tmp, &copy).map_err(|e| err(&copy, e))?;
+        }
+        (None, None) => {
+            // Claude Code starts from an empty object.
+            std::fs::write(&copy, "{}\n").map_err(|e| err(&copy, e))?;
+        }
+        _ => {}
+    }
+    Ok(ClaudeFiles { dir, state })
+}
+
+/// A free TCP port on 127.0.0.1 (the kernel picks it; passt binds it next).
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .map_err(|e| Error::Ssh(format!("no free port on 127.0.0.1: {e}")))?;
+    let port = l
+        .local_addr()
+        .map_err(|e| Error::Ssh(e.to_string()))?
+        .port();
+    Ok(port)
+}
+
+/// `--ssh`: the workdir's key pair (made once, `<state>/ssh/id_ed25519`) and an
+/// `ssh -F` config for `port`; returns the public key line and the config path.
+pub fn ssh_files(dir: &Path, port: u16, user: &str) -> Result<(String, PathBuf)> {
+    use ssh_key::rand_core::OsRng;
+    let err = |e: String| Error::Ssh(e);
+    let ssh = dir.join("ssh");
+    std::fs::create_dir_all(&ssh).map_err(|e| err(format!("{}: {e}", ssh.display())))?;
+    let key = ssh.join("id_ed25519");
+    let public = ssh.join("id_ed25519.pub");
+    if !key.is_file() || !public.is_file() {
+        let k = ssh_key::PrivateKey::random(&mut OsRng, ssh_key::Algorithm::Ed25519)
+            .map_err(|e| err(e.to_string()))?;
+        let pem = k
+            .to_openssh(ssh_key::LineEnding::LF)
+            .map_err(|e| err(e.to_string()))?;
+        let line = k.public_key().to_openssh().map_err(|e| err(e.to_string()))?;
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let _ = std::fs::remove_file(&key);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&key)
+            .map_err(|e| err(format!("{}: {e}", key.display())))?;
+        f.write_all(pem.as_bytes())
+            .map_err(|e| err(format!("{}: {e}", key.display())))?;
+        std::fs::write(&public, format!("{line} aivmm\n"))
+            .map_err(|e| err(format!("{}: {e}", public.display())))?;
+    }
+    let line = std::fs::read_to_string(&public)
+        .map_err(|e| err(format!("{}: {e}", public.display())))?;
+    let config = ssh.join("config");
+    // Host keys live on the state disk; a new disk makes new ones, so the
+    // known-hosts file is the workdir's own and a changed key is accepted.
+    let text = format!(
+        "Host aivmm\n  HostName 127.0.0.1\n  Port {port}\n  User {user}\n  IdentityFile {}\n  \
+         IdentitiesOnly yes\n  UserKnownHostsFile {}\n  StrictHostKeyChecking no\n  LogLevel ERROR\n",
+        key.display(),
+        ssh.join("known_hosts").display()
+    );
+    std::fs::write(&config, text).map_err(|e| err(format!("{}: {e}", config.display())))?;
+    Ok((line.trim().to_string(), config))
+}
+
+/// Plans the extras of a run for host user `ids`, with per-workdir state in
+/// `state_dir` and aivmm's state root `state_root`.
+pub fn plan_extras(
+    args: &RunArgs,
+    ids: (u32, u32),
+    state_dir: &Path,
+    state_root: &Path,
+) -> Result<Extras> {
+    let home = guest_home(ids.0);
+    let mut x = Extras {
+        setup: Setup {
+            uid: ids.0,
+            gid: ids.1,
+            home: home.to_string(),
+            ..Setup::default()
+        },
+        forwards: args.forward.clone(),
+        ..Extras::default()
+    };
+    let add = |x: &mut Extras, host: PathBuf, guest: String, read_only: bool, cache| {
+        let tag = format!("share{}", x.shares.len());
+        x.shares.push(ShareConfig {
+            path: host,
+            tag: tag.clone(),
+            read_only,
+            cache,
+        });
+        x.setup.mounts.push(Mount {
+            tag,
+            path: guest,
+            read_only,
+        });
+    };
+    let mut seen = Vec::new();
+    for (flag, paths, ro) in [("share-ro", &args.share_ro, true), ("share-rw", &args.share_rw, false)] {
+        for p in paths {
+            let canon = share_path(flag, p)?;
+            if seen.contains(&canon) {
+                return Err(Error::Share {
+                    flag,
+                    path: p.clone(),
+                    why: "shared twice".into(),
+                });
+            }
+            seen.push(canon.clone());
+            let guest = canon.to_string_lossy().into_owned();
+            add(&mut x, canon, guest, ro, args.fs_cache);
+        }
+    }
+    if args.claude_auth {
+        let host_home = std::env::var_os("HOME")
+            .filter(|h| !h.is_empty())
+            .map(PathBuf::from)
+            .ok_or_else(|| Error::ClaudeAuth("HOME is not set".into()))?;
+        let c = claude_files(&host_home, state_root)?;
+        add(&mut x, c.dir, format!("{home}/.claude"), false, config::FsCache::Auto);
+        add(&mut x, c.state, GUEST_CLAUDE_STATE.to_string(), false, config::FsCache::Auto);
+        x.setup.links.push((
+            format!("{home}/.claude.json"),
+            format!("{GUEST_CLAUDE_STATE}/.claude.json"),
+        ));
+    }
+    if args.ssh {
+        match args.net.clone().unwrap_or(NetMode::User) {
+            NetMode::User => {}
+            _ => {
+                return Err(Error::Ssh(
+                    "needs user-mode networking (--net user, the default)".into(),
+                ))
+            }
+        }
+        if x.forwards.iter().any(|f| f.guest == 22 && !f.udp) {
+            return Err(Error::Ssh("port 22 is already forwarded with --forward".into()));
+        }
+        let port = free_port()?;
+        let user = if ids.0 == 0 { "root" } else { "user" };
+        let (key, config) = ssh_files(state_dir, port, user)?;
+        x.setup.ssh_key = Some(key);
+        x.forwards.push(Forward {
+            host: port,
+            guest: 22,
+            udp: false,
+        });
+        x.ssh = Some((port, config));
+    }
+    Ok(x)
+}
+
 /// The VM of a workdir run.
 pub fn vm_config(
     args: &RunArgs,
@@ -152,9 +433,15 @@ pub fn vm_config(
     state_disk: &Path,
     agent_dir: &Path,
     ids: (u32, u32),
+    extras: &Extras,
 ) -> Result<VmConfig> {
     let mut shares = vec![
-        ShareConfig { path: state.workdir.clone(), tag: WORK_TAG.to_string(), read_only: false, cache: args.fs_cache },
+        ShareConfig {
+            path: state.workdir.clone(),
+            tag: WORK_TAG.to_string(),
+            read_only: false,
+            cache: args.fs_cache,
+        },
         ShareConfig {
             path: agent_dir.to_path_buf(),
             tag: AGENT_TAG.to_string(),
@@ -162,6 +449,7 @@ pub fn vm_config(
             cache: config::FsCache::Always,
         },
     ];
+    shares.extend(extras.shares.iter().cloned());
     for s in &args.share {
         shares.push(config::parse_share(s, args.fs_cache)?);
     }
@@ -189,90 +477,216 @@ pub fn vm_config(
         disks,
         shares,
         net: args.net.clone().unwrap_or(NetMode::User),
-        forwards: args.forward.clone(),
+        forwards: extras.forwards.clone(),
         vsock: Some(VsockConfig {
             guest_cid: args.vsock_cid,
             uds_path: state.vsock_path(),
         }),
+        seccomp: args.seccomp,
+        kernel_cache: config::kernel_cache_dir(args.kernel_cache),
     };
     c.validate()?;
     Ok(c)
 }
 
-/// The last `n` lines of the console log, as a note for an error message.
+/// A note for an error message: where the guest console log is and its last
+/// line (the whole log is one `less` away; the error stays one line). The last
+/// `n` lines go to aivmm's log file.
 fn console_tail(path: &Path, n: usize) -> String {
     let Ok(f) = File::open(path) else {
         return String::new();
     };
-    let lines: Vec<String> = BufReader::new(f).lines().map_while(|l| l.ok()).collect();
-    if lines.is_empty() {
-        return String::new();
-    }
+    let lines: Vec<String> = BufReader::new(f)
+        .lines()
+        .map_while(|l| l.ok())
+        .filter(|l| !l.trim().is_empty())
+        .collect();
     let start = lines.len().saturating_sub(n);
-    format!(
-        "; the guest console ({}) ended with:\n  {}",
-        path.display(),
-        lines[start..].join("\n  ")
-    )
+    for l in &lines[start..] {
+        log::info!("guest console: {l}");
+    }
+    match lines.last() {
+        Some(last) => format!(
+            "; see the guest console log {} (last line: {})",
+            path.display(),
+            last.trim()
+        ),
+        None => format!("; the guest console log {} is empty", path.display()),
+    }
 }
 
 /// Set by the SIGTERM/SIGHUP handler; read by the thread [`forward_termination`] starts.
 static TERMINATE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+/// The last of those signals, for the exit status of a run stopped while booting.
+static LAST_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(libc::SIGTERM);
 
 extern "C" fn note_termination(sig: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     TERMINATE.store(sig, std::sync::atomic::Ordering::SeqCst);
+    LAST_SIGNAL.store(sig, std::sync::atomic::Ordering::SeqCst);
 }
 
-/// Turns SIGTERM and SIGHUP to aivmm (`aivmm stop`, a closed terminal) into the
-/// same signal for the guest command, so it ends and the guest powers off
-/// cleanly; `aivmm stop` kills aivmm if that takes too long.
-fn forward_termination(control: session::Control) {
-    for sig in [libc::SIGTERM, libc::SIGHUP] {
+/// Turns SIGTERM and SIGHUP to aivmm (`aivmm stop`, a closed terminal), and SIGINT
+/// when there is no terminal in raw mode to carry Ctrl-C, into a shutdown request
+/// to the agent: the command gets SIGHUP and SIGTERM (SIGKILL after
+/// [`STOP_GRACE_MS`]), the agent exits and the guest powers off.
+fn forward_termination(control: session::Control, state_dir: PathBuf, meta: Meta, tty: bool) {
+    let mut signals = vec![libc::SIGTERM, libc::SIGHUP];
+    if !tty {
+        signals.push(libc::SIGINT);
+    }
+    for sig in signals {
         if let Err(e) = vmm_sys_util::signal::register_signal_handler(sig, note_termination) {
             log::warn!("cannot handle signal {sig}: {e}");
         }
     }
-    let _ = std::thread::Builder::new().name("signals".into()).spawn(move || loop {
-        let sig = TERMINATE.swap(0, std::sync::atomic::Ordering::SeqCst);
-        if sig != 0 {
-            log::info!("signal {sig}: passing it to the guest command");
-            control.signal(sig);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    });
+    let _ = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let sig = TERMINATE.swap(0, std::sync::atomic::Ordering::SeqCst);
+            if sig != 0 {
+                log::info!("signal {sig}: stopping the guest command; the guest powers off");
+                let _ = workdir::write_meta_at(
+                    &state_dir,
+                    &Meta {
+                        phase: Phase::Stopping,
+                        ..meta.clone()
+                    },
+                );
+                control.shutdown(STOP_GRACE_MS);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        });
 }
 
-fn is_tty(fd: i32) -> bool {
+/// Whether `fd` is a terminal.
+pub fn is_tty(fd: i32) -> bool {
     // SAFETY: isatty only inspects the descriptor.
     unsafe { libc::isatty(fd) == 1 }
 }
 
+/// What the agent runs for `argv` (or `default` if empty): in /work as `ids`, on a
+/// pty if stdin and stdout are this process's terminal.
+pub fn command_spec(argv: &[String], default: &str, env: Vec<(String, String)>, ids: (u32, u32)) -> Spec {
+    let tty = is_tty(libc::STDIN_FILENO) && is_tty(libc::STDOUT_FILENO);
+    Spec {
+        argv: if argv.is_empty() {
+            vec![default.to_string()]
+        } else {
+            argv.to_vec()
+        },
+        env,
+        cwd: Some("/work".to_string()),
+        uid: Some(ids.0),
+        gid: Some(ids.1),
+        home: None,
+        term: std::env::var("TERM").ok().filter(|_| tty),
+        rows: 0,
+        cols: 0,
+        tty,
+    }
+}
+
+/// A spinner on stderr while the guest boots (a terminal only, not with -q).
+fn boot_spinner(first_boot: bool) -> Option<indicatif::ProgressBar> {
+    if crate::logging::quiet() || !is_tty(libc::STDERR_FILENO) {
+        return None;
+    }
+    let pb = indicatif::ProgressBar::new_spinner();
+    pb.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {msg} {elapsed}") {
+        pb.set_style(style);
+    }
+    pb.set_message(if first_boot {
+        "first boot: formatting the workdir's state disk and starting the guest"
+    } else {
+        "starting the guest"
+    });
+    pb.enable_steady_tick(Duration::from_millis(120));
+    Some(pb)
+}
+
 /// Runs the command of `args` in a VM on its workdir; returns its exit status.
 pub fn run(hv: &dyn Hypervisor, args: &RunArgs, workdir: &Path, started: Instant) -> Result<i32> {
-    let state = WorkdirState::open(&workdir::state_root(), workdir)?;
+    let root = workdir::state_root();
+    let state = WorkdirState::open(&root, workdir)?;
+    if let Err(e) = crate::logging::to_file(&state.log_path()) {
+        log::warn!("{e}");
+    }
+    log::info!(
+        "aivmm {} run on {} (state {})",
+        env!("CARGO_PKG_VERSION"),
+        state.workdir.display(),
+        state.dir.display()
+    );
     let env = command_env(&args.env)?;
-    let image = resolve_image(args)?;
-    let state_disk = state.state_disk(args.disk_size.unwrap_or(DEFAULT_DISK_SIZE))?;
-    let agent_dir = state.stage_agent(&agent_binary()?)?;
     // SAFETY: getuid and getgid cannot fail.
     let ids = unsafe { (libc::getuid(), libc::getgid()) };
-    let config = vm_config(args, &image, &state, &state_disk, &agent_dir, ids)?;
+    let extras = plan_extras(args, ids, &state.dir, &root)?;
+    let image = resolve_image(args)?;
+    log::info!(
+        "guest image: kernel {}, rootfs {}",
+        image.kernel.display(),
+        image.rootfs.display()
+    );
+    let first_boot = !state.has_state_disk();
+    let state_disk = state.state_disk(args.disk_size.unwrap_or(DEFAULT_DISK_SIZE))?;
+    let agent_dir = state.stage_agent(&agent_binary()?)?;
+    let config = vm_config(args, &image, &state, &state_disk, &agent_dir, ids, &extras)?;
+    log::info!(
+        "VM: {} vCPUs, {} MiB, {} shares, net {:?}, forwards {:?}",
+        config.cpus,
+        config.memory >> 20,
+        config.shares.len(),
+        config.net,
+        config.forwards
+    );
 
     let vsock = state.vsock_path();
     let mut sess = Session::listen(&vsock).map_err(|e| Error::Session(e, String::new()))?;
     sess.set_connect_timeout(Duration::from_secs(args.agent_timeout));
+    sess.set_setup(extras.setup.clone());
 
     let log_path = state.console_log();
     let console = File::create(&log_path).map_err(|e| Error::Io(log_path.clone(), e))?;
     let vmm = Vmm::build(hv, &config, started, Box::new(console))?;
-    let forwards = args
-        .forward
+    let forwards = extras
+        .forwards
         .iter()
         .map(|f| format!("{}:{}{}", f.host, f.guest, if f.udp { "/udp" } else { "" }))
         .collect();
-    state.write_meta(&Meta::now(&state.workdir, forwards))?;
+    let mut meta = Meta::now(&state.workdir, forwards);
+    meta.cpus = config.cpus;
+    meta.memory = config.memory;
+    meta.phase = if first_boot { Phase::FirstBoot } else { Phase::Booting };
+    meta.ssh = extras.ssh.as_ref().map(|(_, c)| c.clone());
+    state.write_meta(&meta)?;
 
-    forward_termination(sess.control());
+    if let (Some((port, cfg)), false) = (&extras.ssh, crate::logging::quiet()) {
+        eprintln!(
+            "aivmm: ssh: `ssh -F {} aivmm` (127.0.0.1 port {port}) once the guest is up",
+            cfg.display()
+        );
+    }
+    let spinner = boot_spinner(first_boot);
+    {
+        let (dir, meta, spinner, t) = (state.dir.clone(), meta.clone(), spinner.clone(), Instant::now());
+        sess.on_ready(Box::new(move || {
+            if let Some(pb) = spinner {
+                pb.finish_and_clear();
+            }
+            log::info!("the guest agent is ready after {:?}", t.elapsed());
+            let running = Meta {
+                phase: Phase::Running,
+                ..meta
+            };
+            if let Err(e) = workdir::write_meta_at(&dir, &running) {
+                log::warn!("{e}");
+            }
+        }));
+    }
+
+    let tty = is_tty(libc::STDIN_FILENO) && is_tty(libc::STDOUT_FILENO);
+    forward_termination(sess.control(), state.dir.clone(), meta.clone(), tty);
     let control = sess.control();
     let (done_tx, done_rx) = mpsc::channel();
     std::thread::Builder::new()
@@ -284,23 +698,7 @@ pub fn run(hv: &dyn Hypervisor, args: &RunArgs, workdir: &Path, started: Instant
         })
         .map_err(|e| Error::Io("vm thread".into(), e))?;
 
-    let tty = is_tty(libc::STDIN_FILENO) && is_tty(libc::STDOUT_FILENO);
-    let spec = Spec {
-        argv: if args.command.is_empty() {
-            vec!["claude".to_string()]
-        } else {
-            args.command.clone()
-        },
-        env,
-        cwd: Some("/work".to_string()),
-        uid: Some(ids.0),
-        gid: Some(ids.1),
-        home: None,
-        term: std::env::var("TERM").ok().filter(|_| tty),
-        rows: 0,
-        cols: 0,
-        tty,
-    };
+    let spec = command_spec(&args.command, "claude", env, ids);
     let stdin = std::io::stdin();
     let mut out = std::io::stdout();
     let mut err = std::io::stderr();
@@ -310,11 +708,16 @@ pub fn run(hv: &dyn Hypervisor, args: &RunArgs, workdir: &Path, started: Instant
         output: &mut out,
         errors: &mut err,
     };
-    match sess.run(&spec, io) {
+    let result = sess.run(&spec, io);
+    if let Some(pb) = &spinner {
+        pb.finish_and_clear();
+    }
+    match result {
         Ok(code) => {
+            log::info!("the command exited with status {code}");
             // The agent has exited; the guest's init powers off now.
             match done_rx.recv_timeout(POWEROFF_WAIT) {
-                Ok(Ok(_)) => {}
+                Ok(Ok(exit)) => log::info!("the VM ended: {exit:?}"),
                 Ok(Err(e)) => {
                     log::warn!("the VM stopped with an error after the command exited: {e}")
                 }
@@ -323,6 +726,10 @@ pub fn run(hv: &dyn Hypervisor, args: &RunArgs, workdir: &Path, started: Instant
                 }
             }
             Ok(code)
+        }
+        Err(session::Error::StoppedEarly) => {
+            log::info!("stopped while the guest was starting");
+            Ok(128 + LAST_SIGNAL.load(std::sync::atomic::Ordering::SeqCst))
         }
         Err(session::Error::Cancelled) => {
             let why = match done_rx.recv_timeout(Duration::from_secs(1)) {
@@ -340,6 +747,8 @@ pub fn run(hv: &dyn Hypervisor, args: &RunArgs, workdir: &Path, started: Instant
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
     use clap::Parser;
 
@@ -396,7 +805,8 @@ mod tests {
             rootfs: "/r.ext4".into(),
             cmdline: "console=ttyS0".into(),
         };
-        let c = vm_config(&a, &img, &state, Path::new("/s.img"), Path::new("/ag"), (1000, 100)).unwrap();
+        let x = plan_extras(&a, (1000, 100), &state.dir, root.path()).unwrap();
+        let c = vm_config(&a, &img, &state, Path::new("/s.img"), Path::new("/ag"), (1000, 100), &x).unwrap();
         assert_eq!(c.cmdline, "console=ttyS0 aivmm.uid=1000 aivmm.gid=100");
         assert_eq!((c.cpus, c.memory), (DEFAULT_CPUS, DEFAULT_MEMORY));
         assert_eq!(
@@ -429,8 +839,112 @@ mod tests {
         assert_eq!(a.command, vec!["echo".to_string(), "hi".to_string()]);
         let dup = args(&["--workdir", ".", "--share", "/tmp:work"]);
         assert!(matches!(
-            vm_config(&dup, &img, &state, Path::new("/s"), Path::new("/ag"), (0, 0)),
+            vm_config(&dup, &img, &state, Path::new("/s"), Path::new("/ag"), (0, 0), &Extras::default()),
             Err(Error::Config(_))
         ));
+    }
+
+    #[test]
+    fn extra_shares_mount_at_the_same_path() {
+        let root = tempfile::tempdir().unwrap();
+        let a_dir = tempfile::tempdir().unwrap();
+        let b_dir = tempfile::tempdir().unwrap();
+        let (a_p, b_p) = (a_dir.path().to_str().unwrap(), b_dir.path().to_str().unwrap());
+        let a = args(&["--workdir", ".", "--share-ro", a_p, "--share-rw", b_p]);
+        let x = plan_extras(&a, (1000, 100), root.path(), root.path()).unwrap();
+        let canon = |p: &Path| std::fs::canonicalize(p).unwrap();
+        assert_eq!(x.shares.len(), 2);
+        assert_eq!((x.shares[0].tag.as_str(), x.shares[0].read_only), ("share0", true));
+        assert_eq!(x.shares[0].path, canon(a_dir.path()));
+        assert_eq!((x.shares[1].tag.as_str(), x.shares[1].read_only), ("share1", false));
+        assert_eq!(
+            x.setup.mounts,
+            vec![
+                Mount {
+                    tag: "share0".into(),
+                    path: canon(a_dir.path()).display().to_string(),
+                    read_only: true
+                },
+                Mount {
+                    tag: "share1".into(),
+                    path: canon(b_dir.path()).display().to_string(),
+                    read_only: false
+                },
+            ]
+        );
+        assert_eq!((x.setup.uid, x.setup.gid, x.setup.home.as_str()), (1000, 100, "/home/user"));
+        assert!(x.setup.ssh_key.is_none() && x.ssh.is_none());
+        // Bad paths: one line each, naming the flag and the path.
+        let file = a_dir.path().join("f");
+        std::fs::write(&file, "x").unwrap();
+        for (flag, p, want) in [
+            ("--share-ro", "/no/such/dir", "No such file"),
+            ("--share-rw", file.to_str().unwrap(), "not a directory"),
+            ("--share-ro", "/", "the guest needs"),
+            ("--share-rw", "/usr/share", "the guest needs"),
+            ("--share-ro", "/etc", "the guest needs"),
+            ("--share-ro", "/tmp", "the guest needs"),
+        ] {
+            let a = args(&["--workdir", ".", flag, p]);
+            let e = plan_extras(&a, (1000, 100), root.path(), root.path()).unwrap_err().to_string();
+            assert!(e.starts_with(&flag[2..]) || e.starts_with(flag), "{e}");
+            assert!(e.contains(want) && !e.contains('\n'), "{p}: {e}");
+        }
+        let a = args(&["--workdir", ".", "--share-ro", a_p, "--share-rw", a_p]);
+        assert!(plan_extras(&a, (1000, 100), root.path(), root.path()).unwrap_err().to_string().contains("twice"));
+    }
+
+    #[test]
+    fn claude_auth_shares_the_login_and_keeps_a_copy_of_the_config() {
+        let home = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let root = state.path().join("aivmm/vms");
+        std::fs::write(home.path().join(".claude.json"), "{\"oauthAccount\":1}").unwrap();
+        let c = claude_files(home.path(), &root).unwrap();
+        assert!(c.dir.is_dir() && c.dir == home.path().join(".claude"));
+        assert_eq!(c.state, state.path().join("aivmm/claude"));
+        let copy = c.state.join(".claude.json");
+        assert_eq!(std::fs::read_to_string(&copy).unwrap(), "{\"oauthAccount\":1}");
+        // What the guest wrote survives while the host's file is older.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(&copy, "{\"guest\":1}").unwrap();
+        claude_files(home.path(), &root).unwrap();
+        assert_eq!(std::fs::read_to_string(&copy).unwrap(), "{\"guest\":1}");
+        // A newer host file (a new login on the host) wins.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(home.path().join(".claude.json"), "{\"host\":2}").unwrap();
+        claude_files(home.path(), &root).unwrap();
+        assert_eq!(std::fs::read_to_string(&copy).unwrap(), "{\"host\":2}");
+        // No host file at all: an empty config.
+        let bare = tempfile::tempdir().unwrap();
+        let st2 = tempfile::tempdir().unwrap();
+        let c = claude_files(bare.path(), &st2.path().join("vms")).unwrap();
+        assert_eq!(std::fs::read_to_string(c.state.join(".claude.json")).unwrap(), "{}\n");
+    }
+
+    #[test]
+    fn ssh_makes_a_key_once_and_a_config() {
+        let d = tempfile::tempdir().unwrap();
+        let (key, cfg) = ssh_files(d.path(), 40022, "user").unwrap();
+        assert!(key.starts_with("ssh-ed25519 "), "{key}");
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        assert!(text.contains("Port 40022") && text.contains("User user"), "{text}");
+        let priv_key = d.path().join("ssh/id_ed25519");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&priv_key).unwrap().permissions().mode() & 0o777, 0o600);
+        let (again, _) = ssh_files(d.path(), 40023, "user").unwrap();
+        assert_eq!(again, key, "the key is kept");
+        // --ssh needs user networking and a free guest port 22.
+        let a = args(&["--workdir", ".", "--ssh", "--net", "none"]);
+        let e = plan_extras(&a, (1000, 100), d.path(), d.path()).unwrap_err().to_string();
+        assert!(e.contains("--net user"), "{e}");
+        let a = args(&["--workdir", ".", "--ssh", "--forward", "2222:22"]);
+        assert!(plan_extras(&a, (1000, 100), d.path(), d.path()).is_err());
+        let a = args(&["--workdir", ".", "--ssh"]);
+        let x = plan_extras(&a, (0, 0), d.path(), d.path()).unwrap();
+        let (port, _) = x.ssh.unwrap();
+        assert_eq!(x.forwards.last().map(|f| (f.host, f.guest)), Some((port, 22)));
+        assert!(x.setup.ssh_key.is_some());
+        assert_eq!(x.setup.home, "/root");
     }
 }

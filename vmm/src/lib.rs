@@ -5,11 +5,15 @@
 //! crate and know nothing of the hypervisor.
 
 pub mod arch;
+pub mod builder;
 pub mod cli;
 pub mod config;
 pub mod hypervisor;
 pub mod image;
 pub mod launch;
+pub mod logging;
+pub mod manage;
+pub mod seccomp;
 pub mod session;
 pub mod settings;
 pub mod vmm;

@@ -18,18 +18,37 @@ const ESCAPE: u8 = 0x01;
 
 fn main() -> ExitCode {
     let started = Instant::now();
-    env_logger::Builder::from_env(
-        env_logger::Env::new().filter_or("AIVMM_LOG", "warn,virtio_queue=off"),
-    )
-    .format_timestamp_micros()
-    .init();
-    raise_fd_limit();
     let cli = Cli::parse();
+    aivmm::logging::init(cli.verbose, cli.quiet);
+    raise_fd_limit();
+    ignore_sigxfsz();
+    let code = |r: Result<i32, aivmm::manage::Error>| {
+        r.map(|c| ExitCode::from(c.clamp(0, 255) as u8))
+            .map_err(Box::<dyn std::error::Error>::from)
+    };
     let result = match cli.command {
         Command::Run(mut args) => run(&mut args, started),
         Command::Image { command } => image(command),
-        Command::Ps => ps(),
-        Command::Stop { target, timeout } => stop(&target, timeout),
+        Command::Builder { command } => match aivmm::builder::run(command) {
+            Ok(c) => Ok(ExitCode::from(c.clamp(0, 255) as u8)),
+            Err(e) => Err(e.into()),
+        },
+        Command::Ps => code(aivmm::manage::ps()),
+        Command::Stop { target, timeout } => code(aivmm::manage::stop(&target, timeout)),
+        Command::Exec(args) => code(aivmm::manage::exec(&args)),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "aivmm", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => {
+            use clap::CommandFactory;
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut std::io::stdout())
+                .map(|_| ExitCode::SUCCESS)
+                .map_err(Into::into)
+        }
     };
     match result {
         Ok(code) => code,
@@ -46,71 +65,38 @@ fn image(cmd: ImageCommand) -> Result<ExitCode, Box<dyn std::error::Error>> {
         package,
         force,
         out,
+        builder,
+        kernel_from_source,
     } = cmd;
     let opts = aivmm::image::BuildOptions {
-        with_claude: !no_claude,
+        with_claude: !no_claude && !builder,
         extra_packages: package,
         out,
         force,
+        variant: if builder {
+            aivmm::image::Variant::Builder
+        } else {
+            aivmm::image::Variant::Agent
+        },
+        kernel_from_source,
     };
-    let img = aivmm::image::build(&opts, &aivmm::image::Progress::auto())?;
+    let progress = if aivmm::logging::quiet() {
+        aivmm::image::Progress::quiet()
+    } else {
+        aivmm::image::Progress::auto()
+    };
+    let img = aivmm::image::build(&opts, &progress)?;
     println!("kernel  {}", img.kernel.display());
     println!("initrd  {}", img.initrd.display());
     println!("rootfs  {}", img.rootfs.display());
     Ok(ExitCode::SUCCESS)
 }
 
-fn ps() -> Result<ExitCode, Box<dyn std::error::Error>> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    println!("{:<8} {:>9}  {:<16} WORKDIR", "PID", "UPTIME", "PORTS");
-    for (_, m) in aivmm::workdir::running(&aivmm::workdir::state_root()) {
-        let up = now.saturating_sub(m.started);
-        let uptime = format!("{}:{:02}:{:02}", up / 3600, up / 60 % 60, up % 60);
-        let ports = if m.forwards.is_empty() {
-            "-".to_string()
-        } else {
-            m.forwards.join(",")
-        };
-        println!(
-            "{:<8} {:>9}  {:<16} {}",
-            m.pid,
-            uptime,
-            ports,
-            m.workdir.display()
-        );
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-fn stop(target: &str, timeout: u64) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    let running = aivmm::workdir::running(&aivmm::workdir::state_root());
-    let canon = std::fs::canonicalize(target).ok();
-    let found = running.iter().find(|(_, m)| {
-        target.parse::<u32>().ok() == Some(m.pid) || canon.as_deref() == Some(m.workdir.as_path())
-    });
-    let Some((_, m)) = found else {
-        return Err(format!("no running VM for '{target}' (see `aivmm ps`)").into());
-    };
-    let pid = m.pid as libc::pid_t;
-    // SAFETY: kill only sends a signal to the recorded aivmm process.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(timeout);
-    // SAFETY: signal 0 only checks that the process exists.
-    while unsafe { libc::kill(pid, 0) } == 0 {
-        if Instant::now() >= deadline {
-            eprintln!(
-                "aivmm: {} did not stop within {timeout} s; killing it",
-                m.workdir.display()
-            );
-            // SAFETY: as above.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Ok(ExitCode::SUCCESS)
+/// A device write past the file-size limit (RLIMIT_FSIZE) must fail with EFBIG,
+/// which the guest sees as an I/O error, rather than kill aivmm with SIGXFSZ.
+fn ignore_sigxfsz() {
+    // SAFETY: setting a signal's disposition to SIG_IGN touches no memory.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
 }
 
 /// virtio-fs keeps one descriptor per guest-visible inode: lift the soft limit on

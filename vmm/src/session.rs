@@ -15,6 +15,11 @@
 //!
 //! Frames to the agent are queued and written as the socket takes them, so a guest
 //! that does not read its input cannot block the relay of its output.
+//!
+//! [`Session::exec`] is the same relay the other way round, for `aivmm exec`: it
+//! connects to the running VM's hybrid vsock socket, asks for the agent's
+//! [`EXEC_PORT`] with a `CONNECT` line, and then speaks the same protocol.
+//! [`Control::shutdown`] asks the agent to stop the command and power the guest off.
 
 use std::ffi::OsString;
 use std::io::{self, Read, Write};
@@ -27,7 +32,7 @@ use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
 
 use aivmm_protocol::{self as proto, Decoder, ToGuest, ToHost, MAX_CHUNK, VERSION};
-pub use aivmm_protocol::{ExitStatus, Spec, AGENT_PORT};
+pub use aivmm_protocol::{ExitStatus, Mount, Setup, Spec, AGENT_PORT, EXEC_PORT};
 
 /// Errors of a session.
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +46,7 @@ pub enum Error {
         source: io::Error,
     },
     /// The agent did not connect (or did not say Ready) in time.
-    #[error("the guest agent did not connect within {} s", .0.as_secs_f64())]
+    #[error("the guest agent did not connect within {} s (a slow or busy host? --agent-timeout SECS waits longer)", .0.as_secs_f64())]
     Timeout(Duration),
     /// The connection ended before `Exited`.
     #[error("the guest agent disconnected without an exit status")]
@@ -58,6 +63,17 @@ pub enum Error {
     /// [`Control::cancel`] was called.
     #[error("the session was cancelled")]
     Cancelled,
+    /// [`Control::shutdown`] was called before the command started.
+    #[error("stopped before the command started")]
+    StoppedEarly,
+    /// `aivmm exec` could not reach the agent through the VM's vsock socket.
+    #[error("cannot reach the guest agent through {path}: {why}")]
+    Exec {
+        /// The VM's vsock socket.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
     /// Host-side I/O failed.
     #[error("session I/O: {0}")]
     Io(#[from] io::Error),
@@ -86,14 +102,28 @@ pub struct Io<'a> {
     pub errors: &'a mut (dyn Write + Send),
 }
 
-/// A listener for the guest agent, bound before the VM starts.
+/// Where the agent's connection comes from.
+enum Source {
+    /// The agent connects to this listener (the main command).
+    Listen(UnixListener),
+    /// aivmm connects to the agent's exec port through the VM's vsock socket.
+    Exec,
+}
+
+/// A listener for the guest agent, bound before the VM starts, or a connection to
+/// a running VM's agent ([`Session::exec`]).
 pub struct Session {
-    listener: UnixListener,
+    source: Source,
     path: PathBuf,
     connect_timeout: Duration,
     control_rx: OwnedFd,
     control: Control,
+    setup: Option<Setup>,
+    on_ready: std::sync::Mutex<Option<ReadyHook>>,
 }
+
+/// Called once when the agent has said Ready (e.g. to end a boot spinner).
+pub type ReadyHook = Box<dyn FnOnce() + Send>;
 
 /// Asks a running [`Session`] to do something; cheap to clone and `Send`.
 #[derive(Clone, Debug)]
@@ -105,6 +135,7 @@ const CMD_RESIZE: u8 = 1;
 const CMD_SIGNAL: u8 = 2;
 const CMD_CANCEL: u8 = 3;
 const CMD_WINCH: u8 = 4;
+const CMD_SHUTDOWN: u8 = 5;
 /// A control command: one kind byte and a 4-byte argument. Pipe writes of this
 /// size are atomic, so reads never split one.
 const CMD_LEN: usize = 5;
@@ -131,6 +162,13 @@ impl Control {
     /// Makes [`Session::run`] return [`Error::Cancelled`] (e.g. the VM stopped).
     pub fn cancel(&self) {
         write_cmd(self.tx.as_raw_fd(), CMD_CANCEL, [0; 4]);
+    }
+
+    /// Asks the agent to stop the command (SIGHUP and SIGTERM, SIGKILL after
+    /// `grace_ms`) so the guest powers off. Before the command has started,
+    /// [`Session::run`] returns [`Error::StoppedEarly`] instead.
+    pub fn shutdown(&self, grace_ms: u32) {
+        write_cmd(self.tx.as_raw_fd(), CMD_SHUTDOWN, grace_ms.to_le_bytes());
     }
 }
 
@@ -171,12 +209,40 @@ impl Session {
         listener.set_nonblocking(true).map_err(err)?;
         let (control_rx, tx) = pipe().map_err(err)?;
         Ok(Self {
-            listener,
+            source: Source::Listen(listener),
             path: path.to_path_buf(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             control_rx,
             control: Control { tx: Arc::new(tx) },
+            setup: None,
+            on_ready: std::sync::Mutex::new(None),
         })
+    }
+
+    /// A session that runs one more command in a running VM: [`run`](Self::run)
+    /// connects to the VM's vsock socket `uds_path` and asks for the agent's
+    /// [`EXEC_PORT`].
+    pub fn exec(uds_path: &Path) -> Result<Self> {
+        let (control_rx, tx) = pipe()?;
+        Ok(Self {
+            source: Source::Exec,
+            path: uds_path.to_path_buf(),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            control_rx,
+            control: Control { tx: Arc::new(tx) },
+            setup: None,
+            on_ready: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// Calls `hook` once the agent has connected and said Ready.
+    pub fn on_ready(&mut self, hook: ReadyHook) {
+        self.on_ready = std::sync::Mutex::new(Some(hook));
+    }
+
+    /// Sends `setup` to the agent before the command (mounts, links, sshd).
+    pub fn set_setup(&mut self, setup: Setup) {
+        self.setup = Some(setup);
     }
 
     /// Sets how long [`run`](Self::run) waits for the agent to connect and say Ready.
@@ -205,6 +271,12 @@ impl Session {
             out: Vec::new(),
         };
         conn.wait_ready(deadline, self.connect_timeout, &self.control_rx)?;
+        if let Some(hook) = self.on_ready.lock().ok().and_then(|mut h| h.take()) {
+            hook();
+        }
+        if let Some(setup) = &self.setup {
+            conn.queue(&ToGuest::Setup(setup.clone()))?;
+        }
         let mut spec = spec.clone();
         if let (true, Some(t)) = (spec.tty, io.terminal) {
             if let Some((rows, cols)) = terminal_size(t) {
@@ -229,8 +301,12 @@ impl Session {
     }
 
     fn accept(&self, deadline: Instant) -> Result<UnixStream> {
+        let listener = match &self.source {
+            Source::Listen(l) => l,
+            Source::Exec => return self.connect_exec(deadline),
+        };
         loop {
-            match self.listener.accept() {
+            match listener.accept() {
                 Ok((s, _)) => {
                     s.set_nonblocking(true)?;
                     return Ok(s);
@@ -240,7 +316,7 @@ impl Session {
                 Err(e) => return Err(e.into()),
             }
             let mut fds = [
-                poll_fd(self.listener.as_raw_fd(), libc::POLLIN),
+                poll_fd(listener.as_raw_fd(), libc::POLLIN),
                 poll_fd(self.control_rx.as_raw_fd(), libc::POLLIN),
             ];
             poll(
@@ -249,20 +325,73 @@ impl Session {
                     .checked_duration_since(Instant::now())
                     .ok_or(Error::Timeout(self.connect_timeout))?,
             )?;
-            if fds[1].revents != 0
-                && drain_control(self.control_rx.as_raw_fd())?
-                    .iter()
-                    .any(|c| c.0 == CMD_CANCEL)
-            {
-                return Err(Error::Cancelled);
+            if fds[1].revents != 0 {
+                early_stop(drain_control(self.control_rx.as_raw_fd())?)?;
             }
         }
     }
+
+    /// Connects to the agent's exec port through the hybrid vsock socket: writes
+    /// `CONNECT <port>` and waits for the device's `OK <n>` line.
+    fn connect_exec(&self, deadline: Instant) -> Result<UnixStream> {
+        let fail = |why: String| Error::Exec {
+            path: self.path.clone(),
+            why,
+        };
+        let mut s = UnixStream::connect(&self.path).map_err(|e| fail(e.to_string()))?;
+        s.write_all(format!("CONNECT {EXEC_PORT}\n").as_bytes())
+            .map_err(|e| fail(e.to_string()))?;
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        while line.len() < 64 {
+            let left = deadline
+                .checked_duration_since(Instant::now())
+                .ok_or(Error::Timeout(self.connect_timeout))?;
+            s.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+            match s.read(&mut b) {
+                Ok(0) => {
+                    return Err(fail(
+                        "the guest refused the connection (its agent is not listening yet, or the image is older than this aivmm)".into(),
+                    ))
+                }
+                Ok(_) if b[0] == b'\n' => break,
+                Ok(_) => line.push(b[0]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                    return Err(Error::Timeout(self.connect_timeout))
+                }
+                Err(e) => return Err(fail(e.to_string())),
+            }
+        }
+        if !line.starts_with(b"OK ") {
+            return Err(fail(format!(
+                "unexpected answer {:?}",
+                String::from_utf8_lossy(&line)
+            )));
+        }
+        s.set_read_timeout(None)?;
+        s.set_nonblocking(true)?;
+        Ok(s)
+    }
+}
+
+/// What control commands mean before the command starts: cancel or stop.
+fn early_stop(cmds: Vec<(u8, [u8; 4])>) -> Result<()> {
+    for (kind, _) in cmds {
+        match kind {
+            CMD_CANCEL => return Err(Error::Cancelled),
+            CMD_SHUTDOWN => return Err(Error::StoppedEarly),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if matches!(self.source, Source::Listen(_)) {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -505,12 +634,8 @@ impl Conn {
                 poll_fd(control.as_raw_fd(), libc::POLLIN),
             ];
             poll(&mut fds, left)?;
-            if fds[1].revents != 0
-                && drain_control(control.as_raw_fd())?
-                    .iter()
-                    .any(|c| c.0 == CMD_CANCEL)
-            {
-                return Err(Error::Cancelled);
+            if fds[1].revents != 0 {
+                early_stop(drain_control(control.as_raw_fd())?)?;
             }
             if fds[0].revents != 0 && !self.fill()? {
                 return Err(Error::Disconnected);
@@ -641,6 +766,9 @@ impl Relay<'_> {
                     self.conn.queue(&ToGuest::Resize { rows, cols })?;
                 }
                 CMD_SIGNAL => self.conn.queue(&ToGuest::Signal(i32::from_le_bytes(arg)))?,
+                CMD_SHUTDOWN => self.conn.queue(&ToGuest::Shutdown {
+                    grace_ms: u32::from_le_bytes(arg),
+                })?,
                 CMD_CANCEL => return Err(Error::Cancelled),
                 CMD_WINCH => {
                     let size = self.io.terminal.and_then(terminal_size);
@@ -792,9 +920,10 @@ mod tests {
         );
         let e = r.unwrap_err();
         assert!(matches!(e, Error::Timeout(_)), "{e:?}");
-        assert_eq!(
-            e.to_string(),
-            "the guest agent did not connect within 0.2 s"
+        assert!(
+            e.to_string()
+                .starts_with("the guest agent did not connect within 0.2 s ("),
+            "{e}"
         );
         assert!(t.elapsed() >= Duration::from_millis(200));
         // An agent that connects but never says Ready times out too.

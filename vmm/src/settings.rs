@@ -3,8 +3,9 @@
 //!
 //! The first file found wins: `<workdir>/aivmm.toml`, then
 //! `$XDG_CONFIG_HOME/aivmm/config.toml` (`~/.config/aivmm/config.toml`). Flags on
-//! the command line override its values; its lists (`forward`, `env`, `share`)
-//! come before the command line's.
+//! the command line override its values; its lists (`forward`, `env`, `share`,
+//! `share_ro`, `share_rw`) come before the command line's, and its switches
+//! (`claude_auth`, `ssh`) turn the feature on unless the command line already did.
 //!
 //! ```toml
 //! cpus = 8
@@ -14,6 +15,10 @@
 //! forward = ["3000:3000"]
 //! env = ["ANTHROPIC_API_KEY"]
 //! share = ["/home/me/notes:notes:ro"]
+//! share_ro = ["/home/me/docs"]
+//! share_rw = ["/home/me/scratch"]
+//! claude_auth = true
+//! ssh = false
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -68,6 +73,16 @@ pub struct Settings {
     /// Extra shares, as `--share`.
     #[serde(default)]
     pub share: Vec<String>,
+    /// Read-only shares at the same path in the guest, as `--share-ro`.
+    #[serde(default)]
+    pub share_ro: Vec<PathBuf>,
+    /// Read-write shares at the same path in the guest, as `--share-rw`.
+    #[serde(default)]
+    pub share_rw: Vec<PathBuf>,
+    /// Share the Claude Code login, as `--claude-auth`.
+    pub claude_auth: Option<bool>,
+    /// Start sshd in the guest, as `--ssh`.
+    pub ssh: Option<bool>,
 }
 
 /// The settings file for `workdir`, if any.
@@ -110,7 +125,8 @@ pub fn merge(args: &mut RunArgs, s: Settings, path: &Path) -> Result<()> {
     }
     if args.disk_size.is_none() {
         if let Some(d) = &s.disk_size {
-            args.disk_size = Some(config::parse_size(d).map_err(|e| bad("disk_size", e))?);
+            let size = config::parse_size(d).and_then(config::check_disk_size);
+            args.disk_size = Some(size.map_err(|e| bad("disk_size", e))?);
         }
     }
     if args.net.is_none() {
@@ -131,11 +147,21 @@ pub fn merge(args: &mut RunArgs, s: Settings, path: &Path) -> Result<()> {
     let mut share = s.share;
     share.append(&mut args.share);
     args.share = share;
+    let mut ro = s.share_ro;
+    ro.append(&mut args.share_ro);
+    args.share_ro = ro;
+    let mut rw = s.share_rw;
+    rw.append(&mut args.share_rw);
+    args.share_rw = rw;
+    args.claude_auth |= s.claude_auth.unwrap_or(false);
+    args.ssh |= s.ssh.unwrap_or(false);
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
     use clap::Parser;
 
@@ -165,6 +191,13 @@ mod tests {
         let fwd: Vec<u16> = a.forward.iter().map(|f| f.host).collect();
         assert_eq!(fwd, vec![3000, 8080]);
         assert_eq!(a.env, vec!["A=1".to_string()]);
+
+        let mut c = args(&["--share-ro", "/b"]);
+        let s = parse("share_ro = [\"/a\"]\nshare_rw = [\"/w\"]\nclaude_auth = true\nssh = true\n", p).unwrap();
+        merge(&mut c, s, p).unwrap();
+        assert_eq!(c.share_ro, vec![PathBuf::from("/a"), PathBuf::from("/b")]);
+        assert_eq!(c.share_rw, vec![PathBuf::from("/w")]);
+        assert!(c.claude_auth && c.ssh);
 
         let mut b = args(&["--disk-size", "4G"]);
         merge(&mut b, parse("disk_size = \"32G\"", p).unwrap(), p).unwrap();

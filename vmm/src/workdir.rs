@@ -7,7 +7,9 @@
 //! - `vm.json`: what `aivmm ps` shows (workdir, pid, start time, ports);
 //! - `state.img`: the guest's persistent disk (home, installed tools), sparse;
 //! - `vsock.sock` and `vsock.sock_<port>`: the host side of the guest channel;
-//! - `console.log`: the guest's serial console.
+//! - `console.log`: the guest's serial console;
+//! - `aivmm.log`: aivmm's own log of the run ([`crate::logging`]);
+//! - `ssh/`: with `--ssh`, the key pair and an `ssh -F` config.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -19,7 +21,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The workdir cannot be used.
-    #[error("workdir {path}: {source}")]
+    #[error("workdir {path}: {source} (give an existing project directory)")]
     Workdir {
         /// The path given.
         path: PathBuf,
@@ -27,7 +29,7 @@ pub enum Error {
         source: std::io::Error,
     },
     /// The workdir is not a directory.
-    #[error("workdir {0}: not a directory")]
+    #[error("workdir {0}: not a directory (give the project directory, not a file in it)")]
     NotADirectory(PathBuf),
     /// A file or directory could not be made or read.
     #[error("{path}: {source}")]
@@ -134,13 +136,18 @@ impl WorkdirState {
             });
         }
         // The lock is ours: whatever a killed run left behind is stale.
-        for stale in ["vsock.sock", "vm.json"] {
-            let _ = fs::remove_file(dir.join(stale));
+        let stale = |p: PathBuf| {
+            if fs::remove_file(&p).is_ok() {
+                log::info!("removed {} left by an aivmm run that did not exit cleanly", p.display());
+            }
+        };
+        for name in ["vsock.sock", "vm.json"] {
+            stale(dir.join(name));
         }
         if let Ok(entries) = fs::read_dir(&dir) {
             for e in entries.flatten() {
                 if e.file_name().to_string_lossy().starts_with("vsock.sock_") {
-                    let _ = fs::remove_file(e.path());
+                    stale(e.path());
                 }
             }
         }
@@ -161,14 +168,19 @@ impl WorkdirState {
         self.dir.join("console.log")
     }
 
+    /// aivmm's log file for this run.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("aivmm.log")
+    }
+
     /// Records what `aivmm ps` shows.
     pub fn write_meta(&self, meta: &Meta) -> Result<()> {
-        let path = self.dir.join("vm.json");
-        let tmp = self.dir.join("vm.json.tmp");
-        let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-        f.write_all(meta.to_json().as_bytes())
-            .map_err(io_err(&tmp))?;
-        fs::rename(&tmp, &path).map_err(io_err(&path))
+        write_meta_at(&self.dir, meta)
+    }
+
+    /// Whether the persistent disk exists (it does after the first run).
+    pub fn has_state_disk(&self) -> bool {
+        self.dir.join("state.img").exists()
     }
 
     /// The persistent state disk, created sparse with `size` bytes the first
@@ -200,6 +212,68 @@ impl WorkdirState {
     }
 }
 
+/// Writes `meta` as the record in state directory `dir` (atomically).
+///
+/// It runs under aivmm's seccomp filter while the VM runs (phase changes), which
+/// allows `renameat2` but not `rename`, hence the direct call.
+pub fn write_meta_at(dir: &Path, meta: &Meta) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = dir.join("vm.json");
+    let tmp = dir.join("vm.json.tmp");
+    let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+    f.write_all(meta.to_json().as_bytes())
+        .map_err(io_err(&tmp))?;
+    drop(f);
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| io_err(p)(std::io::Error::other("path contains NUL")))
+    };
+    let (from, to) = (c(&tmp)?, c(&path)?);
+    // SAFETY: both are valid NUL-terminated paths that outlive the call.
+    let r = unsafe {
+        libc::renameat2(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), 0)
+    };
+    if r != 0 {
+        return Err(io_err(&path)(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Where a VM is in its life, as `aivmm ps` shows it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Phase {
+    /// The first boot on this workdir (the guest formats its state disk).
+    FirstBoot,
+    /// Booting: the guest agent has not connected yet.
+    Booting,
+    /// The command runs.
+    #[default]
+    Running,
+    /// `aivmm stop` (or a closed terminal) asked the guest to power off.
+    Stopping,
+}
+
+impl Phase {
+    /// The name in `vm.json` and `aivmm ps`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::FirstBoot => "first-boot",
+            Self::Booting => "booting",
+            Self::Running => "running",
+            Self::Stopping => "stopping",
+        }
+    }
+
+    fn parse(s: &str) -> Self {
+        match s {
+            "first-boot" => Self::FirstBoot,
+            "booting" => Self::Booting,
+            "stopping" => Self::Stopping,
+            _ => Self::Running,
+        }
+    }
+}
+
 /// What a running VM records about itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Meta {
@@ -211,6 +285,14 @@ pub struct Meta {
     pub started: u64,
     /// Forwarded ports, as given (`HOST:GUEST[/udp]`).
     pub forwards: Vec<String>,
+    /// Where the VM is in its life.
+    pub phase: Phase,
+    /// vCPUs (0 if not recorded).
+    pub cpus: u32,
+    /// Guest memory in bytes (0 if not recorded).
+    pub memory: u64,
+    /// With `--ssh`: the `ssh -F` config file.
+    pub ssh: Option<PathBuf>,
 }
 
 impl Meta {
@@ -224,22 +306,34 @@ impl Meta {
             pid: std::process::id(),
             started,
             forwards,
+            phase: Phase::Running,
+            cpus: 0,
+            memory: 0,
+            ssh: None,
         }
     }
 
     fn to_json(&self) -> String {
-        let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+        // `"` becomes \u0022, so a key pattern (`"name":`) never occurs inside a value.
+        let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\u0022");
         let fwd: Vec<String> = self
             .forwards
             .iter()
             .map(|f| format!("\"{}\"", esc(f)))
             .collect();
+        let ssh = match &self.ssh {
+            Some(p) => format!(",\"ssh\":\"{}\"", esc(&p.to_string_lossy())),
+            None => String::new(),
+        };
         format!(
-            "{{\"workdir\":\"{}\",\"pid\":{},\"started\":{},\"forwards\":[{}]}}\n",
+            "{{\"workdir\":\"{}\",\"pid\":{},\"started\":{},\"forwards\":[{}],\"phase\":\"{}\",\"cpus\":{},\"memory\":{}{ssh}}}\n",
             esc(&self.workdir.to_string_lossy()),
             self.pid,
             self.started,
-            fwd.join(",")
+            fwd.join(","),
+            self.phase.as_str(),
+            self.cpus,
+            self.memory,
         )
     }
 
@@ -255,7 +349,13 @@ impl Meta {
             let mut chars = rest.chars();
             while let Some(c) = chars.next() {
                 match c {
-                    '\\' => out.push(chars.next()?),
+                    '\\' => match chars.next()? {
+                        'u' => {
+                            let hex: String = chars.by_ref().take(4).collect();
+                            out.push(char::from_u32(u32::from_str_radix(&hex, 16).ok()?)?);
+                        }
+                        c => out.push(c),
+                    },
                     '"' => return Some(out),
                     c => out.push(c),
                 }
@@ -280,6 +380,15 @@ impl Meta {
             pid: u32::try_from(number(field("pid")?)?).ok()?,
             started: number(field("started")?)?,
             forwards,
+            phase: field("phase")
+                .and_then(string)
+                .map_or(Phase::Running, |p| Phase::parse(&p)),
+            cpus: field("cpus")
+                .and_then(number)
+                .and_then(|n| u32::try_from(n).ok())
+                .unwrap_or(0),
+            memory: field("memory").and_then(number).unwrap_or(0),
+            ssh: field("ssh").and_then(string).map(PathBuf::from),
         })
     }
 }
@@ -315,6 +424,8 @@ pub fn running(root: &Path) -> Vec<(PathBuf, Meta)> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     #[test]
@@ -330,14 +441,27 @@ mod tests {
     #[test]
     fn meta_round_trips() {
         let m = Meta {
-            workdir: "/a \"b\"\\c".into(),
+            workdir: "/a \"b\"\\c \"phase\":\"stopping\"".into(),
             pid: 42,
             started: 1_700_000_000,
             forwards: vec!["2222:22".into(), "53:53/udp".into()],
+            phase: Phase::FirstBoot,
+            cpus: 4,
+            memory: 4 << 30,
+            ssh: Some("/s/ssh/config".into()),
         };
         assert_eq!(Meta::from_json(&m.to_json()), Some(m.clone()));
+        // A record of an older aivmm (no phase, cpus, memory, ssh) still reads.
+        let old = "{\"workdir\":\"/w\",\"pid\":7,\"started\":1,\"forwards\":[]}";
+        let o = Meta::from_json(old).unwrap();
+        assert_eq!((o.phase, o.cpus, o.memory, o.ssh), (Phase::Running, 0, 0, None));
+        for p in [Phase::Booting, Phase::Running, Phase::Stopping] {
+            let x = Meta { phase: p, ..m.clone() };
+            assert_eq!(Meta::from_json(&x.to_json()).unwrap().phase, p);
+        }
         let none = Meta {
             forwards: vec![],
+            ssh: None,
             ..m
         };
         assert_eq!(Meta::from_json(&none.to_json()), Some(none));

@@ -1,25 +1,30 @@
 //! aivmm-agent: the guest side of `aivmm run`.
 //!
 //! The guest's init starts it once `/work` is mounted. It connects to the host
-//! (vsock CID 2, port [`AGENT_PORT`] unless told otherwise), says `Ready`, runs the
-//! command the host sends in `Start` (see [`aivmm_protocol`]) on a new pty or on
-//! pipes, relays its input, output, terminal size and signals, reports how it
-//! ended, and exits with the same status.
+//! (vsock CID 2, port [`AGENT_PORT`] unless told otherwise), says `Ready`, applies
+//! the host's `Setup` (extra shares, links, sshd), runs the command the host sends
+//! in `Start` (see [`aivmm_protocol`]) on a new pty or on pipes, relays its input,
+//! output, terminal size and signals, reports how it ended, and exits with the same
+//! status. Meanwhile it listens on vsock port [`EXEC_PORT`] (or `--exec-listen`)
+//! for `aivmm exec`: each connection there runs one more command the same way, on
+//! its own thread.
 //!
 //! ```text
 //! aivmm-agent [--connect vsock:CID:PORT | --connect unix:PATH] [--connect-timeout SECS]
+//!             [--exec-listen vsock:PORT | unix:PATH | none]
 //! ```
 
 mod child;
 mod relay;
+mod setup;
 mod transport;
 
 use std::io;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use aivmm_protocol::AGENT_PORT;
-use transport::Address;
+use aivmm_protocol::{AGENT_PORT, EXEC_PORT};
+use transport::{Address, Listen};
 
 /// The host's vsock context id.
 const HOST_CID: u32 = 2;
@@ -33,7 +38,7 @@ const AGENT_FAILURE: u8 = 125;
 pub enum Error {
     /// The command line is wrong.
     #[error(
-        "{0}\nusage: aivmm-agent [--connect vsock:CID:PORT|unix:PATH] [--connect-timeout SECS]"
+        "{0}\nusage: aivmm-agent [--connect vsock:CID:PORT|unix:PATH] [--connect-timeout SECS] [--exec-listen vsock:PORT|unix:PATH|none]"
     )]
     Usage(String),
     /// The host could not be reached.
@@ -60,6 +65,8 @@ pub enum Error {
 struct Args {
     addr: Address,
     connect_timeout: Duration,
+    /// Where `aivmm exec` connections arrive; `None` for none.
+    exec: Option<Listen>,
 }
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, Error> {
@@ -69,7 +76,9 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, Error> {
             port: AGENT_PORT,
         },
         connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+        exec: Some(Listen::Vsock(EXEC_PORT)),
     };
+    let mut exec_given = false;
     while let Some(arg) = args.next() {
         let mut value = |name: &str| {
             args.next()
@@ -77,6 +86,15 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, Error> {
         };
         match arg.as_str() {
             "--connect" => a.addr = value("--connect")?.parse().map_err(Error::Usage)?,
+            "--exec-listen" => {
+                let v = value("--exec-listen")?;
+                exec_given = true;
+                a.exec = if v == "none" {
+                    None
+                } else {
+                    Some(v.parse().map_err(Error::Usage)?)
+                };
+            }
             "--connect-timeout" => {
                 let v = value("--connect-timeout")?;
                 let secs: f64 = v
@@ -93,17 +111,57 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, Error> {
             other => return Err(Error::Usage(format!("unknown argument '{other}'"))),
         }
     }
+    // Without a VM (a unix socket to the host) there is no vsock to listen on.
+    if !exec_given && matches!(a.addr, Address::Unix(_)) {
+        a.exec = None;
+    }
     Ok(a)
+}
+
+/// Serves `aivmm exec` connections on `listen`, one thread each, for the life of
+/// the agent. A listener that cannot be made is reported and skipped: the main
+/// command matters more.
+fn spawn_exec_listener(listen: Listen) {
+    let listener = match transport::listen(&listen) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("aivmm-agent: cannot listen for exec on {listen:?}: {e}");
+            return;
+        }
+    };
+    let _ = std::thread::Builder::new()
+        .name("exec".into())
+        .spawn(move || loop {
+            match transport::accept(&listener) {
+                Ok(sock) => {
+                    let _ = std::thread::Builder::new()
+                        .name("exec-session".into())
+                        .spawn(move || {
+                            if let Err(e) = relay::serve(sock, false) {
+                                eprintln!("aivmm-agent: exec: {e}");
+                            }
+                        });
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    eprintln!("aivmm-agent: exec listener: {e}");
+                    return;
+                }
+            }
+        });
 }
 
 fn run() -> Result<aivmm_protocol::ExitStatus, Error> {
     let args = parse_args(std::env::args().skip(1))?;
+    if let Some(l) = args.exec.clone() {
+        spawn_exec_listener(l);
+    }
     let sock =
         transport::connect(&args.addr, args.connect_timeout).map_err(|source| Error::Connect {
             addr: args.addr.clone(),
             source,
         })?;
-    relay::serve(sock)
+    relay::serve(sock, true)
 }
 
 fn main() -> ExitCode {
@@ -138,19 +196,26 @@ mod tests {
             }
         );
         assert_eq!(a.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+        assert_eq!(a.exec, Some(Listen::Vsock(EXEC_PORT)));
         let a = parse(&["--connect", "unix:/tmp/x", "--connect-timeout", "0.5"]).unwrap();
         assert_eq!(
             a,
             Args {
                 addr: Address::Unix("/tmp/x".into()),
-                connect_timeout: Duration::from_millis(500)
+                connect_timeout: Duration::from_millis(500),
+                exec: None,
             }
         );
+        let a = parse(&["--connect", "unix:/tmp/x", "--exec-listen", "unix:/tmp/e"]).unwrap();
+        assert_eq!(a.exec, Some(Listen::Unix("/tmp/e".into())));
+        let a = parse(&["--exec-listen", "none"]).unwrap();
+        assert_eq!(a.exec, None);
         for bad in [
             &["--connect"][..],
             &["--connect", "tcp:1"],
             &["--connect-timeout", "-1"],
             &["--what"],
+            &["--exec-listen", "tcp:1"],
         ] {
             assert!(matches!(parse(bad), Err(Error::Usage(_))), "{bad:?}");
         }

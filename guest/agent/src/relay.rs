@@ -14,12 +14,12 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use aivmm_protocol::{self as proto, Decoder, ExitStatus, ToGuest, ToHost, MAX_CHUNK};
 
 use crate::child::{self, ChildIo, Running};
-use crate::Error;
+use crate::{setup, Error};
 
 /// After the command exits, output that has not arrived within this long is dropped.
 pub const DRAIN_IDLE: Duration = Duration::from_millis(100);
@@ -28,7 +28,8 @@ pub const DRAIN_IDLE: Duration = Duration::from_millis(100);
 const INPUT_LIMIT: usize = 1 << 20;
 
 /// Runs one session on the connected socket; returns how the command ended.
-pub fn serve(mut sock: File) -> Result<ExitStatus, Error> {
+/// `first` is the session of the guest's main command: only it may `Setup`.
+pub fn serve(mut sock: File, first: bool) -> Result<ExitStatus, Error> {
     proto::write_message(
         &mut sock,
         &ToHost::Ready {
@@ -39,7 +40,22 @@ pub fn serve(mut sock: File) -> Result<ExitStatus, Error> {
         match proto::read_message::<ToGuest>(&mut sock)? {
             None => return Err(Error::HostGone),
             Some(ToGuest::Start(spec)) => break spec,
-            // Anything before Start has no command to go to.
+            Some(ToGuest::Setup(s)) if first => {
+                for problem in setup::apply(&s) {
+                    proto::write_message(&mut sock, &ToHost::Error(problem))?;
+                }
+            }
+            Some(ToGuest::Setup(_)) => proto::write_message(
+                &mut sock,
+                &ToHost::Error("setup is only for the first command".into()),
+            )?,
+            // Stopped before anything ran.
+            Some(ToGuest::Shutdown { .. }) => {
+                let status = ExitStatus::Signal(libc::SIGTERM);
+                proto::write_message(&mut sock, &ToHost::Exited(status))?;
+                return Ok(status);
+            }
+            // Anything else before Start has no command to go to.
             Some(_) => {}
         }
     };
@@ -81,6 +97,8 @@ struct Relay {
     pty_open: bool,
     /// The last input byte from the host.
     last_input: Option<u8>,
+    /// After a Shutdown: when what is left of the command gets SIGKILL.
+    kill_at: Option<Instant>,
 }
 
 fn pidfd_open(pid: u32) -> Option<OwnedFd> {
@@ -124,6 +142,7 @@ impl Relay {
             close_after_flush: false,
             pty_open: true,
             last_input: None,
+            kill_at: None,
         }
     }
 
@@ -139,6 +158,17 @@ impl Relay {
         if pgrp > 0 {
             // SAFETY: kill has no memory arguments; a stale group is only an error.
             unsafe { libc::kill(-pgrp, sig) };
+        }
+    }
+
+    /// Signals the terminal's foreground group and the command's own group (a
+    /// shell and the job it runs).
+    fn signal_all(&self, sig: i32) {
+        self.signal(sig);
+        let own = libc::pid_t::try_from(self.running.child.id()).unwrap_or(0);
+        if own > 0 {
+            // SAFETY: as in `signal`.
+            unsafe { libc::kill(-own, sig) };
         }
     }
 
@@ -203,11 +233,22 @@ impl Relay {
             if let (Some(p), None) = (&self.pidfd, self.status) {
                 fds[4] = poll_fd(p.as_raw_fd(), libc::POLLIN);
             }
-            let timeout = if self.status.is_some() || self.pidfd.is_none() {
+            let mut timeout = if self.status.is_some() || self.pidfd.is_none() {
                 DRAIN_IDLE.as_millis() as libc::c_int
             } else {
                 -1
             };
+            if let (Some(at), None) = (self.kill_at, self.status) {
+                let now = Instant::now();
+                if now >= at {
+                    self.signal_all(libc::SIGKILL);
+                    self.kill_at = None;
+                } else {
+                    let left = libc::c_int::try_from(at.duration_since(now).as_millis() + 1)
+                        .unwrap_or(libc::c_int::MAX);
+                    timeout = if timeout < 0 { left } else { timeout.min(left) };
+                }
+            }
             // SAFETY: `fds` is a valid array of pollfd of the given length.
             let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
             if n < 0 {
@@ -354,6 +395,16 @@ impl Relay {
             }
             ToGuest::Signal(sig) if (1..=64).contains(&sig) => self.signal(sig),
             ToGuest::Signal(_) => {}
+            ToGuest::Setup(_) => {
+                self.send(&ToHost::Error("setup after the command started".into()))?
+            }
+            ToGuest::Shutdown { grace_ms } => {
+                // An interactive shell ignores SIGTERM but not SIGHUP.
+                self.signal_all(libc::SIGHUP);
+                self.signal_all(libc::SIGTERM);
+                self.signal_all(libc::SIGCONT);
+                self.kill_at = Some(Instant::now() + Duration::from_millis(grace_ms.into()));
+            }
             ToGuest::CloseInput => {
                 if let ChildIo::Pty(m) = &self.running.io {
                     // A pty has no half-close: send its end-of-file character. It

@@ -1,9 +1,10 @@
-//! Connecting to the host: AF_VSOCK in a guest, a unix socket in tests.
+//! Connecting to the host, and listening for `aivmm exec`: AF_VSOCK in a guest, a
+//! unix socket in tests.
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::net::UnixStream;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
@@ -38,6 +39,99 @@ impl FromStr for Address {
             }
             Some(("unix", path)) if !path.is_empty() => Ok(Self::Unix(path.into())),
             _ => Err(bad()),
+        }
+    }
+}
+
+/// Where the agent listens for `aivmm exec` connections.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Listen {
+    /// A vsock port on any CID.
+    Vsock(u32),
+    /// A unix stream socket (host-side tests).
+    Unix(PathBuf),
+}
+
+impl FromStr for Listen {
+    type Err = String;
+
+    /// `vsock:PORT` or `unix:PATH`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("bad listen address '{s}': use vsock:PORT or unix:PATH");
+        match s.split_once(':') {
+            Some(("vsock", port)) => Ok(Self::Vsock(port.parse().map_err(|_| bad())?)),
+            Some(("unix", path)) if !path.is_empty() => Ok(Self::Unix(path.into())),
+            _ => Err(bad()),
+        }
+    }
+}
+
+/// A listening socket.
+pub enum Listener {
+    /// AF_VSOCK.
+    Vsock(OwnedFd),
+    /// AF_UNIX.
+    Unix(UnixListener),
+}
+
+/// Listens on `addr`.
+pub fn listen(addr: &Listen) -> io::Result<Listener> {
+    match addr {
+        Listen::Unix(p) => {
+            let _ = std::fs::remove_file(p);
+            UnixListener::bind(p).map(Listener::Unix)
+        }
+        Listen::Vsock(port) => {
+            // SAFETY: socket has no memory arguments; the result is checked.
+            let fd = unsafe {
+                libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0)
+            };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: `fd` is a new descriptor that nothing else owns.
+            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+            // SAFETY: sockaddr_vm is plain data; all-zero is a valid value.
+            let mut sa: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+            sa.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+            sa.svm_cid = libc::VMADDR_CID_ANY;
+            sa.svm_port = *port;
+            // SAFETY: `sa` is a valid sockaddr_vm and the length says so.
+            let r = unsafe {
+                libc::bind(
+                    fd,
+                    std::ptr::from_ref(&sa).cast(),
+                    std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+                )
+            };
+            // SAFETY: listen has no memory arguments.
+            if r != 0 || unsafe { libc::listen(fd, 16) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(Listener::Vsock(owned))
+        }
+    }
+}
+
+/// Waits for the next connection; the stream is blocking and close-on-exec.
+pub fn accept(l: &Listener) -> io::Result<File> {
+    match l {
+        Listener::Unix(u) => u.accept().map(|(s, _)| File::from(OwnedFd::from(s))),
+        Listener::Vsock(fd) => {
+            // SAFETY: accept4 with null address pointers only returns a descriptor.
+            let c = unsafe {
+                libc::accept4(
+                    fd.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_CLOEXEC,
+                )
+            };
+            if c < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: accept4 returned a new descriptor that nothing else owns.
+            Ok(File::from(unsafe { OwnedFd::from_raw_fd(c) }))
         }
     }
 }
@@ -128,6 +222,11 @@ mod tests {
         assert_eq!("unix:/tmp/s".parse(), Ok(Address::Unix("/tmp/s".into())));
         for bad in ["", "vsock:2", "vsock:x:1", "unix:", "tcp:1:2", "/tmp/s"] {
             assert!(bad.parse::<Address>().is_err(), "{bad}");
+        }
+        assert_eq!("vsock:1025".parse(), Ok(Listen::Vsock(1025)));
+        assert_eq!("unix:/e".parse(), Ok(Listen::Unix("/e".into())));
+        for bad in ["", "vsock:", "vsock:2:3", "unix:", "none"] {
+            assert!(bad.parse::<Listen>().is_err(), "{bad}");
         }
     }
 

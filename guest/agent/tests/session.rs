@@ -448,3 +448,173 @@ fn a_background_process_does_not_hold_the_session() {
     assert!(out.contains("done"));
     assert!(t.elapsed() < Duration::from_secs(5));
 }
+
+#[test]
+fn shutdown_stops_even_a_shell_that_ignores_sigterm() {
+    // `trap '' TERM` is what an interactive shell does; SIGHUP still ends it, and
+    // SIGKILL after the grace time ends anything.
+    let live = Live::start(cmd(&["sh", "-c", "trap '' TERM; echo up; sleep 100"]));
+    live.out.wait_for("up", 1);
+    let t = Instant::now();
+    live.control.shutdown(2000);
+    let (code, agent, _, _) = live.finish();
+    assert_eq!((code, agent), (128 + 1, 128 + 1), "SIGHUP ends it");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+
+    let live = Live::start(cmd(&["sh", "-c", "trap '' TERM HUP; echo up; while :; do sleep 0.1; done"]));
+    live.out.wait_for("up", 1);
+    let t = Instant::now();
+    live.control.shutdown(300);
+    let (code, _, _, _) = live.finish();
+    assert_eq!(code, 128 + 9, "killed after the grace time");
+    assert!(t.elapsed() >= Duration::from_millis(300), "{:?}", t.elapsed());
+}
+
+#[test]
+fn shutdown_before_the_agent_connects_stops_the_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let session = Session::listen(&dir.path().join("vsock")).unwrap();
+    session.control().shutdown(1000);
+    let (mut o, mut e) = (Vec::new(), Vec::new());
+    let r = session.run(
+        &cmd(&["true"]),
+        Io {
+            input: None,
+            terminal: None,
+            output: &mut o,
+            errors: &mut e,
+        },
+    );
+    assert!(matches!(r, Err(session::Error::StoppedEarly)), "{r:?}");
+}
+
+/// Plays the VM's hybrid vsock socket for `aivmm exec`: takes the `CONNECT 1025`
+/// line, answers `OK`, and joins the connection to the agent's exec socket.
+fn fake_hybrid_vsock(front: std::path::PathBuf, agent_exec: std::path::PathBuf) -> JoinHandle<String> {
+    let l = std::os::unix::net::UnixListener::bind(front).unwrap();
+    std::thread::spawn(move || {
+        let (mut host, _) = l.accept().unwrap();
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        while host.read(&mut b).unwrap() == 1 && b[0] != b'\n' {
+            line.push(b[0]);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let guest = loop {
+            match UnixStream::connect(&agent_exec) {
+                Ok(s) => break s,
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => panic!("agent exec socket: {e}"),
+            }
+        };
+        host.write_all(b"OK 5000\n").unwrap();
+        let (mut h2, g2) = (host.try_clone().unwrap(), guest.try_clone().unwrap());
+        let a = std::thread::spawn(move || std::io::copy(&mut h2, &mut g2.try_clone().unwrap()));
+        let _ = std::io::copy(&mut guest.try_clone().unwrap(), &mut host);
+        let _ = host.shutdown(std::net::Shutdown::Both);
+        let _ = guest.shutdown(std::net::Shutdown::Both);
+        let _ = a.join();
+        String::from_utf8_lossy(&line).into_owned()
+    })
+}
+
+#[test]
+fn exec_runs_a_second_command_beside_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let session = Session::listen(&dir.path().join("vsock")).unwrap();
+    let exec_sock = dir.path().join("exec");
+    let mut agent = Command::new(env!("CARGO_BIN_EXE_aivmm-agent"))
+        .arg("--connect")
+        .arg(format!("unix:{}", session.path().display()))
+        .arg("--exec-listen")
+        .arg(format!("unix:{}", exec_sock.display()))
+        .spawn()
+        .unwrap();
+    let control = session.control();
+    let main = std::thread::spawn(move || {
+        let (mut o, mut e) = (Vec::new(), Vec::new());
+        session.run(
+            &cmd(&["sleep", "100"]),
+            Io {
+                input: None,
+                terminal: None,
+                output: &mut o,
+                errors: &mut e,
+            },
+        )
+    });
+    let front = dir.path().join("front.sock");
+    let proxy = fake_hybrid_vsock(front.clone(), exec_sock);
+    let exec = Session::exec(&front).unwrap();
+    let (mut o, mut e) = (Vec::new(), Vec::new());
+    let code = exec
+        .run(
+            &cmd(&["sh", "-c", "echo from-exec; exit 5"]),
+            Io {
+                input: None,
+                terminal: None,
+                output: &mut o,
+                errors: &mut e,
+            },
+        )
+        .unwrap();
+    assert_eq!((code, o.as_slice()), (5, &b"from-exec\n"[..]));
+    assert_eq!(proxy.join().unwrap(), "CONNECT 1025");
+    control.shutdown(1000);
+    assert_eq!(main.join().unwrap().unwrap(), 128 + 1);
+    agent.wait().unwrap();
+    // Nothing listening: a clear error, not a hang.
+    let e = Session::exec(&dir.path().join("none")).unwrap();
+    let r = e.run(
+        &cmd(&["true"]),
+        Io {
+            input: None,
+            terminal: None,
+            output: &mut o,
+            errors: &mut Vec::new(),
+        },
+    );
+    assert!(matches!(r, Err(session::Error::Exec { .. })), "{r:?}");
+}
+
+#[test]
+fn setup_problems_are_reported_and_the_command_still_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut session = Session::listen(&dir.path().join("vsock")).unwrap();
+    let link = dir.path().join("home/.claude.json");
+    session.set_setup(session::Setup {
+        mounts: vec![session::Mount {
+            tag: "no-such-share".into(),
+            path: dir.path().join("m").display().to_string(),
+            read_only: false,
+        }],
+        links: vec![(link.display().to_string(), "/run/aivmm/claude/.claude.json".into())],
+        ssh_key: None,
+        // SAFETY: getuid and getgid cannot fail.
+        uid: unsafe { libc::getuid() },
+        // SAFETY: as above.
+        gid: unsafe { libc::getgid() },
+        home: dir.path().display().to_string(),
+    });
+    let mut agent = spawn_agent(session.path());
+    let (mut o, mut e) = (Vec::new(), Vec::new());
+    let code = session
+        .run(
+            &cmd(&["echo", "ran"]),
+            Io {
+                input: None,
+                terminal: None,
+                output: &mut o,
+                errors: &mut e,
+            },
+        )
+        .unwrap();
+    agent.wait().unwrap();
+    let err = String::from_utf8_lossy(&e);
+    assert_eq!((code, o.as_slice()), (0, &b"ran\n"[..]));
+    assert!(err.contains("cannot mount share 'no-such-share'"), "{err}");
+    assert_eq!(
+        std::fs::read_link(&link).unwrap(),
+        std::path::Path::new("/run/aivmm/claude/.claude.json")
+    );
+}

@@ -10,16 +10,21 @@
 //!    answer; otherwise, under a lock, the .debs are downloaded and unpacked
 //!    ([`deb`]) into a staging tree, configured ([`rootfs`]), Claude Code is
 //!    added from npm, and `mke2fs -d` + debugfs make `rootfs.ext4`;
-//! 4. [`initramfs`] packs busybox-static, the boot modules and `/init`;
+//! 4. [`initramfs`] packs busybox-static, the boot modules and `/init`
+//!    (with `--kernel-from-source`, [`kernel_build`] makes the kernel from
+//!    Debian's `linux-source` and `guest-image/kernel.config`, and since it has
+//!    every boot module built in, the initramfs holds none);
 //! 5. the finished directory is renamed into place, so readers never see half an image.
 
 pub mod apt;
 pub mod deb;
 pub mod initramfs;
+pub mod kernel_build;
 pub mod packages;
 pub mod progress;
 pub mod rootfs;
 pub mod tools;
+pub mod variant;
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -29,6 +34,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 pub use progress::Progress;
+pub use variant::Variant;
 
 /// Errors while building or finding a guest image.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +81,12 @@ pub enum Error {
     /// No cache directory.
     #[error("no cache directory: set XDG_CACHE_HOME or HOME, or AIVMM_CACHE_DIR")]
     NoCacheDir,
+    /// Host programs or headers a kernel build needs are missing.
+    #[error("building the kernel needs more host packages (Debian: apt-get install {0})")]
+    KernelTools(String),
+    /// The kernel config fragment is malformed, or the kernel did not take it.
+    #[error("kernel config: {0}")]
+    KernelConfig(String),
     /// The guest image is only built for x86_64 so far.
     #[error("the Debian guest image is built for x86_64 only")]
     Arch,
@@ -116,6 +128,26 @@ pub struct BuildOptions {
     pub out: Option<PathBuf>,
     /// Rebuild even if the image exists.
     pub force: bool,
+    /// What the image is for (the agent's or the Nix builder's).
+    pub variant: Variant,
+    /// Build the kernel from Debian's `linux-source` with `guest-image/kernel.config`
+    /// instead of using Debian's cloud kernel.
+    pub kernel_from_source: bool,
+}
+
+impl BuildOptions {
+    /// The builder image (`aivmm builder serve`): no Claude Code.
+    pub fn builder() -> Self {
+        BuildOptions {
+            with_claude: false,
+            variant: Variant::Builder,
+            ..BuildOptions::default()
+        }
+    }
+
+    fn claude(&self) -> bool {
+        self.with_claude && self.variant.wants_claude()
+    }
 }
 
 impl Default for BuildOptions {
@@ -125,6 +157,8 @@ impl Default for BuildOptions {
             extra_packages: Vec::new(),
             out: None,
             force: false,
+            variant: Variant::Agent,
+            kernel_from_source: false,
         }
     }
 }
@@ -221,7 +255,7 @@ fn recipe(opts: &BuildOptions) -> Vec<(String, String)> {
         ("builder".to_string(), BUILDER_VERSION.to_string()),
         ("packages".to_string(), PACKAGES.to_string()),
         ("extra".to_string(), opts.extra_packages.join(" ")),
-        ("claude".to_string(), opts.with_claude.to_string()),
+        ("claude".to_string(), opts.claude().to_string()),
         ("init".to_string(), initramfs::INIT.to_string()),
         ("init2".to_string(), initramfs::INIT2.to_string()),
         ("udhcpc".to_string(), initramfs::UDHCPC_SCRIPT.to_string()),
@@ -231,6 +265,25 @@ fn recipe(opts: &BuildOptions) -> Vec<(String, String)> {
     ];
     for (p, data, mode) in rootfs::STATIC_FILES {
         r.push((format!("file {p} {mode:o}"), data.to_string()));
+    }
+    // Debian's kernel leaves the recipe as it was; a built one adds its config.
+    if opts.kernel_from_source {
+        r.push((
+            "kernel-config".to_string(),
+            kernel_build::KERNEL_CONFIG.to_string(),
+        ));
+        r.push((
+            "kernel-build".to_string(),
+            kernel_build::KERNEL_BUILD_VERSION.to_string(),
+        ));
+    }
+    // The agent's recipe stays what it was before variants existed.
+    if opts.variant != Variant::Agent {
+        r.push(("variant".to_string(), opts.variant.name().to_string()));
+        r.push(("variant packages".to_string(), opts.variant.packages().join(" ")));
+        for (p, data, mode) in opts.variant.files() {
+            r.push((format!("variant file {p} {mode:o}"), data.to_string()));
+        }
     }
     r
 }
@@ -248,7 +301,9 @@ pub fn digest(items: &[(String, String)]) -> String {
 }
 
 fn image_name(opts: &BuildOptions) -> &'static str {
-    if opts.with_claude {
+    if opts.variant == Variant::Builder {
+        "debian-bookworm-builder"
+    } else if opts.claude() {
         "debian-bookworm"
     } else {
         "debian-bookworm-noclaude"
@@ -325,6 +380,7 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<GuestImage> {
     let step = progress.step("resolving packages", None);
     let mut roots = packages::parse_list(PACKAGES);
     roots.extend(opts.extra_packages.iter().cloned());
+    roots.extend(opts.variant.packages());
     roots.extend(index.essential());
     let rootfs_pkgs = index.resolve(&roots)?;
     let meta = index
@@ -345,13 +401,19 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<GuestImage> {
         .packages
         .get("busybox-static")
         .ok_or_else(|| Error::UnknownPackage("busybox-static".into()))?;
-    let claude_version = if opts.with_claude {
+    let source_pkg = if opts.kernel_from_source {
+        Some(kernel_build::source_package(&index)?)
+    } else {
+        None
+    };
+    let claude_version = if opts.claude() {
         Some(claude_version()?)
     } else {
         None
     };
     let mut key = recipe_items.clone();
-    for p in rootfs_pkgs.iter().chain([&kernel_pkg, &busybox_pkg]) {
+    let kernel_dep = source_pkg.unwrap_or(kernel_pkg);
+    for p in rootfs_pkgs.iter().chain([&kernel_dep, &busybox_pkg]) {
         key.push((
             format!("deb {}", p.name),
             format!("{} {}", p.version, p.sha256),
@@ -385,6 +447,10 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<GuestImage> {
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
     std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    let kernel = match source_pkg {
+        Some(src) => Kernel::Built(kernel_build::build(&apt, src, &cache, epoch(), progress)?),
+        None => Kernel::Debian(kernel_pkg),
+    };
     let tmp = parent.join(format!(".tmp-{name}-{}", std::process::id()));
     if tmp.exists() {
         remove_tree(&tmp)?;
@@ -395,9 +461,10 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<GuestImage> {
         &name,
         &apt,
         &rootfs_pkgs,
-        kernel_pkg,
+        &kernel,
         busybox_pkg,
         claude_version.as_deref(),
+        opts.variant,
         progress,
     );
     if let Err(e) = result {
@@ -500,22 +567,53 @@ fn install_claude(root: &Path, version: &str, cache: &Path) -> Result<()> {
     std::os::unix::fs::symlink("../lib/claude/claude", &link).map_err(|e| Error::io(&link, e))
 }
 
+/// Where the image's kernel comes from.
+enum Kernel<'a> {
+    /// Debian's cloud kernel package.
+    Debian(&'a packages::Package),
+    /// Built from `linux-source` ([`kernel_build`]).
+    Built(kernel_build::Built),
+}
+
+impl Kernel<'_> {
+    /// The package to download with the root filesystem's, if any.
+    fn package(&self) -> Option<&packages::Package> {
+        match self {
+            Kernel::Debian(p) => Some(p),
+            Kernel::Built(_) => None,
+        }
+    }
+
+    /// The manifest's `kernel` line.
+    fn describe(&self) -> String {
+        match self {
+            Kernel::Debian(p) => format!("{} {}", p.name, p.version),
+            Kernel::Built(b) => format!(
+                "{} built from {} {} (config {})",
+                b.release, b.source, b.version, b.key
+            ),
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn build_into(
     tmp: &Path,
     name: &str,
     apt: &apt::Apt,
     rootfs_pkgs: &[&packages::Package],
-    kernel_pkg: &packages::Package,
+    kernel: &Kernel<'_>,
     busybox_pkg: &packages::Package,
     claude_version: Option<&str>,
+    variant: Variant,
     progress: &Progress,
 ) -> Result<()> {
     let started = std::time::Instant::now();
     let all: Vec<&packages::Package> = rootfs_pkgs
         .iter()
         .copied()
-        .chain([kernel_pkg, busybox_pkg])
+        .chain([busybox_pkg])
+        .chain(kernel.package())
         .collect();
     let total: u64 = all.iter().map(|p| p.size).sum();
     let step = progress.step("downloading packages", Some(total));
@@ -549,8 +647,33 @@ fn build_into(
         step.inc(1);
     }
     let kernel_dir = tmp.join("kernel");
-    let (kdeb, bdeb) = (&debs[rootfs_pkgs.len()], &debs[rootfs_pkgs.len() + 1]);
-    deb::unpack(kdeb, &kernel_dir, false, &mut BTreeMap::new())?;
+    let bdeb = &debs[rootfs_pkgs.len()];
+    let kver = match kernel {
+        Kernel::Debian(p) => {
+            deb::unpack(
+                &debs[rootfs_pkgs.len() + 1],
+                &kernel_dir,
+                false,
+                &mut BTreeMap::new(),
+            )?;
+            p.name.trim_start_matches("linux-image-").to_string()
+        }
+        Kernel::Built(b) => {
+            // The same layout as the package's: boot/vmlinuz-V and lib/modules/V.
+            let boot = kernel_dir.join("boot");
+            std::fs::create_dir_all(&boot).map_err(|e| Error::io(&boot, e))?;
+            let v = boot.join(format!("vmlinuz-{}", b.release));
+            std::fs::copy(&b.vmlinuz, &v).map_err(|e| Error::io(&b.vmlinuz, e))?;
+            let mods = kernel_dir.join("lib/modules");
+            std::fs::create_dir_all(&mods).map_err(|e| Error::io(&mods, e))?;
+            let (from, to) = (
+                b.module_dir.to_string_lossy().into_owned(),
+                mods.to_string_lossy().into_owned(),
+            );
+            tools::run("cp", ["-R", from.as_str(), to.as_str()], None, &[])?;
+            b.release.clone()
+        }
+    };
     let bb_dir = tmp.join("busybox-static");
     deb::unpack(bdeb, &bb_dir, false, &mut BTreeMap::new())?;
     step.finish("");
@@ -562,10 +685,6 @@ fn build_into(
     }
 
     let step = progress.step("building the initramfs", None);
-    let kver = kernel_pkg
-        .name
-        .trim_start_matches("linux-image-")
-        .to_string();
     let module_dir = kernel_dir.join("lib/modules").join(&kver);
     let vmlinuz = kernel_dir.join("boot").join(format!("vmlinuz-{kver}"));
     let (cpio, order) = initramfs::build(
@@ -591,7 +710,7 @@ fn build_into(
     std::fs::create_dir_all(&staged_modules).map_err(|e| Error::io(&staged_modules, e))?;
     std::fs::rename(&module_dir, staged_modules.join(&kver))
         .map_err(|e| Error::io(&module_dir, e))?;
-    rootfs::configure(&staging, &mut meta, &status, &lists)?;
+    rootfs::configure(&staging, &mut meta, &status, &lists, variant.files())?;
     let uuid = {
         let h = hex(&Sha256::digest(name.as_bytes()));
         format!(
@@ -617,9 +736,8 @@ fn build_into(
     step.finish(&format!("{} MiB", size >> 20));
 
     let mut manifest = format!(
-        "image {name}\nbuilder {BUILDER_VERSION}\nkernel {} {}\ncmdline {CMDLINE}\nclaude {}\nboot-modules {}\n",
-        kernel_pkg.name,
-        kernel_pkg.version,
+        "image {name}\nbuilder {BUILDER_VERSION}\nkernel {}\ncmdline {CMDLINE}\nclaude {}\nboot-modules {}\n",
+        kernel.describe(),
         claude_version.unwrap_or("none"),
         order.join(" ")
     );
@@ -671,8 +789,17 @@ mod tests {
             extra_packages: vec!["vim".into()],
             ..BuildOptions::default()
         };
+        let d = BuildOptions {
+            kernel_from_source: true,
+            ..BuildOptions::default()
+        };
         let h = |o: &BuildOptions| digest(&recipe(o));
         assert_eq!(h(&a), h(&a.clone()));
+        // A kernel built from kernel.config is part of the recipe.
+        assert_ne!(h(&a), h(&d));
+        assert!(recipe(&d)
+            .iter()
+            .any(|(k, v)| k == "kernel-config" && v == kernel_build::KERNEL_CONFIG));
         assert_ne!(h(&a), h(&b));
         assert_ne!(h(&a), h(&c));
         assert_eq!(h(&a).len(), 16);

@@ -79,6 +79,7 @@ impl Progress {
             what: what.to_string(),
             start: Instant::now(),
             lines: self.lines,
+            last_line: std::cell::Cell::new(Instant::now()),
         }
     }
 }
@@ -90,6 +91,7 @@ pub struct Step {
     what: String,
     start: Instant,
     lines: bool,
+    last_line: std::cell::Cell<Instant>,
 }
 
 impl Step {
@@ -97,6 +99,18 @@ impl Step {
     pub fn inc(&self, n: u64) {
         if let Some(b) = &self.bar {
             b.inc(n);
+        }
+    }
+
+    /// Shows how far a long step is (e.g. objects compiled): on the bar at once;
+    /// as a plain line at most once a minute, so logs stay short.
+    pub fn set_message(&self, note: &str) {
+        if let Some(b) = &self.bar {
+            b.set_message(format!("{} {note}", self.what));
+        }
+        if self.lines && self.last_line.get().elapsed().as_secs() >= 60 {
+            self.last_line.set(Instant::now());
+            eprintln!("aivmm image: {} … {note}", self.what);
         }
     }
 

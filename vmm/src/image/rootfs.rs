@@ -132,11 +132,14 @@ pub fn shadow_for(passwd: &str) -> String {
 
 /// The user databases, ca-certificates bundle, alternatives, static files and
 /// dpkg's status: what postinst scripts and the installer would have made.
+/// `extra` (a variant's files, see [`super::variant`]) is written after
+/// [`STATIC_FILES`], so it may replace them.
 pub fn configure(
     root: &Path,
     meta: &mut BTreeMap<String, Meta>,
     status: &str,
     lists: &[(String, Vec<String>)],
+    extra: &[(&str, &str, u32)],
 ) -> Result<()> {
     let read = |rel: &str| std::fs::read_to_string(root.join(rel)).unwrap_or_default();
     let passwd = merge_db(&read("usr/share/base-passwd/passwd.master"), EXTRA_USERS);
@@ -212,7 +215,7 @@ pub fn configure(
         }
     }
 
-    for (rel, data, mode) in STATIC_FILES {
+    for (rel, data, mode) in STATIC_FILES.iter().chain(extra) {
         write(root, rel, data.as_bytes(), *mode)?;
         meta.insert(
             rel.to_string(),

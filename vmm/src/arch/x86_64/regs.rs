@@ -294,4 +294,36 @@ mod tests {
         assert_ne!(out[0].ecx & CPUID_TSC_DEADLINE_BIT, 0);
         assert_eq!((out[1].eax, out[1].ebx, out[1].edx), (2, 4, 3));
     }
+
+    /// Nested virtualization: KVM reports SVM (leaf 0x8000_0001 ECX bit 2) or VMX
+    /// (leaf 1 ECX bit 5) in its supported CPUID when the host allows nested KVM;
+    /// the guest must see them so it can load kvm_amd / kvm_intel.
+    #[test]
+    fn cpuid_keeps_svm_and_vmx_for_nested_kvm() {
+        const VMX: u32 = 1 << 5;
+        const SVM: u32 = 1 << 2;
+        let sup = vec![
+            CpuIdEntry {
+                function: 1,
+                ecx: VMX,
+                ..Default::default()
+            },
+            CpuIdEntry {
+                function: 0x8000_0001,
+                ecx: SVM,
+                ..Default::default()
+            },
+            CpuIdEntry {
+                function: 0x8000_000a,
+                eax: 1,
+                ebx: 8,
+                edx: 0x1_bcff,
+                ..Default::default()
+            },
+        ];
+        let out = vcpu_cpuid(&sup, 0, 2);
+        assert_ne!(out[0].ecx & VMX, 0);
+        assert_ne!(out[1].ecx & SVM, 0);
+        assert_eq!((out[2].eax, out[2].ebx, out[2].edx), (1, 8, 0x1_bcff), "SVM features leaf");
+    }
 }

@@ -1,0 +1,221 @@
+"""The `aivmm run --workdir` scenarios of the nested-VM harness (imported by harness.py).
+
+L1 side: l1-run.sh (sourced by l1-init.sh). Each scenario runs one or more
+`aivmm run --workdir` with the Debian guest image without Claude (the same
+read-only disk as guest-exit-status), and `aivmm ps/stop/exec` beside them. L1
+prints `E2E-CHECK <name> ok|FAIL <why>` lines under a run's tag; this module
+checks them, the exit statuses (from vmmrun's @@X lines) and what the commands
+printed.
+"""
+
+import os
+import shutil
+import subprocess
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+SCENARIOS = {
+    "workdir": "run --workdir as uid 1000: sh -c creates, appends, edits (sed -i), renames and deletes "
+    "files and dirs in /work; L1 sees each change, every new file owned 1000:1000; exit 3 comes through",
+    "parallel": "two VMs on two workdirs at once (512M each); both --share-rw one directory at the same "
+    "path and each waits there for the other; --share-ro is readable and refuses writes",
+    "lock": "a second run on a workdir with a running VM is refused with one clear error line; after "
+    "`aivmm stop` a new run on it works",
+    "env": "--env NAME=VALUE and --env NAME (from L1's environment) reach the command; neither value is "
+    "in the guest's /proc/cmdline",
+    "claude-auth": "--claude-auth: L1's ~/.claude is the guest's (read and written), ~/.claude.json a copy "
+    "the guest writes while L1's stays as it was",
+    "stop": "`aivmm ps` lists the running VM, `aivmm exec` runs a command in it (exit 5 comes back), "
+    "`aivmm stop` ends it cleanly (the guest powers off, no kill)",
+    "nested": "/dev/kvm in the guest: KVM_GET_API_VERSION = 12, KVM_CREATE_VM and KVM_CREATE_VCPU work",
+    "terminal": "interactive bash in the guest in a tmux pane: typed input answered, `stty size` equals the "
+    "pane's size before and after tmux resize-window to 100x30 (and a WINCH trap runs), Ctrl-C interrupts "
+    "sleep, `exit 7` ends aivmm with 7",
+}
+
+# Each uses the noclaude guest image disk.
+IMAGE_KIND = "noclaude"
+NOT_DEFAULT = set()
+BUDGET = {"claude-auth": 120, "workdir": 150, "parallel": 200, "lock": 250, "env": 120, "stop": 220, "nested": 150,
+          "terminal": 200}
+
+# Checks that must be present, per run tag.
+REQUIRED = {
+    "workdir": ["l1-a", "l1-deep", "l1-renamed", "l1-host-edit", "l1-deleted", "l1-guest-uid", "l1-owner"],
+    "parallel": ["l1-workdirs", "l1-meet", "l1-ro-untouched"],
+    "lock/a": ["started"],
+    "stop/a": ["started"],
+    "stop/exec": ["l1-exec-file"],
+    "claude-auth": ["l1-claude-dir", "l1-claude-copy", "l1-claude-json-untouched"],
+    "terminal": ["prompt", "typed-input", "size-initial", "pane-resized", "resized", "winch-trap", "ctrl-c",
+                 "exit-status"],
+}
+
+
+def l1_extras(cpio, moddir, h):
+    """L1 side: l1-run.sh, runtool (static), tmux with its libraries, the
+    `screen` terminfo entry and the C.UTF-8 locale (devpts for tmux's ptys is
+    mounted by l1-run.sh)."""
+    cpio.copy("l1-run.sh", os.path.join(HERE, "l1-run.sh"), 0o644)
+    out = os.path.join(h.WORK, "runtool")
+    src = os.path.join(HERE, "runtool.c")
+    if not os.path.exists(out) or os.path.getmtime(out) < os.path.getmtime(src):
+        r = subprocess.run(["gcc", "-static", "-O2", "-o", out, src], capture_output=True, text=True)
+        if r.returncode != 0:
+            h.die(f"building runtool failed (gcc, libc6-dev):\n{r.stderr}")
+    cpio.copy("bin/runtool", out, 0o755)
+    tmux = shutil.which("tmux")
+    if not tmux:
+        h.die("no tmux (apt-get install tmux) for the terminal scenario")
+    h.add_binary(cpio, "bin/tmux", tmux)
+    for d in ("/lib/terminfo", "/usr/share/terminfo"):
+        p = os.path.join(d, "s", "screen")
+        if os.path.exists(p):
+            cpio.copy("usr/share/terminfo/s/screen", os.path.realpath(p), 0o644)
+            break
+    # tmux refuses to start without a UTF-8 locale; glibc's C.UTF-8 is a directory.
+    loc = "/usr/lib/locale/C.utf8"
+    if not os.path.isdir(loc):
+        h.die(f"no {loc} (glibc's C.UTF-8 locale, package libc-bin) for tmux")
+    for base, _, files in os.walk(loc):
+        for f in files:
+            src = os.path.join(base, f)
+            cpio.copy(src.lstrip("/"), src, 0o644)
+
+
+def _lines(r):
+    return [l for _, l in r.out] if r else []
+
+
+def _exit_is(problems, sc, tag, want):
+    r = sc.runs.get(tag)
+    if r is None:
+        problems.append(f"{tag}: did not run")
+        return None
+    if r.exit is None:
+        problems.append(f"{tag}: no exit report")
+    elif r.timeout:
+        problems.append(f"{tag}: timed out after {r.wall_ms} ms")
+    elif want is not None and r.exit not in want:
+        errs = [l for _, l in r.err if l.strip()]
+        problems.append(f"{tag}: exit status {r.exit}, want {'/'.join(want)}" + (f": {errs[0]}" if errs else ""))
+    if any("panicked" in l for _, l in (r.out + r.err)):
+        problems.append(f"{tag}: Rust panic: {next(l for _, l in r.out + r.err if 'panicked' in l)}")
+    return r
+
+
+def _has(problems, r, tag, needle):
+    if r is not None and not any(needle in l for l in _lines(r)):
+        problems.append(f"{tag}: no {needle!r} in the output")
+
+
+def judge(sc):
+    """(ok, message, extra lines)."""
+    problems, info = [], []
+    checks = {}
+    for tag, r in sc.runs.items():
+        for _, line in r.out:
+            i = line.find("E2E-CHECK ")
+            if i < 0:
+                continue
+            parts = line[i + 10:].split(" ", 2)
+            name, status = parts[0], parts[1] if len(parts) > 1 else ""
+            checks.setdefault(tag, {})[name] = (status, parts[2] if len(parts) > 2 else "")
+    for tag, cs in checks.items():
+        for name, (status, why) in cs.items():
+            if status != "ok":
+                problems.append(f"{tag}: {name} {status} {why}".strip())
+    for tag, names in REQUIRED.items():
+        if tag.split("/")[0] != sc.name:
+            continue
+        missing = [n for n in names if n not in checks.get(tag, {})]
+        if missing:
+            problems.append(f"{tag}: checks missing: {' '.join(missing)}")
+    n = sc.name
+    if n == "workdir":
+        r = _exit_is(problems, sc, "workdir", ["3"])
+        _has(problems, r, "workdir", "workdir-guest-done")
+        if r and r.exit == "3":
+            info.append(f"exit 3 passed through; 7 L1 checks of the files; aivmm exit after {r.wall_ms} ms")
+    elif n == "parallel":
+        walls = []
+        for k in ("1", "2"):
+            r = _exit_is(problems, sc, f"parallel/{k}", ["0"])
+            other = "2" if k == "1" else "1"
+            _has(problems, r, f"parallel/{k}", f"saw-vm{other}")
+            _has(problems, r, f"parallel/{k}", "ro=ro-content")
+            _has(problems, r, f"parallel/{k}", "ro-refused")
+            if r:
+                walls.append(r.wall_ms)
+        info.append(f"both VMs saw each other's marker in the shared dir; --share-ro read ok, write refused; "
+                    f"walls {walls} ms")
+    elif n == "lock":
+        _exit_is(problems, sc, "lock/a", ["129", "143"])
+        b = _exit_is(problems, sc, "lock/b", None)
+        if b is not None and b.exit is not None:
+            errs = [l for _, l in b.err if l.strip()]
+            if b.exit == "0":
+                problems.append("lock/b: the second run on the workdir was not refused (exit 0)")
+            if len(errs) != 1 or "already running" not in errs[0] or not errs[0].startswith("aivmm: error:"):
+                problems.append(f"lock/b: want one 'aivmm: error: … already running …' line, got {errs[:3]}")
+            if any("second-run-ran" in l for l in _lines(b)):
+                problems.append("lock/b: the second run's command ran")
+            info.append(f"refused in {b.wall_ms} ms: {errs[0] if errs else ''}")
+        _exit_is(problems, sc, "lock/stop", ["0"])
+        c = _exit_is(problems, sc, "lock/c", ["0"])
+        _has(problems, c, "lock/c", "third-run-ran")
+    elif n == "env":
+        r = _exit_is(problems, sc, "env", ["0"])
+        _has(problems, r, "env", "env-secret=s3cr3t-Value-42")
+        _has(problems, r, "env", "env-from-l1=from-l1-value")
+        _has(problems, r, "env", "cmdline-clean")
+        leak = [l for l in _lines(r) if l.startswith("cmdline:") and ("s3cr3t" in l or "from-l1-value" in l)]
+        if leak or any("cmdline-LEAK" in l for l in _lines(r)):
+            problems.append(f"env: a value is on the kernel command line: {leak[:1]}")
+        cl = next((l for l in _lines(r) if l.startswith("cmdline:")), "")
+        info.append(f"both variables in the guest; guest {cl.strip()}")
+    elif n == "claude-auth":
+        r = _exit_is(problems, sc, "claude-auth", ["0"])
+        _has(problems, r, "claude-auth", "claude-cred=l1-cred")
+        _has(problems, r, "claude-auth", 'claude-json={"l1":1}')
+        info.append("~/.claude shared both ways, the guest wrote its .claude.json copy, L1's untouched")
+    elif n == "stop":
+        a = _exit_is(problems, sc, "stop/a", ["129", "143"])
+        _has(problems, a, "stop/a", "bg-started")
+        ps = _exit_is(problems, sc, "stop/ps", ["0"])
+        if ps is not None:
+            rows = [l for l in _lines(ps) if "/tmp/rn-stop" in l]
+            if not rows or "running" not in rows[0]:
+                problems.append(f"stop/ps: no running row for /tmp/rn-stop: {_lines(ps)[:3]}")
+            else:
+                info.append(f"ps: {' '.join(rows[0].split())}")
+        ex = _exit_is(problems, sc, "stop/exec", ["5"])
+        _has(problems, ex, "stop/exec", "exec-ran uid=0 pwd=/work")
+        st = _exit_is(problems, sc, "stop/stop", ["0"])
+        if st is not None and any("killing it" in l for _, l in st.err):
+            problems.append("stop/stop: the VM did not power off; aivmm stop killed it")
+        con = sc.runs.get("stop/a/console")
+        if con is None or not any("Power down" in l for l in _lines(con)):
+            problems.append("stop/a: the guest console does not end with 'reboot: Power down'")
+        after = sc.runs.get("stop/ps-after")
+        if after is not None and any("/tmp/rn-stop" in l for l in _lines(after)):
+            problems.append("stop/ps-after: the stopped VM is still listed")
+        if st is not None and a is not None:
+            info.append(f"exec exit 5 came back; stop took {st.wall_ms} ms; the guest powered off "
+                        f"(ACPI S5), aivmm exit {a.exit}")
+    elif n == "nested":
+        r = _exit_is(problems, sc, "nested", ["0"])
+        line = next((l for l in _lines(r) if "E2E-KVM" in l), None)
+        _has(problems, r, "nested", "cpu-virt=yes")
+        if line is None:
+            problems.append("nested: runtool kvm printed nothing")
+        else:
+            info.append(line.split("E2E-KVM", 1)[1].strip())
+    elif n == "terminal":
+        r = sc.runs.get("terminal")
+        sizes = [l.split(":", 1)[1].strip() for l in _lines(r) if l.startswith("pane size")]
+        info.append(f"prompt, typed input answered, stty size {' -> '.join(sizes)} after tmux resize-window "
+                    f"(and the WINCH trap ran), Ctrl-C -> 130, exit 7 came through")
+    if problems:
+        return False, "; ".join(problems), info
+    return True, "; ".join(info), []

@@ -1,0 +1,269 @@
+# Sourced by l1-init.sh: the L1 side of the `aivmm run --workdir` scenarios
+# (workdir, parallel, lock, env, stop, nested, terminal; judged by e2e_run.py).
+# Every run boots the Debian guest image without Claude (`run_guest`'s image) with
+# --net none, 1 vCPU and 512 MiB. Checks go out as
+#   @@O <tag> 0 E2E-CHECK <name> ok|FAIL <why>
+# so the harness files them under that run.
+
+RN_STATE=/tmp/rn-state
+rn_ck() { # rn_ck TAG NAME CMD...: one check
+	t=$1 n=$2
+	shift 2
+	if "$@" >/tmp/rn-ck.out 2>&1; then
+		echo "@@O $t 0 E2E-CHECK $n ok"
+	else
+		echo "@@O $t 0 E2E-CHECK $n FAIL rc=$? $(head -c 300 /tmp/rn-ck.out | tr '\n' ' ')"
+	fi
+}
+rn_is() { # rn_is FILE TEXT: FILE holds exactly TEXT (and a newline)
+	[ "$(cat "$1" 2>&1)" = "$2" ] || { echo "$1 holds '$(head -c 100 "$1" 2>&1)', want '$2'"; return 1; }
+}
+rn_owner() { # rn_owner UID:GID PATH...
+	o=$1
+	shift
+	for p in "$@"; do
+		[ "$(stat -c %u:%g "$p" 2>&1)" = "$o" ] || { echo "$p owned by $(stat -c %u:%g "$p" 2>&1), want $o"; return 1; }
+	done
+}
+rn_wait_file() { # rn_wait_file PATH SECS
+	i=0
+	while [ ! -e "$1" ] && [ $i -lt $(($2 * 5)) ]; do sleep 0.2; i=$((i + 1)); done
+	[ -e "$1" ]
+}
+rn_out() { # rn_out LOGTAG FILE: a command's output as @@O lines of LOGTAG
+	sed "s|^|@@O $1 0 |" "$2"
+}
+
+# rn_aivmm TAG TIMEOUT WORKDIR [RUN-OPTIONS...] -- CMD...: one `aivmm run --workdir`.
+# RN_AS="UID GID" runs it as that user (runtool as).
+rn_aivmm() {
+	t=$1 to=$2 w=$3
+	shift 3
+	gcmd=""
+	[ -s /e2e/guest-cmdline ] && gcmd=$(cat /e2e/guest-cmdline)
+	as=""
+	[ -n "$RN_AS" ] && as="runtool as $RN_AS"
+	XDG_STATE_HOME=${RN_STATE_HOME:-$RN_STATE} AIVMM_LOG="${AIVMM_LOG:-$LOG}" vmmrun "$t" "$to" -- \
+		$as aivmm run --workdir "$w" --kernel /guest/noclaude/vmlinuz --initrd /guest/noclaude/initrd.cpio \
+		--rootfs "$RN_DEV" ${gcmd:+--cmdline "$gcmd"} --net none --cpus 1 --memory 512M --disk-size 1G "$@"
+}
+# rn_console TAG WORKDIR: the tail of that workdir's guest console log.
+rn_console() {
+	for f in ${RN_STATE_HOME:-$RN_STATE}/aivmm/vms/"$(basename "$2")"-*/console.log; do
+		[ -f "$f" ] && tail -n 12 "$f" | sed "s|^|@@O $1/console 0 |"
+	done
+}
+# rn_tool TAG TIMEOUT aivmm ARGS...: another aivmm command (ps, stop, exec), timed.
+rn_tool() {
+	t=$1 to=$2
+	shift 2
+	XDG_STATE_HOME=${RN_STATE_HOME:-$RN_STATE} vmmrun "$t" "$to" -- "$@"
+}
+# rn_start_bg TAG WORKDIR: a VM on WORKDIR whose command marks /work/started and
+# then waits (a trap-less shell: the stop ends it with SIGHUP).
+rn_start_bg() {
+	rm -f "$2/started"
+	rn_aivmm "$1" 240 "$2" -- sh -c 'echo up >/work/started; echo bg-started; while :; do sleep 1; done' &
+	RN_BG=$!
+	if rn_wait_file "$2/started" 150; then
+		echo "@@O $1 0 E2E-CHECK started ok"
+	else
+		echo "@@O $1 0 E2E-CHECK started FAIL no /work/started after 150 s"
+	fi
+}
+
+rn_scenario() {
+	RN_DEV=$(guest_disk noclaude)
+	if [ -z "$RN_DEV" ]; then
+		echo "@@O $1 0 E2E-CHECK rootfs FAIL no disk with serial e2e-noclaude"
+		return
+	fi
+	mkdir -p $RN_STATE
+	case "$1" in
+	workdir)
+		# As an ordinary user (uid 1000): what the guest makes in /work is theirs.
+		w=/tmp/rn-workdir
+		rm -rf $w /tmp/rn-ustate && mkdir -p $w /tmp/rn-ustate
+		echo host >$w/host-edit.txt
+		echo bye >$w/host-delete.txt
+		chown -R 1000:1000 $w /tmp/rn-ustate
+		chmod 0666 /dev/kvm
+		chmod 0644 "$RN_DEV"
+		RN_AS="1000 1000" RN_STATE_HOME=/tmp/rn-ustate rn_aivmm workdir 240 $w -- sh -c '
+			set -e
+			cd /work
+			echo one >a.txt; echo two >>a.txt
+			sed -i s/one/ONE/ a.txt
+			mkdir -p sub/deeper; echo deep >sub/deeper/d.txt
+			echo temp >gone.txt; rm gone.txt
+			echo keep >from.txt; mv from.txt renamed.txt
+			echo edited >>host-edit.txt
+			rm host-delete.txt
+			mkdir emptied; rmdir emptied
+			id -u >uid.txt
+			echo workdir-guest-done
+			exit 3'
+		rn_console workdir $w
+		rn_ck workdir l1-a rn_is $w/a.txt "$(printf 'ONE\ntwo')"
+		rn_ck workdir l1-deep rn_is $w/sub/deeper/d.txt deep
+		rn_ck workdir l1-renamed rn_is $w/renamed.txt keep
+		rn_ck workdir l1-host-edit rn_is $w/host-edit.txt "$(printf 'host\nedited')"
+		rn_ck workdir l1-deleted sh -c "! ls -d $w/gone.txt $w/from.txt $w/host-delete.txt $w/emptied 2>/dev/null | grep ."
+		rn_ck workdir l1-guest-uid rn_is $w/uid.txt 1000
+		rn_ck workdir l1-owner rn_owner 1000:1000 $w/a.txt $w/sub $w/sub/deeper $w/sub/deeper/d.txt $w/renamed.txt $w/host-edit.txt $w/uid.txt
+		;;
+	parallel)
+		# Two workdirs at once; each guest also gets --share-rw of one directory
+		# (at the same path) where it waits for the other: proof they overlap.
+		# And --share-ro of another: readable, not writable.
+		rm -rf /tmp/rn-par1 /tmp/rn-par2 /tmp/rn-meet /tmp/rn-ro
+		mkdir -p /tmp/rn-par1 /tmp/rn-par2 /tmp/rn-meet /tmp/rn-ro
+		echo ro-content >/tmp/rn-ro/r.txt
+		for n in 1 2; do
+			o=$((3 - n))
+			rn_aivmm parallel/$n 240 /tmp/rn-par$n --share-rw /tmp/rn-meet --share-ro /tmp/rn-ro -- sh -c "
+				echo vm$n >/work/me.txt
+				echo here >/tmp/rn-meet/vm$n
+				i=0; while [ ! -e /tmp/rn-meet/vm$o ] && [ \$i -lt 600 ]; do sleep 0.2; i=\$((i+1)); done
+				[ -e /tmp/rn-meet/vm$o ] && echo saw-vm$o
+				echo ro=\$(cat /tmp/rn-ro/r.txt)
+				if echo x 2>/dev/null >/tmp/rn-ro/w.txt; then echo ro-writable; else echo ro-refused; fi
+				grep MemTotal /proc/meminfo" &
+			eval "p$n=\$!"
+		done
+		wait "$p1"
+		wait "$p2"
+		rn_ck parallel l1-workdirs sh -c 'rn() { [ "$(cat $1)" = $2 ]; }; rn /tmp/rn-par1/me.txt vm1 && rn /tmp/rn-par2/me.txt vm2'
+		rn_ck parallel l1-meet ls /tmp/rn-meet/vm1 /tmp/rn-meet/vm2
+		rn_ck parallel l1-ro-untouched sh -c '! ls /tmp/rn-ro/w.txt 2>/dev/null'
+		;;
+	lock)
+		w=/tmp/rn-lock
+		rm -rf $w && mkdir -p $w
+		rn_start_bg lock/a $w
+		rn_aivmm lock/b 60 $w -- sh -c 'echo second-run-ran'
+		rn_tool lock/stop 60 aivmm stop $w
+		wait "$RN_BG"
+		# The lock goes with the VM: the next run on the workdir works.
+		rn_aivmm lock/c 240 $w -- sh -c 'echo third-run-ran'
+		;;
+	stop)
+		w=/tmp/rn-stop
+		rm -rf $w && mkdir -p $w
+		rn_start_bg stop/a $w
+		rn_tool stop/ps 30 aivmm ps
+		rn_tool stop/exec 60 aivmm exec $w -- sh -c 'echo exec-ran uid=$(id -u) pwd=$(pwd); echo from-exec >/work/exec.txt; exit 5'
+		rn_ck stop/exec l1-exec-file rn_is $w/exec.txt from-exec
+		rn_tool stop/stop 60 aivmm stop $w
+		wait "$RN_BG"
+		rn_console stop/a $w
+		rn_tool stop/ps-after 30 aivmm ps
+		;;
+	env)
+		w=/tmp/rn-env
+		rm -rf $w && mkdir -p $w
+		E2E_FROM_L1=from-l1-value rn_aivmm env 240 $w --env E2E_SECRET=s3cr3t-Value-42 --env E2E_FROM_L1 -- sh -c '
+			echo "env-secret=$E2E_SECRET"
+			echo "env-from-l1=$E2E_FROM_L1"
+			if grep -q -e s3cr3t -e from-l1-value /proc/cmdline; then echo cmdline-LEAK; else echo cmdline-clean; fi
+			echo "cmdline: $(cat /proc/cmdline)"'
+		;;
+	claude-auth)
+		# L1's ~/.claude is the guest's; ~/.claude.json a copy the guest may write.
+		w=/tmp/rn-claude
+		hm=/tmp/rn-home
+		rm -rf $w $hm $RN_STATE/aivmm/claude && mkdir -p $w $hm/.claude
+		echo l1-cred >$hm/.claude/.credentials.json
+		echo '{"l1":1}' >$hm/.claude.json
+		HOME=$hm rn_aivmm claude-auth 240 $w --claude-auth -- sh -c '
+			echo "claude-cred=$(cat ~/.claude/.credentials.json)"
+			echo "claude-json=$(cat ~/.claude.json)"
+			echo "{\"guest\":2}" >~/.claude.json
+			echo from-guest >~/.claude/guest.txt'
+		rn_ck claude-auth l1-claude-dir rn_is $hm/.claude/guest.txt from-guest
+		rn_ck claude-auth l1-claude-copy rn_is $RN_STATE/aivmm/claude/.claude.json '{"guest":2}'
+		rn_ck claude-auth l1-claude-json-untouched rn_is $hm/.claude.json '{"l1":1}'
+		;;
+	nested)
+		w=/tmp/rn-nested
+		rm -rf $w && mkdir -p $w
+		cp /bin/runtool $w/runtool
+		rn_aivmm nested 240 $w -- sh -c '
+			grep -qw -e svm -e vmx /proc/cpuinfo && echo cpu-virt=yes || echo cpu-virt=no
+			i=0; while [ ! -c /dev/kvm ] && [ $i -lt 150 ]; do sleep 0.2; i=$((i+1)); done
+			ls -l /dev/kvm
+			[ -c /dev/kvm ] || { lsmod | grep kvm; grep kvm /lib/modules/$(uname -r)/modules.dep; dmesg | grep -i -e kvm -e svm | tail -n 5; }
+			/work/runtool kvm'
+		rn_console nested $w
+		;;
+	terminal)
+		rn_terminal
+		;;
+	esac
+}
+
+# The terminal test: aivmm runs an interactive bash in the guest inside a tmux
+# pane (a real pty, 80x24). Typed input gets answers, Ctrl-C interrupts, and a
+# window resize reaches the guest's terminal.
+rn_tx() { LC_ALL=C.UTF-8 tmux -S /tmp/rn-tmux.sock "$@"; }
+rn_screen() { rn_tx capture-pane -p -t rn -S -200 2>/dev/null; }
+rn_expect() { # rn_expect NAME PATTERN SECS: wait until the pane shows PATTERN
+	i=0
+	while ! rn_screen | grep -q -e "$2"; do
+		i=$((i + 1))
+		if [ $i -gt $(($3 * 5)) ]; then
+			echo "@@O terminal 0 E2E-CHECK $1 FAIL no '$2' on the screen after $3 s"
+			rn_screen | tail -n 8 | sed 's|^|@@O terminal 0 screen: |'
+			return 1
+		fi
+		sleep 0.2
+	done
+	echo "@@O terminal 0 E2E-CHECK $1 ok"
+}
+rn_terminal() {
+	w=/tmp/rn-term
+	rm -rf $w /tmp/rn-term-exit && mkdir -p $w
+	gcmd=""
+	[ -s /e2e/guest-cmdline ] && gcmd="--cmdline '$(cat /e2e/guest-cmdline)'"
+	cat >/tmp/rn-term.sh <<EOF
+XDG_STATE_HOME=$RN_STATE aivmm run --workdir $w --kernel /guest/noclaude/vmlinuz --initrd /guest/noclaude/initrd.cpio \
+	--rootfs $RN_DEV $gcmd --net none --cpus 1 --memory 512M --disk-size 1G -- bash --norc -i
+echo "aivmm-exit=\$?" >/tmp/rn-term-exit
+sleep 600
+EOF
+	mkdir -p /dev/pts
+	grep -q ' /dev/pts ' /proc/mounts || mount -t devpts -o ptmxmode=0666 devpts /dev/pts
+	export TERM=screen
+	rn_tx -f /dev/null new-session -d -s rn -x 80 -y 24 "sh /tmp/rn-term.sh"
+	rn_expect prompt '[$#] *$' 150 || { rn_tx kill-server; return; }
+	rn_tx send-keys -t rn 'echo typed-$((6*7))' Enter
+	rn_expect typed-input 'typed-42' 30
+	# The pane's own idea of its size (a status line may take a row).
+	sz=$(rn_tx display-message -p -t rn '#{pane_height} #{pane_width}')
+	echo "@@O terminal 0 pane size before: $sz"
+	rn_tx send-keys -t rn 'stty size' Enter
+	rn_expect size-initial "^$sz\$" 30
+	rn_tx send-keys -t rn "trap 'echo WINCH-SEEN' WINCH" Enter
+	sleep 1
+	rn_tx resize-window -t rn -x 100 -y 30
+	sleep 2
+	sz2=$(rn_tx display-message -p -t rn '#{pane_height} #{pane_width}')
+	echo "@@O terminal 0 pane size after: $sz2"
+	rn_ck terminal pane-resized [ "$sz2" != "$sz" ]
+	rn_tx send-keys -t rn 'stty size; echo cols=$COLUMNS' Enter
+	rn_expect resized "^$sz2\$" 30
+	rn_expect winch-trap 'WINCH-SEEN' 10
+	rn_tx send-keys -t rn 'sleep 300' Enter
+	sleep 2
+	rn_tx send-keys -t rn C-c
+	rn_tx send-keys -t rn 'echo after-ctrl-c-$?' Enter
+	rn_expect ctrl-c 'after-ctrl-c-130' 30
+	rn_tx send-keys -t rn 'exit 7' Enter
+	if rn_wait_file /tmp/rn-term-exit 60; then
+		rn_ck terminal exit-status rn_is /tmp/rn-term-exit aivmm-exit=7
+	else
+		echo "@@O terminal 0 E2E-CHECK exit-status FAIL aivmm did not exit after 'exit 7'"
+	fi
+	rn_screen | tail -n 16 | sed 's|^|@@O terminal 0 screen: |'
+	rn_tx kill-server
+}
