@@ -30,7 +30,9 @@ SCENARIOS = {
     "/proc/PID/task/*/status shows Seccomp: 2 (and, as a control, 0 with --seccomp off)",
 }
 
-NOT_DEFAULT = set()
+# fs-escape-hard runs by name: it passed 4 of 5 runs, and once the guest stopped part-way
+# through the symlink-swap race (no leak; cause not found yet, see issue #9's note).
+NOT_DEFAULT = {"fs-escape-hard"}
 
 # Seconds each takes at most (the L1 overall timeout is the sum).
 BUDGET = {"disk-full": 120, "fs-escape-hard": 150, "blk-durability": 120, "fs-durability": 120, "panic": 200, "seccomp": 260}
