@@ -381,7 +381,15 @@ impl Vmm {
             filters.install_process()?;
             crate::seccomp::start_worker_spawner(filters.clone())?;
         }
+        // A vCPU thread that ends hands its bus references back instead of dropping
+        // them: whoever drops the last reference runs the devices' Drop (passt
+        // teardown, socket and file cleanup), whose system calls the vCPU filter
+        // forbids. The main thread takes them below; if it is gone, they are leaked
+        // (the process is ending).
+        let (bus_tx, bus_rx) = mpsc::channel::<(Arc<Bus>, Arc<Bus>)>();
+        let n_vcpus = self.vcpus.len();
         for (id, vcpu) in self.vcpus.drain(..).enumerate() {
+            let bus_tx = bus_tx.clone();
             let io = self.io_bus.clone();
             let mmio = self.mmio_bus.clone();
             let tx = self.exit_tx.clone();
@@ -398,6 +406,9 @@ impl Vmm {
                     }
                     let r = run_vcpu(id as u32, vcpu, &io, &mmio, &stopping);
                     let _ = tx.send(r);
+                    if let Err(mpsc::SendError(buses)) = bus_tx.send((io, mmio)) {
+                        std::mem::forget(buses);
+                    }
                 })
                 .map_err(Error::Thread)?;
         }
@@ -416,6 +427,20 @@ impl Vmm {
                 },
             }
         };
+        // Take back the references of the vCPU threads that ended with the guest, so
+        // the devices are dropped here, on this thread, when `self` goes.
+        drop(bus_tx);
+        let deadline = Instant::now() + std::time::Duration::from_millis(100);
+        let mut returned = Vec::with_capacity(n_vcpus);
+        while returned.len() < n_vcpus {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            match bus_rx.recv_timeout(left) {
+                Ok(buses) => returned.push(buses),
+                Err(_) => break,
+            }
+        }
         // A guest that panicked resets (`panic=-1`) or stops: report the panic instead.
         match (exit, panic()) {
             (Ok(_), Some((line, _))) => Err(Error::GuestPanic(line)),
