@@ -829,7 +829,7 @@ def main():
 
 
 #: How many times an L1 that hung is booted again for the scenarios it left unfinished.
-L1_HANG_RETRIES = int(os.environ.get("E2E_L1_HANG_RETRIES", "2"))
+L1_HANG_RETRIES = int(os.environ.get("E2E_L1_HANG_RETRIES", "4"))
 
 
 def run_l1(kernel, l1, names, vmm_mode, runs, vto, overall, logdir, t0, guest_images, retry_hang, console_name):
