@@ -1067,9 +1067,13 @@ def watch(proc, names, vmm_mode, runs, overall, logdir, t0, monitor, retry_hang=
     console.close()
     wall = time.monotonic() - t0
 
-    if hung and retry_hang:
+    # An L1 that ends on its own with scenarios unreported died (a reset or panic of
+    # L1 itself, seen with nested SVM under TCG): like a hang, not the scenarios' fault.
+    died = killed is None and any(n not in reported for n in ids)
+    if (hung or died) and retry_hang:
         rerun = [n.split("#")[0] for n in ids if n not in reported]
-        note(f"{killed}; {', '.join(rerun)} will run again in a fresh L1 (logs {console.name})")
+        why = killed or f"L1 exited (status {proc.returncode}) before its scenarios finished"
+        note(f"{why}; {', '.join(rerun)} will run again in a fresh L1 (logs {console.name})")
         passed = sum(1 for v in results.values() if v)
         return passed, len(results) - passed, rerun
 
