@@ -235,6 +235,24 @@ fn hello_prints_marks_boot_time_and_powers_off() {
 }
 
 #[test]
+fn vcpus_that_never_started_are_stopped_at_power_off() {
+    // Only vCPU 0 runs the guest; the others wait in KVM_RUN for a start-up IPI
+    // that never comes, and must be kicked out when the guest powers off.
+    if !kvm_usable("vcpus_that_never_started_are_stopped_at_power_off") {
+        return;
+    }
+    let run = run_guest_with(&build_guest("hello"), |c| {
+        c.args(["--cpus", "4"]).env("AIVMM_LOG", "aivmm=warn");
+    });
+    run.assert_success();
+    run.assert_stdout_has("hello from the aivmm test guest\n");
+    assert!(
+        !run.stderr.contains("did not stop"),
+        "a waiting vCPU was not kicked out of KVM_RUN:\n{run}"
+    );
+}
+
+#[test]
 fn reset_through_i8042_stops_the_vm() {
     let Some(run) = boot("reset_i8042") else {
         return;

@@ -25,6 +25,8 @@ Environment:
   E2E_GUEST_CMDLINE replaces the Debian guest's base command line (--cmdline), e.g.
                     "console=ttyS0 panic=-1 aivmm.debug=1"
   AIVMM_AGENT_BIN   aivmm-agent to put beside aivmm in L1 (default: target/release/aivmm-agent)
+  E2E_KVM_STATS=1   print L1's KVM exit counters and THP counters (deltas) after every
+                    run_vmm boot, as `KVMSTAT name=delta` lines (to see where L2 time goes)
   E2E_AIVMM_LOG     AIVMM_LOG for every aivmm run (default: aivmm::vmm=debug in `boot`
                     only, for its `setup took` line; nothing elsewhere)
 """
@@ -440,6 +442,8 @@ def build_l1(kernel, moddir, l2_initrd, aivmm, vmmrun):
     cpio.copy("init", os.path.join(HERE, "l1-init.sh"), 0o755)
     if os.environ.get("E2E_AIVMM_LOG"):
         cpio.file("e2e/aivmm-log", os.environ["E2E_AIVMM_LOG"].encode() + b"\n")
+    if os.environ.get("E2E_KVM_STATS"):
+        cpio.file("e2e/kvm-stats", b"1\n")
     if os.environ.get("E2E_L2_CMDLINE"):
         cpio.file("e2e/l2-cmdline", os.environ["E2E_L2_CMDLINE"].encode() + b"\n")
     out = os.path.join(WORK, "l1-initrd.cpio")

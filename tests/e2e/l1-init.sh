@@ -66,6 +66,22 @@ BASE="console=ttyS0 quiet panic=-1"
 LOG=""
 [ -s /e2e/aivmm-log ] && LOG=$(cat /e2e/aivmm-log)
 
+# kvm_counters: L1's cumulative KVM debugfs counters and THP/compaction counters, one
+# `name value` per line (E2E_KVM_STATS=1 on the host prints their deltas per boot).
+kvm_counters() {
+	for f in /sys/kernel/debug/kvm/*; do
+		[ -f "$f" ] && echo "${f##*/} $(cat "$f")"
+	done
+	grep -E '^(thp_fault|thp_collapse|compact_stall|compact_fail|pgfault|pgmajfault)' /proc/vmstat
+}
+STATS=""
+if [ -s /e2e/kvm-stats ]; then
+	STATS=1
+	mount -t debugfs debugfs /sys/kernel/debug 2>&1 | sed 's/^/@@L1 debugfs: /'
+	echo "@@L1 KVM debugfs counters: $(ls /sys/kernel/debug/kvm 2>&1 | wc -l)"
+	echo "@@L1 THP: $(cat /sys/kernel/mm/transparent_hugepage/enabled) defrag: $(cat /sys/kernel/mm/transparent_hugepage/defrag)"
+fi
+
 # run_vmm TAG KIND CPUS MEM SCENARIO [TIMEOUT]: boot L2 once under KIND.
 # With e2e.vmm=qemu (debugging the harness), KIND aivmm runs QEMU microvm instead.
 # DISK (a raw image) and SHARE (HOST_DIR:TAG) attach virtio-blk / virtio-fs.
@@ -73,6 +89,16 @@ run_vmm() {
 	tag=$1 kind=$2 cpus=$3 mem=$4 scen=$5 to=${6:-$TO}
 	cmd="$BASE aivmm.scenario=$scen"
 	[ "$kind" = aivmm ] && [ "$VMM" = qemu ] && kind=qemu-microvm
+	if [ -z "$STATS" ]; then
+		run_vmm_kind
+		return
+	fi
+	kvm_counters >/tmp/kvm-before
+	run_vmm_kind
+	kvm_counters | awk -v tag="$tag" 'NR==FNR {b[$1]=$2; next}
+		$2-b[$1] != 0 {printf "@@O %s 0 KVMSTAT %s=%d\n", tag, $1, $2-b[$1]}' /tmp/kvm-before -
+}
+run_vmm_kind() {
 	case "$kind" in
 	aivmm)
 		AIVMM_LOG="${AIVMM_LOG:-$LOG}" vmmrun "$tag" "$to" -- aivmm run --kernel $L2K --initrd $L2I --cmdline "$cmd" \

@@ -203,12 +203,15 @@ impl Vmm {
         console: Box<dyn Write + Send>,
     ) -> Result<Self> {
         config.validate()?;
+        let mut phase = Phases::new(started);
         let seccomp = match config.seccomp {
             crate::seccomp::SeccompMode::On => Some(Arc::new(crate::seccomp::Filters::build()?)),
             crate::seccomp::SeccompMode::Off => None,
         };
+        phase.done("seccomp filters");
         let vm = hv.create_vm()?;
         vm.create_irq_controller()?;
+        phase.done("VM and interrupt controller");
 
         let mem = allocate_guest_memory(&boot::ram_ranges(config.memory))
             .map_err(|reason| Error::Memory { size: config.memory, reason })?;
@@ -225,11 +228,14 @@ impl Vmm {
             }
         }
 
+        phase.done("guest memory");
         let kernel = boot::load_kernel_cached(&mem, &config.kernel, config.kernel_cache.as_deref())?;
+        phase.done("kernel");
         let initrd = match &config.initrd {
             Some(p) => Some(boot::load_initrd(&mem, &kernel, p)?),
             None => None,
         };
+        phase.done("initrd");
 
         let (exit_tx, exit_rx) = mpsc::channel();
         let stopping = Arc::new(AtomicBool::new(false));
@@ -315,6 +321,7 @@ impl Vmm {
             });
         }
 
+        phase.done("devices");
         let mut cmdline_text = config.cmdline.clone();
         let rsdp = if config.acpi {
             let cpus =
@@ -342,6 +349,7 @@ impl Vmm {
             regs::setup_vcpu(vcpu.x86(), id, config.cpus, &cpuid, boot)?;
             vcpus.push(vcpu);
         }
+        phase.done("boot tables and vCPUs");
 
         Ok(Self {
             _vm: vm,
@@ -388,6 +396,8 @@ impl Vmm {
         // (the process is ending).
         let (bus_tx, bus_rx) = mpsc::channel::<(Arc<Bus>, Arc<Bus>)>();
         let n_vcpus = self.vcpus.len();
+        install_kick_handler()?;
+        let mut threads = Vec::with_capacity(n_vcpus);
         for (id, vcpu) in self.vcpus.drain(..).enumerate() {
             let bus_tx = bus_tx.clone();
             let io = self.io_bus.clone();
@@ -410,6 +420,7 @@ impl Vmm {
                         std::mem::forget(buses);
                     }
                 })
+                .map(|t| threads.push(t))
                 .map_err(Error::Thread)?;
         }
         let panic = || self.panic_line.lock().ok().and_then(|p| p.clone());
@@ -427,18 +438,29 @@ impl Vmm {
                 },
             }
         };
-        // Take back the references of the vCPU threads that ended with the guest, so
-        // the devices are dropped here, on this thread, when `self` goes.
+        // Stop the other vCPUs (a halted one sits in KVM_RUN until kicked out by a
+        // signal) and take back the references of their threads, so the devices are
+        // dropped here, on this thread, when `self` goes. The kick is repeated: one
+        // that lands just before a thread enters KVM_RUN is lost.
+        self.stopping.store(true, Ordering::SeqCst);
         drop(bus_tx);
-        let deadline = Instant::now() + std::time::Duration::from_millis(100);
+        let deadline = Instant::now() + VCPU_STOP_TIMEOUT;
         let mut returned = Vec::with_capacity(n_vcpus);
         while returned.len() < n_vcpus {
-            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+            for t in threads.iter().filter(|t| !t.is_finished()) {
+                kick(t);
+            }
+            if Instant::now() >= deadline {
+                log::warn!(
+                    "{} vCPU thread(s) did not stop within {VCPU_STOP_TIMEOUT:?}",
+                    n_vcpus - returned.len()
+                );
                 break;
-            };
-            match bus_rx.recv_timeout(left) {
+            }
+            match bus_rx.recv_timeout(std::time::Duration::from_millis(5)) {
                 Ok(buses) => returned.push(buses),
-                Err(_) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
         }
         // A guest that panicked resets (`panic=-1`) or stops: report the panic instead.
@@ -446,6 +468,61 @@ impl Vmm {
             (Ok(_), Some((line, _))) => Err(Error::GuestPanic(line)),
             (exit, _) => exit,
         }
+    }
+}
+
+/// Debug log of where set-up time goes: one line per phase, and the time since exec.
+struct Phases {
+    started: Instant,
+    last: Instant,
+}
+
+impl Phases {
+    fn new(started: Instant) -> Self {
+        Self {
+            started,
+            last: Instant::now(),
+        }
+    }
+
+    fn done(&mut self, what: &str) {
+        let now = Instant::now();
+        log::debug!(
+            "setup: {what} took {:.1} ms ({:.1} ms since exec)",
+            (now - self.last).as_secs_f64() * 1e3,
+            (now - self.started).as_secs_f64() * 1e3
+        );
+        self.last = now;
+    }
+}
+
+/// How long [`Vmm::run`] keeps kicking vCPU threads after the VM's exit.
+const VCPU_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The signal that interrupts a vCPU thread's `KVM_RUN` (it then sees `stopping`).
+fn kick_signal() -> libc::c_int {
+    libc::SIGRTMIN() + 1
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the do-nothing handler of [`kick_signal`], without `SA_RESTART`, so
+/// the signal makes `KVM_RUN` return `EINTR` instead of killing the process.
+fn install_kick_handler() -> Result<()> {
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick).map_err(|e| {
+        Error::Thread(std::io::Error::other(format!(
+            "cannot install the vCPU kick signal handler: {e}"
+        )))
+    })
+}
+
+/// Interrupts the vCPU thread `t` (a no-op if it has already ended).
+fn kick(t: &thread::JoinHandle<()>) {
+    use std::os::unix::thread::JoinHandleExt;
+    // SAFETY: the handle is alive, so its pthread_t is valid; the signal's handler
+    // does nothing.
+    unsafe {
+        libc::pthread_kill(t.as_pthread_t(), kick_signal());
     }
 }
 
