@@ -20,13 +20,15 @@ Environment:
                     L1 prints a heartbeat every 30 s); the harness then dumps L1's vCPU
                     RIPs (QEMU monitor) and a sysrq-l backtrace, and kills it
   E2E_L2_CMDLINE    replaces the L2 base command line "console=ttyS0 quiet panic=-1"
-                    (aivmm.scenario=<name> is always appended), e.g. to drop `quiet`
+                    (aivmm.scenario=<name> is always appended), e.g. to drop `quiet`;
+                    with `e2e.dmesg=1` L2 prints its kernel log after the boot marker
   E2E_GUEST_TIMEOUT seconds for one `aivmm run --workdir` in guest-exit-status/guest-claude (240)
   E2E_GUEST_CMDLINE replaces the Debian guest's base command line (--cmdline), e.g.
                     "console=ttyS0 panic=-1 aivmm.debug=1"
   AIVMM_AGENT_BIN   aivmm-agent to put beside aivmm in L1 (default: target/release/aivmm-agent)
-  E2E_KVM_STATS=1   print L1's KVM exit counters and THP counters (deltas) after every
-                    run_vmm boot, as `KVMSTAT name=delta` lines (to see where L2 time goes)
+  E2E_KVM_STATS=1   print, after every run_vmm boot, L1's THP counter deltas and the VM's
+                    KVM exit counters (sampled every 0.2 s while it runs), as
+                    `KVMSTAT name=value` lines (to see where L2 time goes)
   E2E_AIVMM_LOG     AIVMM_LOG for every aivmm run (default: aivmm::vmm=debug in `boot`
                     only, for its `setup took` line; nothing elsewhere)
 """

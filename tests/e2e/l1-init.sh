@@ -66,19 +66,25 @@ BASE="console=ttyS0 quiet panic=-1"
 LOG=""
 [ -s /e2e/aivmm-log ] && LOG=$(cat /e2e/aivmm-log)
 
-# kvm_counters: L1's cumulative KVM debugfs counters and THP/compaction counters, one
-# `name value` per line (E2E_KVM_STATS=1 on the host prints their deltas per boot).
-kvm_counters() {
-	for f in /sys/kernel/debug/kvm/*; do
-		[ -f "$f" ] && echo "${f##*/} $(cat "$f")"
-	done
+# E2E_KVM_STATS=1 on the host prints, per run_vmm boot, L1's THP/compaction counter
+# deltas and the KVM exit counters of the VM. KVM's debugfs totals cover live VMs
+# only, so those are sampled while the VMM runs and the last sample is printed.
+vm_counters() {
 	grep -E '^(thp_fault|thp_collapse|compact_stall|compact_fail|pgfault|pgmajfault)' /proc/vmstat
+}
+kvm_sampler() {
+	while :; do
+		for f in /sys/kernel/debug/kvm/*; do
+			[ -f "$f" ] && echo "kvm_${f##*/} $(cat "$f")"
+		done >/tmp/kvm-sample.new
+		mv /tmp/kvm-sample.new /tmp/kvm-sample
+		sleep 0.2
+	done
 }
 STATS=""
 if [ -s /e2e/kvm-stats ]; then
 	STATS=1
 	mount -t debugfs debugfs /sys/kernel/debug 2>&1 | sed 's/^/@@L1 debugfs: /'
-	echo "@@L1 KVM debugfs counters: $(ls /sys/kernel/debug/kvm 2>&1 | wc -l)"
 	echo "@@L1 THP: $(cat /sys/kernel/mm/transparent_hugepage/enabled) defrag: $(cat /sys/kernel/mm/transparent_hugepage/defrag)"
 fi
 
@@ -93,10 +99,17 @@ run_vmm() {
 		run_vmm_kind
 		return
 	fi
-	kvm_counters >/tmp/kvm-before
+	vm_counters >/tmp/kvm-before
+	rm -f /tmp/kvm-sample
+	kvm_sampler &
+	sampler=$!
 	run_vmm_kind
-	kvm_counters | awk -v tag="$tag" 'NR==FNR {b[$1]=$2; next}
-		$2-b[$1] != 0 {printf "@@O %s 0 KVMSTAT %s=%d\n", tag, $1, $2-b[$1]}' /tmp/kvm-before -
+	kill $sampler
+	wait $sampler 2>/dev/null
+	{
+		vm_counters | awk 'NR==FNR {b[$1]=$2; next} {print $1, $2-b[$1]}' /tmp/kvm-before -
+		cat /tmp/kvm-sample 2>/dev/null
+	} | awk -v tag="$tag" '$2 != 0 {printf "@@O %s 0 KVMSTAT %s=%d\n", tag, $1, $2}'
 }
 run_vmm_kind() {
 	case "$kind" in

@@ -29,6 +29,9 @@ for w in $(cat /proc/cmdline); do
 done
 read -r up _ </proc/uptime
 echo "E2E-RESULT scenario=$scenario uptime_s=$up"
+# e2e.dmesg=1 (debugging a boot, e.g. with `quiet initcall_debug`): the kernel log,
+# printed after the marker so that it does not slow the boot being measured.
+case " $(cat /proc/cmdline) " in *" e2e.dmesg=1 "*) dmesg | sed 's/^/L2-DMESG /' ;; esac
 
 case "$scenario" in
 smp)
