@@ -4,7 +4,7 @@
   inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-unstable";
 
   # Outputs, per system where they make sense:
-  #   packages.<system>.{aivmm,default}   the host binary (all four systems)
+  #   packages.<system>.{aivmm,default}   the host binary (all three systems)
   #   packages.<linux>.{aivmm-agent,guest,builder-guest}
   #   apps.<system>.default               `nix run . -- run --workdir .`
   #   nixosModules.{guest,builder}, darwinModules.builder, overlays.default
@@ -22,9 +22,10 @@
         "x86_64-linux"
         "aarch64-linux"
       ];
+      # Apple silicon only: aivmm drives Hypervisor.framework's arm64 VMs (and its
+      # GICv3), and refuses Intel Macs at start.
       darwinSystems = [
         "aarch64-darwin"
-        "x86_64-darwin"
       ];
       allSystems = linuxSystems ++ darwinSystems;
 

@@ -29,6 +29,10 @@ in
         assertion = pkgs.stdenv.hostPlatform.isDarwin;
         message = "services.aivmm-builder: this is the nix-darwin module; on NixOS use nixosModules.builder.";
       }
+      {
+        assertion = pkgs.stdenv.hostPlatform.isAarch64;
+        message = "services.aivmm-builder: aivmm needs an Apple silicon Mac (Hypervisor.framework's arm64 VMs); Intel Macs are not supported.";
+      }
     ];
 
     # Keys exist before launchd loads the daemon, so ssh never races their creation.

@@ -92,6 +92,10 @@ fn out_of_range_flags_are_one_line_errors() {
         &with(&["--vsock", "/tmp/v.sock", "--vsock-cid", "4294967295"]),
         "vsock guest CID",
     );
+    refused(
+        &with(&["--net", "user", "--forward", "2222:22", "--forward", "2222:23"]),
+        "host port 2222/tcp is forwarded twice",
+    );
     refused(&with(&["--share", "/tmp"]), "bad --share '/tmp'");
     refused(
         &with(&["--share", "/a:t", "--share", "/b:t"]),
@@ -110,6 +114,10 @@ fn out_of_range_flags_are_one_line_errors() {
 }
 
 fn kvm_usable() -> bool {
+    if !cfg!(all(target_os = "linux", target_arch = "x86_64")) {
+        eprintln!("skipped: these cases boot the x86 KVM VMM");
+        return false;
+    }
     if std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -167,6 +175,24 @@ fn bad_files_are_one_line_errors() {
         run(&["--memory", "64M", "--initrd", &p("big.initrd")]),
         "does not fit in guest memory",
     );
+    // Kernels too large for the VM: 100 MiB of image, and a 1 GiB bss.
+    std::fs::write(p("big.elf"), elf(100 << 20, 100 << 20)).expect("write");
+    std::fs::File::options()
+        .write(true)
+        .open(p("big.elf"))
+        .and_then(|f| f.set_len(ELF_IMAGE + (100 << 20)))
+        .expect("size");
+    std::fs::write(p("bss.elf"), elf(4, 1 << 30)).expect("write");
+    for k in ["big.elf", "bss.elf"] {
+        let a = vec!["run".to_string(), "--memory".into(), "64M".into(), "--kernel".into(), p(k)];
+        check(a, "give the VM more memory");
+    }
+    // A truncated kernel: the program header table is cut off.
+    std::fs::write(p("cut.elf"), &tiny_elf()[..100]).expect("write");
+    check(
+        vec!["run".into(), "--kernel".into(), p("cut.elf")],
+        "is not a Linux kernel",
+    );
     check(run(&["--disk", &p("odd.img")]), "not a multiple of 512");
     check(run(&["--disk", &p("empty.img")]), "is empty");
     check(run(&["--disk", &p("missing.img")]), "does not exist");
@@ -185,9 +211,106 @@ fn bad_files_are_one_line_errors() {
     assert!(Path::new(&p("odd.img")).exists());
 }
 
+/// Makes `path` unwritable, even for root: the immutable flag as root (where the
+/// file system has it), mode 0444 otherwise. Returns false if it could not.
+#[cfg(target_os = "linux")]
+fn make_unwritable(path: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o444)).is_ok();
+    }
+    const FS_IMMUTABLE_FL: libc::c_long = 0x10;
+    let Ok(f) = std::fs::File::open(path) else {
+        return false;
+    };
+    let mut flags: libc::c_long = 0;
+    // SAFETY: FS_IOC_GETFLAGS/SETFLAGS read and write one long through the pointer.
+    unsafe {
+        if libc::ioctl(f.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) != 0 {
+            return false;
+        }
+        flags |= FS_IMMUTABLE_FL;
+        libc::ioctl(f.as_raw_fd(), libc::FS_IOC_SETFLAGS, &flags) == 0
+    }
+}
+
+/// Undoes [`make_unwritable`]'s immutable flag, so the file can be removed.
+#[cfg(target_os = "linux")]
+fn clear_immutable(path: &Path) {
+    use std::os::fd::AsRawFd;
+    if let Ok(f) = std::fs::File::open(path) {
+        let mut flags: libc::c_long = 0;
+        // SAFETY: as in make_unwritable.
+        unsafe {
+            if libc::ioctl(f.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) == 0 {
+                flags &= !0x10;
+                libc::ioctl(f.as_raw_fd(), libc::FS_IOC_SETFLAGS, &flags);
+            }
+        }
+    }
+}
+
+/// Elsewhere (no FS_IOC_*FLAGS): mode 0444 only.
+#[cfg(not(target_os = "linux"))]
+fn make_unwritable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o444)).is_ok()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn clear_immutable(_: &Path) {}
+
+#[test]
+fn disk_images_unwritable_or_in_use_are_one_line_errors() {
+    if !kvm_usable() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = dir.path().join("kernel.elf");
+    std::fs::write(&kernel, tiny_elf()).expect("write");
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).expect("write");
+    let run = |disk: &str| {
+        let k = kernel.to_str().expect("utf-8");
+        vec!["run".to_string(), "--kernel".into(), k.into(), "--disk".into(), disk.into()]
+    };
+    let disk = img.to_str().expect("utf-8");
+    // Another VM (here: this process) holds the image.
+    {
+        use std::os::fd::AsRawFd;
+        let held = std::fs::File::open(&img).expect("open");
+        // SAFETY: flock on an open file.
+        assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX) }, 0);
+        for d in [disk.to_string(), format!("{disk}:ro")] {
+            let a = run(&d);
+            let a: Vec<&str> = a.iter().map(String::as_str).collect();
+            refused(&a, "is locked by another process");
+        }
+    }
+    if make_unwritable(&img) {
+        let a = run(disk);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        refused(&a, &format!("opening disk image {disk} failed"));
+        clear_immutable(&img);
+    } else {
+        eprintln!("note: cannot make an unwritable file here; that case is skipped");
+    }
+}
+
+/// Where an ELF from [`elf`] has its image (after the header and program header).
+const ELF_IMAGE: u64 = 120;
+
 /// The smallest x86_64 ELF kernel aivmm loads: one PT_LOAD segment at 1 MiB holding
 /// `hlt; jmp .` (it never runs here: the bad device or initrd stops aivmm first).
 fn tiny_elf() -> Vec<u8> {
+    elf(4, 4)
+}
+
+/// An x86_64 ELF kernel with one PT_LOAD segment at 1 MiB of `filesz` bytes in the
+/// file (only the first 4 written: `hlt; jmp .`) and `memsz` in memory.
+fn elf(filesz: u64, memsz: u64) -> Vec<u8> {
     const LOAD: u64 = 0x10_0000;
     let code: [u8; 4] = [0xf4, 0xeb, 0xfd, 0x90];
     let mut e = Vec::new();
@@ -204,7 +327,7 @@ fn tiny_elf() -> Vec<u8> {
     }
     e.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
     e.extend_from_slice(&5u32.to_le_bytes()); // R+X
-    for v in [120u64, LOAD, LOAD, code.len() as u64, code.len() as u64, 16] {
+    for v in [ELF_IMAGE, LOAD, LOAD, filesz, memsz, 16] {
         e.extend_from_slice(&v.to_le_bytes()); // offset, vaddr, paddr, filesz, memsz, align
     }
     e.extend_from_slice(&code);

@@ -8,6 +8,7 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod sys;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
 pub mod virtio;
@@ -23,7 +24,7 @@ pub trait Interrupt: Send + Sync {
 
 /// An [`Interrupt`] that writes an `EventFd` (what a KVM irqfd listens on).
 #[derive(Debug)]
-pub struct EventFdInterrupt(pub vmm_sys_util::eventfd::EventFd);
+pub struct EventFdInterrupt(pub sys::EventFd);
 
 impl Interrupt for EventFdInterrupt {
     fn trigger(&self) -> io::Result<()> {

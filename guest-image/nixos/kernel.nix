@@ -13,7 +13,7 @@
 
 let
   inherit (lib.kernel) yes;
-  inherit (pkgs.stdenv.hostPlatform) isx86_64;
+  inherit (pkgs.stdenv.hostPlatform) isx86_64 isAarch64;
 
   # Only symbols with a prompt: generate-config answers questions, and a mandatory
   # option that is never asked (like the hidden VIRTIO) fails the build.
@@ -43,6 +43,13 @@ let
   }
   // lib.optionalAttrs isx86_64 {
     ACPI = yes;
+  }
+  # arm64 (aivmm on Hypervisor.framework): no ACPI; the device tree's ns16550a
+  # console, and its power button, a PL061 GPIO line under gpio-keys.
+  // lib.optionalAttrs isAarch64 {
+    SERIAL_OF_PLATFORM = yes;
+    GPIO_PL061 = yes;
+    KEYBOARD_GPIO = yes;
   };
 in
 {
@@ -97,7 +104,9 @@ in
         "vmw_vsock_virtio_transport"
         "overlay"
         "ext4"
-      ];
+      ]
+      # The arm64 power button (gpio-keys on the PL061, which stock kernels build in).
+      ++ lib.optionals isAarch64 [ "gpio_keys" ];
     })
   ];
 }

@@ -9,8 +9,9 @@ read here, inside one aivmm run's output:
 
 import os
 import re
+import subprocess
 
-import e2e_io  # collect(): the E2E-CHECK lines of a run
+import e2e_io  # check_run(): a run's checks, required checks and g_/h_ pairs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -27,12 +28,15 @@ SCENARIOS = {
     "disk-full": "the share and a sparse disk image on a 4 MiB tmpfs in L1: the guest's 8 MiB writes get "
     "ENOSPC (virtio-fs) and EIO (virtio-blk); both devices work afterwards; aivmm exits 0",
     "seccomp": "aivmm with a disk, a share and rng, devices active: every thread in "
-    "/proc/PID/task/*/status shows Seccomp: 2 (and, as a control, 0 with --seccomp off)",
+    "/proc/PID/task/*/status shows Seccomp: 2 with two filters, the process filter and its kind's "
+    "(and, as a control, 0 with --seccomp off)",
 }
 
-# fs-escape-hard runs by name: it passed 4 of 5 runs, and once the guest stopped part-way
-# through the symlink-swap race (no leak; cause not found yet, see issue #9's note).
-NOT_DEFAULT = {"fs-escape-hard"}
+# All in the default set. fs-escape-hard's one stall (2 in ~15 runs) was L1's kernel (nested
+# SVM under QEMU TCG: a stack overflow in exc_page_fault on aivmm's vCPU thread) beside a
+# shell swap loop forking four processes a round; hard-swap.c replaced the loop, and both
+# sides now print where things stand if the swap loop stops (tests/e2e/README.md).
+NOT_DEFAULT = set()
 
 # Seconds each takes at most (the L1 overall timeout is the sum).
 BUDGET = {"disk-full": 120, "fs-escape-hard": 150, "blk-durability": 120, "fs-durability": 120, "panic": 200, "seccomp": 260}
@@ -57,35 +61,22 @@ def l2_extras(cpio):
 
 
 def l1_extras(cpio):
-    """L1 side: l1-hard.sh."""
+    """L1 side: l1-hard.sh and hard-swap (static, built here with gcc)."""
     cpio.copy("l1-hard.sh", os.path.join(HERE, "l1-hard.sh"), 0o644)
+    src = os.path.join(HERE, "hard-swap.c")
+    out = os.path.join(os.environ.get("E2E_WORK", os.path.join(HERE, "work")), "hard-swap")
+    if not os.path.exists(out) or os.path.getmtime(out) < os.path.getmtime(src):
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        r = subprocess.run(["gcc", "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o", out, src],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"e2e: error: building hard-swap failed (gcc -static; needs libc6-dev):\n{r.stderr}")
+    cpio.copy("bin/hard-swap", out, 0o755)
 
 
 def check_run(sc, tag, clean=True):
-    """(problems, info) of run `tag`: its checks, the required ones, g_/h_ pairs;
-    with `clean`, also a clean boot to power-off."""
-    r = sc.runs.get(tag)
-    if r is None:
-        return [f"{tag}: aivmm did not run"], []
-    problems = []
-    if clean:
-        why = r.broke()
-        if why:
-            problems.append(f"{tag}: {why}")
-    checks = e2e_io.collect(r)[0]
-    names = {c[0] for c in checks}
-    bad = [f"{n} {st} {rest}".strip() for n, st, rest in checks if st != "ok"]
-    if bad:
-        problems.append(f"{tag}: " + "; ".join(bad))
-    missing = [n for n in REQUIRED.get(tag, []) if n not in names]
-    if missing:
-        problems.append(f"{tag}: checks missing: {' '.join(missing)}")
-    res = r.results()
-    for k in res:
-        if k.startswith("g_") and "h_" + k[2:] in res and res[k] != res["h_" + k[2:]]:
-            problems.append(f"{tag}: {k[2:]} differs: guest {res[k]} L1 {res['h_' + k[2:]]}")
-    n_ok = sum(1 for c in checks if c[1] == "ok")
-    return problems, [f"{tag}: {n_ok} checks ok"]
+    """e2e_io.check_run with this module's required checks."""
+    return e2e_io.check_run(sc, tag, clean, REQUIRED)
 
 
 def panics(run):
@@ -183,11 +174,16 @@ def judge_seccomp(sc):
     for want in ("vcpu0", "aivmm-fs-q1", "aivmm-blk"):
         if want not in names:
             problems.append(f"seccomp: no {want} thread among {sorted(names)}")
+    # Every thread: the process filter and its own kind's (API threads included).
+    one = [n for n, _, f in threads if f != "2"]
+    if one:
+        problems.append(f"seccomp: threads without their own filter (Seccomp_filters != 2): {one}")
     summary = ", ".join(f"{n}:{s}/{f}" for n, s, f in threads)
     info.append(f"threads (name:Seccomp/filters): {summary}")
     if problems:
         return False, "; ".join(problems), info
-    return True, f"{len(threads)} threads, all Seccomp: 2 (vCPU and device threads 2 filters, API 1)", info
+    return True, (f"{len(threads)} threads, all Seccomp: 2 with 2 filters each (the process filter and "
+                  f"their kind's: API, vCPU or device)"), info
 
 
 def judge_escape(sc):
@@ -199,9 +195,15 @@ def judge_escape(sc):
     res = r.results() if r else {}
     info.append(f"swap race: {res.get('g_swap_planted')} creates landed inside the share, "
                 f"{res.get('g_swap_secret_reads')} secret reads")
+    # The guest's watchdog (its swap loop stood still for 15 s) and L1's thread dump (20 s):
+    # shown; a run that then never ends fails as timed out (check_run).
+    lines = [l for _, l in (r.out + r.err if r else [])]
+    stall = [l[:300] for l in lines if "E2E-STALL" in l or "E2E-STUCK" in l][:60]
+    if res.get("l1_swaps"):
+        info.append(f"L1 swapped {res['l1_swaps']} times")
     if problems:
-        return False, "; ".join(problems), info
-    return True, "; ".join(info), []
+        return False, "; ".join(problems), info + stall
+    return True, "; ".join(info), stall
 
 
 def judge(sc):

@@ -101,13 +101,15 @@ def collect(run):
     return checks, figs, res
 
 
-def check_run(sc, tag):
-    """(problems, figures) of the run `tag` in scenario sc."""
+def check_run(sc, tag, clean=True, required=None):
+    """(problems, figures) of the run `tag` in scenario sc: its checks, the required
+    ones (`required`, a dict by tag, default REQUIRED), the g_/h_ pairs; with `clean`,
+    also a clean boot to power-off."""
     r = sc.runs.get(tag)
     if r is None:
         return [f"{tag}: VMM did not run"], []
     problems = []
-    why = r.broke()
+    why = r.broke() if clean else None
     if why:
         problems.append(f"{tag}: {why}")
     checks, figs, res = collect(r)
@@ -115,7 +117,7 @@ def check_run(sc, tag):
     bad = [f"{n} {st} {rest}".strip() for n, st, rest in checks if st != "ok"]
     if bad:
         problems.append(f"{tag}: " + "; ".join(bad))
-    missing = [n for n in REQUIRED.get(tag, []) if n not in names]
+    missing = [n for n in (REQUIRED if required is None else required).get(tag, []) if n not in names]
     if missing:
         problems.append(f"{tag}: checks missing: {' '.join(missing)}")
     for k in PAIRS.get(tag, []):

@@ -26,8 +26,14 @@ SCENARIOS = {
     "claude-auth": "--claude-auth: L1's ~/.claude is the guest's (read and written), ~/.claude.json a copy "
     "the guest writes while L1's stays as it was",
     "stop": "`aivmm ps` lists the running VM, `aivmm exec` runs a command in it (exit 5 comes back), "
-    "`aivmm stop` ends it cleanly (the guest powers off, no kill)",
+    "`aivmm stop` presses the ACPI power button and the guest shuts down cleanly (agent sees KEY_POWER, "
+    "/work unmounted, S5 power-off, no kill); a guest whose button driver is unbound is killed after "
+    "--timeout 6 and `aivmm stop` says so (exit 1); a stop while the guest boots powers it off once its "
+    "button driver and agent are up (aivmm presses every second)",
     "nested": "/dev/kvm in the guest: KVM_GET_API_VERSION = 12, KVM_CREATE_VM and KVM_CREATE_VCPU work",
+    "ssh": "run --ssh with user networking (passt): L1's ssh reaches the guest's sshd on 127.0.0.1 with the "
+    "generated key, through the generated `ssh -F` config (retrying until the guest is up) and by hand with -i/-p "
+    "and strict host key checking against the recorded key; an unrecorded host name and a foreign key are refused",
     "terminal": "interactive bash in the guest in a tmux pane: typed input answered, `stty size` equals the "
     "pane's size before and after tmux resize-window to 100x30 (and a WINCH trap runs), Ctrl-C interrupts "
     "sleep, `exit 7` ends aivmm with 7",
@@ -36,8 +42,8 @@ SCENARIOS = {
 # Each uses the noclaude guest image disk.
 IMAGE_KIND = "noclaude"
 NOT_DEFAULT = set()
-BUDGET = {"claude-auth": 120, "workdir": 150, "parallel": 200, "lock": 250, "env": 120, "stop": 220, "nested": 150,
-          "terminal": 200}
+BUDGET = {"claude-auth": 120, "workdir": 150, "parallel": 200, "lock": 250, "env": 120, "stop": 400, "nested": 150,
+          "terminal": 200, "ssh": 300}
 
 # Checks that must be present, per run tag.
 REQUIRED = {
@@ -45,15 +51,18 @@ REQUIRED = {
     "parallel": ["l1-workdirs", "l1-meet", "l1-ro-untouched"],
     "lock/a": ["started"],
     "stop/a": ["started"],
+    "stop/ignore-a": ["started"],
     "stop/exec": ["l1-exec-file"],
     "claude-auth": ["l1-claude-dir", "l1-claude-copy", "l1-claude-json-untouched"],
+    "ssh/a": ["started", "ssh-config", "guest-answered", "host-key-recorded", "strict-host-key", "by-hand",
+              "other-key-refused"],
     "terminal": ["prompt", "typed-input", "size-initial", "pane-resized", "resized", "winch-trap", "ctrl-c",
                  "exit-status"],
 }
 
 
 def l1_extras(cpio, moddir, h):
-    """L1 side: l1-run.sh, runtool (static), tmux with its libraries, the
+    """L1 side: l1-run.sh, runtool (static), ssh and ssh-keygen, tmux with its libraries, the
     `screen` terminfo entry and the C.UTF-8 locale (devpts for tmux's ptys is
     mounted by l1-run.sh)."""
     cpio.copy("l1-run.sh", os.path.join(HERE, "l1-run.sh"), 0o644)
@@ -64,6 +73,11 @@ def l1_extras(cpio, moddir, h):
         if r.returncode != 0:
             h.die(f"building runtool failed (gcc, libc6-dev):\n{r.stderr}")
     cpio.copy("bin/runtool", out, 0o755)
+    for tool in ("ssh", "ssh-keygen"):
+        path = shutil.which(tool)
+        if not path:
+            h.die(f"no {tool} (apt-get install openssh-client) for the ssh scenario")
+        h.add_binary(cpio, f"bin/{tool}", path)
     tmux = shutil.which("tmux")
     if not tmux:
         h.die("no tmux (apt-get install tmux) for the terminal scenario")
@@ -102,6 +116,26 @@ def _exit_is(problems, sc, tag, want):
     if any("panicked" in l for _, l in (r.out + r.err)):
         problems.append(f"{tag}: Rust panic: {next(l for _, l in r.out + r.err if 'panicked' in l)}")
     return r
+
+
+def _lines_err(r):
+    return [l for _, l in r.err if l.strip()][:3] if r else []
+
+
+def _span_ms(lines, first, last):
+    """ms between the first log line holding `first` and the next holding `last`
+    (aivmm.log lines start with seconds.micros since the epoch)."""
+    t0 = None
+    for l in lines:
+        try:
+            t = float(l.split()[0])
+        except (ValueError, IndexError):
+            continue
+        if t0 is None and first in l:
+            t0 = t
+        elif t0 is not None and last in l:
+            return int((t - t0) * 1000)
+    return None
 
 
 def _has(problems, r, tag, needle):
@@ -194,15 +228,62 @@ def judge(sc):
         st = _exit_is(problems, sc, "stop/stop", ["0"])
         if st is not None and any("killing it" in l for _, l in st.err):
             problems.append("stop/stop: the VM did not power off; aivmm stop killed it")
+        if st is not None and not any("powered off after the power button" in l for _, l in st.err):
+            problems.append(f"stop/stop: no 'powered off after the power button' in {_lines_err(st)}")
         con = sc.runs.get("stop/a/console")
-        if con is None or not any("Power down" in l for l in _lines(con)):
-            problems.append("stop/a: the guest console does not end with 'reboot: Power down'")
+        for needle, why in [("aivmm-agent: power button pressed", "the agent did not see KEY_POWER"),
+                            ("aivmm-init: unmounted /work", "the guest did not unmount /work"),
+                            ("Power down", "the guest console does not end with 'reboot: Power down'")]:
+            if con is None or not any(needle in l for l in _lines(con)):
+                problems.append(f"stop/a console: no {needle!r}: {why}")
+        vmlog = _lines(sc.runs.get("stop/a/vmlog"))
+        for needle in ("pressing the power button", "power button pressed", "the VM ended: PowerOff"):
+            if not any(needle in l for l in vmlog):
+                problems.append(f"stop/a aivmm.log: no {needle!r}")
+        press_to_off = _span_ms(vmlog, "pressing the power button", "the VM ended")
         after = sc.runs.get("stop/ps-after")
-        if after is not None and any("/tmp/rn-stop" in l for l in _lines(after)):
+        if after is not None and any("/tmp/rn-stop " in l or l.rstrip().endswith("/tmp/rn-stop") for l in _lines(after)):
             problems.append("stop/ps-after: the stopped VM is still listed")
         if st is not None and a is not None:
-            info.append(f"exec exit 5 came back; stop took {st.wall_ms} ms; the guest powered off "
-                        f"(ACPI S5), aivmm exit {a.exit}")
+            info.append(f"exec exit 5 came back; power button stop took {st.wall_ms} ms (press to VM end "
+                        f"{press_to_off} ms in aivmm.log); KEY_POWER seen, /work unmounted, ACPI S5, "
+                        f"aivmm exit {a.exit}")
+        # The guest that ignores the button.
+        ia = _exit_is(problems, sc, "stop/ignore-a", None)
+        _has(problems, ia, "stop/ignore-a", "button-ignored")
+        if ia is not None and ia.exit not in ("sig9", "137"):
+            problems.append(f"stop/ignore-a: aivmm exit {ia.exit}, want killed (sig9)")
+        ig = _exit_is(problems, sc, "stop/ignore", ["1"])
+        if ig is not None and not any("did not power off within 6 s of the power button; killing it" in l
+                                      for _, l in ig.err):
+            problems.append(f"stop/ignore: no 'did not power off within 6 s … killing it' in {_lines_err(ig)}")
+        ivm = _lines(sc.runs.get("stop/ignore-a/vmlog"))
+        if not any("pressing the power button" in l for l in ivm):
+            problems.append("stop/ignore-a aivmm.log: no 'pressing the power button'")
+        presses = sum(1 for l in ivm if "power button pressed" in l)
+        after = sc.runs.get("stop/ps-after-kill")
+        if after is not None and any("/tmp/rn-stop-ignore" in l for l in _lines(after)):
+            problems.append("stop/ps-after-kill: the killed VM is still listed")
+        if ig is not None:
+            info.append(f"button ignored (driver unbound): killed after --timeout 6, stop took {ig.wall_ms} ms, "
+                        f"exit 1 with the kill reported; aivmm.log shows the press ({presses} logged)")
+        # Stopped while booting.
+        bps = _lines(sc.runs.get("stop/boot-ps"))
+        brow = next((" ".join(l.split()) for l in bps if "/tmp/rn-stop-boot" in l), "")
+        ba = _exit_is(problems, sc, "stop/boot-a", ["143", "129"])
+        bs = _exit_is(problems, sc, "stop/boot", ["0"])
+        bvm = _lines(sc.runs.get("stop/boot-a/vmlog"))
+        if not any("the VM ended: PowerOff" in l for l in bvm):
+            problems.append("stop/boot-a aivmm.log: no 'the VM ended: PowerOff' (the guest did not power off)")
+        bcon = _lines(sc.runs.get("stop/boot-a/console"))
+        seen = next((l for l in bcon if "aivmm-agent: power button pressed" in l), "")
+        if not seen:
+            problems.append("stop/boot-a console: the agent never saw the power button")
+        if bs is not None and ba is not None:
+            state = brow.split()[2] if len(brow.split()) > 2 else "?"
+            info.append(f"stop while booting (ps state {state}): stop took {bs.wall_ms} ms "
+                        f"(press to VM end {_span_ms(bvm, 'pressing the power button', 'the VM ended')} ms), "
+                        f"aivmm exit {ba.exit}; guest: {seen.strip()}")
     elif n == "nested":
         r = _exit_is(problems, sc, "nested", ["0"])
         line = next((l for l in _lines(r) if "E2E-KVM" in l), None)
@@ -211,6 +292,21 @@ def judge(sc):
             problems.append("nested: runtool kvm printed nothing")
         else:
             info.append(line.split("E2E-KVM", 1)[1].strip())
+    elif n == "ssh":
+        a = _exit_is(problems, sc, "ssh/a", ["129", "143"])
+        out = _lines(sc.runs.get("ssh/config-ssh"))
+        uname = next((l for l in out if l.startswith("Linux ")), None)
+        if uname is None:
+            problems.append(f"ssh: no `uname -a` answer from the guest: {out[:3]}")
+        attempts = next((l.split("ssh attempts:", 1)[1].strip() for l in _lines(a) if "ssh attempts:" in l), "?")
+        st = _exit_is(problems, sc, "ssh/stop", ["0"])
+        ps = _lines(sc.runs.get("ssh/ps"))
+        row = next((l for l in ps if "/tmp/rn-ssh" in l), "")
+        if ":22" not in row:
+            problems.append(f"ssh/ps: no forward to guest port 22 listed: {row!r}")
+        info.append(f"guest answered over ssh ({attempts}): {uname}; by-hand -i/-p with strict host key ok, "
+                    f"unknown host name and foreign key refused; ps: {' '.join(row.split())}; "
+                    f"stopped by the power button in {st.wall_ms if st else '?'} ms")
     elif n == "terminal":
         r = sc.runs.get("terminal")
         sizes = [l.split(":", 1)[1].strip() for l in _lines(r) if l.startswith("pane size")]

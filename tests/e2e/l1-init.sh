@@ -227,7 +227,7 @@ scenario() {
 	fs-escape-hard | blk-durability | fs-durability | panic | seccomp | disk-full) hard_scenario "$1" ;; # tests/e2e/l1-hard.sh
 	builder | builder-bench) builder_scenario "$1" ;; # tests/e2e/l1-builder.sh
 	guest-custom-kernel) kernel_scenario ;; # tests/e2e/l1-kernel.sh
-	workdir | parallel | lock | env | claude-auth | stop | nested | terminal) rn_scenario "$1" ;; # tests/e2e/l1-run.sh
+	workdir | parallel | lock | env | claude-auth | stop | nested | terminal | ssh) rn_scenario "$1" ;; # tests/e2e/l1-run.sh
 	bench) bench_scenario ;; # tests/e2e/l1-bench.sh
 	*) echo "@@L1 unknown scenario $1" ;;
 	esac

@@ -1,5 +1,5 @@
 # Sourced by l1-init.sh: the L1 side of the `aivmm run --workdir` scenarios
-# (workdir, parallel, lock, env, stop, nested, terminal; judged by e2e_run.py).
+# (workdir, parallel, lock, env, stop, nested, terminal, ssh; judged by e2e_run.py).
 # Every run boots the Debian guest image without Claude (`run_guest`'s image) with
 # --net none, 1 vCPU and 512 MiB. Checks go out as
 #   @@O <tag> 0 E2E-CHECK <name> ok|FAIL <why>
@@ -43,9 +43,12 @@ rn_aivmm() {
 	[ -s /e2e/guest-cmdline ] && gcmd=$(cat /e2e/guest-cmdline)
 	as=""
 	[ -n "$RN_AS" ] && as="runtool as $RN_AS"
+	# RN_WRAP: a command aivmm runs under (passt's mount namespace); RN_NET: --net;
+	# RN_OPTS: more run options.
 	XDG_STATE_HOME=${RN_STATE_HOME:-$RN_STATE} AIVMM_LOG="${AIVMM_LOG:-$LOG}" vmmrun "$t" "$to" -- \
-		$as aivmm run --workdir "$w" --kernel /guest/noclaude/vmlinuz --initrd /guest/noclaude/initrd.cpio \
-		--rootfs "$RN_DEV" ${gcmd:+--cmdline "$gcmd"} --net none --cpus 1 --memory 512M --disk-size 1G "$@"
+		$RN_WRAP $as aivmm run --workdir "$w" --kernel /guest/noclaude/vmlinuz --initrd /guest/noclaude/initrd.cpio \
+		--rootfs "$RN_DEV" ${gcmd:+--cmdline "$gcmd"} --net "${RN_NET:-none}" --cpus 1 --memory 512M --disk-size 1G \
+		$RN_OPTS "$@"
 }
 # rn_console TAG WORKDIR: the tail of that workdir's guest console log.
 rn_console() {
@@ -59,11 +62,18 @@ rn_tool() {
 	shift 2
 	XDG_STATE_HOME=${RN_STATE_HOME:-$RN_STATE} vmmrun "$t" "$to" -- "$@"
 }
-# rn_start_bg TAG WORKDIR: a VM on WORKDIR whose command marks /work/started and
-# then waits (a trap-less shell: the stop ends it with SIGHUP).
+# rn_vmlog TAG WORKDIR: that workdir's aivmm.log (aivmm's own log of its last run).
+rn_vmlog() {
+	for f in ${RN_STATE_HOME:-$RN_STATE}/aivmm/vms/"$(basename "$2")"-*/aivmm.log; do
+		[ -f "$f" ] && tail -n 40 "$f" | sed "s|^|@@O $1/vmlog 0 |"
+	done
+}
+# rn_start_bg TAG WORKDIR [SCRIPT]: a VM on WORKDIR whose command (sh -c SCRIPT)
+# marks /work/started and then waits (a trap-less shell: the stop ends it with SIGHUP).
+RN_BG_SCRIPT='echo up >/work/started; echo bg-started; while :; do sleep 1; done'
 rn_start_bg() {
 	rm -f "$2/started"
-	rn_aivmm "$1" 240 "$2" -- sh -c 'echo up >/work/started; echo bg-started; while :; do sleep 1; done' &
+	rn_aivmm "$1" 240 "$2" -- sh -c "${3:-$RN_BG_SCRIPT}" &
 	RN_BG=$!
 	if rn_wait_file "$2/started" 150; then
 		echo "@@O $1 0 E2E-CHECK started ok"
@@ -157,7 +167,34 @@ rn_scenario() {
 		rn_tool stop/stop 60 aivmm stop $w
 		wait "$RN_BG"
 		rn_console stop/a $w
+		rn_vmlog stop/a $w
 		rn_tool stop/ps-after 30 aivmm ps
+		# A guest that ignores the power button (its ACPI button driver unbound by
+		# the command): `aivmm stop` waits --timeout, then kills aivmm.
+		w=/tmp/rn-stop-ignore
+		rm -rf $w && mkdir -p $w
+		rn_start_bg stop/ignore-a $w 'if echo PNP0C0C:00 >/sys/bus/acpi/drivers/button/unbind || rmmod button; then echo button-ignored; fi
+			echo up >/work/started; echo bg-started; while :; do sleep 1; done'
+		rn_tool stop/ignore 60 aivmm stop --timeout 6 $w
+		wait "$RN_BG"
+		rn_vmlog stop/ignore-a $w
+		rn_tool stop/ps-after-kill 30 aivmm ps
+		# A stop while the guest still boots: aivmm holds the button (presses every
+		# second) until the guest, once its driver and the agent are up, shuts down.
+		w=/tmp/rn-stop-boot
+		rm -rf $w && mkdir -p $w
+		rn_aivmm stop/boot-a 240 $w -- sh -c 'echo boot-cmd-ran; sleep 100' &
+		RN_BG=$!
+		i=0
+		while ! ls $RN_STATE/aivmm/vms/rn-stop-boot-*/vm.json >/dev/null 2>&1 && [ $i -lt 150 ]; do
+			sleep 0.2
+			i=$((i + 1))
+		done
+		rn_tool stop/boot-ps 30 aivmm ps
+		rn_tool stop/boot 60 aivmm stop $w
+		wait "$RN_BG"
+		rn_vmlog stop/boot-a $w
+		rn_console stop/boot-a $w
 		;;
 	env)
 		w=/tmp/rn-env
@@ -199,7 +236,80 @@ rn_scenario() {
 	terminal)
 		rn_terminal
 		;;
+	ssh)
+		rn_ssh
+		;;
 	esac
+}
+
+# The ssh scenario: `aivmm run --ssh` with user networking (passt, as l1-io.sh's
+# `forward` runs it); L1's ssh reaches the guest's sshd on 127.0.0.1 with the
+# generated key, first through the generated `ssh -F` config, then by hand with
+# -i and -p and strict host key checking against the key the first one recorded.
+rn_ssh() {
+	l1_net
+	w=/tmp/rn-ssh
+	rm -rf $w && mkdir -p $w
+	RN_WRAP="unshare -m /bin/sh /tmp/io-nsroot.sh" RN_NET=user RN_OPTS=--ssh
+	rn_start_bg ssh/a $w
+	RN_WRAP="" RN_NET="" RN_OPTS=""
+	rn_tool ssh/ps 30 aivmm ps
+	cfg=$(ls $RN_STATE/aivmm/vms/rn-ssh-*/ssh/config 2>/dev/null | head -n 1)
+	if [ -z "$cfg" ]; then
+		echo "@@O ssh/a 0 E2E-CHECK ssh-config FAIL no ssh/config in the workdir's state"
+	else
+		echo "@@O ssh/a 0 E2E-CHECK ssh-config ok"
+		d=$(dirname "$cfg")
+		port=$(sed -n 's/^ *Port //p' "$cfg")
+		user=$(sed -n 's/^ *User //p' "$cfg")
+		echo "@@O ssh/a 0 ssh config: port $port user $user"
+		# passt drops a SYN it sent before the guest had an address, and the connection
+		# then hangs in the banner exchange: ConnectTimeout covers that, and we retry.
+		i=0 t0=$(date +%s)
+		while [ $i -lt 30 ]; do
+			if timeout 30 ssh -F "$cfg" -o BatchMode=yes -o ConnectTimeout=8 aivmm 'uname -a; echo ssh-guest-uid=$(id -u); hostname' \
+				>/tmp/rn-ssh.out 2>/tmp/rn-ssh.err; then
+				break
+			fi
+			i=$((i + 1))
+			sleep 1
+		done
+		echo "@@O ssh/a 0 ssh attempts: $((i + 1)), $(($(date +%s) - t0)) s"
+		rn_out ssh/config-ssh /tmp/rn-ssh.out
+		sed "s|^|@@O ssh/config-ssh 0 stderr: |" /tmp/rn-ssh.err | head -n 5
+		rn_ck ssh/a guest-answered grep -q ssh-guest-uid=0 /tmp/rn-ssh.out
+		rn_ck ssh/a host-key-recorded grep -q 'ssh-ed25519\|ecdsa\|ssh-rsa' "$d/known_hosts"
+		# By hand: the generated key and port, and the host key as recorded (strict).
+		# Strict checking is real: under a name known_hosts lacks, the login is refused.
+		if timeout 60 ssh -i "$d/id_ed25519" -p "$port" -o BatchMode=yes -o ConnectTimeout=8 -o IdentitiesOnly=yes \
+			-o UserKnownHostsFile="$d/known_hosts" -o StrictHostKeyChecking=yes -o HostKeyAlias=aivmm-unknown \
+			"$user@127.0.0.1" true 2>/tmp/rn-ssh2.err; then
+			echo "@@O ssh/a 0 E2E-CHECK strict-host-key FAIL an unrecorded host key was accepted"
+		elif grep -q 'Host key verification failed' /tmp/rn-ssh2.err; then
+			echo "@@O ssh/a 0 E2E-CHECK strict-host-key ok"
+		else
+			echo "@@O ssh/a 0 E2E-CHECK strict-host-key FAIL $(head -c 200 /tmp/rn-ssh2.err | tr '\n' ' ')"
+		fi
+		timeout 60 ssh -i "$d/id_ed25519" -p "$port" -o BatchMode=yes -o ConnectTimeout=8 -o IdentitiesOnly=yes \
+			-o UserKnownHostsFile="$d/known_hosts" -o StrictHostKeyChecking=yes \
+			"$user@127.0.0.1" 'echo by-hand-$((6*7))' >/tmp/rn-ssh2.out 2>/tmp/rn-ssh2.err
+		rn_ck ssh/a by-hand grep -q by-hand-42 /tmp/rn-ssh2.out
+		sed "s|^|@@O ssh/by-hand 0 stderr: |" /tmp/rn-ssh2.err | head -n 5
+		# A key the guest does not know is refused.
+		ssh-keygen -q -t ed25519 -N '' -f /tmp/rn-ssh-other -C other </dev/null >/dev/null 2>&1
+		if timeout 60 ssh -i /tmp/rn-ssh-other -p "$port" -o BatchMode=yes -o ConnectTimeout=8 -o IdentitiesOnly=yes \
+			-o UserKnownHostsFile="$d/known_hosts" -o StrictHostKeyChecking=yes "$user@127.0.0.1" true 2>/tmp/rn-ssh3.err; then
+			echo "@@O ssh/a 0 E2E-CHECK other-key-refused FAIL a key aivmm did not make logged in"
+		elif grep -q 'Permission denied' /tmp/rn-ssh3.err; then
+			echo "@@O ssh/a 0 E2E-CHECK other-key-refused ok"
+		else
+			echo "@@O ssh/a 0 E2E-CHECK other-key-refused FAIL $(head -c 200 /tmp/rn-ssh3.err | tr '\n' ' ')"
+		fi
+		rm -f /tmp/rn-ssh-other /tmp/rn-ssh-other.pub
+	fi
+	rn_tool ssh/stop 60 aivmm stop $w
+	wait "$RN_BG"
+	rn_console ssh/a $w
 }
 
 # The terminal test: aivmm runs an interactive bash in the guest inside a tmux

@@ -47,12 +47,33 @@ hard_escape() { # L1's share holds links toward /tmp/eh/outside/secret (a marker
 	ck proc-fd-symlink sh -c 'ln -s /proc/self/fd/3 /mnt/pfd && [ "$(readlink /mnt/pfd)" = /proc/self/fd/3 ]'
 	hfail_g hardlink-across ln /init /mnt/hl-init
 	# L1 swaps /mnt/swap between a directory and a symlink to outside all along.
+	# A watchdog that touches nothing in /mnt: if the loop makes no progress for
+	# 15 s, it shows where the guest's tasks are blocked (sysrq w, l) and what the
+	# virtio interrupt counters say, so a stall shows which side stopped.
+	(
+		last=-1
+		while sleep 15; do
+			now=$(cat /tmp/swap-i 2>/dev/null)
+			if [ "$now" = "$last" ]; then
+				echo "E2E-STALL guest swap loop stuck at $now"
+				grep -i virtio /proc/interrupts | tr -s ' ' | head -5
+				echo w >/proc/sysrq-trigger
+				echo l >/proc/sysrq-trigger
+				dmesg | tail -n 120 | sed 's/^/E2E-STALL-K /'
+			fi
+			last=$now
+		done
+	) &
+	wd=$!
 	i=0 planted=0 seen=0
 	while [ $i -lt 300 ]; do
+		echo $i >/tmp/swap-i
+		echo $i >/mnt/progress
 		s=$(cat /mnt/swap/secret 2>/dev/null) && [ -n "$s" ] && echo "swap read: $s" && seen=$((seen + 1))
 		echo pwn >/mnt/swap/planted-$i 2>/dev/null && planted=$((planted + 1))
 		i=$((i + 1))
 	done
+	kill $wd
 	echo "E2E-RESULT g_swap_planted=$planted g_swap_secret_reads=$seen"
 	ck swap-no-secret [ $seen = 0 ]
 	ls -la /mnt /mnt/sub 2>&1 | tr '\n' ' ' | head -c 1500

@@ -48,13 +48,14 @@ pub enum Command {
     },
     /// List running VMs: workdir, pid, uptime, state, forwarded ports.
     Ps,
-    /// Stop the VM running on a workdir (or with that pid): its command gets SIGHUP
-    /// and SIGTERM, the guest powers off (ACPI S5); after the timeout aivmm is killed.
+    /// Stop the VM running on a workdir (or with that pid): aivmm presses the guest's
+    /// ACPI power button, the guest stops its command (SIGHUP and SIGTERM), unmounts
+    /// /work and powers off; after the timeout aivmm is killed.
     Stop {
         /// The workdir or the pid of the aivmm process.
         target: String,
         /// Seconds to wait for a clean power-off before killing it.
-        #[arg(long, default_value_t = 30)]
+        #[arg(long, default_value_t = 15)]
         timeout: u64,
     },
     /// Run a command in the VM running on a workdir (over vsock), as the user, in
@@ -117,6 +118,25 @@ pub enum ImageCommand {
     },
 }
 
+/// The size of a VM: the flags `aivmm run` and `aivmm builder serve/install`
+/// share. Unset flags stay `None`: each command applies its own defaults (and
+/// `aivmm run --workdir` its `aivmm.toml` first).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Args)]
+pub struct VmSizeArgs {
+    /// Number of vCPUs [default: 4 with --workdir and for the builder, else 1].
+    #[arg(long)]
+    pub cpus: Option<u32>,
+    /// Guest memory, e.g. 512M or 4G [default: 4G with --workdir and for the builder,
+    /// else 512M].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+    pub memory: Option<u64>,
+    /// Size of the persistent disk (sparse): the workdir's (home and Nix store
+    /// writes) or the builder's (/nix and the builds) [default: 16G for a workdir,
+    /// 64G for the builder].
+    #[arg(long, value_name = "SIZE", value_parser = parse_disk_size_arg)]
+    pub disk_size: Option<u64>,
+}
+
 /// Arguments of `aivmm run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -137,15 +157,9 @@ pub struct RunArgs {
     /// guest image's with --workdir].
     #[arg(long, value_name = "TEXT")]
     pub cmdline: Option<String>,
-    /// Number of vCPUs [default: 4 with --workdir, else 1].
-    #[arg(long)]
-    pub cpus: Option<u32>,
-    /// Guest memory, e.g. 512M or 4G [default: 4G with --workdir, else 512M].
-    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
-    pub memory: Option<u64>,
-    /// With --workdir: size of the persistent per-workdir disk (sparse) [default: 16G].
-    #[arg(long, value_name = "SIZE", value_parser = parse_disk_size_arg)]
-    pub disk_size: Option<u64>,
+    /// --cpus, --memory, --disk-size.
+    #[command(flatten)]
+    pub size: VmSizeArgs,
     /// With --workdir: pass an environment variable to the command (NAME takes its
     /// value from this environment). Sent over vsock, never on the kernel command line.
     #[arg(long, value_name = "NAME[=VALUE]")]
@@ -244,8 +258,8 @@ impl TryFrom<&RunArgs> for VmConfig {
                 .cmdline
                 .clone()
                 .unwrap_or_else(|| config::DEFAULT_CMDLINE.to_string()),
-            cpus: a.cpus.unwrap_or(1),
-            memory: a.memory.unwrap_or(512 << 20),
+            cpus: a.size.cpus.unwrap_or(1),
+            memory: a.size.memory.unwrap_or(512 << 20),
             acpi: !a.no_acpi,
             rng: !a.no_rng,
             disks: a

@@ -64,6 +64,9 @@ pub enum Error {
     /// Without ACPI there is no way to describe more than one CPU.
     #[error("--no-acpi supports one vCPU only: aivmm describes CPUs to the guest through ACPI")]
     SmpNeedsAcpi,
+    /// Two `--forward`s bind one host port.
+    #[error("--forward: host port {0}/{1} is forwarded twice")]
+    DuplicateForward(u16, &'static str),
 }
 
 /// `Result` of configuration checks.
@@ -93,8 +96,9 @@ pub fn check_disk_size(size: u64) -> Result<u64> {
     }
 }
 
-/// The most virtio devices: one interrupt line each, GSIs 5 to 23.
-pub const MAX_VIRTIO_DEVICES: usize = 19;
+/// The most virtio devices: one interrupt line each, GSIs 5 to 22 (23 is the
+/// power button's).
+pub const MAX_VIRTIO_DEVICES: usize = 18;
 
 /// Everything needed to build and boot one VM.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -313,6 +317,13 @@ impl VmConfig {
         if !self.forwards.is_empty() && self.net != NetMode::User {
             return Err(Error::ForwardNeedsUser);
         }
+        // The helper would refuse the second bind and leave the guest without network.
+        let mut ports: Vec<(u16, bool)> = self.forwards.iter().map(|f| (f.host, f.udp)).collect();
+        ports.sort_unstable();
+        if let Some(w) = ports.windows(2).find(|w| w[0] == w[1]) {
+            let proto = if w[0].1 { "udp" } else { "tcp" };
+            return Err(Error::DuplicateForward(w[0].0, proto));
+        }
         if let Some(v) = &self.vsock {
             // 0-2 are the hypervisor, local and host; u32::MAX is VMADDR_CID_ANY.
             if v.guest_cid < 3 || v.guest_cid >= u64::from(u32::MAX) {
@@ -332,7 +343,7 @@ impl VmConfig {
 /// The vmlinux cache directory, `<cache root>/kernels`, when `enabled` and there
 /// is a cache directory; otherwise `None` (the bzImage boots as it is).
 pub fn kernel_cache_dir(enabled: bool) -> Option<PathBuf> {
-    if !enabled {
+    if !enabled || !cfg!(target_arch = "x86_64") {
         return None;
     }
     crate::image::cache_root().ok().map(|d| d.join("kernels"))
@@ -365,6 +376,8 @@ pub fn parse_size(s: &str) -> Result<u64> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     fn cfg() -> VmConfig {
@@ -434,6 +447,20 @@ mod tests {
             }
             .validate(),
             Ok(())
+        );
+        let fwds = |list: &[&str]| VmConfig {
+            forwards: list.iter().map(|f| parse_forward(f).unwrap()).collect(),
+            net: NetMode::User,
+            ..cfg()
+        };
+        assert_eq!(
+            fwds(&["2222:22", "2222:23"]).validate(),
+            Err(Error::DuplicateForward(2222, "tcp"))
+        );
+        assert_eq!(fwds(&["53:53/udp", "53:53"]).validate(), Ok(()));
+        assert_eq!(
+            fwds(&["53:53/udp", "53:54/udp"]).validate(),
+            Err(Error::DuplicateForward(53, "udp"))
         );
         let v = |cid| {
             Some(VsockConfig {

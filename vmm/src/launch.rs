@@ -14,23 +14,32 @@
 //! Nothing secret goes on the kernel command line (every guest process can read
 //! it): `--env` values travel in the `Start` message over vsock.
 //!
-//! `aivmm stop` sends aivmm SIGTERM; aivmm asks the agent to stop the command
-//! ([`session::Control::shutdown`]), the agent exits and the guest's init powers
-//! off through ACPI (S5), which ends the VM.
+//! The VM is a [`machine::Machine`]: KVM's x86 VMM on Linux, the arm64 VM on
+//! Hypervisor.framework on macOS (whose default network is none: no passt).
+//!
+//! `aivmm stop` sends aivmm SIGTERM; aivmm presses the VM's power button (an
+//! ACPI Generic Event Device on x86, a GPIO line under `gpio-keys` on arm64:
+//! [`machine::Machine::power_button`]) and holds it, pressing again
+//! every [`PRESS_INTERVAL`] until the guest is gone, so a guest still booting sees
+//! it once its button driver is up. The guest agent stops the command (SIGHUP and
+//! SIGTERM, SIGKILL after 5 s) and exits; the guest's init unmounts `/work` and
+//! powers off (ACPI S5 on x86, PSCI SYSTEM_OFF on arm64), which ends the VM. A guest that ignores the
+//! button is killed by `aivmm stop` after its `--timeout`.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use crate::cli::RunArgs;
 use crate::config::{self, DiskConfig, Forward, NetMode, ShareConfig, VmConfig, VsockConfig};
-use crate::hypervisor::Hypervisor;
 use crate::image::{self, GuestImage};
 use crate::session::{self, Io, Mount, Session, Setup, Spec};
-use crate::vmm::{self as vm, Vmm};
+use crate::machine::{self, MachineBuilder, PowerButton};
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+use crate::vmm as vm;
 use crate::workdir::{self, Meta, Phase, WorkdirState};
 
 /// Errors of a workdir run.
@@ -71,8 +80,12 @@ pub enum Error {
     #[error("guest image: {0}")]
     Image(#[from] image::Error),
     /// The VM could not be built.
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
     #[error(transparent)]
     Vm(#[from] vm::Error),
+    /// The VM could not be built or failed.
+    #[error(transparent)]
+    Machine(#[from] machine::Error),
     /// The guest channel failed.
     #[error("{0}{1}")]
     Session(session::Error, String),
@@ -96,8 +109,6 @@ const DEFAULT_DISK_SIZE: u64 = 16 << 30;
 pub const WORK_TAG: &str = "work";
 /// How long aivmm waits for the guest to power off after the command exited.
 const POWEROFF_WAIT: Duration = Duration::from_secs(15);
-/// After `aivmm stop`: how long the command has between SIGTERM and SIGKILL.
-pub const STOP_GRACE_MS: u32 = 5000;
 /// Where the guest sees `--claude-auth`'s copy of `~/.claude.json`.
 const GUEST_CLAUDE_STATE: &str = "/run/aivmm/claude";
 
@@ -400,12 +411,10 @@ pub fn plan_extras(
         ));
     }
     if args.ssh {
-        match args.net.clone().unwrap_or(NetMode::User) {
+        match args.net.clone().unwrap_or_else(machine::default_net) {
             NetMode::User => {}
             _ => {
-                return Err(Error::Ssh(
-                    "needs user-mode networking (--net user, the default)".into(),
-                ))
+                return Err(Error::Ssh(machine::user_net_needed(std::env::consts::OS).into()))
             }
         }
         if x.forwards.iter().any(|f| f.guest == 22 && !f.udp) {
@@ -470,13 +479,13 @@ pub fn vm_config(
         kernel: image.kernel.clone(),
         initrd: (!image.initrd.as_os_str().is_empty()).then(|| image.initrd.clone()),
         cmdline: format!("{} aivmm.uid={} aivmm.gid={}", image.cmdline, ids.0, ids.1),
-        cpus: args.cpus.unwrap_or(DEFAULT_CPUS),
-        memory: args.memory.unwrap_or(DEFAULT_MEMORY),
+        cpus: args.size.cpus.unwrap_or(DEFAULT_CPUS),
+        memory: args.size.memory.unwrap_or(DEFAULT_MEMORY),
         acpi: !args.no_acpi,
         rng: !args.no_rng,
         disks,
         shares,
-        net: args.net.clone().unwrap_or(NetMode::User),
+        net: args.net.clone().unwrap_or_else(machine::default_net),
         forwards: extras.forwards.clone(),
         vsock: Some(VsockConfig {
             guest_cid: args.vsock_cid,
@@ -503,7 +512,7 @@ fn console_tail(path: &Path, n: usize) -> String {
         .collect();
     let start = lines.len().saturating_sub(n);
     for l in &lines[start..] {
-        log::info!("guest console: {l}");
+        tracing::info!("guest console: {l}");
     }
     match lines.last() {
         Some(last) => format!(
@@ -514,6 +523,12 @@ fn console_tail(path: &Path, n: usize) -> String {
         None => format!("; the guest console log {} is empty", path.display()),
     }
 }
+
+/// How often aivmm presses the power button again while the guest is still up.
+const PRESS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Set once a termination signal pressed the power button.
+static STOP_REQUESTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Set by the SIGTERM/SIGHUP handler; read by the thread [`forward_termination`] starts.
 static TERMINATE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
@@ -526,35 +541,49 @@ extern "C" fn note_termination(sig: libc::c_int, _: *mut libc::siginfo_t, _: *mu
 }
 
 /// Turns SIGTERM and SIGHUP to aivmm (`aivmm stop`, a closed terminal), and SIGINT
-/// when there is no terminal in raw mode to carry Ctrl-C, into a shutdown request
-/// to the agent: the command gets SIGHUP and SIGTERM (SIGKILL after
-/// [`STOP_GRACE_MS`]), the agent exits and the guest powers off.
-fn forward_termination(control: session::Control, state_dir: PathBuf, meta: Meta, tty: bool) {
+/// when there is no terminal in raw mode to carry Ctrl-C, into presses of the
+/// guest's ACPI power button: one at once, then one every [`PRESS_INTERVAL`]
+/// while the process lives (the guest may not have its button driver yet).
+fn forward_termination(button: Arc<dyn PowerButton>, state_dir: PathBuf, meta: Meta, tty: bool) {
     let mut signals = vec![libc::SIGTERM, libc::SIGHUP];
     if !tty {
         signals.push(libc::SIGINT);
     }
     for sig in signals {
-        if let Err(e) = vmm_sys_util::signal::register_signal_handler(sig, note_termination) {
-            log::warn!("cannot handle signal {sig}: {e}");
+        if let Err(e) = crate::signals::register_handler(sig, note_termination) {
+            tracing::warn!("cannot handle signal {sig}: {e}");
         }
     }
     let _ = std::thread::Builder::new()
         .name("signals".into())
-        .spawn(move || loop {
-            let sig = TERMINATE.swap(0, std::sync::atomic::Ordering::SeqCst);
-            if sig != 0 {
-                log::info!("signal {sig}: stopping the guest command; the guest powers off");
-                let _ = workdir::write_meta_at(
-                    &state_dir,
-                    &Meta {
-                        phase: Phase::Stopping,
-                        ..meta.clone()
-                    },
-                );
-                control.shutdown(STOP_GRACE_MS);
+        .spawn(move || {
+            let mut next_press: Option<Instant> = None;
+            let mut presses = 0u32;
+            loop {
+                let sig = TERMINATE.swap(0, std::sync::atomic::Ordering::SeqCst);
+                if sig != 0 && next_press.is_none() {
+                    tracing::info!("signal {sig}: pressing the power button; the guest shuts down");
+                    STOP_REQUESTED.store(true, std::sync::atomic::Ordering::SeqCst);
+                    let _ = workdir::write_meta_at(
+                        &state_dir,
+                        &Meta {
+                            phase: Phase::Stopping,
+                            ..meta.clone()
+                        },
+                    );
+                    next_press = Some(Instant::now());
+                }
+                if let Some(at) = next_press.filter(|at| Instant::now() >= *at) {
+                    match button.press() {
+                        Ok(()) if presses == 0 => tracing::info!("power button pressed"),
+                        Ok(()) => tracing::debug!("power button pressed again ({presses})"),
+                        Err(e) => tracing::warn!("cannot press the power button: {e}"),
+                    }
+                    presses += 1;
+                    next_press = Some(at + PRESS_INTERVAL);
+                }
+                std::thread::sleep(Duration::from_millis(50));
             }
-            std::thread::sleep(Duration::from_millis(50));
         });
 }
 
@@ -606,13 +635,13 @@ fn boot_spinner(first_boot: bool) -> Option<indicatif::ProgressBar> {
 }
 
 /// Runs the command of `args` in a VM on its workdir; returns its exit status.
-pub fn run(hv: &dyn Hypervisor, args: &RunArgs, workdir: &Path, started: Instant) -> Result<i32> {
+pub fn run(builder: &dyn MachineBuilder, args: &RunArgs, workdir: &Path, started: Instant) -> Result<i32> {
     let root = workdir::state_root();
     let state = WorkdirState::open(&root, workdir)?;
     if let Err(e) = crate::logging::to_file(&state.log_path()) {
-        log::warn!("{e}");
+        tracing::warn!("{e}");
     }
-    log::info!(
+    tracing::info!(
         "aivmm {} run on {} (state {})",
         env!("CARGO_PKG_VERSION"),
         state.workdir.display(),
@@ -623,16 +652,16 @@ pub fn run(hv: &dyn Hypervisor, args: &RunArgs, workdir: &Path, started: Instant
     let ids = unsafe { (libc::getuid(), libc::getgid()) };
     let extras = plan_extras(args, ids, &state.dir, &root)?;
     let image = resolve_image(args)?;
-    log::info!(
+    tracing::info!(
         "guest image: kernel {}, rootfs {}",
         image.kernel.display(),
         image.rootfs.display()
     );
     let first_boot = !state.has_state_disk();
-    let state_disk = state.state_disk(args.disk_size.unwrap_or(DEFAULT_DISK_SIZE))?;
+    let state_disk = state.state_disk(args.size.disk_size.unwrap_or(DEFAULT_DISK_SIZE))?;
     let agent_dir = state.stage_agent(&agent_binary()?)?;
     let config = vm_config(args, &image, &state, &state_disk, &agent_dir, ids, &extras)?;
-    log::info!(
+    tracing::info!(
         "VM: {} vCPUs, {} MiB, {} shares, net {:?}, forwards {:?}",
         config.cpus,
         config.memory >> 20,
@@ -648,7 +677,7 @@ pub fn run(hv: &dyn Hypervisor, args: &RunArgs, workdir: &Path, started: Instant
 
     let log_path = state.console_log();
     let console = File::create(&log_path).map_err(|e| Error::Io(log_path.clone(), e))?;
-    let vmm = Vmm::build(hv, &config, started, Box::new(console))?;
+    let vmm = builder.build(&config, started, Box::new(console))?;
     let forwards = extras
         .forwards
         .iter()
@@ -674,19 +703,19 @@ pub fn run(hv: &dyn Hypervisor, args: &RunArgs, workdir: &Path, started: Instant
             if let Some(pb) = spinner {
                 pb.finish_and_clear();
             }
-            log::info!("the guest agent is ready after {:?}", t.elapsed());
+            tracing::info!("the guest agent is ready after {:?}", t.elapsed());
             let running = Meta {
                 phase: Phase::Running,
                 ..meta
             };
             if let Err(e) = workdir::write_meta_at(&dir, &running) {
-                log::warn!("{e}");
+                tracing::warn!("{e}");
             }
         }));
     }
 
     let tty = is_tty(libc::STDIN_FILENO) && is_tty(libc::STDOUT_FILENO);
-    forward_termination(sess.control(), state.dir.clone(), meta.clone(), tty);
+    forward_termination(vmm.power_button(), state.dir.clone(), meta.clone(), tty);
     let control = sess.control();
     let (done_tx, done_rx) = mpsc::channel();
     std::thread::Builder::new()
@@ -714,21 +743,31 @@ pub fn run(hv: &dyn Hypervisor, args: &RunArgs, workdir: &Path, started: Instant
     }
     match result {
         Ok(code) => {
-            log::info!("the command exited with status {code}");
+            tracing::info!("the command exited with status {code}");
             // The agent has exited; the guest's init powers off now.
             match done_rx.recv_timeout(POWEROFF_WAIT) {
-                Ok(Ok(exit)) => log::info!("the VM ended: {exit:?}"),
+                Ok(Ok(exit)) => tracing::info!("the VM ended: {exit:?}"),
                 Ok(Err(e)) => {
-                    log::warn!("the VM stopped with an error after the command exited: {e}")
+                    tracing::warn!("the VM stopped with an error after the command exited: {e}")
                 }
                 Err(_) => {
-                    log::warn!("the guest did not power off within {POWEROFF_WAIT:?}; stopping it")
+                    tracing::warn!("the guest did not power off within {POWEROFF_WAIT:?}; stopping it")
                 }
             }
             Ok(code)
         }
         Err(session::Error::StoppedEarly) => {
-            log::info!("stopped while the guest was starting");
+            tracing::info!("stopped while the guest was starting");
+            Ok(128 + LAST_SIGNAL.load(std::sync::atomic::Ordering::SeqCst))
+        }
+        // The power button ended the guest before its command ran.
+        Err(e) if STOP_REQUESTED.load(std::sync::atomic::Ordering::SeqCst) => {
+            tracing::info!("stopped while the guest was starting ({e})");
+            match done_rx.recv_timeout(POWEROFF_WAIT) {
+                Ok(Ok(exit)) => tracing::info!("the VM ended: {exit:?}"),
+                Ok(Err(e)) => tracing::warn!("the VM stopped with an error: {e}"),
+                Err(_) => tracing::warn!("the guest did not power off within {POWEROFF_WAIT:?}"),
+            }
             Ok(128 + LAST_SIGNAL.load(std::sync::atomic::Ordering::SeqCst))
         }
         Err(session::Error::Cancelled) => {

@@ -8,17 +8,29 @@ pub mod arch;
 pub mod builder;
 pub mod cli;
 pub mod config;
+// The virtio devices of a configuration, shared by both backends.
+pub mod devices_setup;
+// Host stdin into the serial console (`aivmm run --kernel`).
+pub mod console;
 pub mod hypervisor;
 pub mod image;
 pub mod launch;
 pub mod logging;
+// The VM behind one interface (KVM or Hypervisor.framework), for the session layer.
+pub mod machine;
 pub mod manage;
 pub mod seccomp;
 pub mod session;
 pub mod settings;
+// Signal handlers without vmm-sys-util's Linux-only `signal` module.
+pub mod signals;
+// The x86 VM on KVM.
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub mod vmm;
 // The arm64 VM on Hypervisor.framework: portable, tested on Linux against a fake.
 pub mod vmm_hvf;
 #[cfg(target_os = "macos")]
 pub mod vmm_hvf_darwin;
+// `aivmm run` on HVF: backend selection and the CLI's config as the HVF builder's parts.
+pub mod vmm_hvf_run;
 pub mod workdir;

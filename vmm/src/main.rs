@@ -1,20 +1,19 @@
 //! The aivmm binary: parses the command line and runs the VM.
 
-use std::io::{Read, Write};
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+use std::io::Write;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use aivmm::cli::{Cli, Command, ImageCommand, RunArgs};
-use aivmm::config::VmConfig;
-use aivmm::hypervisor::kvm::KvmHypervisor;
-use aivmm::vmm::{VmExit, Vmm};
-use aivmm_devices::legacy::serial::Serial;
+use aivmm::cli::{Cli, Command, ImageCommand};
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+use aivmm::{
+    cli::RunArgs,
+    config::VmConfig,
+    hypervisor::kvm::KvmHypervisor,
+    vmm::{VmExit, Vmm},
+};
 use clap::Parser;
-use vmm_sys_util::terminal::Terminal;
-
-/// Ctrl-A, the escape key of the console.
-const ESCAPE: u8 = 0x01;
 
 fn main() -> ExitCode {
     let started = Instant::now();
@@ -27,7 +26,20 @@ fn main() -> ExitCode {
             .map_err(Box::<dyn std::error::Error>::from)
     };
     let result = match cli.command {
+        // macOS: Hypervisor.framework (vmm_hvf_run); Linux: KVM.
+        #[cfg(target_os = "macos")]
+        Command::Run(mut args) => aivmm::vmm_hvf_darwin::run_cli(&mut args, started)
+            .map(|c| ExitCode::from(c.clamp(0, 255) as u8))
+            .map_err(Into::into),
+        #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
         Command::Run(mut args) => run(&mut args, started),
+        // No backend (arm64 Linux has no KVM VMM yet): one clear error.
+        #[cfg(not(any(target_os = "macos", all(target_os = "linux", target_arch = "x86_64"))))]
+        Command::Run(_) => Err(aivmm::vmm_hvf_run::Error::Host {
+            os: std::env::consts::OS.into(),
+            arch: std::env::consts::ARCH.into(),
+        }
+        .into()),
         Command::Image { command } => image(command),
         Command::Builder { command } => match aivmm::builder::run(command) {
             Ok(c) => Ok(ExitCode::from(c.clamp(0, 255) as u8)),
@@ -108,39 +120,21 @@ fn raise_fd_limit() {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
             lim.rlim_cur = lim.rlim_max;
             if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                log::debug!("cannot raise the open-file limit");
+                tracing::debug!("cannot raise the open-file limit");
             }
         }
     }
 }
 
-/// Restores the terminal's canonical mode when dropped.
-struct RawTerminal(bool);
-
-impl RawTerminal {
-    fn enter() -> Self {
-        // SAFETY: isatty only inspects the descriptor.
-        let tty = unsafe { libc::isatty(libc::STDIN_FILENO) } == 1;
-        Self(tty && std::io::stdin().lock().set_raw_mode().is_ok())
-    }
-}
-
-impl Drop for RawTerminal {
-    fn drop(&mut self) {
-        if self.0 {
-            let _ = std::io::stdin().lock().set_canon_mode();
-        }
-    }
-}
-
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 fn run(args: &mut RunArgs, started: Instant) -> Result<ExitCode, Box<dyn std::error::Error>> {
     if let Some(workdir) = args.workdir.clone() {
         if let Some(file) = aivmm::settings::apply(args, &workdir)? {
-            log::info!("settings from {}", file.display());
+            tracing::info!("settings from {}", file.display());
         }
         let workdir = &workdir;
         let hv = KvmHypervisor::new()?;
-        let code = aivmm::launch::run(&hv, args, workdir, started)?;
+        let code = aivmm::launch::run(&aivmm::machine::Kvm(&hv), args, workdir, started)?;
         let _ = std::io::stdout().flush();
         // Exit at once: vCPU and device threads end with the process.
         std::process::exit(code);
@@ -148,62 +142,14 @@ fn run(args: &mut RunArgs, started: Instant) -> Result<ExitCode, Box<dyn std::er
     let config = VmConfig::try_from(&*args)?;
     let hv = KvmHypervisor::new()?;
     let vmm = Vmm::build(&hv, &config, started, Box::new(std::io::stdout()))?;
-    let raw = RawTerminal::enter();
-    spawn_stdin_pump(vmm.serial(), raw.0);
+    let raw = aivmm::console::RawTerminal::enter();
+    aivmm::console::spawn_stdin_pump(vmm.serial(), raw.is_raw());
     let exit = vmm.run();
     let _ = std::io::stdout().flush();
     drop(raw);
     match exit? {
-        VmExit::PowerOff => log::info!("guest powered off"),
-        VmExit::Reset => log::info!("guest reset; stopping"),
+        VmExit::PowerOff => tracing::info!("guest powered off"),
+        VmExit::Reset => tracing::info!("guest reset; stopping"),
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Copies stdin to the serial console. On a terminal, Ctrl-A x stops the VM and
-/// Ctrl-A Ctrl-A sends one Ctrl-A.
-fn spawn_stdin_pump(serial: Arc<Mutex<Serial>>, tty: bool) {
-    let _ = std::thread::Builder::new()
-        .name("stdin".into())
-        .spawn(move || {
-            let mut stdin = std::io::stdin();
-            let mut buf = [0u8; 256];
-            let mut escaped = false;
-            loop {
-                let n = match stdin.read(&mut buf) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => n,
-                };
-                let mut out = Vec::with_capacity(n);
-                for &b in &buf[..n] {
-                    if tty && escaped {
-                        escaped = false;
-                        match b {
-                            b'x' | b'X' => {
-                                let _ = std::io::stdin().lock().set_canon_mode();
-                                eprintln!("\r\naivmm: stopped from the console");
-                                std::process::exit(0);
-                            }
-                            ESCAPE => out.push(ESCAPE),
-                            _ => out.extend([ESCAPE, b]),
-                        }
-                    } else if tty && b == ESCAPE {
-                        escaped = true;
-                    } else {
-                        out.push(b);
-                    }
-                }
-                let mut rest = &out[..];
-                while !rest.is_empty() {
-                    let taken = serial
-                        .lock()
-                        .map(|mut s| s.enqueue_input(rest))
-                        .unwrap_or(rest.len());
-                    rest = &rest[taken..];
-                    if !rest.is_empty() {
-                        std::thread::sleep(Duration::from_millis(2));
-                    }
-                }
-            }
-        });
 }

@@ -3,8 +3,9 @@
 //!
 //! A running VM is a state directory whose lock is held ([`crate::workdir::running`]);
 //! its `vm.json` says which workdir, which process, since when, its phase and its
-//! ports. `stop` sends that process SIGTERM (which it turns into a clean guest
-//! power-off) and kills it after a timeout; `exec` opens a new session through the
+//! ports. `stop` sends that process SIGTERM, which it turns into presses of the
+//! guest's ACPI power button (a clean guest shutdown and power-off), and kills it
+//! if the guest is still up after a timeout; `exec` opens a new session through the
 //! VM's vsock socket ([`Session::exec`]).
 
 use std::io::Write;
@@ -113,8 +114,9 @@ fn alive(pid: libc::pid_t) -> bool {
     unsafe { libc::kill(pid, 0) == 0 }
 }
 
-/// `aivmm stop`: SIGTERM (aivmm asks the guest to stop its command and power
-/// off), then SIGKILL after `timeout` seconds. Returns 0 when it stopped by itself.
+/// `aivmm stop`: SIGTERM (aivmm presses the guest's ACPI power button; the guest
+/// stops its command, unmounts and powers off), then SIGKILL after `timeout`
+/// seconds. Returns 0 when the guest powered off, 1 when it had to be killed.
 pub fn stop(target: &str, timeout: u64) -> Result<i32> {
     let (_, m) = find(target)?;
     let pid = libc::pid_t::try_from(m.pid).map_err(|_| Error::NotRunning(target.into()))?;
@@ -127,7 +129,7 @@ pub fn stop(target: &str, timeout: u64) -> Result<i32> {
     while alive(pid) {
         if Instant::now() >= deadline {
             eprintln!(
-                "aivmm: the VM on {} did not power off within {timeout} s; killing it (pid {pid})",
+                "aivmm: the VM on {} did not power off within {timeout} s of the power button; killing it (pid {pid})",
                 m.workdir.display()
             );
             // SAFETY: as above.
@@ -138,7 +140,7 @@ pub fn stop(target: &str, timeout: u64) -> Result<i32> {
     }
     if !crate::logging::quiet() {
         eprintln!(
-            "aivmm: stopped the VM on {} ({:.1} s)",
+            "aivmm: the VM on {} powered off after the power button ({:.1} s)",
             m.workdir.display(),
             t.elapsed().as_secs_f64()
         );

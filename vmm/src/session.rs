@@ -172,6 +172,7 @@ impl Control {
     }
 }
 
+#[cfg(target_os = "linux")]
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [-1; 2];
     // SAFETY: pipe2 writes two descriptors to a valid array.
@@ -180,6 +181,32 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     }
     // SAFETY: pipe2 succeeded; both are new descriptors that nothing else owns.
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// macOS has no pipe2: pipe, then the flags with fcntl (aivmm does not fork
+/// between the two).
+#[cfg(not(target_os = "linux"))]
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [-1; 2];
+    // SAFETY: pipe writes two descriptors to a valid array.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe succeeded; both are new descriptors that nothing else owns.
+    let pair = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    for fd in fds {
+        // SAFETY: fcntl on a descriptor we own, with integer arguments only.
+        let ok = unsafe {
+            let fl = libc::fcntl(fd, libc::F_GETFL);
+            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) == 0
+                && fl >= 0
+                && libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK) == 0
+        };
+        if !ok {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(pair)
 }
 
 /// The socket the agent's connections arrive on: `<uds_path>_<AGENT_PORT>`.
@@ -495,10 +522,24 @@ static WINCH_FDS: [AtomicI32; 8] = [const { AtomicI32::new(-1) }; 8];
 /// Handlers running now; a slot's descriptor is closed only when this is zero.
 static IN_WINCH_HANDLER: AtomicUsize = AtomicUsize::new(0);
 
+/// This thread's errno slot.
+#[cfg(target_os = "linux")]
+fn errno_slot() -> *mut libc::c_int {
+    // SAFETY: __errno_location has no preconditions.
+    unsafe { libc::__errno_location() }
+}
+
+/// This thread's errno slot (macOS names it `__error`).
+#[cfg(not(target_os = "linux"))]
+fn errno_slot() -> *mut libc::c_int {
+    // SAFETY: __error has no preconditions.
+    unsafe { libc::__error() }
+}
+
 extern "C" fn on_winch(_: libc::c_int) {
     IN_WINCH_HANDLER.fetch_add(1, Ordering::SeqCst);
     // SAFETY: errno is thread-local; the handler saves and restores it.
-    let errno = unsafe { *libc::__errno_location() };
+    let errno = unsafe { *errno_slot() };
     for slot in &WINCH_FDS {
         let fd = slot.load(Ordering::SeqCst);
         if fd >= 0 {
@@ -506,7 +547,7 @@ extern "C" fn on_winch(_: libc::c_int) {
         }
     }
     // SAFETY: as above.
-    unsafe { *libc::__errno_location() = errno };
+    unsafe { *errno_slot() = errno };
     IN_WINCH_HANDLER.fetch_sub(1, Ordering::SeqCst);
 }
 

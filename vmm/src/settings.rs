@@ -115,18 +115,18 @@ pub fn apply(args: &mut RunArgs, workdir: &Path) -> Result<Option<PathBuf>> {
 /// Fills what `args` leaves unset from `s`, and puts `s`'s lists first.
 pub fn merge(args: &mut RunArgs, s: Settings, path: &Path) -> Result<()> {
     let bad = |what: &str, e: config::Error| Error::Parse { path: path.to_path_buf(), reason: format!("{what}: {e}") };
-    if args.cpus.is_none() {
-        args.cpus = s.cpus;
+    if args.size.cpus.is_none() {
+        args.size.cpus = s.cpus;
     }
-    if args.memory.is_none() {
+    if args.size.memory.is_none() {
         if let Some(m) = &s.memory {
-            args.memory = Some(config::parse_size(m).map_err(|e| bad("memory", e))?);
+            args.size.memory = Some(config::parse_size(m).map_err(|e| bad("memory", e))?);
         }
     }
-    if args.disk_size.is_none() {
+    if args.size.disk_size.is_none() {
         if let Some(d) = &s.disk_size {
             let size = config::parse_size(d).and_then(config::check_disk_size);
-            args.disk_size = Some(size.map_err(|e| bad("disk_size", e))?);
+            args.size.disk_size = Some(size.map_err(|e| bad("disk_size", e))?);
         }
     }
     if args.net.is_none() {
@@ -184,9 +184,9 @@ mod tests {
         .unwrap();
         let mut a = args(&["--memory", "2G", "--forward", "8080:80"]);
         merge(&mut a, s, p).unwrap();
-        assert_eq!(a.cpus, Some(8));
-        assert_eq!(a.memory, Some(2 << 30), "the flag wins");
-        assert_eq!(a.disk_size, Some(32 << 30));
+        assert_eq!(a.size.cpus, Some(8));
+        assert_eq!(a.size.memory, Some(2 << 30), "the flag wins");
+        assert_eq!(a.size.disk_size, Some(32 << 30));
         assert_eq!(a.net, Some(config::NetMode::None));
         let fwd: Vec<u16> = a.forward.iter().map(|f| f.host).collect();
         assert_eq!(fwd, vec![3000, 8080]);
@@ -201,7 +201,7 @@ mod tests {
 
         let mut b = args(&["--disk-size", "4G"]);
         merge(&mut b, parse("disk_size = \"32G\"", p).unwrap(), p).unwrap();
-        assert_eq!(b.disk_size, Some(4 << 30), "an explicit --disk-size wins");
+        assert_eq!(b.size.disk_size, Some(4 << 30), "an explicit --disk-size wins");
     }
 
     #[test]
@@ -223,6 +223,6 @@ mod tests {
         assert_eq!(find(w.path()), Some(w.path().join("aivmm.toml")));
         let mut a = args(&[]);
         assert_eq!(apply(&mut a, w.path()).unwrap(), Some(w.path().join("aivmm.toml")));
-        assert_eq!(a.cpus, Some(2));
+        assert_eq!(a.size.cpus, Some(2));
     }
 }

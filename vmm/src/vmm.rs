@@ -15,16 +15,16 @@ use std::time::Instant;
 
 use aivmm_devices::bus::Bus;
 use aivmm_devices::legacy::{
-    acpi_pm::AcpiPm, boot_timer::BootTimer, i8042::I8042, serial::Serial, ExitHandler,
+    acpi_pm::AcpiPm, boot_timer::BootTimer, ged::Ged, i8042::I8042, serial::Serial, ExitHandler,
 };
 use aivmm_devices::virtio::mmio::MmioTransport;
-use aivmm_devices::virtio::VirtioDevice;
 use aivmm_devices::{EventFdInterrupt, ExitReason, Interrupt};
 use vm_memory::{GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::x86_64::{acpi, boot, layout, regs};
 use crate::config::VmConfig;
+use crate::devices_setup::virtio_devices;
 use crate::hypervisor::{self, Hypervisor, IoEventAddress, Vcpu, VcpuExit, Vm};
 
 /// Errors while building or running a VM.
@@ -64,6 +64,9 @@ pub enum Error {
     /// There are more virtio devices than free IRQs.
     #[error("too many devices: no interrupt line left")]
     OutOfIrqs,
+    /// A virtio device could not be created.
+    #[error(transparent)]
+    Devices(#[from] crate::devices_setup::Error),
     /// A vCPU thread could not be started.
     #[error("cannot start a vCPU thread: {0}")]
     Thread(std::io::Error),
@@ -86,14 +89,7 @@ pub enum Error {
 /// `Result` of VM operations.
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// How a VM ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum VmExit {
-    /// The guest powered off.
-    PowerOff,
-    /// The guest rebooted; aivmm does not restart it.
-    Reset,
-}
+pub use crate::machine::VmExit;
 
 /// Where console output and the VM's exit go.
 type ExitSender = mpsc::Sender<std::result::Result<VmExit, Error>>;
@@ -106,6 +102,8 @@ pub struct Vmm {
     io_bus: Arc<Bus>,
     mmio_bus: Arc<Bus>,
     serial: Arc<Mutex<Serial>>,
+    /// The ACPI Generic Event Device: the guest's power button.
+    ged: Arc<Mutex<Ged>>,
     exit_tx: ExitSender,
     exit_rx: mpsc::Receiver<std::result::Result<VmExit, Error>>,
     /// Set once the guest asked to stop: vCPUs run no more guest code after it.
@@ -281,6 +279,10 @@ impl Vmm {
                 layout::ACPI_PM_LEN,
             )
             .map_err(|e| device_err("acpi-pm", e))?;
+        let ged = Arc::new(Mutex::new(Ged::new(irqfd(&*vm, layout::GED_IRQ, "ged")?)));
+        io_bus
+            .insert(ged.clone(), layout::GED_PORT, layout::GED_LEN)
+            .map_err(|e| device_err("ged", e))?;
         mmio_bus
             .insert(
                 Arc::new(Mutex::new(BootTimer::new(started))),
@@ -295,7 +297,7 @@ impl Vmm {
             let name = name.as_str();
             let addr = layout::VIRTIO_MMIO_START + i as u64 * layout::VIRTIO_MMIO_SIZE;
             let irq = layout::VIRTIO_IRQ_START + i as u32;
-            if irq > layout::IRQ_MAX {
+            if irq > layout::VIRTIO_IRQ_MAX {
                 return Err(Error::OutOfIrqs);
             }
             let transport = MmioTransport::new(dev, mem.clone(), irqfd(&*vm, irq, name)?)
@@ -358,6 +360,7 @@ impl Vmm {
             io_bus: Arc::new(io_bus),
             mmio_bus: Arc::new(mmio_bus),
             serial,
+            ged,
             exit_tx,
             exit_rx,
             stopping,
@@ -372,6 +375,12 @@ impl Vmm {
         self.serial.clone()
     }
 
+    /// The power button (an ACPI Generic Event Device): pressing it asks an ACPI
+    /// guest to shut down; the guest then powers off through the PM block.
+    pub fn power_button(&self) -> Arc<Mutex<Ged>> {
+        self.ged.clone()
+    }
+
     /// Guest memory.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.mem
@@ -380,9 +389,10 @@ impl Vmm {
     /// Starts the vCPUs and waits until the guest powers off or resets, or a
     /// vCPU fails. vCPU threads still running are left to end with the process.
     ///
-    /// With seccomp on, every thread of the process gets the API filter first, the
-    /// device worker spawner the device filter, and each vCPU thread the vCPU filter
-    /// before it runs guest code (see [`crate::seccomp`]).
+    /// With seccomp on, every thread of the process gets the process filter first,
+    /// the device worker spawner the device filter, each vCPU thread the vCPU filter
+    /// before it runs guest code, and then every other thread the API filter (see
+    /// [`crate::seccomp`]).
     pub fn run(mut self) -> Result<VmExit> {
         log::debug!("setup took {:?} since exec", self.started.elapsed());
         if let Some(filters) = &self.seccomp {
@@ -422,6 +432,10 @@ impl Vmm {
                 })
                 .map(|t| threads.push(t))
                 .map_err(Error::Thread)?;
+        }
+        if let Some(filters) = &self.seccomp {
+            let n = filters.restrict_api_threads(n_vcpus)?;
+            log::debug!("seccomp: the API filter is on this thread and {n} other(s)");
         }
         let panic = || self.panic_line.lock().ok().and_then(|p| p.clone());
         let exit = loop {
@@ -585,76 +599,6 @@ pub fn allocate_guest_memory(
         regions.push(GuestRegionMmap::new(region, base).ok_or("guest RAM range overflows")?);
     }
     GuestMemoryMmap::from_regions(regions).map_err(|e| e.to_string())
-}
-
-/// Creates the virtio devices of `config`, in the order they are placed: disks
-/// first (so the guest names them vda, vdb, … in `--disk` order), then shares, then rng.
-fn virtio_devices(config: &VmConfig) -> Result<Vec<(String, Box<dyn VirtioDevice>)>> {
-    use aivmm_devices::virtio::{block, fs, rng};
-    let mut out: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
-    for d in &config.disks {
-        let name = format!("virtio-blk {}", d.path.display());
-        let dev = block::Block::new(block::BlockConfig {
-            path: d.path.clone(),
-            read_only: d.read_only,
-            id: None,
-        })
-        .map_err(|e| device_err(&name, e))?;
-        out.push((name, Box::new(dev)));
-    }
-    for s in &config.shares {
-        let name = format!("virtio-fs {}", s.path.display());
-        let cache = match s.cache {
-            crate::config::FsCache::None => fs::CachePolicy::None,
-            crate::config::FsCache::Auto => fs::CachePolicy::Auto,
-            crate::config::FsCache::Always => fs::CachePolicy::Always,
-        };
-        let cfg = fs::FsConfig {
-            read_only: s.read_only,
-            cache,
-            ..fs::FsConfig::new(&s.path, &s.tag)
-        };
-        out.push((
-            name.clone(),
-            Box::new(fs::Fs::new(cfg).map_err(|e| device_err(&name, e))?),
-        ));
-    }
-    if config.net != crate::config::NetMode::None {
-        use aivmm_devices::virtio::net;
-        let backend = match &config.net {
-            crate::config::NetMode::Tap(name) => net::BackendConfig::Tap { name: name.clone() },
-            crate::config::NetMode::Unix(path) => {
-                net::BackendConfig::UnixDgram { path: path.clone() }
-            }
-            _ => net::BackendConfig::Passt {
-                forwards: config
-                    .forwards
-                    .iter()
-                    .map(|f| net::PortForward {
-                        host_port: f.host,
-                        guest_port: f.guest,
-                        udp: f.udp,
-                    })
-                    .collect(),
-            },
-        };
-        let dev = net::Net::new(net::NetConfig { backend, mac: None })
-            .map_err(|e| device_err("virtio-net", e))?;
-        out.push(("virtio-net".into(), Box::new(dev)));
-    }
-    if let Some(v) = &config.vsock {
-        use aivmm_devices::virtio::vsock;
-        let dev = vsock::Vsock::new(vsock::VsockConfig {
-            guest_cid: v.guest_cid,
-            uds_path: v.uds_path.clone(),
-        })
-        .map_err(|e| device_err("virtio-vsock", e))?;
-        out.push(("virtio-vsock".into(), Box::new(dev)));
-    }
-    if config.rng {
-        out.push(("virtio-rng".into(), Box::new(rng::Rng::new())));
-    }
-    Ok(out)
 }
 
 /// Runs one vCPU until the guest stops it or it fails. Once `stopping` is set

@@ -21,9 +21,8 @@
 //!
 //! All of this is generic over [`HvfApi`], so it builds and is tested on Linux
 //! against the fake framework; `vmm_hvf_darwin.rs` (macOS only) plugs in the real
-//! one. The device crate's virtio devices still use Linux's `EventFd` and epoll,
-//! so on a Mac only the UART and boot timer are usable until they move to
-//! [`crate::hypervisor::hvf::notify`].
+//! one. The virtio devices' notifiers and pollers come from
+//! [`aivmm_devices::sys`] (a pipe and kqueue on macOS).
 
 use std::io::{Read, Write};
 use std::sync::mpsc;
@@ -32,7 +31,7 @@ use std::thread;
 use std::time::Instant;
 
 use aivmm_devices::bus::Bus;
-use aivmm_devices::legacy::{BootTimer, Serial};
+use aivmm_devices::legacy::{pl061, BootTimer, Pl061, Serial};
 use aivmm_devices::virtio::mmio::MmioTransport;
 use aivmm_devices::virtio::VirtioDevice;
 use vm_memory::mmap::MmapRegionBuilder;
@@ -42,13 +41,13 @@ use vm_memory::{
 
 use crate::arch::aarch64::fdt::{self, FdtConfig, GicLayout, MmioDevice};
 use crate::arch::aarch64::layout::{
-    BOOT_TIMER_ADDR, BOOT_TIMER_SIZE, DRAM_START, MAX_VCPUS, SERIAL_ADDR, SERIAL_SIZE, SERIAL_SPI,
+    BOOT_TIMER_ADDR, BOOT_TIMER_SIZE, DRAM_START, GPIO_ADDR, GPIO_SIZE, GPIO_SPI, MAX_VCPUS, SERIAL_ADDR, SERIAL_SIZE, SERIAL_SPI,
     VIRTIO_MMIO_MAX, VIRTIO_MMIO_SIZE,
 };
 use crate::arch::aarch64::{boot_regs, image, layout};
 use crate::hypervisor::hvf::{self, HvfApi, HvfHypervisor, HvfVcpu, HvfVm, HOST_PAGE_SIZE};
 use crate::hypervisor::VcpuExit;
-use crate::vmm::VmExit;
+use crate::machine::VmExit;
 
 /// Errors of the HVF VM builder.
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +116,8 @@ pub struct Plan {
     pub ram_size: u64,
     /// The console UART.
     pub serial: MmioDevice,
+    /// The PL061 GPIO controller (the power button).
+    pub gpio: MmioDevice,
     /// The virtio-mmio devices, in order.
     pub virtio: Vec<MmioDevice>,
 }
@@ -171,6 +172,11 @@ impl Plan {
                 size: SERIAL_SIZE,
                 spi: SERIAL_SPI,
             },
+            gpio: MmioDevice {
+                addr: GPIO_ADDR,
+                size: GPIO_SIZE,
+                spi: GPIO_SPI,
+            },
             virtio,
         })
     }
@@ -195,6 +201,7 @@ pub fn device_tree(
         initrd,
         gic,
         serial: Some(plan.serial),
+        gpio: Some((plan.gpio, pl061::POWER_LINE)),
         virtio: &plan.virtio,
     })?)
 }
@@ -308,6 +315,8 @@ pub struct HvfMachine<A: HvfApi> {
     vm: Arc<HvfVm<A>>,
     vcpus: Vec<HvfVcpu<A>>,
     bus: Arc<Bus>,
+    serial: Arc<Mutex<Serial>>,
+    gpio: Arc<Mutex<Pl061>>,
     /// Guest RAM.
     pub mem: GuestMemoryMmap,
     /// The layout.
@@ -356,13 +365,15 @@ impl<A: HvfApi> HvfMachine<A> {
         )?;
 
         let mut bus = Bus::new();
-        let serial = Serial::new(vm.interrupt(plan.serial.spi), parts.console);
-        bus.insert(
-            Arc::new(Mutex::new(serial)),
-            plan.serial.addr,
-            plan.serial.size,
-        )
-        .map_err(|e| device_err("serial", e))?;
+        let serial = Arc::new(Mutex::new(Serial::new(
+            vm.interrupt(plan.serial.spi),
+            parts.console,
+        )));
+        bus.insert(serial.clone(), plan.serial.addr, plan.serial.size)
+            .map_err(|e| device_err("serial", e))?;
+        let gpio = Arc::new(Mutex::new(Pl061::new(vm.interrupt(plan.gpio.spi))));
+        bus.insert(gpio.clone(), plan.gpio.addr, plan.gpio.size)
+            .map_err(|e| device_err("gpio", e))?;
         bus.insert(
             Arc::new(Mutex::new(BootTimer::new(parts.started))),
             BOOT_TIMER_ADDR,
@@ -388,10 +399,27 @@ impl<A: HvfApi> HvfMachine<A> {
             vm: Arc::new(vm),
             vcpus,
             bus: Arc::new(bus),
+            serial,
+            gpio,
             mem,
             plan,
             boot,
             gic,
+        })
+    }
+
+    /// The console UART, for feeding it host input.
+    pub fn serial(&self) -> Arc<Mutex<Serial>> {
+        self.serial.clone()
+    }
+
+    /// The power button: the PL061's [`pl061::POWER_LINE`], which the device
+    /// tree hands to `gpio-keys`.
+    pub fn power_button(&self) -> Arc<GpioPowerButton> {
+        Arc::new(GpioPowerButton {
+            gpio: self.gpio.clone(),
+            line: pl061::POWER_LINE,
+            hold: POWER_BUTTON_HOLD,
         })
     }
 
@@ -433,6 +461,37 @@ impl<A: HvfApi> HvfMachine<A> {
     }
 }
 
+/// How long a press holds the power button's line high: well past the 5 ms
+/// `gpio-keys` waits (its debounce) before it reads the line.
+pub const POWER_BUTTON_HOLD: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The power button of an arm64 guest: a GPIO input line that a press raises
+/// for [`POWER_BUTTON_HOLD`] and then lowers, so that every press is a
+/// `KEY_POWER` press and release for the guest.
+pub struct GpioPowerButton {
+    gpio: Arc<Mutex<Pl061>>,
+    line: u32,
+    hold: std::time::Duration,
+}
+
+impl GpioPowerButton {
+    fn set(&self, high: bool) -> std::io::Result<()> {
+        self.gpio
+            .lock()
+            .map_err(|_| std::io::Error::other("the GPIO controller's lock is poisoned"))?
+            .set_input(self.line, high)
+    }
+}
+
+impl crate::machine::PowerButton for GpioPowerButton {
+    /// Blocks the caller for the hold time (the lock is free meanwhile).
+    fn press(&self) -> std::io::Result<()> {
+        self.set(true)?;
+        thread::sleep(self.hold);
+        self.set(false)
+    }
+}
+
 /// One vCPU's loop. `None` when it was stopped from outside.
 fn run_vcpu<A: HvfApi>(mut vcpu: HvfVcpu<A>, bus: &Bus) -> Option<Result<VmExit>> {
     let index = vcpu.index();
@@ -467,7 +526,7 @@ fn run_vcpu<A: HvfApi>(mut vcpu: HvfVcpu<A>, bus: &Bus) -> Option<Result<VmExit>
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
 
     use std::sync::Mutex;
@@ -489,7 +548,7 @@ mod tests {
     }
 
     /// A minimal arm64 `Image`: the header and a little code.
-    fn image() -> Vec<u8> {
+    pub(crate) fn image() -> Vec<u8> {
         let mut h = vec![0u8; 4096];
         h[0..4].copy_from_slice(&0x1400_0010u32.to_le_bytes());
         h[8..16].copy_from_slice(&0x8_0000u64.to_le_bytes()); // text_offset
@@ -499,8 +558,9 @@ mod tests {
         h
     }
 
+    /// A console that keeps what the guest wrote.
     #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
+    pub(crate) struct Captured(pub(crate) Arc<Mutex<Vec<u8>>>);
 
     impl Write for Captured {
         fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
@@ -510,6 +570,32 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    /// Scripts vCPU 0 of `fake`: write "A" to the UART, load a word from
+    /// `read_addr` into x5, then PSCI SYSTEM_OFF.
+    pub(crate) fn script_print_read_poweroff(fake: &FakeHvf, read_addr: u64) {
+        fake.push_exit(
+            H0,
+            ExitReason::Exception,
+            dabt(1, true, 3, false, false),
+            SERIAL_ADDR,
+            &[(Reg::X(3), u64::from(b'A'))],
+        );
+        fake.push_exit(
+            H0,
+            ExitReason::Exception,
+            dabt(4, false, 5, false, false),
+            read_addr,
+            &[],
+        );
+        fake.push_exit(
+            H0,
+            ExitReason::Exception,
+            u64::from(EC_HVC64) << 26,
+            0,
+            &[(Reg::X(0), u64::from(func::SYSTEM_OFF))],
+        );
     }
 
     #[test]
@@ -568,6 +654,16 @@ mod tests {
         assert!(dts.contains("bootargs = \"console=ttyS0\""), "{dts}");
         assert!(dts.contains("cpu@100"), "{dts}");
         assert!(dts.contains("ns16550a"), "{dts}");
+        // The power button: the PL061's line wired to gpio-keys, by phandle.
+        assert!(dts.contains("pl061@9020000"), "{dts}");
+        let squashed: String = dts.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(
+            squashed.contains(&format!(
+                "label = \"Power Button\"; power {{ label = \"GPIO Key Power\"; linux,code = <0x74>; gpios = <0x03 {:#04x} 0x00>;",
+                pl061::POWER_LINE
+            )),
+            "{dts}"
+        );
     }
 
     #[test]
@@ -611,27 +707,7 @@ mod tests {
         assert_eq!(u32::from_be(magic), 0xd00d_feed, "a device tree at x0");
 
         // The guest: print "A", read the virtio magic, power off.
-        fake.push_exit(
-            H0,
-            ExitReason::Exception,
-            dabt(1, true, 3, false, false),
-            SERIAL_ADDR,
-            &[(Reg::X(3), u64::from(b'A'))],
-        );
-        fake.push_exit(
-            H0,
-            ExitReason::Exception,
-            dabt(4, false, 5, false, false),
-            layout::VIRTIO_MMIO_START,
-            &[],
-        );
-        fake.push_exit(
-            H0,
-            ExitReason::Exception,
-            u64::from(EC_HVC64) << 26,
-            0,
-            &[(Reg::X(0), u64::from(func::SYSTEM_OFF))],
-        );
+        script_print_read_poweroff(&fake, layout::VIRTIO_MMIO_START);
         let exit = machine.run().unwrap();
         assert!(matches!(exit, VmExit::PowerOff), "{exit:?}");
         assert_eq!(console.0.lock().unwrap().as_slice(), b"A");

@@ -138,7 +138,7 @@ impl WorkdirState {
         // The lock is ours: whatever a killed run left behind is stale.
         let stale = |p: PathBuf| {
             if fs::remove_file(&p).is_ok() {
-                log::info!("removed {} left by an aivmm run that did not exit cleanly", p.display());
+                tracing::info!("removed {} left by an aivmm run that did not exit cleanly", p.display());
             }
         };
         for name in ["vsock.sock", "vm.json"] {
@@ -230,9 +230,13 @@ pub fn write_meta_at(dir: &Path, meta: &Meta) -> Result<()> {
     };
     let (from, to) = (c(&tmp)?, c(&path)?);
     // SAFETY: both are valid NUL-terminated paths that outlive the call.
+    #[cfg(target_os = "linux")]
     let r = unsafe {
         libc::renameat2(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), 0)
     };
+    // SAFETY: as above (macOS has no renameat2, and no seccomp filter).
+    #[cfg(not(target_os = "linux"))]
+    let r = unsafe { libc::renameat(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr()) };
     if r != 0 {
         return Err(io_err(&path)(std::io::Error::last_os_error()));
     }

@@ -21,10 +21,10 @@ use virtio_bindings::virtio_config::{
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{ActivateArgs, VirtioDevice, VirtioInterrupt, VIRTIO_MMIO_INT_CONFIG};
 use crate::bus::BusDevice;
+use crate::sys::{EventFd, EFD_NONBLOCK};
 use crate::Interrupt;
 
 /// "virt", little-endian.

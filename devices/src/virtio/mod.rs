@@ -18,7 +18,8 @@ pub mod vsock;
 use std::sync::Arc;
 
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
+
+use crate::sys::EventFd;
 
 /// Errors of the virtio layer.
 #[derive(Debug, thiserror::Error)]

@@ -4,7 +4,9 @@
 //! `EventFd` and a kill `EventFd`, and calls the device's `process` closure once at
 //! start (buffers posted before activation) and on every notification.
 //! [`QueueThread::stop`] writes the kill `EventFd` and joins the thread, so the
-//! device can be reset and activated again.
+//! device can be reset and activated again. The loop itself, [`run_worker`] over
+//! an epoll set from [`worker_epoll`], also serves devices with a worker per queue
+//! (virtio-fs).
 //!
 //! Every device worker thread (blk, rng, fs, net, vsock) starts through
 //! [`spawn_worker`]. A device is activated by a guest register write, on a vCPU
@@ -18,8 +20,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 
 use log::{error, warn};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::sys::{ControlOperation, Epoll, EpollEvent, EventFd, EventSet, EFD_NONBLOCK};
 
 /// Epoll token of the queue's notification `EventFd`.
 const PROCESS_QUEUE: u64 = 0;
@@ -113,17 +115,9 @@ impl QueueThread {
         mut process: impl FnMut() + Send + 'static,
     ) -> Result<Self, Error> {
         let kill = EventFd::new(EFD_NONBLOCK).map_err(Error::Event)?;
-        let epoll = Epoll::new().map_err(Error::Event)?;
-        for (fd, token) in [(&queue_evt, PROCESS_QUEUE), (&kill, PROCESS_KILL)] {
-            epoll
-                .ctl(ControlOperation::Add, fd.as_raw_fd(), EpollEvent::new(EventSet::IN, token))
-                .map_err(Error::Event)?;
-        }
-        let kill_for_worker = kill.try_clone().map_err(Error::Event)?;
-        let handle = spawn_worker(name, move || {
-            run(name, &epoll, &queue_evt, &kill_for_worker, &mut process)
-        })
-        .map_err(Error::Spawn)?;
+        let epoll = worker_epoll(&queue_evt, &kill).map_err(Error::Event)?;
+        let handle = spawn_worker(name, move || run_worker(name, &epoll, &queue_evt, &mut process))
+            .map_err(Error::Spawn)?;
         Ok(Self { name, kill, handle })
     }
 
@@ -138,9 +132,21 @@ impl QueueThread {
     }
 }
 
-/// The worker's loop: wait for a notification or the kill signal.
-fn run(name: &str, epoll: &Epoll, queue_evt: &EventFd, kill: &EventFd, process: &mut dyn FnMut()) {
-    // Buffers posted before the worker started would otherwise wait for the next notify.
+/// The epoll set of a worker: `queue_evt` (a notification) and `kill` (stop).
+pub fn worker_epoll(queue_evt: &EventFd, kill: &EventFd) -> io::Result<Epoll> {
+    let epoll = Epoll::new()?;
+    for (fd, token) in [(queue_evt, PROCESS_QUEUE), (kill, PROCESS_KILL)] {
+        epoll.ctl(ControlOperation::Add, fd.as_raw_fd(), EpollEvent::new(EventSet::IN, token))?;
+    }
+    Ok(epoll)
+}
+
+/// A worker thread's loop over an epoll set from [`worker_epoll`]: `process` once at
+/// start (buffers posted before the worker started), then after every notification,
+/// until the kill `EventFd` is readable. The kill signal wins over a notification
+/// in the same wake. It is never read, so one kill `EventFd` can stop many workers
+/// (virtio-fs has one per queue).
+pub fn run_worker(name: &str, epoll: &Epoll, queue_evt: &EventFd, process: &mut dyn FnMut()) {
     process();
     let mut events = [EpollEvent::default(); 2];
     loop {
@@ -152,16 +158,15 @@ fn run(name: &str, epoll: &Epoll, queue_evt: &EventFd, kill: &EventFd, process: 
                 return;
             }
         };
+        if events[..n].iter().any(|ev| ev.data() == PROCESS_KILL) {
+            return;
+        }
         for ev in &events[..n] {
             match ev.data() {
                 PROCESS_QUEUE => {
                     // A notification count of zero (EAGAIN) is harmless: process anyway.
                     let _ = queue_evt.read();
                     process();
-                }
-                PROCESS_KILL => {
-                    let _ = kill.read();
-                    return;
                 }
                 other => warn!("{name}: unexpected epoll token {other}"),
             }

@@ -7,7 +7,8 @@
 //! output, terminal size and signals, reports how it ended, and exits with the same
 //! status. Meanwhile it listens on vsock port [`EXEC_PORT`] (or `--exec-listen`)
 //! for `aivmm exec`: each connection there runs one more command the same way, on
-//! its own thread.
+//! its own thread. It also watches the guest's ACPI power button ([`power`]):
+//! a press (`aivmm stop`) stops the command the way the host's `Shutdown` does.
 //!
 //! ```text
 //! aivmm-agent [--connect vsock:CID:PORT | --connect unix:PATH] [--connect-timeout SECS]
@@ -15,6 +16,7 @@
 //! ```
 
 mod child;
+mod power;
 mod relay;
 mod setup;
 mod transport;
@@ -153,6 +155,10 @@ fn spawn_exec_listener(listen: Listen) {
 
 fn run() -> Result<aivmm_protocol::ExitStatus, Error> {
     let args = parse_args(std::env::args().skip(1))?;
+    // Only in a VM: with a unix socket the agent runs beside its host, in tests.
+    if matches!(args.addr, Address::Vsock { .. }) {
+        power::watch();
+    }
     if let Some(l) = args.exec.clone() {
         spawn_exec_listener(l);
     }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use aivmm_protocol::{self as proto, Decoder, ExitStatus, ToGuest, ToHost, MAX_CHUNK};
 
 use crate::child::{self, ChildIo, Running};
-use crate::{setup, Error};
+use crate::{power, setup, Error};
 
 /// After the command exits, output that has not arrived within this long is dropped.
 pub const DRAIN_IDLE: Duration = Duration::from_millis(100);
@@ -75,6 +75,11 @@ pub fn serve(mut sock: File, first: bool) -> Result<ExitStatus, Error> {
         }
     };
     let mut relay = Relay::new(sock, running);
+    // The power button stops the main command (see `power`).
+    if first {
+        relay.power = power::presses();
+        power::set_command_running(true);
+    }
     let result = relay.run();
     if result.is_err() {
         // The host is gone or broke the protocol: hang up on the command.
@@ -99,6 +104,8 @@ struct Relay {
     last_input: Option<u8>,
     /// After a Shutdown: when what is left of the command gets SIGKILL.
     kill_at: Option<Instant>,
+    /// Where power button presses arrive (the main command only).
+    power: Option<RawFd>,
 }
 
 fn pidfd_open(pid: u32) -> Option<OwnedFd> {
@@ -143,6 +150,7 @@ impl Relay {
             pty_open: true,
             last_input: None,
             kill_at: None,
+            power: None,
         }
     }
 
@@ -202,8 +210,9 @@ impl Relay {
                     return Ok(status);
                 }
             }
-            // Slots: 0 socket, 1 pty master or stdin, 2 stdout, 3 stderr, 4 pidfd.
-            let mut fds = [poll_fd(-1, 0); 5];
+            // Slots: 0 socket, 1 pty master or stdin, 2 stdout, 3 stderr, 4 pidfd,
+            // 5 power button presses.
+            let mut fds = [poll_fd(-1, 0); 6];
             if self.pending.len() < INPUT_LIMIT {
                 fds[0] = poll_fd(self.sock.as_raw_fd(), libc::POLLIN);
             }
@@ -232,6 +241,9 @@ impl Relay {
             }
             if let (Some(p), None) = (&self.pidfd, self.status) {
                 fds[4] = poll_fd(p.as_raw_fd(), libc::POLLIN);
+            }
+            if let (Some(p), None) = (self.power, self.status) {
+                fds[5] = poll_fd(p, libc::POLLIN);
             }
             let mut timeout = if self.status.is_some() || self.pidfd.is_none() {
                 DRAIN_IDLE.as_millis() as libc::c_int
@@ -282,7 +294,19 @@ impl Relay {
             if ready(0) {
                 self.read_host(&mut buf)?;
             }
+            if ready(5) && self.power.is_some_and(power::take_presses) && self.kill_at.is_none() {
+                self.stop_command(power::GRACE);
+            }
         }
+    }
+
+    /// Stops the command: SIGHUP and SIGTERM now, SIGKILL after `grace`.
+    fn stop_command(&mut self, grace: Duration) {
+        // An interactive shell ignores SIGTERM but not SIGHUP.
+        self.signal_all(libc::SIGHUP);
+        self.signal_all(libc::SIGTERM);
+        self.signal_all(libc::SIGCONT);
+        self.kill_at = Some(Instant::now() + grace);
     }
 
     /// Relays one read of the command's output (pty or stdout, or stderr).
@@ -399,11 +423,7 @@ impl Relay {
                 self.send(&ToHost::Error("setup after the command started".into()))?
             }
             ToGuest::Shutdown { grace_ms } => {
-                // An interactive shell ignores SIGTERM but not SIGHUP.
-                self.signal_all(libc::SIGHUP);
-                self.signal_all(libc::SIGTERM);
-                self.signal_all(libc::SIGCONT);
-                self.kill_at = Some(Instant::now() + Duration::from_millis(grace_ms.into()));
+                self.stop_command(Duration::from_millis(grace_ms.into()));
             }
             ToGuest::CloseInput => {
                 if let ChildIo::Pty(m) = &self.running.io {

@@ -259,14 +259,15 @@ fn host_terminal_size_and_sigwinch() {
         ws_ypixel: 0,
     };
     // SAFETY: TIOCSWINSZ reads one winsize from a valid pointer.
+    let r = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&master),
+            libc::TIOCSWINSZ,
+            &ws,
+        )
+    };
     assert_eq!(
-        unsafe {
-            libc::ioctl(
-                std::os::fd::AsRawFd::as_raw_fd(&master),
-                libc::TIOCSWINSZ,
-                &ws,
-            )
-        },
+        r,
         0
     );
     // The host pty is not this process's controlling terminal: deliver the signal

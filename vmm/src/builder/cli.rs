@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 
 use super::{Error, Result, DEFAULT_PORT};
+use crate::cli::VmSizeArgs;
 
 /// `aivmm builder …`.
 #[derive(Debug, Subcommand)]
@@ -57,15 +58,10 @@ pub struct VmArgs {
     /// The TCP port on 127.0.0.1 (a socket from systemd or launchd wins).
     #[arg(long, default_value_t = DEFAULT_PORT)]
     pub port: u16,
-    /// vCPUs of the builder VM (also the `maxJobs` in the machines entry).
-    #[arg(long, default_value_t = 4)]
-    pub cpus: u32,
-    /// Memory of the builder VM, e.g. 4G.
-    #[arg(long, value_name = "SIZE", default_value = "4G", value_parser = parse_size_arg)]
-    pub memory: u64,
-    /// Size of the VM's persistent disk (sparse; holds /nix and the builds).
-    #[arg(long, value_name = "SIZE", default_value = "64G", value_parser = parse_size_arg)]
-    pub disk_size: u64,
+    /// --cpus (also the `maxJobs` in the machines entry), --memory, --disk-size:
+    /// the same flags as `aivmm run`'s.
+    #[command(flatten)]
+    pub size: VmSizeArgs,
     /// Stop the VM after this long without an open connection, e.g. 30m, 3h.
     #[arg(long, value_name = "DURATION", default_value = "3h", value_parser = parse_duration_arg)]
     pub idle: Duration,
@@ -73,9 +69,34 @@ pub struct VmArgs {
     #[arg(long)]
     pub always_on: bool,
     /// The VM's network, for the builds' own downloads: user (passt), none, tap:NAME,
-    /// unix:PATH. SSH does not need it (it goes over vsock).
-    #[arg(long, value_name = "MODE", default_value = "user", value_parser = parse_net_arg)]
+    /// unix:PATH. SSH does not need it (it goes over vsock). Default: user on Linux,
+    /// none on macOS (no passt there; give unix:PATH for gvproxy or vmnet-helper).
+    #[arg(long, value_name = "MODE", default_value = crate::machine::default_net_arg(std::env::consts::OS), value_parser = parse_net_arg)]
     pub net: String,
+}
+
+/// vCPUs of the builder VM unless --cpus says otherwise.
+pub const DEFAULT_CPUS: u32 = 4;
+/// Memory of the builder VM unless --memory says otherwise.
+pub const DEFAULT_MEMORY: u64 = 4 << 30;
+/// The builder's persistent disk unless --disk-size says otherwise.
+pub const DEFAULT_DISK_SIZE: u64 = 64 << 30;
+
+impl VmArgs {
+    /// vCPUs of the builder VM.
+    pub fn cpus(&self) -> u32 {
+        self.size.cpus.unwrap_or(DEFAULT_CPUS)
+    }
+
+    /// Memory of the builder VM, in bytes.
+    pub fn memory(&self) -> u64 {
+        self.size.memory.unwrap_or(DEFAULT_MEMORY)
+    }
+
+    /// Size of the builder's persistent disk, in bytes.
+    pub fn disk_size(&self) -> u64 {
+        self.size.disk_size.unwrap_or(DEFAULT_DISK_SIZE)
+    }
 }
 
 /// `aivmm builder serve`.
@@ -117,10 +138,6 @@ pub struct InstallArgs {
     /// as root; ~/Library/LaunchAgents, /Library/LaunchDaemons as root on macOS].
     #[arg(long, value_name = "DIR")]
     pub unit_dir: Option<PathBuf>,
-}
-
-fn parse_size_arg(s: &str) -> std::result::Result<u64, String> {
-    crate::config::parse_size(s).map_err(|e| e.to_string())
 }
 
 fn parse_net_arg(s: &str) -> std::result::Result<String, String> {
@@ -228,10 +245,11 @@ mod tests {
         assert_eq!(a.vm.port, DEFAULT_PORT);
         assert_eq!(a.vm.idle, Duration::from_secs(3 * 3600));
         assert_eq!(
-            (a.vm.cpus, a.vm.memory, a.vm.disk_size),
+            (a.vm.cpus(), a.vm.memory(), a.vm.disk_size()),
             (4, 4 << 30, 64 << 30)
         );
         assert!(!a.vm.always_on);
+        assert_eq!(a.vm.net, "user", "passt on Linux");
         let b = parse(&[
             "--idle",
             "20s",
@@ -243,13 +261,25 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(
-            (b.vm.idle.as_secs(), b.vm.memory, b.vm.always_on),
+            (b.vm.idle.as_secs(), b.vm.memory(), b.vm.always_on),
             (20, 1 << 30, true)
         );
         assert!(parse(&["--idle", "soon"])
             .unwrap_err()
             .contains("bad duration"));
         assert!(parse(&["--net", "wifi"]).is_err());
+        // The size flags are `aivmm run`'s: same parsers, same checks.
+        let c = parse(&["--cpus", "2", "--memory", "512M", "--disk-size", "8G"]).unwrap();
+        assert_eq!(
+            c.vm.size,
+            VmSizeArgs {
+                cpus: Some(2),
+                memory: Some(512 << 20),
+                disk_size: Some(8 << 30)
+            }
+        );
+        assert!(parse(&["--memory", "lots"]).is_err());
+        assert!(parse(&["--disk-size", "1K"]).is_err(), "below the smallest disk");
         assert!(parse(&["--port", "70000"]).is_err());
     }
 }

@@ -65,9 +65,9 @@ pub fn serve_argv(exe: &Path, vm: &VmArgs, state: &Path) -> Vec<OsString> {
     };
     add("--state-dir", state.into());
     add("--port", vm.port.to_string().into());
-    add("--cpus", vm.cpus.to_string().into());
-    add("--memory", format!("{}M", vm.memory >> 20).into());
-    add("--disk-size", format!("{}M", vm.disk_size >> 20).into());
+    add("--cpus", vm.cpus().to_string().into());
+    add("--memory", format!("{}M", vm.memory() >> 20).into());
+    add("--disk-size", format!("{}M", vm.disk_size() >> 20).into());
     add("--net", vm.net.clone().into());
     if vm.always_on {
         a.push("--always-on".into());
@@ -235,7 +235,7 @@ pub fn install(a: &InstallArgs) -> Result<()> {
     std::fs::create_dir_all(&state).map_err(io_err(&state))?;
     let state = std::fs::canonicalize(&state).map_err(io_err(&state))?;
     let keys = Keys::ensure(&state, a.vm.port)?;
-    let machines = machines_line(&keys.client_key, a.vm.cpus, &keys.host_public()?);
+    let machines = machines_line(&keys.client_key, a.vm.cpus(), &keys.host_public()?);
     let ssh = ssh_config(a.vm.port, &keys);
     let (dir, default_dir) = unit_dir(a)?;
     let files = service_files(a, &state, &dir)?;
@@ -438,8 +438,8 @@ mod tests {
             _ => unreachable!(),
         };
         assert_eq!(
-            (back.port, back.cpus, back.memory, back.disk_size, back.idle),
-            (vm.port, vm.cpus, vm.memory, vm.disk_size, vm.idle)
+            (back.port, back.cpus(), back.memory(), back.disk_size(), back.idle),
+            (vm.port, vm.cpus(), vm.memory(), vm.disk_size(), vm.idle)
         );
     }
 

@@ -85,7 +85,7 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
     let (listener, source) = listen::listener(a.vm.port)?;
     let addr = listener.local_addr().map_err(io_err("listening socket"))?;
     let img = resolve_image(a)?;
-    let disk = state.disk(a.vm.disk_size)?;
+    let disk = state.disk(a.vm.disk_size())?;
     let log_path = a
         .log
         .clone()
@@ -95,8 +95,8 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
     let spec = VmSpec {
         exe: std::env::current_exe().map_err(io_err("the aivmm executable"))?,
         image: img,
-        cpus: a.vm.cpus,
-        memory: a.vm.memory,
+        cpus: a.vm.cpus(),
+        memory: a.vm.memory(),
         net: a.vm.net.clone(),
         disk,
         keys_dir: keys.guest_dir.clone(),
@@ -112,10 +112,10 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
             Source::Launchd => "socket from launchd",
         },
         state.dir.display(),
-        a.vm.cpus,
-        a.vm.memory >> 20,
+        a.vm.cpus(),
+        a.vm.memory() >> 20,
         spec.disk.display(),
-        a.vm.disk_size >> 30,
+        a.vm.disk_size() >> 30,
         match idle {
             Some(d) => format!("idle stop after {}", format_duration(d)),
             None => "always on".to_string(),
@@ -132,7 +132,7 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         }
     }
     for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-        if let Err(e) = vmm_sys_util::signal::register_signal_handler(sig, on_signal) {
+        if let Err(e) = crate::signals::register_handler(sig, on_signal) {
             log.line(format_args!("cannot handle signal {sig}: {e}"));
         }
     }

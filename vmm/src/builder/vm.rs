@@ -21,6 +21,7 @@ use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
+#[cfg(target_os = "linux")]
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -457,7 +458,9 @@ impl Vm {
             .stdout(console)
             .stderr(Stdio::inherit());
         // SAFETY: between fork and exec the child only calls prctl, which is
-        // async-signal-safe and touches no memory of ours.
+        // async-signal-safe and touches no memory of ours. (macOS has no
+        // parent-death signal: there the VM outlives a killed builder server.)
+        #[cfg(target_os = "linux")]
         unsafe {
             cmd.pre_exec(|| {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {

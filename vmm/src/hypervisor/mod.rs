@@ -17,7 +17,7 @@
 // HVF: everything above the framework calls compiles (and is tested) on every
 // host; only its FFI files are macOS-only.
 pub mod hvf;
-#[cfg(target_os = "linux")]
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub mod kvm;
 #[cfg(target_arch = "x86_64")]
 pub mod x86_64;

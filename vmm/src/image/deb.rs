@@ -202,7 +202,7 @@ pub fn unpack_tar(
             std::fs::hard_link(root.join(trel), &dest).map_err(io)?;
         } else {
             // Device nodes and FIFOs: Debian packages do not ship them.
-            log::warn!("skipping special file /{rel}");
+            tracing::warn!("skipping special file /{rel}");
             continue;
         }
         meta.insert(rel, m);

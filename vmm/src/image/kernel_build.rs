@@ -329,7 +329,7 @@ fn make(tree: &Path, args: &[String], epoch: u64, mut on_object: impl FnMut()) -
     for (k, v) in kbuild_env(epoch) {
         cmd.env(k, v);
     }
-    log::debug!("running {cmd:?}");
+    tracing::debug!("running {cmd:?}");
     let mut child = cmd.spawn().map_err(|e| Error::Tool {
         tool: "make".into(),
         detail: e.to_string(),

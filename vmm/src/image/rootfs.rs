@@ -340,7 +340,7 @@ pub fn fixup_script(
     };
     for (path, uid, gid, mode) in entries {
         if path.contains(['"', '\n', '\\']) {
-            log::warn!("cannot fix up a path with quotes: {path:?}");
+            tracing::warn!("cannot fix up a path with quotes: {path:?}");
             continue;
         }
         let want = meta.get(path).copied().unwrap_or(Meta {

@@ -41,7 +41,7 @@ where
     for (k, v) in env {
         cmd.env(k, v);
     }
-    log::debug!("running {cmd:?}");
+    tracing::debug!("running {cmd:?}");
     let out = cmd.output().map_err(|e| Error::Tool {
         tool: name.into(),
         detail: e.to_string(),

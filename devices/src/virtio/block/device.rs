@@ -562,7 +562,7 @@ mod tests {
     use vm_memory::GuestAddress;
 
     use super::*;
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    use crate::sys::{EventFd, EFD_NONBLOCK};
     use crate::test_utils::*;
     use crate::virtio::mmio::{MmioTransport, CONFIG_SPACE_OFFSET, QUEUE_NOTIFY_OFFSET};
 

@@ -8,21 +8,25 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+#[cfg(target_os = "linux")]
 use fuse_backend_rs::api::server::Server;
+#[cfg(target_os = "linux")]
 use fuse_backend_rs::passthrough::PassthroughFs;
 use log::{debug, error};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::QueueT;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+#[cfg(target_os = "linux")]
 use super::filesystem::{passthrough_config, ShareFs};
-use super::worker::{run, worker_epoll, QueueWorker};
+use super::macos::backend::portable_server;
+use super::worker::QueueWorker;
 use super::{
-    Error, FsConfig, Result, CONFIG_SPACE_LEN, MAX_REQUEST_QUEUES, NUM_HIPRIO_QUEUES, QUEUE_SIZE,
-    TAG_LEN, VIRTIO_ID_FS,
+    Error, FsBackend, FsConfig, FsServer, Result, CONFIG_SPACE_LEN, MAX_REQUEST_QUEUES,
+    NUM_HIPRIO_QUEUES, QUEUE_SIZE, TAG_LEN, VIRTIO_ID_FS,
 };
-use crate::virtio::queue_thread::{spawn_worker, WorkerHandle};
+use crate::sys::{EventFd, EFD_NONBLOCK};
+use crate::virtio::queue_thread::{run_worker, spawn_worker, worker_epoll, WorkerHandle};
 use crate::virtio::{self, ActivateArgs, VirtioDevice};
 
 /// A configuration that passed [`check_config`]: the root resolved and printable.
@@ -68,11 +72,13 @@ fn check_config(config: &FsConfig) -> Result<Checked> {
 
 /// The file system a share serves, for `config` (checked first). Tests and
 /// benches call it directly to drive the `FileSystem` API.
+#[cfg(target_os = "linux")]
 pub fn share_fs(config: &FsConfig) -> Result<ShareFs> {
     let checked = check_config(config)?;
     build_fs(&checked)
 }
 
+#[cfg(target_os = "linux")]
 fn build_fs(checked: &Checked) -> Result<ShareFs> {
     let cfg = passthrough_config(&checked.config, &checked.root);
     let inner = PassthroughFs::<()>::new(cfg).map_err(Error::Passthrough)?;
@@ -84,8 +90,18 @@ fn build_fs(checked: &Checked) -> Result<ShareFs> {
 }
 
 /// A FUSE server for `config`, as the device's workers use it.
+#[cfg(target_os = "linux")]
 pub fn fuse_server(config: &FsConfig) -> Result<Arc<Server<ShareFs>>> {
     Ok(Arc::new(Server::new(share_fs(config)?)))
+}
+
+/// The server of `checked`'s backend.
+fn build_server(checked: &Checked) -> Result<Arc<dyn FsServer>> {
+    match checked.config.backend {
+        #[cfg(target_os = "linux")]
+        FsBackend::Linux => Ok(Arc::new(Server::new(build_fs(checked)?))),
+        FsBackend::Portable => portable_server(&checked.config).map_err(Error::Passthrough),
+    }
 }
 
 /// Running workers: their threads and the `EventFd` that stops them all.
@@ -101,7 +117,7 @@ pub struct Fs {
     queue_sizes: Vec<u16>,
     acked_features: u64,
     /// The server for the next activation, built ahead so errors show early.
-    next_server: Option<Arc<Server<ShareFs>>>,
+    next_server: Option<Arc<dyn FsServer>>,
     workers: Option<Workers>,
 }
 
@@ -109,7 +125,7 @@ impl Fs {
     /// A new, inactive device sharing `config.root` under `config.tag`.
     pub fn new(config: FsConfig) -> Result<Fs> {
         let checked = check_config(&config)?;
-        let server = Arc::new(Server::new(build_fs(&checked)?));
+        let server = build_server(&checked)?;
         let mut config_space = [0u8; CONFIG_SPACE_LEN];
         config_space[..checked.config.tag.len()].copy_from_slice(checked.config.tag.as_bytes());
         // request_queues <= MAX_REQUEST_QUEUES, so it fits a u32.
@@ -170,11 +186,10 @@ impl Fs {
             // runs on a vCPU thread, whose seccomp filter does not open files.
             None => {
                 let checked = self.checked.clone();
-                let fs = spawn_worker("aivmm-fs-init", move || build_fs(&checked))
+                spawn_worker("aivmm-fs-init", move || build_server(&checked))
                     .map_err(Error::Spawn)?
                     .join()
-                    .map_err(|_| Error::Passthrough(std::io::Error::other("setup panicked")))??;
-                Arc::new(Server::new(fs))
+                    .map_err(|_| Error::Passthrough(std::io::Error::other("setup panicked")))??
             }
         };
         let kill = EventFd::new(EFD_NONBLOCK).map_err(Error::Event)?;
@@ -186,19 +201,22 @@ impl Fs {
             if !queue.ready() {
                 continue;
             }
-            let spawned = worker_epoll(&queue_evt, &workers.kill).and_then(|epoll| {
-                let worker = QueueWorker {
-                    index,
-                    mem: mem.clone(),
-                    queue,
-                    server: server.clone(),
-                    interrupt: interrupt.clone(),
-                };
-                spawn_worker(format!("aivmm-fs-q{index}"), move || {
-                    run(epoll, queue_evt, worker)
-                })
-                .map_err(Error::Spawn)
-            });
+            let spawned = worker_epoll(&queue_evt, &workers.kill)
+                .map_err(Error::Event)
+                .and_then(|epoll| {
+                    let mut worker = QueueWorker {
+                        index,
+                        mem: mem.clone(),
+                        queue,
+                        server: server.clone(),
+                        interrupt: interrupt.clone(),
+                    };
+                    let name = format!("aivmm-fs-q{index}");
+                    spawn_worker(name.clone(), move || {
+                        run_worker(&name, &epoll, &queue_evt, &mut || worker.process_queue())
+                    })
+                    .map_err(Error::Spawn)
+                });
             match spawned {
                 Ok(h) => workers.handles.push(h),
                 Err(e) => {
@@ -282,7 +300,7 @@ impl VirtioDevice for Fs {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, target_os = "linux"))]
 mod tests {
     #![allow(clippy::unwrap_used)]
 

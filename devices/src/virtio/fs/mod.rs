@@ -37,18 +37,22 @@
 //! `/proc/self/fd` when `AT_EMPTY_PATH` is refused (it needs `CAP_DAC_READ_SEARCH`).
 
 pub mod device;
+#[cfg(target_os = "linux")]
 pub mod filesystem;
 // The Linux-FUSE-ABI translations a macOS host passthrough needs (portable, tested here).
 pub mod macos;
-#[cfg(test)]
+#[cfg(all(test, target_os = "linux"))]
 mod proptests;
-#[cfg(any(test, feature = "test-utils"))]
+#[cfg(all(test, target_os = "linux"))]
+mod swap_race;
+#[cfg(all(any(test, feature = "test-utils"), target_os = "linux"))]
 pub mod test_utils;
 pub mod worker;
 
 use std::path::PathBuf;
 
 pub use device::Fs;
+pub use macos::backend::{FsBackend, FsServer};
 
 /// The virtio device type of a file system device.
 pub const VIRTIO_ID_FS: u32 = 26;
@@ -88,6 +92,9 @@ pub struct FsConfig {
     pub cache: CachePolicy,
     /// How many request queues (one worker thread each), 1 to [`MAX_REQUEST_QUEUES`].
     pub request_queues: usize,
+    /// The file system serving the share (fuse-backend-rs on Linux, the portable
+    /// passthrough on macOS by default).
+    pub backend: FsBackend,
 }
 
 impl FsConfig {
@@ -99,6 +106,7 @@ impl FsConfig {
             read_only: false,
             cache: CachePolicy::default(),
             request_queues: 1,
+            backend: FsBackend::default(),
         }
     }
 }

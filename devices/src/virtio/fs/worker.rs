@@ -1,37 +1,34 @@
-//! The queue workers: one thread per ready queue, each epolling its queue's
-//! notification `EventFd` and the device's kill `EventFd`.
+//! The queue workers: one thread per ready queue, each running the shared worker
+//! loop (`queue_thread::run_worker`) on its queue's notification `EventFd` and the
+//! device's kill `EventFd`.
 //!
 //! On each wake a worker drains its available ring: [`handle_chain`] turns a chain
 //! into a FUSE `Reader` (the readable descriptors) and `Writer` (the writable
 //! ones), lets the server answer, and the chain goes on the used ring with the
 //! reply's length. A chain the transport layer cannot map (outside guest memory,
-//! overflowing lengths) or that does not decode goes back with length 0. The kill
-//! `EventFd` is never read: it stays readable, so every worker sees it.
+//! overflowing lengths) or that does not decode goes back with length 0.
 
-use std::io;
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
+#[cfg(target_os = "linux")]
+use fuse_backend_rs::api::filesystem::FileSystem;
+#[cfg(target_os = "linux")]
 use fuse_backend_rs::api::server::Server;
+#[cfg(target_os = "linux")]
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
 use log::{debug, error, warn};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::EventFd;
 
+#[cfg(all(test, target_os = "linux"))]
 use super::filesystem::ShareFs;
-use super::{Error, Result};
+use super::FsServer;
 use crate::virtio::{VirtioInterrupt, VIRTIO_MMIO_INT_VRING};
 
-/// Epoll token of the queue's notification `EventFd`.
-const PROCESS_QUEUE: u64 = 0;
-/// Epoll token of the kill `EventFd`.
-const PROCESS_KILL: u64 = 1;
-
 /// Serves one chain and returns the number of bytes written into it.
+#[cfg(target_os = "linux")]
 pub fn handle_chain(
-    server: &Server<ShareFs>,
+    server: &Server<impl FileSystem + Sync>,
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,
 ) -> u32 {
@@ -69,7 +66,7 @@ pub struct QueueWorker {
     /// The queue.
     pub queue: Queue,
     /// The FUSE server, shared by all queues of the device.
-    pub server: Arc<Server<ShareFs>>,
+    pub server: Arc<dyn FsServer>,
     /// Raises the device's interrupt.
     pub interrupt: Arc<dyn VirtioInterrupt>,
 }
@@ -89,7 +86,7 @@ impl QueueWorker {
             while let Some(chain) = self.queue.pop_descriptor_chain(&self.mem) {
                 progressed = true;
                 let head = chain.head_index();
-                let len = handle_chain(&self.server, &self.mem, chain);
+                let len = self.server.handle_chain(&self.mem, chain);
                 match self.queue.add_used(&self.mem, head, len) {
                     Ok(()) => used_any = true,
                     Err(e) => debug!("virtio-fs: returning chain {head} failed: {e}"),
@@ -127,53 +124,7 @@ impl QueueWorker {
     }
 }
 
-/// Sets up the epoll set of one worker.
-pub fn worker_epoll(queue_evt: &EventFd, kill: &EventFd) -> Result<Epoll> {
-    let epoll = Epoll::new().map_err(Error::Event)?;
-    for (fd, token) in [(queue_evt, PROCESS_QUEUE), (kill, PROCESS_KILL)] {
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                fd.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, token),
-            )
-            .map_err(Error::Event)?;
-    }
-    Ok(epoll)
-}
-
-/// A worker thread's loop: wait for a notification or the kill signal.
-pub fn run(epoll: Epoll, queue_evt: EventFd, mut worker: QueueWorker) {
-    // Buffers posted before the worker started would otherwise wait for the next notify.
-    worker.process_queue();
-    let mut events = [EpollEvent::default(); 2];
-    loop {
-        let n = match epoll.wait(-1, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                error!("virtio-fs: epoll_wait failed, worker exits: {e}");
-                return;
-            }
-        };
-        // The kill signal wins over queue work in the same wake.
-        if events[..n].iter().any(|ev| ev.data() == PROCESS_KILL) {
-            return;
-        }
-        for ev in &events[..n] {
-            match ev.data() {
-                PROCESS_QUEUE => {
-                    // A notification count of zero (EAGAIN) is harmless: process anyway.
-                    let _ = queue_evt.read();
-                    worker.process_queue();
-                }
-                other => warn!("virtio-fs: unexpected epoll token {other}"),
-            }
-        }
-    }
-}
-
-#[cfg(test)]
+#[cfg(all(test, target_os = "linux"))]
 mod tests {
     #![allow(clippy::unwrap_used)]
 

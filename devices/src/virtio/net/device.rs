@@ -15,11 +15,11 @@ use virtio_bindings::virtio_net::{
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::QueueT;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::backend::{self, Backend, BackendConfig};
 use super::worker::NetWorker;
 use super::{format_mac, Error, Result, CONFIG_LEN, NUM_QUEUES, QUEUE_SIZE, VIRTIO_ID_NET};
+use crate::sys::{EventFd, EFD_NONBLOCK};
 use crate::virtio::{self, ActivateArgs, VirtioDevice};
 
 /// What the VMM configures for one network card.
@@ -197,21 +197,7 @@ impl Drop for Net {
 /// A random unicast, locally administered MAC.
 fn random_mac() -> Result<[u8; 6]> {
     let mut mac = [0u8; 6];
-    let mut done = 0;
-    while done < mac.len() {
-        let rest = &mut mac[done..];
-        // SAFETY: the kernel writes at most `rest.len()` bytes into `rest`, a live,
-        // exclusively borrowed buffer.
-        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(Error::Random(e));
-        }
-        done += n as usize;
-    }
+    crate::sys::random::fill(&mut mac).map_err(Error::Random)?;
     mac[0] = (mac[0] & 0xfe) | 0x02;
     Ok(mac)
 }

@@ -162,6 +162,9 @@ pub enum Error {
     /// The worker thread could not be started.
     #[error("spawning the worker thread failed: {0}")]
     Spawn(#[source] std::io::Error),
+    /// The backend exists only on Linux.
+    #[error("{0} is Linux-only; use a unix datagram socket (gvproxy, vmnet-helper)")]
+    Unsupported(&'static str),
 }
 
 /// `Result` of virtio-net.

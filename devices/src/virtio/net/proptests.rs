@@ -12,9 +12,9 @@ use std::time::Duration;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::{Backend, SyncWorker, VNET_HDR_LEN};
+use crate::sys::EventFd;
 use crate::test_utils::*;
 use crate::virtio::rng::proptests::{hostile_input, to_bytes};
 

@@ -16,11 +16,10 @@ use std::sync::Arc;
 use log::{debug, error, warn};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::Backend;
 use super::{Error, MAX_FRAME_LEN, NUM_BUFFERS_OFFSET, VNET_HDR_LEN};
+use crate::sys::{ControlOperation, Epoll, EpollEvent, EventFd, EventSet};
 use crate::virtio::{VirtioInterrupt, VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 
 /// Epoll token: the driver added rx buffers.
@@ -581,7 +580,7 @@ impl SyncWorker {
         backend: Box<dyn Backend>,
         mrg_rxbuf: bool,
     ) -> io::Result<Self> {
-        let evt = || EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK);
+        let evt = || EventFd::new(crate::sys::EFD_NONBLOCK);
         NetWorker::new(
             mem,
             [rx, tx],

@@ -7,7 +7,6 @@
 //! the used ring with the count written. `reset` writes the kill `EventFd` and
 //! joins the thread, so the device can be activated again.
 
-use std::io;
 use std::sync::Arc;
 
 use log::{debug, error, warn};
@@ -234,22 +233,7 @@ fn fill_chain(
 
 /// Fills `buf` from the kernel's CSPRNG.
 pub(super) fn getrandom(buf: &mut [u8]) -> Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        let rest = &mut buf[done..];
-        // SAFETY: the kernel writes at most `rest.len()` bytes into `rest`, which is a
-        // valid, exclusively borrowed buffer of that length.
-        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(Error::GetRandom(e));
-        }
-        done += n as usize;
-    }
-    Ok(())
+    crate::sys::random::fill(buf).map_err(Error::GetRandom)
 }
 
 /// The worker's request path without its thread, so benches and tests can drive
@@ -290,7 +274,7 @@ mod tests {
     use vm_memory::GuestAddress;
 
     use super::*;
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    use crate::sys::{EventFd, EFD_NONBLOCK};
     use crate::test_utils::*;
     use crate::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
 

@@ -24,7 +24,6 @@ use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
 use log::{debug, warn};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::packet::Header;
 use super::unix;
@@ -34,6 +33,7 @@ use super::{
     VSOCK_OP_RST, VSOCK_OP_RW, VSOCK_OP_SHUTDOWN, VSOCK_SHUTDOWN_F_RCV, VSOCK_SHUTDOWN_F_SEND,
     VSOCK_TYPE_STREAM,
 };
+use crate::sys::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 /// A connection's identity: the port on CID 2 and the guest's port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -25,8 +25,6 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::muxer::Muxer;
 use super::packet::{self, RxBuffers};
@@ -35,6 +33,7 @@ use super::{
     Error, Result, CONFIG_LEN, EVQ_INDEX, HDR_SIZE, MIN_GUEST_CID, NUM_QUEUES, QUEUE_SIZE,
     RXQ_INDEX, TXQ_INDEX, VIRTIO_ID_VSOCK,
 };
+use crate::sys::{ControlOperation, Epoll, EpollEvent, EventFd, EventSet, EFD_NONBLOCK};
 use crate::virtio::{self, ActivateArgs, VirtioDevice, VirtioInterrupt, VIRTIO_MMIO_INT_VRING};
 
 /// Epoll token of the rx queue's notification `EventFd`.

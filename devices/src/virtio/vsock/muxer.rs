@@ -19,7 +19,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::connection::{ConnKey, Connection};
 use super::packet::{Header, Malformed};
@@ -28,6 +27,7 @@ use super::{
     EPHEMERAL_PORT_BASE, HANDSHAKE_TIMEOUT, HOST_CID, MAX_CONNECTIONS, MAX_HANDSHAKE_LINE,
     MAX_PENDING_RST, MAX_PKT_PAYLOAD, VSOCK_OP_REQUEST, VSOCK_OP_RST, VSOCK_TYPE_STREAM,
 };
+use crate::sys::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 /// Epoll token of the listening socket.
 pub const PROCESS_LISTENER: u64 = 8;

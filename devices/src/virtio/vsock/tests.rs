@@ -19,11 +19,11 @@ use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::muxer::port_path;
 use super::packet::Header;
 use super::*;
+use crate::sys::{EventFd, EFD_NONBLOCK};
 use crate::test_utils::*;
 use crate::virtio::{ActivateArgs, VirtioDevice};
 

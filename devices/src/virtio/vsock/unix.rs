@@ -23,19 +23,7 @@ pub fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
     for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
         *d = *s as libc::c_char;
     }
-    // SAFETY: plain syscall with constant arguments; the result is checked.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh socket that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let fd = stream_socket()?;
     let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
     // SAFETY: `addr` is a valid, initialised sockaddr_un of `len` bytes, and `fd`
     // is an open socket.
@@ -50,6 +38,50 @@ pub fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
         return Err(io::Error::last_os_error());
     }
     Ok(UnixStream::from(fd))
+}
+
+/// A new non-blocking, close-on-exec unix stream socket.
+#[cfg(target_os = "linux")]
+fn stream_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall with constant arguments; the result is checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh socket that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A new non-blocking, close-on-exec unix stream socket. macOS has no
+/// `SOCK_NONBLOCK`/`SOCK_CLOEXEC`: the flags are set with `fcntl` just after
+/// (aivmm does not fork between the two).
+#[cfg(not(target_os = "linux"))]
+fn stream_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall with constant arguments; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh socket that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let raw = fd.as_raw_fd();
+    // SAFETY: fcntl on a descriptor we own, with integer arguments only.
+    let ok = unsafe {
+        let fl = libc::fcntl(raw, libc::F_GETFL);
+        libc::fcntl(raw, libc::F_SETFD, libc::FD_CLOEXEC) == 0
+            && fl >= 0
+            && libc::fcntl(raw, libc::F_SETFL, fl | libc::O_NONBLOCK) == 0
+    };
+    if !ok {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
 }
 
 /// `send(2)` with MSG_NOSIGNAL: a closed peer gives `EPIPE`, not SIGPIPE.

@@ -2,9 +2,12 @@
 //!
 //! It describes exactly what the VMM emulates: RAM at [`DRAM_START`], one CPU node
 //! per vCPU (brought up through PSCI over HVC), the GICv3 (Hypervisor.framework's
-//! own on macOS), the architected timer's four PPIs, the 16550 console, every
-//! virtio-mmio window with its SPI, and `/chosen` with the command line and the
-//! initrd's bounds. Everything the kernel needs is here; there is no ACPI on arm64.
+//! own on macOS), the architected timer's four PPIs, the 16550 console, the
+//! power button (a PL061 GPIO line under `gpio-keys`, labelled "Power Button"
+//! like the ACPI button's input device on x86, with the fixed APB clock a
+//! PrimeCell needs), every virtio-mmio window with its SPI, and `/chosen` with
+//! the command line and the initrd's bounds. Everything the kernel needs is here;
+//! there is no ACPI on arm64.
 
 use vm_fdt::{FdtWriter, FdtWriterResult};
 
@@ -16,6 +19,18 @@ use super::{Error, Result};
 
 /// The GIC's phandle, the root's `interrupt-parent`.
 const GIC_PHANDLE: u32 = 1;
+/// The APB clock's phandle (PrimeCell devices name their bus clock).
+const CLOCK_PHANDLE: u32 = 2;
+/// The GPIO controller's phandle.
+const GPIO_PHANDLE: u32 = 3;
+/// The APB clock's rate; nothing in the PL061 depends on it.
+const APB_CLOCK_HZ: u32 = 24_000_000;
+/// `KEY_POWER` in Linux's input event codes.
+const KEY_POWER: u32 = 116;
+/// GPIO specifier flag: active high.
+const GPIO_ACTIVE_HIGH: u32 = 0;
+/// The power button's input device name, the one the guest agent looks for.
+pub const POWER_BUTTON_LABEL: &str = "Power Button";
 /// Interrupt specifier: shared peripheral interrupt.
 const GIC_SPI: u32 = 0;
 /// Interrupt specifier: private peripheral interrupt.
@@ -66,6 +81,8 @@ pub struct FdtConfig<'a> {
     pub gic: GicLayout,
     /// The console UART, if any.
     pub serial: Option<MmioDevice>,
+    /// The PL061 GPIO controller with the power button on `power_line`, if any.
+    pub gpio: Option<(MmioDevice, u32)>,
     /// The virtio-mmio devices, in order.
     pub virtio: &'a [MmioDevice],
 }
@@ -80,7 +97,7 @@ pub fn create_fdt(cfg: &FdtConfig<'_>) -> Result<Vec<u8>> {
             "the kernel command line contains a NUL byte".into(),
         ));
     }
-    for dev in cfg.serial.iter().chain(cfg.virtio) {
+    for dev in cfg.serial.iter().chain(cfg.gpio.as_ref().map(|g| &g.0)).chain(cfg.virtio) {
         if dev.spi + SPI_BASE >= 1020 {
             return Err(Error::Fdt(format!(
                 "SPI {} is beyond the GIC's 988 SPIs",
@@ -165,6 +182,40 @@ fn build(cfg: &FdtConfig<'_>) -> FdtWriterResult<Vec<u8>> {
         fdt.end_node(uart)?;
     }
 
+    if let Some((g, line)) = cfg.gpio {
+        let clock = fdt.begin_node("apb-pclk")?;
+        fdt.property_string("compatible", "fixed-clock")?;
+        fdt.property_u32("#clock-cells", 0)?;
+        fdt.property_u32("clock-frequency", APB_CLOCK_HZ)?;
+        fdt.property_string("clock-output-names", "clk24mhz")?;
+        fdt.property_phandle(CLOCK_PHANDLE)?;
+        fdt.end_node(clock)?;
+
+        let gpio = fdt.begin_node(&format!("pl061@{:x}", g.addr))?;
+        fdt.property_string_list(
+            "compatible",
+            vec!["arm,pl061".into(), "arm,primecell".into()],
+        )?;
+        fdt.property_array_u64("reg", &[g.addr, g.size])?;
+        fdt.property_array_u32("interrupts", &[GIC_SPI, g.spi, IRQ_TYPE_EDGE_RISING])?;
+        fdt.property_null("gpio-controller")?;
+        fdt.property_u32("#gpio-cells", 2)?;
+        fdt.property_u32("clocks", CLOCK_PHANDLE)?;
+        fdt.property_string("clock-names", "apb_pclk")?;
+        fdt.property_phandle(GPIO_PHANDLE)?;
+        fdt.end_node(gpio)?;
+
+        let keys = fdt.begin_node("gpio-keys")?;
+        fdt.property_string("compatible", "gpio-keys")?;
+        fdt.property_string("label", POWER_BUTTON_LABEL)?;
+        let power = fdt.begin_node("power")?;
+        fdt.property_string("label", "GPIO Key Power")?;
+        fdt.property_u32("linux,code", KEY_POWER)?;
+        fdt.property_array_u32("gpios", &[GPIO_PHANDLE, line, GPIO_ACTIVE_HIGH])?;
+        fdt.end_node(power)?;
+        fdt.end_node(keys)?;
+    }
+
     for dev in cfg.virtio {
         let node = fdt.begin_node(&format!("virtio_mmio@{:x}", dev.addr))?;
         fdt.property_string("compatible", "virtio,mmio")?;
@@ -213,6 +264,14 @@ pub(crate) mod tests {
                 size: SERIAL_SIZE,
                 spi: SERIAL_SPI,
             }),
+            gpio: Some((
+                MmioDevice {
+                    addr: GPIO_ADDR,
+                    size: GPIO_SIZE,
+                    spi: GPIO_SPI,
+                },
+                3,
+            )),
             virtio,
         }
     }
@@ -284,6 +343,9 @@ pub(crate) mod tests {
             "virtio_mmio@a001000 { compatible = \"virtio,mmio\"; reg = <0x00 0xa001000 0x00 0x1000>; interrupts = <0x00 0x11 0x01>; dma-coherent; };",
             "bootargs = \"console=ttyS0 quiet\";",
             "stdout-path = \"/uart@9000000\";",
+            "apb-pclk { compatible = \"fixed-clock\"; #clock-cells = <0x00>; clock-frequency = <0x16e3600>; clock-output-names = \"clk24mhz\"; phandle = <0x02>; };",
+            "pl061@9020000 { compatible = \"arm,pl061\\0arm,primecell\"; reg = <0x00 0x9020000 0x00 0x1000>; interrupts = <0x00 0x02 0x01>; gpio-controller; #gpio-cells = <0x02>; clocks = <0x02>; clock-names = \"apb_pclk\"; phandle = <0x03>; };",
+            "gpio-keys { compatible = \"gpio-keys\"; label = \"Power Button\"; power { label = \"GPIO Key Power\"; linux,code = <0x74>; gpios = <0x03 0x03 0x00>; }; };",
             "linux,initrd-start = <0x00 0x50000000>;",
             "linux,initrd-end = <0x00 0x50100000>;",
         ] {

@@ -27,6 +27,10 @@ pub const SERIAL_SIZE: u64 = 0x1000;
 pub const BOOT_TIMER_ADDR: u64 = 0x0901_0000;
 /// Size of the boot-timer window.
 pub const BOOT_TIMER_SIZE: u64 = 0x1000;
+/// The PL061 GPIO controller whose line 3 is the power button (`gpio-keys`).
+pub const GPIO_ADDR: u64 = 0x0902_0000;
+/// Size of the GPIO window.
+pub const GPIO_SIZE: u64 = 0x1000;
 /// The first virtio-mmio window; the others follow every [`VIRTIO_MMIO_SIZE`].
 pub const VIRTIO_MMIO_START: u64 = 0x0a00_0000;
 /// Size of each virtio-mmio window.
@@ -50,6 +54,8 @@ pub const SPI_BASE: u32 = 32;
 pub const PPI_BASE: u32 = 16;
 /// The UART's SPI number (INTID `SPI_BASE + SERIAL_SPI`).
 pub const SERIAL_SPI: u32 = 1;
+/// The GPIO controller's SPI number.
+pub const GPIO_SPI: u32 = 2;
 /// The first virtio-mmio device's SPI number; each device takes the next one.
 pub const VIRTIO_SPI_START: u32 = 16;
 /// The architected timers' PPI numbers (INTID = `PPI_BASE + n`).

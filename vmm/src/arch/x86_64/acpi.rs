@@ -17,8 +17,12 @@
 //! - The MADT lists one enabled local APIC per vCPU (APIC id = vCPU index) and KVM's
 //!   IOAPIC, whose pins are GSIs 0–23 one to one, so no interrupt source override is
 //!   needed.
-//! - The DSDT holds `\_S5_`, COM1 (`PNP0501`) and one `LNRO0005` device per virtio-mmio
-//!   window, with its memory range and edge-triggered, active-high interrupt.
+//! - The DSDT holds `\_S5_`, COM1 (`PNP0501`), one `LNRO0005` device per virtio-mmio
+//!   window, with its memory range and edge-triggered, active-high interrupt, and the
+//!   power button: a Generic Event Device (`ACPI0013`, GSI [`layout::GED_IRQ`]) whose
+//!   `_EVT` reads the event register at [`layout::GED_PORT`] and, when the power
+//!   button bit is set, notifies the `PNP0C0C` button device `\_SB_.PWRB` (0x80,
+//!   "pressed"); Linux's ACPI button driver turns that into `KEY_POWER`.
 //!
 //! All tables are built in host buffers first and placed one after another; nothing is
 //! written to the guest unless everything fits below [`layout::ACPI_END`].
@@ -27,8 +31,9 @@
 //! kernels built with `VIRTIO_MMIO_CMDLINE_DEVICES` and without ACPI.
 
 use acpi_tables::aml::{
-    self, Device, EISAName, Interrupt, Memory32Fixed, Name, Package, Path, ResourceTemplate, Scope,
-    IO,
+    self, And, Device, EISAName, Equal, Field, FieldAccessType, FieldEntry, FieldLockRule,
+    FieldUpdateRule, If, Interrupt, Local, Memory32Fixed, Method, Name, Notify, OpRegion,
+    OpRegionSpace, Package, Path, ResourceTemplate, Scope, Store, IO,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -180,7 +185,51 @@ fn com1_aml() -> RawAml {
     RawAml(serialize(&device))
 }
 
-/// The DSDT: `\_S5_`, then COM1 and the virtio-mmio devices under `\_SB_`.
+/// The power button's bit in the GED event register; `devices::legacy::ged` sets it.
+const GED_EVENT_POWER_BUTTON: u8 = aivmm_devices::legacy::ged::EVENT_POWER_BUTTON;
+/// `Notify` value of a button device: the button was pressed.
+const NOTIFY_BUTTON_PRESSED: u8 = 0x80;
+
+/// The power button (`PWRB`, `PNP0C0C`) and the Generic Event Device (`GED0`,
+/// `ACPI0013`) that notifies it. Linux's `evged` runs `_EVT` on the GED's interrupt.
+fn power_button_aml() -> Vec<RawAml> {
+    let hid = Name::new("_HID".into(), &EISAName::new("PNP0C0C"));
+    let uid = Name::new("_UID".into(), &aml::ZERO);
+    let pwrb = Device::new("PWRB".into(), vec![&hid, &uid]);
+
+    let hid = Name::new("_HID".into(), &"ACPI0013");
+    let uid = Name::new("_UID".into(), &aml::ZERO);
+    let irq = Interrupt::new(true, true, false, false, layout::GED_IRQ);
+    let crs = Name::new("_CRS".into(), &ResourceTemplate::new(vec![&irq]));
+    // The port fits in 16 bits by definition of x86 port I/O.
+    let port = layout::GED_PORT as u16;
+    let len = layout::GED_LEN as u8;
+    let region = OpRegion::new("GDST".into(), OpRegionSpace::SystemIO, &port, &len);
+    let field = Field::new(
+        "GDST".into(),
+        FieldAccessType::Byte,
+        FieldLockRule::NoLock,
+        FieldUpdateRule::WriteAsZeroes,
+        vec![FieldEntry::Named(*b"GDAT", 8)],
+    );
+    // Local0 = GDAT (reading clears it); Local1 = Local0 & POWER_BUTTON;
+    // If (Local1 == POWER_BUTTON) { Notify (\_SB_.PWRB, 0x80) }
+    let gdat = Path::new("GDAT");
+    let read = Store::new(&Local(0), &gdat);
+    let bit = GED_EVENT_POWER_BUTTON;
+    let mask = And::new(&Local(1), &Local(0), &bit);
+    let is_set = Equal::new(&Local(1), &bit);
+    let button = Path::new("\\_SB_.PWRB");
+    let pressed = NOTIFY_BUTTON_PRESSED;
+    let notify = Notify::new(&button, &pressed);
+    let if_set = If::new(&is_set, vec![&notify]);
+    let evt = Method::new("_EVT".into(), 1, true, vec![&read, &mask, &if_set]);
+    let ged = Device::new("GED0".into(), vec![&hid, &uid, &crs, &region, &field, &evt]);
+    vec![RawAml(serialize(&pwrb)), RawAml(serialize(&ged))]
+}
+
+/// The DSDT: `\_S5_`, then COM1, the power button with its GED and the virtio-mmio
+/// devices under `\_SB_`.
 fn create_dsdt(virtio: &[MmioDevice]) -> Result<Vec<u8>> {
     if virtio.len() > 0x100 {
         return Err(Error::TooManyDevices(virtio.len()));
@@ -193,6 +242,7 @@ fn create_dsdt(virtio: &[MmioDevice]) -> Result<Vec<u8>> {
     Name::new("_S5_".into(), &s5).to_aml_bytes(&mut body);
 
     let mut devices = vec![com1_aml()];
+    devices.extend(power_button_aml());
     for (index, dev) in virtio.iter().enumerate() {
         devices.push(virtio_device_aml(index, dev)?);
     }
@@ -222,7 +272,7 @@ fn create_fadt(dsdt_addr: u64) -> Vec<u8> {
         .dsdt_64(dsdt_addr)
         .flag(Flags::HwReducedAcpi)
         .flag(Flags::ResetRegSup)
-        // No fixed-feature power or sleep button.
+        // No fixed-feature power or sleep button: the power button is the GED's.
         .flag(Flags::PwrButton)
         .flag(Flags::SlpButton);
     fadt.iapc_boot_arch = IAPC_BOOT_ARCH.into();
@@ -581,6 +631,11 @@ mod tests {
             b"VR00",
             b"VR01",
             b"VR02",
+            b"ACPI0013",
+            b"GED0",
+            b"PWRB",
+            b"_EVT",
+            b"GDAT",
         ] {
             assert!(
                 contains(&dsdt, needle),
@@ -718,7 +773,7 @@ mod tests {
     fn largest_configuration_fits() {
         let mem = guest_memory();
         // Every IRQ aivmm can hand out, 255 vCPUs.
-        let n = layout::IRQ_MAX - layout::VIRTIO_IRQ_START + 1;
+        let n = layout::VIRTIO_IRQ_MAX - layout::VIRTIO_IRQ_START + 1;
         let rsdp = create_acpi_tables(&mem, 255, &virtio_devices(n)).expect("tables");
         walk(&mem, rsdp);
     }
@@ -811,6 +866,17 @@ mod tests {
             "Device (VR01)",
             "Name (_HID, \"LNRO0005\")",
             "Name (_CCA, One)",
+            "Device (PWRB)",
+            "EisaId (\"PNP0C0C\")",
+            "Device (GED0)",
+            "Name (_HID, \"ACPI0013\" /* Generic Event Device */)",
+            "OperationRegion (GDST, SystemIO, 0x0610, One)",
+            "0x00000017,",
+            "Method (_EVT, 1, Serialized)",
+            "Local0 = GDAT",
+            "Local1 = (Local0 & One)",
+            "If ((Local1 == One))",
+            "Notify (\\_SB.PWRB, 0x80)",
         ] {
             assert!(dsl.contains(needle), "{needle:?} missing in:\n{dsl}");
         }

@@ -36,6 +36,16 @@ pub enum Error {
         /// Why the bzImage loader refused it.
         bz: String,
     },
+    /// The kernel, by its own headers, reaches past the end of guest memory.
+    #[error("the kernel {path} needs guest memory up to {need:#x}, but the VM's memory ends at {have:#x}; give the VM more memory")]
+    KernelTooBig {
+        /// The path given.
+        path: String,
+        /// Where the kernel's image (with its bss or decompression space) ends.
+        need: u64,
+        /// Where the guest's low memory ends.
+        have: u64,
+    },
     /// The bzImage has no 64-bit entry point.
     #[error("{0} is a bzImage without a 64-bit entry point (XLF_KERNEL_64)")]
     No64BitEntry(String),
@@ -115,19 +125,19 @@ pub fn load_kernel_cached(
             match super::vmlinux::cached_vmlinux(path, dir) {
                 Ok(elf) => match load_kernel(mem, &elf) {
                     Ok(mut k) => {
-                        log::debug!("booting {} through {}", path.display(), elf.display());
+                        tracing::debug!("booting {} through {}", path.display(), elf.display());
                         // The zero page gets the bzImage's own header, as a bootloader
                         // would give it: the kernel reads fields by protocol version
                         // (0x20e and up: the RSDP address) and would otherwise see 0.
                         k.setup_header = Some(bzimage_header(&head));
                         return Ok(k);
                     }
-                    Err(e) => log::warn!(
+                    Err(e) => tracing::warn!(
                         "the cached vmlinux {} did not load ({e}); booting the bzImage",
                         elf.display()
                     ),
                 },
-                Err(e) => log::info!(
+                Err(e) => tracing::info!(
                     "booting {} with its own decompressor: {e}",
                     path.display()
                 ),
@@ -162,6 +172,18 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel> {
         path: shown.clone(),
         source,
     })?;
+    // A kernel too large for the VM would otherwise fail in the loaders as an
+    // unreadable image, or load and crash the guest (an ELF bss past the end).
+    if let Some(need) = kernel_end_from_headers(&mut f) {
+        let have = low_ram_end(mem);
+        if need > have {
+            return Err(Error::KernelTooBig {
+                path: shown,
+                need,
+                have,
+            });
+        }
+    }
     f.seek(SeekFrom::Start(0))
         .map_err(|source| Error::KernelFile {
             path: shown.clone(),
@@ -216,6 +238,68 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel> {
             bz: loader_reason(&e),
         }),
     }
+}
+
+/// Where guest RAM below the 32-bit hole ends (the kernel and initrd live there).
+fn low_ram_end(mem: &GuestMemoryMmap) -> u64 {
+    mem.iter()
+        .find(|r| r.start_addr().raw_value() == 0)
+        .map_or(0, |r| r.len())
+}
+
+/// Where the kernel in `f` ends in guest memory by its own headers: the highest
+/// end of an ELF64's `PT_LOAD` segments (their memory size, bss included), or for
+/// a bzImage 1 MiB plus the larger of its payload and `init_size` (the space it
+/// decompresses in). `None` when the headers do not say (the loaders then tell
+/// what is wrong with the file).
+fn kernel_end_from_headers(f: &mut File) -> Option<u64> {
+    let u16_at = |b: &[u8], o: usize| b.get(o..o + 2).map(|x| u16::from_le_bytes([x[0], x[1]]));
+    let u32_at = |b: &[u8], o: usize| {
+        b.get(o..o + 4)
+            .and_then(|x| x.try_into().ok())
+            .map(u32::from_le_bytes)
+    };
+    let u64_at = |b: &[u8], o: usize| {
+        b.get(o..o + 8)
+            .and_then(|x| x.try_into().ok())
+            .map(u64::from_le_bytes)
+    };
+    let mut head = vec![0u8; 0x264];
+    f.seek(SeekFrom::Start(0)).ok()?;
+    let n = f.read(&mut head).ok()?;
+    head.truncate(n);
+    if head.starts_with(b"\x7fELF") {
+        // ELFCLASS64, little-endian.
+        if head.get(4..6) != Some(&[2, 1]) {
+            return None;
+        }
+        let phoff = u64_at(&head, 0x20)?;
+        let phentsize = usize::from(u16_at(&head, 0x36)?);
+        let phnum = usize::from(u16_at(&head, 0x38)?);
+        if phentsize < 0x38 || phnum == 0 || phnum > 256 {
+            return None;
+        }
+        let mut table = vec![0u8; phentsize * phnum];
+        f.seek(SeekFrom::Start(phoff)).ok()?;
+        f.read_exact(&mut table).ok()?;
+        const PT_LOAD: u32 = 1;
+        return table
+            .chunks(phentsize)
+            .filter(|ph| u32_at(ph, 0) == Some(PT_LOAD))
+            .map(|ph| Some(u64_at(ph, 0x18)?.saturating_add(u64_at(ph, 0x28)?)))
+            .try_fold(0u64, |end, e| e.map(|e| end.max(e)));
+    }
+    if super::vmlinux::is_bzimage(&head) {
+        let payload = u64::from(u32_at(&head, 0x1f4)?) * 16;
+        // `init_size` exists from boot protocol 2.10 on.
+        let init_size = if u16_at(&head, 0x206)? >= 0x20a {
+            u64::from(u32_at(&head, 0x260)?)
+        } else {
+            0
+        };
+        return Some(HIMEM_START + payload.max(init_size));
+    }
+    None
 }
 
 /// The innermost reason of a linux-loader error, without its "Kernel Loader:" prefixes.
@@ -364,6 +448,8 @@ pub fn write_boot_params(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     #[test]
@@ -401,6 +487,73 @@ mod tests {
         assert!(matches!(e, Error::NotAKernel { .. }), "{e}");
         let e = load_kernel(&mem, Path::new("/nonexistent/kernel")).unwrap_err();
         assert!(matches!(e, Error::KernelFile { .. }), "{e}");
+    }
+
+    /// An ELF64 kernel with one PT_LOAD segment at 1 MiB: `filesz` bytes of it in
+    /// the file (zeros), `memsz` in memory.
+    fn elf_kernel(filesz: u64, memsz: u64) -> tempfile::NamedTempFile {
+        let mut e = b"\x7fELF\x02\x01\x01".to_vec();
+        e.resize(16, 0);
+        for v in [2u16, 62] {
+            e.extend_from_slice(&v.to_le_bytes()); // ET_EXEC, EM_X86_64
+        }
+        e.extend_from_slice(&1u32.to_le_bytes());
+        for v in [HIMEM_START, 64, 0] {
+            e.extend_from_slice(&v.to_le_bytes()); // entry, phoff, shoff
+        }
+        e.extend_from_slice(&0u32.to_le_bytes());
+        for v in [64u16, 56, 1, 64, 0, 0] {
+            e.extend_from_slice(&v.to_le_bytes());
+        }
+        e.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+        e.extend_from_slice(&5u32.to_le_bytes());
+        for v in [120u64, HIMEM_START, HIMEM_START, filesz, memsz, 16] {
+            e.extend_from_slice(&v.to_le_bytes());
+        }
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), &e).unwrap();
+        f.as_file().set_len(120 + filesz).unwrap();
+        f
+    }
+
+    #[test]
+    fn a_kernel_larger_than_guest_memory_is_refused_as_such() {
+        let mem = GuestMemoryMmap::from_ranges(&ram_ranges(64 << 20)).unwrap();
+        // Fits: 4 MiB of image and 8 MiB of bss.
+        let k = load_kernel(&mem, elf_kernel(4 << 20, 12 << 20).path()).unwrap();
+        assert_eq!(k.entry, HIMEM_START);
+        // 100 MiB of image, and 4 KiB of image with a 1 GiB bss, in 64 MiB.
+        for (filesz, memsz) in [(100 << 20, 100 << 20), (4096, 1 << 30)] {
+            let e = load_kernel(&mem, elf_kernel(filesz, memsz).path()).unwrap_err();
+            match &e {
+                Error::KernelTooBig { need, have, .. } => {
+                    assert_eq!((*need, *have), (HIMEM_START + memsz, 64 << 20));
+                }
+                _ => panic!("{e}"),
+            }
+            assert!(e.to_string().contains("give the VM more memory"), "{e}");
+        }
+        // A bzImage whose decompression space (init_size) is larger than RAM.
+        let mut bz = vec![0u8; 0x1000];
+        bz[0x1f1] = 1;
+        bz[0x1f4..0x1f8].copy_from_slice(&0x40u32.to_le_bytes());
+        bz[0x202..0x206].copy_from_slice(b"HdrS");
+        bz[0x206..0x208].copy_from_slice(&0x20fu16.to_le_bytes());
+        bz[0x260..0x264].copy_from_slice(&(80u32 << 20).to_le_bytes());
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), &bz).unwrap();
+        let e = load_kernel(&mem, f.path()).unwrap_err();
+        assert!(
+            matches!(e, Error::KernelTooBig { need, .. } if need == HIMEM_START + (80 << 20)),
+            "{e}"
+        );
+        // Headers that say nothing are left to the loaders.
+        let mut short = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(&mut short, b"\x7fELF\x02\x01").unwrap();
+        assert!(matches!(
+            load_kernel(&mem, short.path()).unwrap_err(),
+            Error::NotAKernel { .. }
+        ));
     }
 
     #[test]

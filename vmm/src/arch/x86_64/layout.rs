@@ -45,6 +45,8 @@ pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
 pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 /// The first GSI given to virtio-mmio devices; each device takes the next one.
 pub const VIRTIO_IRQ_START: u32 = 5;
+/// The last GSI a virtio-mmio device may take (the one after is the GED's).
+pub const VIRTIO_IRQ_MAX: u32 = GED_IRQ - 1;
 /// The last GSI aivmm hands out (the KVM IOAPIC has 24 pins).
 pub const IRQ_MAX: u32 = 23;
 
@@ -74,3 +76,14 @@ pub const ACPI_RESET_OFFSET: u64 = 2;
 pub const ACPI_RESET_VALUE: u8 = 0x1;
 /// SLP_TYP for S5 (soft-off), in the DSDT's `_S5_` package and the sleep control register.
 pub const ACPI_S5_SLP_TYP: u8 = 5;
+/// The ACPI Generic Event Device's event register (one byte): the power button.
+pub const GED_PORT: u64 = 0x610;
+/// Length of the GED's register block.
+pub const GED_LEN: u64 = 1;
+/// The GED's GSI: the last IOAPIC pin. Not below 16: KVM also routes GSIs 0-15 to
+/// its 8259 PIC, and until Linux masks the boot vCPU's LINT0 (ExtINT at reset) a
+/// press there would arrive as a PIC vector (3 on the unprogrammed PIC: a
+/// breakpoint) and reset a guest still in early boot. From 16 up, only the
+/// IOAPIC sees it, and a masked pin drops it; aivmm presses again every second.
+pub const GED_IRQ: u32 = IRQ_MAX;
+const _: () = assert!(GED_IRQ >= 16 && GED_IRQ <= IRQ_MAX && VIRTIO_IRQ_MAX < GED_IRQ);

@@ -21,8 +21,9 @@
 //! - The crate's `Vm` and `Vcpu` traits are implemented on arm64 hosts only (on
 //!   x86_64 `Vcpu` also demands the x86 register interface);
 //!   `macos/check-hvf-on-linux.sh` type-checks them, and the macOS files, here.
-//! - [`notify`]: the macOS stand-in for `EventFd` and epoll (a pipe notifier and a
-//!   kqueue poller), whose portable part is tested here.
+//! - The macOS stand-ins for `EventFd` and epoll (a pipe notifier and an epoll
+//!   emulation over kqueue) live in the devices crate, `aivmm_devices::sys`,
+//!   since the devices are what use them.
 //!
 //! Interrupts: a device's [`aivmm_devices::Interrupt`] is a [`GicInterrupt`],
 //! which raises an edge on its SPI with `hv_gic_set_spi` and wakes vCPUs idling
@@ -31,7 +32,6 @@
 
 pub mod esr;
 pub mod irq;
-pub mod notify;
 pub mod vcpu;
 
 #[cfg(target_os = "macos")]

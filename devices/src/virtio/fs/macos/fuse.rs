@@ -340,43 +340,28 @@ mod tests {
     use std::fs;
 
     use fuse_backend_rs::api::server::Server;
-    use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
     use virtio_queue::DescriptorChain;
     use vm_memory::GuestMemoryMmap;
-    use vmm_sys_util::tempdir::TempDir;
 
     use super::*;
     use crate::test_utils::guest_memory;
-    use crate::virtio::fs::macos::passthrough::{Options, ROOT_INODE};
+    use crate::virtio::fs::macos::passthrough::ROOT_INODE;
+    use crate::virtio::fs::macos::test_utils::{posix_fs, share};
     use crate::virtio::fs::test_utils::{self as fuse, Session, SESSION_MEM};
-
-    fn serve(
-        server: &Server<PosixShare>,
-        mem: &GuestMemoryMmap,
-        chain: DescriptorChain<&GuestMemoryMmap>,
-    ) -> u32 {
-        let r = Reader::from_descriptor_chain(mem, chain.clone()).unwrap();
-        let w = VirtioFsWriter::new(mem, chain).unwrap();
-        server
-            .handle_message(r, Writer::VirtioFs(w), None, None)
-            .unwrap() as u32
-    }
+    use crate::virtio::fs::worker::handle_chain;
 
     #[test]
     fn macos_passthrough_serves_the_linux_fuse_abi_through_the_server() {
-        let tmp = TempDir::new().unwrap();
-        let share = tmp.as_path().join("share");
-        fs::create_dir(&share).unwrap();
-        fs::write(share.join("hello.txt"), b"hello from the host").unwrap();
+        let tmp = share();
+        let share = &tmp.share;
         std::os::unix::fs::symlink("/etc", share.join("etc")).unwrap();
-        let fs = PosixFs::new(&share, Options { read_only: false }).unwrap();
         let server = Server::new(PosixShare {
-            fs,
+            fs: posix_fs(share, false),
             ttl: Duration::from_secs(1),
         });
         let mem = guest_memory(SESSION_MEM);
         let mut s = Session::new(&mem);
-        let mut h = |c: DescriptorChain<&GuestMemoryMmap>| serve(&server, &mem, c);
+        let mut h = |c: DescriptorChain<&GuestMemoryMmap>| handle_chain(&server, &mem, c);
 
         assert_eq!(s.call(&fuse::init(), &mut h).errno(), 0);
         let hello = s
@@ -411,7 +396,7 @@ mod tests {
             .map(|(_, n)| n)
             .collect();
         names.sort();
-        assert_eq!(names, [".", "..", "etc", "hello.txt", "new.txt"]);
+        assert_eq!(names, [".", "..", "etc", "hello.txt", "new.txt", "src"]);
 
         // RENAME and UNLINK; the escape attempts fail.
         let mv = fuse::rename(ROOT_INODE, "new.txt", ROOT_INODE, "renamed.txt");

@@ -24,14 +24,20 @@
 //!   ABI, which the guest does not speak), and the chain I/O around it;
 //! - `fuse` (Linux hosts): `PosixFs` as a fuse-backend-rs `FileSystem`, so the
 //!   two request loops can be compared reply for reply in tests.
+//! - [`backend`]: which server a virtio-fs device uses ([`backend::FsBackend`]:
+//!   fuse-backend-rs on Linux, this portable one on macOS) behind the one
+//!   interface its queue workers call ([`backend::FsServer`]).
 
 pub mod attr;
+pub mod backend;
 pub mod errno;
 pub mod flags;
 #[cfg(target_os = "linux")]
 pub mod fuse;
 pub mod passthrough;
 pub mod server;
+#[cfg(test)]
+pub(crate) mod test_utils;
 pub mod xattr;
 
 /// Errors of the translation layer: a value the guest's kernel cannot be given,

@@ -1270,12 +1270,13 @@ mod tests {
     use vmm_sys_util::tempdir::TempDir;
 
     use super::*;
+    use crate::virtio::fs::macos::test_utils::{posix_fs, share};
 
     const O_RDONLY: u32 = 0;
     const O_WRONLY: u32 = 1;
     const O_RDWR: u32 = 2;
 
-    /// A temp dir with `share/` (served) and `outside/secret` (must stay unreachable).
+    /// The shared fixture ([`share`]) served by a [`PosixFs`].
     struct Fixture {
         _tmp: TempDir,
         share: PathBuf,
@@ -1284,21 +1285,12 @@ mod tests {
     }
 
     fn fixture(read_only: bool) -> Fixture {
-        let tmp = TempDir::new().unwrap();
-        let share = tmp.as_path().join("share");
-        let outside = tmp.as_path().join("outside");
-        fs::create_dir(&share).unwrap();
-        fs::create_dir(&outside).unwrap();
-        fs::write(outside.join("secret"), b"host secret").unwrap();
-        fs::write(share.join("hello.txt"), b"hello from the host").unwrap();
-        fs::create_dir(share.join("src")).unwrap();
-        fs::write(share.join("src/main.rs"), b"fn main() {}\n").unwrap();
-        let fs = PosixFs::new(&share, Options { read_only }).unwrap();
+        let s = share();
         Fixture {
-            _tmp: tmp,
-            share,
-            outside,
-            fs,
+            fs: posix_fs(&s.share, read_only),
+            _tmp: s.tmp,
+            share: s.share,
+            outside: s.outside,
         }
     }
 
@@ -1675,7 +1667,8 @@ mod tests {
         assert_eq!(e, lx::EPERM);
         // O_PATH (and O_TMPFILE) would bypass the checks.
         let (file, _) = f.fs.lookup(ROOT_INODE, &c("hello.txt")).unwrap();
-        assert_eq!(errno(f.fs.open(file, libc::O_PATH as u32)), lx::EINVAL);
+        let o_path = crate::virtio::fs::macos::flags::linux_open::O_PATH;
+        assert_eq!(errno(f.fs.open(file, o_path)), lx::EINVAL);
         assert_eq!(errno(f.fs.open(file, 3)), lx::EINVAL);
     }
 

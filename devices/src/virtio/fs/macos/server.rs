@@ -550,7 +550,8 @@ pub fn handle_chain<M: GuestMemory>(
     }
 }
 
-#[cfg(test)]
+// The requests are built with fuse-backend-rs's Linux ABI structs (Linux hosts only).
+#[cfg(all(test, target_os = "linux"))]
 mod tests {
     #![allow(clippy::unwrap_used)]
 
@@ -560,26 +561,18 @@ mod tests {
 
     use fuse_backend_rs::abi::fuse_abi::{InitOut, Opcode};
     use vm_memory::{ByteValued, GuestMemoryMmap};
-    use vmm_sys_util::tempdir::TempDir;
 
     use super::*;
     use crate::test_utils::{guest_memory, Buf};
-    use crate::virtio::fs::macos::passthrough::{Options, ROOT_INODE};
+    use crate::virtio::fs::macos::passthrough::ROOT_INODE;
+    use crate::virtio::fs::macos::test_utils::{self, posix_fs, posix_server as server, Share};
     use crate::virtio::fs::test_utils::{self as fuse, Request, Session, REQ_ADDR, SESSION_MEM};
 
-    fn share() -> TempDir {
-        let tmp = TempDir::new().unwrap();
-        let root = tmp.as_path();
-        fs::write(root.join("hello.txt"), b"hello from the host").unwrap();
-        fs::create_dir(root.join("src")).unwrap();
-        fs::write(root.join("src/main.rs"), b"fn main() {}\n").unwrap();
-        std::os::unix::fs::symlink("/etc/passwd", root.join("link")).unwrap();
-        tmp
-    }
-
-    fn server(root: &Path, read_only: bool) -> LinuxFuseServer {
-        let fs = PosixFs::new(root, Options { read_only }).unwrap();
-        LinuxFuseServer::new(fs, Duration::from_secs(1))
+    /// The shared fixture, plus `link` -> /etc/passwd in the share.
+    fn share() -> Share {
+        let s = test_utils::share();
+        std::os::unix::fs::symlink("/etc/passwd", s.share.join("link")).unwrap();
+        s
     }
 
     fn raw(opcode: u32, nodeid: u64, body: Vec<u8>) -> Request {
@@ -605,23 +598,18 @@ mod tests {
     fn macos_server_replies_match_fuse_backend_rs_byte_for_byte() {
         use crate::virtio::fs::macos::fuse::PosixShare;
         use fuse_backend_rs::api::server::Server;
-        use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
 
         let tmp = share();
-        let ours = server(tmp.as_path(), false);
+        let ours = server(&tmp.share, false);
         let theirs = Server::new(PosixShare {
-            fs: PosixFs::new(tmp.as_path(), Options { read_only: false }).unwrap(),
+            fs: posix_fs(&tmp.share, false),
             ttl: Duration::from_secs(1),
         });
         let (mem_a, mem_b) = (guest_memory(SESSION_MEM), guest_memory(SESSION_MEM));
         let (mut a, mut b) = (Session::new(&mem_a), Session::new(&mem_b));
         let mut ha = |c: DescriptorChain<&GuestMemoryMmap>| handle_chain(&ours, &mem_a, c);
         let mut hb = |c: DescriptorChain<&GuestMemoryMmap>| {
-            let r = Reader::from_descriptor_chain(&mem_b, c.clone()).unwrap();
-            let w = VirtioFsWriter::new(&mem_b, c).unwrap();
-            theirs
-                .handle_message(r, Writer::VirtioFs(w), None, None)
-                .unwrap() as u32
+            crate::virtio::fs::worker::handle_chain(&theirs, &mem_b, c)
         };
         let init_a = a.call(&fuse::init(), &mut ha);
         assert_eq!(
@@ -672,7 +660,7 @@ mod tests {
     #[test]
     fn macos_server_changes_reach_the_host() {
         let tmp = share();
-        let root_dir = tmp.as_path();
+        let root_dir = tmp.share.as_path();
         let srv = server(root_dir, false);
         let mem = guest_memory(SESSION_MEM);
         let mut s = Session::new(&mem);
@@ -749,7 +737,7 @@ mod tests {
     #[test]
     fn macos_server_refuses_escapes_and_read_only_changes() {
         let tmp = share();
-        let srv = server(tmp.as_path(), true);
+        let srv = server(&tmp.share, true);
         let mem = guest_memory(SESSION_MEM);
         let mut s = Session::new(&mem);
         let mut h = |c: DescriptorChain<&GuestMemoryMmap>| handle_chain(&srv, &mem, c);
@@ -786,7 +774,7 @@ mod tests {
     #[test]
     fn macos_server_survives_malformed_requests() {
         let tmp = share();
-        let srv = server(tmp.as_path(), false);
+        let srv = server(&tmp.share, false);
         // Too short for a header: no reply at all.
         assert_eq!(srv.handle(&[0u8; 12]), None);
         // A header whose length exceeds the request: EINVAL.
@@ -859,12 +847,11 @@ mod tests {
         use proptest::prelude::*;
         use proptest::test_runner::{Config, TestRunner};
 
-        let tmp = TempDir::new().unwrap();
-        let share = tmp.as_path().join("share");
-        let outside = tmp.as_path().join("outside");
-        fs::create_dir(&share).unwrap();
-        fs::create_dir(&outside).unwrap();
-        fs::write(outside.join("secret"), b"host secret").unwrap();
+        let Share {
+            tmp: _tmp,
+            share,
+            outside,
+        } = test_utils::share();
         fs::write(share.join("f"), b"data").unwrap();
         fs::create_dir(share.join("d")).unwrap();
         std::os::unix::fs::symlink(&outside, share.join("out")).unwrap();
@@ -915,7 +902,7 @@ mod tests {
     #[test]
     fn macos_server_chain_io_is_bounded() {
         let tmp = share();
-        let srv = server(tmp.as_path(), false);
+        let srv = server(&tmp.share, false);
         let mem = guest_memory(SESSION_MEM);
         let mut s = Session::new(&mem);
         let mut h = |c: DescriptorChain<&GuestMemoryMmap>| handle_chain(&srv, &mem, c);

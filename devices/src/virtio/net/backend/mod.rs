@@ -8,8 +8,12 @@
 //! can take checksum and segmentation offloads; the others get plain, complete,
 //! checksummed frames.
 
+// passt and TAP are Linux-only (passt runs only there; TAP needs /dev/net/tun).
+// Elsewhere the unix datagram socket (gvproxy, vmnet-helper) is the route.
+#[cfg(target_os = "linux")]
 pub mod passt;
 pub mod stream;
+#[cfg(target_os = "linux")]
 pub mod tap;
 pub mod unix_dgram;
 
@@ -17,8 +21,10 @@ use std::io;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 
+#[cfg(target_os = "linux")]
 pub use passt::Passt;
 pub use stream::Stream;
+#[cfg(target_os = "linux")]
 pub use tap::Tap;
 pub use unix_dgram::UnixDgram;
 
@@ -108,8 +114,14 @@ pub trait Backend: Send {
 /// Opens the backend `config` describes.
 pub fn open(config: &BackendConfig) -> Result<Box<dyn Backend>> {
     Ok(match config {
+        #[cfg(target_os = "linux")]
         BackendConfig::Passt { forwards } => Box::new(Passt::spawn(forwards)?),
+        #[cfg(target_os = "linux")]
         BackendConfig::Tap { name } => Box::new(Tap::open(name)?),
+        #[cfg(not(target_os = "linux"))]
+        BackendConfig::Passt { .. } => return Err(super::Error::Unsupported("passt")),
+        #[cfg(not(target_os = "linux"))]
+        BackendConfig::Tap { .. } => return Err(super::Error::Unsupported("a TAP device")),
         BackendConfig::UnixDgram { path } => Box::new(UnixDgram::connect(path)?),
     })
 }
