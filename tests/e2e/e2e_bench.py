@@ -119,7 +119,7 @@ def collect(sc):
         "marker": {k: [] for k in KINDS}, "uptime": {k: [] for k in KINDS},
         "overhead": {k: [] for k in KINDS}, "rss": {k: [] for k in KINDS},
         "ram_rss": {k: [] for k in KINDS}, "ram_map": {k: set() for k in KINDS},
-        "setup": [], "setup_seen": [], "boot_timer": [], "warmup": {},
+        "setup": [], "setup_seen": [], "boot_timer": [], "warmup": {}, "phases": {},
         "io": {"aivmm": {}, "qemu-microvm": {}}, "broken": [], "io_problems": [],
     }
     for tag in sc.order:
@@ -165,6 +165,8 @@ def collect(sc):
                     d["setup_seen"].append(seen)
                 if r.boot_timer_ms() is not None:
                     d["boot_timer"].append(r.boot_timer_ms())
+                for name, ms in setup_phases(r):
+                    d["phases"].setdefault(name, []).append(ms)
         elif part in ("io", "net") and kind in d["io"]:
             problems, _ = e2e_io.check_run(sc, tag)
             if problems:
@@ -173,6 +175,19 @@ def collect(sc):
                 if v > 0:  # a rate of 0 is a failed step (its check says why), not a figure
                     d["io"][kind].setdefault(k, []).append(v)
     return d
+
+
+def setup_phases(r):
+    """[(phase, ms)] from aivmm's debug lines `setup: PHASE took X ms (Y ms since exec)`;
+    the first entry is what comes before them (exec, argument and config checks)."""
+    out = []
+    for _, line in r.err:
+        m = re.search(r"setup: (.+?) took ([\d.]+) ms \(([\d.]+) ms since exec\)", line)
+        if m:
+            if not out:
+                out.append(("exec to VM build", float(m.group(3)) - float(m.group(2))))
+            out.append((m.group(1), float(m.group(2))))
+    return out
 
 
 # (figure key, device, metric label, unit); higher is better for all of them.
@@ -192,7 +207,7 @@ def judge(sc, vmm_mode="aivmm"):
     d = collect(sc)
     m = {k: med(d["marker"][k]) for k in KINDS}
     lines = [f"  boot median ms (exec -> E2E-MARKER console line, {RUNS} timed boots each, round robin, "
-             "after one untimed warm-up boot per VMM; aivmm's fills its vmlinux cache): "
+             "after one untimed warm-up boot per VMM): "
              + " ".join(f"{k}={fmt(m[k])}" for k in KINDS)
              + " (runs: " + ", ".join(f"{k}={len(d['marker'][k])}" for k in KINDS) + ")",
              "  warm-up boots ms (untimed): " + " ".join(f"{k}={fmt(d['warmup'].get(k))}" for k in KINDS)]
@@ -202,6 +217,9 @@ def judge(sc, vmm_mode="aivmm"):
     lines.append(f"  aivmm setup (exec -> first vCPU entry, its `setup took` line) median ms: "
                  f"{fmt(med(d['setup']), 1)} (line seen by vmmrun at {fmt(med(d['setup_seen']))} ms); "
                  f"aivmm boot-timer median ms: {fmt(med(d['boot_timer']))}")
+    if d["phases"]:
+        lines.append("  aivmm setup phases median ms: "
+                     + ", ".join(f"{k} {fmt(med(v), 1)}" for k, v in d["phases"].items()))
     lines.append("  guest uptime at marker median s: "
                  + " ".join(f"{k}={fmt(med(d['uptime'][k]), 2)}" for k in KINDS))
     ov = {k: med(d["overhead"][k]) for k in KINDS}
@@ -324,6 +342,9 @@ def write_results(d, m, boot_ratio, ov, dev):
         "",
         "![boot-time distributions](boot.svg)",
         "",
+        "Where aivmm's set-up time goes (medians, ms; its `setup:` debug lines): "
+        + (", ".join(f"{k} {fmt(med(v), 1)}" for k, v in d["phases"].items()) or "not logged") + ".",
+        "",
         "## Devices (aivmm vs QEMU microvm)",
         "",
         f"Medians of {IO_RUNS} run(s) each. Higher is better.",
@@ -339,8 +360,9 @@ def write_results(d, m, boot_ratio, ov, dev):
         "",
         "- Boot: `vmmrun` (tests/e2e/vmmrun.rs) takes the time at the VMM's exec and stamps the guest "
         "console line `E2E-MARKER`, which the L2 init prints after loading its modules: the same span "
-        "for every VMM. aivmm's first boot in an L1 unpacks the bzImage into its vmlinux cache; that "
-        "boot and one per QEMU machine are untimed warm-ups.",
+        "for every VMM. One boot per VMM is an untimed warm-up; aivmm's unpacks the bzImage into its "
+        "vmlinux cache, which the timed boots use (its default; `qemu-compare` also times "
+        "`--no-kernel-cache`).",
         "- Setup: aivmm's debug line `setup took ... since exec` (`AIVMM_LOG=aivmm::vmm=debug`).",
         "- Memory: the guest idles 2 s after its marker; L1 reads the VMM's `VmRSS` from "
         "/proc/PID/status and, from /proc/PID/smaps, the `Rss` of the process's largest mapping, which "

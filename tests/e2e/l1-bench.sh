@@ -82,6 +82,7 @@ bench_scenario() {
 	i=1
 	while [ $i -le "$BENCH_RUNS" ]; do
 		for k in aivmm qemu-microvm qemu-pc; do
+			settle "bench/boot/$k/$i" # l1-init.sh
 			bench_boot "bench/boot/$k/$i" $k
 		done
 		i=$((i + 1))

@@ -40,6 +40,9 @@ if [ -s /lib/modules/l1-disk-order ]; then
 	done </lib/modules/l1-disk-order
 fi
 if [ -c /dev/kvm ]; then
+	# Keeps KVM's static keys from flipping at every VM start and end, which under
+	# TCG now and then hangs or crashes L1 (see tests/e2e/kvm-keeper.c).
+	kvm-keeper &
 	echo "@@L1 kvm=ok $(cat /sys/module/kvm_amd/parameters/nested 2>/dev/null || cat /sys/module/kvm_intel/parameters/nested 2>/dev/null)"
 else
 	echo "@@L1 kvm=missing"
@@ -88,6 +91,22 @@ if [ -s /e2e/kvm-stats ]; then
 	echo "@@L1 THP: $(cat /sys/kernel/mm/transparent_hugepage/enabled) defrag: $(cat /sys/kernel/mm/transparent_hugepage/defrag)"
 fi
 
+# settle TAG: before a timed boot, waits (up to 5 s) until L1's CPUs have been idle
+# (under 10% busy) for half a second, so that one VMM's teardown (its memory freed,
+# KVM's deferred work) does not slow the next VMM's boot; prints how long it waited.
+settle() {
+	n=0
+	while [ $n -lt 10 ]; do
+		b1=$(awk '/^cpu / {print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8}' /proc/stat)
+		sleep 0.5
+		b2=$(awk '/^cpu / {print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8}' /proc/stat)
+		busy=$(echo "$b1 $b2" | awk '{d = $4 - $2; print (d > 0) ? int(100 * ($3 - $1) / d) : 0}')
+		[ "$busy" -lt 10 ] && break
+		n=$((n + 1))
+	done
+	echo "@@O $1 0 E2E-RESULT settle_ms=$((n * 500)) l1_busy_pct=$busy"
+}
+
 # run_vmm TAG KIND CPUS MEM SCENARIO [TIMEOUT]: boot L2 once under KIND.
 # With e2e.vmm=qemu (debugging the harness), KIND aivmm runs QEMU microvm instead.
 # DISK (a raw image) and SHARE (HOST_DIR:TAG) attach virtio-blk / virtio-fs.
@@ -117,9 +136,9 @@ run_vmm_kind() {
 		AIVMM_LOG="${AIVMM_LOG:-$LOG}" vmmrun "$tag" "$to" -- aivmm run --kernel $L2K --initrd $L2I --cmdline "$cmd" \
 			${cpus:+--cpus $cpus} ${mem:+--memory $mem} ${DISK:+--disk $DISK} ${SHARE:+--share $SHARE}
 		;;
-	aivmm-vmlinux) # aivmm's cached, unpacked vmlinux instead of the guest's decompressor
+	aivmm-bzimage) # the bzImage with its own in-guest decompressor, not aivmm's cached vmlinux
 		AIVMM_LOG="${AIVMM_LOG:-$LOG}" vmmrun "$tag" "$to" -- aivmm run --kernel $L2K --initrd $L2I --cmdline "$cmd" \
-			${cpus:+--cpus $cpus} ${mem:+--memory $mem} --kernel-cache
+			${cpus:+--cpus $cpus} ${mem:+--memory $mem} --no-kernel-cache
 		;;
 	qemu-microvm)
 		vmmrun "$tag" "$to" -- qemu-system-x86_64 -L /fw -M microvm,acpi=on,rtc=on -enable-kvm -cpu host \
@@ -214,10 +233,11 @@ scenario() {
 		;;
 	qemu-compare)
 		# Untimed: fills aivmm's vmlinux cache (the judge skips this tag).
-		run_vmm "qemu-compare/warmup" aivmm-vmlinux 1 256M boot
+		run_vmm "qemu-compare/warmup" aivmm 1 256M boot
 		i=1
 		while [ $i -le "$RUNS" ]; do
-			for k in aivmm aivmm-vmlinux qemu-microvm qemu-pc; do
+			for k in aivmm aivmm-bzimage qemu-microvm qemu-pc; do
+				settle "qemu-compare/$k/$i"
 				run_vmm "qemu-compare/$k/$i" $k 1 256M boot
 			done
 			i=$((i + 1))

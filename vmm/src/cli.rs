@@ -220,11 +220,11 @@ pub struct RunArgs {
     /// Seccomp filters on every thread; `off` is for debugging only.
     #[arg(long, value_enum, value_name = "on|off", default_value_t = crate::seccomp::SeccompMode::On)]
     pub seccomp: crate::seccomp::SeccompMode,
-    /// Boot a bzImage through a vmlinux aivmm unpacks once and caches (in the cache
-    /// directory's kernels/) instead of the guest's own decompressor. Experimental:
-    /// the nested harness measures it slower overall (see tests/e2e `qemu-compare`).
+    /// Boot a bzImage with its own in-guest decompressor. By default aivmm unpacks
+    /// an LZ4 bzImage once into a cached vmlinux (the cache directory's kernels/)
+    /// and boots that, which skips the decompression on every later boot.
     #[arg(long)]
-    pub kernel_cache: bool,
+    pub no_kernel_cache: bool,
 }
 
 fn parse_net_arg(s: &str) -> Result<config::NetMode, String> {
@@ -279,7 +279,7 @@ impl TryFrom<&RunArgs> for VmConfig {
                 uds_path: p.clone(),
             }),
             seccomp: a.seccomp,
-            kernel_cache: config::kernel_cache_dir(a.kernel_cache),
+            kernel_cache: config::kernel_cache_dir(!a.no_kernel_cache),
         };
         c.validate()?;
         Ok(c)

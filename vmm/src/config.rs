@@ -341,7 +341,8 @@ impl VmConfig {
 }
 
 /// The vmlinux cache directory, `<cache root>/kernels`, when `enabled` and there
-/// is a cache directory; otherwise `None` (the bzImage boots as it is).
+/// is a cache directory; otherwise `None` (the bzImage boots as it is). Only x86
+/// kernels come as bzImages, so other hosts get `None`.
 pub fn kernel_cache_dir(enabled: bool) -> Option<PathBuf> {
     if !enabled || !cfg!(target_arch = "x86_64") {
         return None;

@@ -492,7 +492,7 @@ pub fn vm_config(
             uds_path: state.vsock_path(),
         }),
         seccomp: args.seccomp,
-        kernel_cache: config::kernel_cache_dir(args.kernel_cache),
+        kernel_cache: config::kernel_cache_dir(!args.no_kernel_cache),
     };
     c.validate()?;
     Ok(c)
