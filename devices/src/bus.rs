@@ -77,7 +77,10 @@ impl Bus {
         (off < e.len).then(|| (e.dev.clone(), off))
     }
 
-    /// Reads at `addr`. Returns false, with `data` zeroed, when no device owns it.
+    /// Reads at `addr`. Returns false, with `data` all ones, when no device owns
+    /// it: an unclaimed read floats high, as on a PC. Zeros would pass Linux's
+    /// probe for a type-2 PCI host bridge at ports 0xcf8/0xcfa, which then scans
+    /// the bus through ~1,000 port exits before giving up.
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.resolve(addr) {
             Some((dev, off)) => {
@@ -85,7 +88,7 @@ impl Bus {
                 true
             }
             None => {
-                data.fill(0);
+                data.fill(0xff);
                 false
             }
         }
@@ -147,7 +150,7 @@ mod tests {
         assert!(bus.read(0x110, &mut b));
         assert_eq!(b[0], 9);
         assert!(!bus.read(0x120, &mut b));
-        assert_eq!(b[0], 0);
+        assert_eq!(b[0], 0xff);
         assert!(!bus.read(0xff, &mut b));
     }
 }

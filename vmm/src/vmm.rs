@@ -605,10 +605,55 @@ pub fn allocate_guest_memory(
 /// (a device saw a power-off or reset) the vCPU does not enter the guest again.
 fn run_vcpu(
     id: u32,
+    vcpu: Box<dyn Vcpu>,
+    io: &Bus,
+    mmio: &Bus,
+    stopping: &AtomicBool,
+) -> Result<VmExit> {
+    let mut exits = ExitCounts::default();
+    let r = vcpu_loop(id, vcpu, io, mmio, stopping, &mut exits);
+    exits.log(id);
+    r
+}
+
+/// How many port and MMIO exits a vCPU took, by port and by 4 KiB page: where
+/// exits cost (each is a round trip through aivmm) shows in the debug log.
+#[derive(Default)]
+struct ExitCounts {
+    io: std::collections::HashMap<u16, u32>,
+    mmio: std::collections::HashMap<u64, u32>,
+}
+
+impl ExitCounts {
+    fn log(&self, id: u32) {
+        if !log::log_enabled!(log::Level::Debug) {
+            return;
+        }
+        let top = |mut m: Vec<(String, u32)>| {
+            m.sort_by(|a, b| b.1.cmp(&a.1));
+            m.iter()
+                .take(8)
+                .map(|(k, n)| format!("{k}:{n}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let io: u32 = self.io.values().sum();
+        let mmio: u32 = self.mmio.values().sum();
+        log::debug!(
+            "vcpu{id} exits: {io} port ({}), {mmio} MMIO ({})",
+            top(self.io.iter().map(|(p, n)| (format!("{p:#x}"), *n)).collect()),
+            top(self.mmio.iter().map(|(a, n)| (format!("{a:#x}"), *n)).collect()),
+        );
+    }
+}
+
+fn vcpu_loop(
+    id: u32,
     mut vcpu: Box<dyn Vcpu>,
     io: &Bus,
     mmio: &Bus,
     stopping: &AtomicBool,
+    exits: &mut ExitCounts,
 ) -> Result<VmExit> {
     loop {
         if stopping.load(Ordering::SeqCst) {
@@ -620,21 +665,25 @@ fn run_vcpu(
             reason: e.to_string(),
         })? {
             VcpuExit::IoIn(port, data) => {
+                *exits.io.entry(port).or_default() += 1;
                 if !io.read(u64::from(port), data) {
                     log::trace!("vcpu{id}: read of unhandled port {port:#x}");
                 }
             }
             VcpuExit::IoOut(port, data) => {
+                *exits.io.entry(port).or_default() += 1;
                 if !io.write(u64::from(port), data) {
                     log::trace!("vcpu{id}: write to unhandled port {port:#x}");
                 }
             }
             VcpuExit::MmioRead(addr, data) => {
+                *exits.mmio.entry(addr & !0xfff).or_default() += 1;
                 if !mmio.read(addr, data) {
                     log::debug!("vcpu{id}: read of unhandled MMIO {addr:#x}");
                 }
             }
             VcpuExit::MmioWrite(addr, data) => {
+                *exits.mmio.entry(addr & !0xfff).or_default() += 1;
                 if !mmio.write(addr, data) {
                     log::debug!("vcpu{id}: write to unhandled MMIO {addr:#x}");
                 }
