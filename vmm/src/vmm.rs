@@ -630,7 +630,7 @@ impl ExitCounts {
             return;
         }
         let top = |mut m: Vec<(String, u32)>| {
-            m.sort_by(|a, b| b.1.cmp(&a.1));
+            m.sort_by_key(|e| std::cmp::Reverse(e.1));
             m.iter()
                 .take(8)
                 .map(|(k, n)| format!("{k}:{n}"))

@@ -251,7 +251,7 @@ fn prune(cache_dir: &Path, keep: &Path) {
         .filter(|p| p.extension().is_some_and(|x| x == "vmlinux") && p != keep)
         .filter_map(|p| Some((fs::metadata(&p).ok()?.modified().ok()?, p)))
         .collect();
-    entries.sort_by(|a, b| b.0.cmp(&a.0));
+    entries.sort_by_key(|e| std::cmp::Reverse(e.0));
     for (_, p) in entries.into_iter().skip(KEEP - 1) {
         if let Err(e) = fs::remove_file(&p) {
             tracing::debug!("cannot prune {}: {e}", p.display());
