@@ -149,7 +149,7 @@ open(os.path.join(shim, "vmm-sys-util", "src", "lib.rs"), "w").write(
     "//! vmm-sys-util's macOS modules.\npub use real::{" + ", ".join(sorted(mods)) + "};\n")
 
 # The workspace, as a Mac compiles it.
-for d in ["vmm", "benches", "devices", "protocol"]:
+for d in ["vmm", "benches", "devices", "protocol", "guest/agent"]:
     shutil.copytree(os.path.join(root, d), os.path.join(work, d),
                     ignore=shutil.ignore_patterns("target", "results"))
 os.makedirs(os.path.join(work, "tests"))
@@ -169,8 +169,7 @@ LINUX_TABLE = re.compile(r"^\[target\.'cfg\(target_os = \"linux\"\)'\.(dev-)?dep
 def root_manifest(s):
     for old, new in [
         ('members = [".", "devices", "protocol", "guest/agent"]',
-         'members = [".", "devices", "protocol", "shim/libc", "shim/vmm-sys-util"]'),
-        ('default-members = [".", "guest/agent"]', 'default-members = ["."]'),
+         'members = [".", "devices", "protocol", "guest/agent", "shim/libc", "shim/vmm-sys-util"]'),
         ('vmm-sys-util = "0.15"',
          'vmm-sys-util = { package = "mac-vmm-sys-util", path = "shim/vmm-sys-util" }'),
         ('\nlibc = "0.2"\n', '\nlibc = { package = "mac-libc", path = "shim/libc" }\n'),
@@ -194,12 +193,18 @@ s = open(os.path.join(work, "devices", "Cargo.toml")).read()
 s, n = LINUX_TABLE.subn("", s)
 assert n == 1, n
 open(os.path.join(work, "devices", "Cargo.toml"), "w").write(devices_manifest(s))
+# The guest agent is a Linux program; on a Mac it builds to a stub that says so.
+s = open(os.path.join(work, "guest", "agent", "Cargo.toml")).read()
+old = '\nlibc = "0.2"\n'
+assert s.count(old) == 1
+open(os.path.join(work, "guest", "agent", "Cargo.toml"), "w").write(
+    s.replace(old, '\nlibc = { package = "mac-libc", path = "../../shim/libc" }\n'))
 
 CFG = [('target_os = "linux"', "any()"), ('target_os = "android"', "any()"),
        ('target_arch = "x86_64"', "any()"), ('target_os = "macos"', "all()"),
        ('target_vendor = "apple"', "all()"), ('target_arch = "aarch64"', "all()")]
 linux_std = []
-for d in ["vmm", "benches", "devices", "protocol", "tests"]:
+for d in ["vmm", "benches", "devices", "protocol", "tests", "guest/agent"]:
     for dirpath, _, files in os.walk(os.path.join(work, d)):
         for f in files:
             if not f.endswith(".rs"):

@@ -15,28 +15,42 @@
 //!             [--exec-listen vsock:PORT | unix:PATH | none]
 //! ```
 
+#[cfg(target_os = "linux")]
 mod child;
+#[cfg(target_os = "linux")]
 mod power;
+#[cfg(target_os = "linux")]
 mod relay;
+#[cfg(target_os = "linux")]
 mod setup;
+#[cfg(target_os = "linux")]
 mod transport;
 
+#[cfg(target_os = "linux")]
 use std::io;
+#[cfg(target_os = "linux")]
 use std::process::ExitCode;
+#[cfg(target_os = "linux")]
 use std::time::Duration;
 
+#[cfg(target_os = "linux")]
 use aivmm_protocol::{AGENT_PORT, EXEC_PORT};
+#[cfg(target_os = "linux")]
 use transport::{Address, Listen};
 
 /// The host's vsock context id.
+#[cfg(target_os = "linux")]
 const HOST_CID: u32 = 2;
 /// How long the agent keeps trying to reach the host.
+#[cfg(target_os = "linux")]
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The exit status for the agent's own failures.
+#[cfg(target_os = "linux")]
 const AGENT_FAILURE: u8 = 125;
 
 /// Errors of the agent.
 #[derive(Debug, thiserror::Error)]
+#[cfg(target_os = "linux")]
 pub enum Error {
     /// The command line is wrong.
     #[error(
@@ -64,6 +78,7 @@ pub enum Error {
 
 /// The parsed command line.
 #[derive(Debug, PartialEq, Eq)]
+#[cfg(target_os = "linux")]
 struct Args {
     addr: Address,
     connect_timeout: Duration,
@@ -71,6 +86,7 @@ struct Args {
     exec: Option<Listen>,
 }
 
+#[cfg(target_os = "linux")]
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, Error> {
     let mut a = Args {
         addr: Address::Vsock {
@@ -123,6 +139,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, Error> {
 /// Serves `aivmm exec` connections on `listen`, one thread each, for the life of
 /// the agent. A listener that cannot be made is reported and skipped: the main
 /// command matters more.
+#[cfg(target_os = "linux")]
 fn spawn_exec_listener(listen: Listen) {
     let listener = match transport::listen(&listen) {
         Ok(l) => l,
@@ -153,6 +170,7 @@ fn spawn_exec_listener(listen: Listen) {
         });
 }
 
+#[cfg(target_os = "linux")]
 fn run() -> Result<aivmm_protocol::ExitStatus, Error> {
     let args = parse_args(std::env::args().skip(1))?;
     // Only in a VM: with a unix socket the agent runs beside its host, in tests.
@@ -170,6 +188,7 @@ fn run() -> Result<aivmm_protocol::ExitStatus, Error> {
     relay::serve(sock, true)
 }
 
+#[cfg(target_os = "linux")]
 fn main() -> ExitCode {
     match run() {
         // Statuses wrap to a byte, as they do for any process.
@@ -182,6 +201,7 @@ fn main() -> ExitCode {
 }
 
 #[cfg(test)]
+#[cfg(target_os = "linux")]
 mod tests {
     #![allow(clippy::unwrap_used)]
 
@@ -226,4 +246,12 @@ mod tests {
             assert!(matches!(parse(bad), Err(Error::Usage(_))), "{bad:?}");
         }
     }
+}
+
+/// The agent is a program for the Linux guest (vsock, ptys, mounts); on any other
+/// host the workspace still builds, and this binary only says where it belongs.
+#[cfg(not(target_os = "linux"))]
+fn main() -> std::process::ExitCode {
+    eprintln!("aivmm-agent runs inside aivmm's Linux guest; build it for a Linux target");
+    std::process::ExitCode::from(125)
 }

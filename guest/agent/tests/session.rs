@@ -1,3 +1,4 @@
+#![cfg(target_os = "linux")]
 //! The agent and the host-side session together, on the host, without a VM: the
 //! agent binary connects to the session over a unix socket instead of vsock.
 

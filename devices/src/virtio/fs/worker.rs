@@ -17,7 +17,9 @@ use fuse_backend_rs::api::server::Server;
 #[cfg(target_os = "linux")]
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
 use log::{debug, error, warn};
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+#[cfg(target_os = "linux")]
+use virtio_queue::DescriptorChain;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 #[cfg(all(test, target_os = "linux"))]
