@@ -5,9 +5,8 @@
  * the last one is gone; each flip patches kernel text with int3 breakpoints
  * (text_poke_bp), and under TCG that cross-CPU code patching now and then leaves
  * an L1 CPU looping in the int3 handler: L1 hangs (vCPUs seen in asm_exc_int3 /
- * exc_int3 / kprobe_int3_handler / __schedule) or dies of a kernel stack
- * overflow in error_entry. A VM whose vCPU never runs keeps its APIC
- * software-disabled, so those keys stay on and later VMs never flip them.
+ * exc_int3 / kprobe_int3_handler / __schedule). A VM whose vCPU never runs keeps
+ * its APIC software-disabled, so those keys stay on and later VMs never flip them.
  *
  * Build: gcc -static -O2 -o kvm-keeper kvm-keeper.c. Prints one line, then sleeps.
  */

@@ -8,10 +8,11 @@
 //! and from then on loads the ELF directly at its link address, as Firecracker
 //! does with a vmlinux. `--no-kernel-cache` boots the bzImage as it is.
 //!
-//! In the nested harness (`tests/e2e/run qemu-compare`) this takes ~2 s off each
-//! boot of Debian's cloud kernel (LZ4, 14 MB). An earlier measurement that found
-//! the cached kernel running slower was an artefact of L1: KVM flipping static
-//! keys at every VM start and end (see `tests/e2e/kvm-keeper.c`).
+//! In the nested harness (`tests/e2e/run qemu-compare`) this skips ~2.5 s of LZ4
+//! decompression in each boot of Debian's cloud kernel (14 MB). In boots that follow
+//! a QEMU boot in the same L1 the cached kernel then often takes ~1.5 s longer to
+//! reach userspace, which eats most of the gain; why is not known yet (the README's
+//! Performance section has the figures).
 //!
 //! The cache entry is keyed by the bzImage's path, size, mtime, inode and device,
 //! so a rebuilt or replaced kernel gets a new entry. Anything unexpected (another
