@@ -96,19 +96,8 @@ impl BusDevice for Ged {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use std::sync::atomic::{AtomicU32, Ordering};
-
     use super::*;
-
-    #[derive(Default)]
-    struct Count(AtomicU32);
-
-    impl Interrupt for Count {
-        fn trigger(&self) -> std::io::Result<()> {
-            self.0.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        }
-    }
+    use crate::test_utils::RecordingInterrupt;
 
     struct Broken;
 
@@ -118,8 +107,8 @@ mod tests {
         }
     }
 
-    fn ged() -> (Ged, Arc<Count>) {
-        let irq = Arc::new(Count::default());
+    fn ged() -> (Ged, Arc<RecordingInterrupt>) {
+        let irq = Arc::new(RecordingInterrupt::default());
         (Ged::new(irq.clone()), irq)
     }
 
@@ -133,10 +122,10 @@ mod tests {
     fn power_button_raises_the_irq_and_reads_once() {
         let (mut dev, irq) = ged();
         assert_eq!(read_event(&mut dev), 0, "nothing pending at first");
-        assert_eq!(irq.0.load(Ordering::SeqCst), 0);
+        assert_eq!(irq.count(), 0);
 
         dev.press_power_button().unwrap();
-        assert_eq!(irq.0.load(Ordering::SeqCst), 1);
+        assert_eq!(irq.count(), 1);
         assert_eq!(dev.pending(), EVENT_POWER_BUTTON);
         assert_eq!(read_event(&mut dev), EVENT_POWER_BUTTON);
         // Read-to-clear: a second _EVT run sees nothing.
@@ -150,7 +139,7 @@ mod tests {
         dev.press_power_button().unwrap();
         dev.press_power_button().unwrap();
         dev.notify(1 << 3).unwrap();
-        assert_eq!(irq.0.load(Ordering::SeqCst), 3);
+        assert_eq!(irq.count(), 3);
         assert_eq!(dev.raised(), 3);
         assert_eq!(read_event(&mut dev), EVENT_POWER_BUTTON | 1 << 3);
         assert_eq!(read_event(&mut dev), 0);

@@ -205,22 +205,11 @@ impl BusDevice for Pl061 {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use std::sync::atomic::{AtomicU32, Ordering};
-
     use super::*;
+    use crate::test_utils::RecordingInterrupt;
 
-    #[derive(Default)]
-    struct Count(AtomicU32);
-
-    impl Interrupt for Count {
-        fn trigger(&self) -> std::io::Result<()> {
-            self.0.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        }
-    }
-
-    fn gpio() -> (Pl061, Arc<Count>) {
-        let irq = Arc::new(Count::default());
+    fn gpio() -> (Pl061, Arc<RecordingInterrupt>) {
+        let irq = Arc::new(RecordingInterrupt::default());
         (Pl061::new(irq.clone()), irq)
     }
 
@@ -250,27 +239,27 @@ mod tests {
         let (mut g, irq) = gpio();
         // Nothing armed: a press is seen in GPIODATA only.
         g.set_input(POWER_LINE, true).unwrap();
-        assert_eq!(irq.0.load(Ordering::SeqCst), 0);
+        assert_eq!(irq.count(), 0);
         assert_eq!(rd(&mut g, (BIT as u64) << 2), BIT);
         assert_eq!(rd(&mut g, 0x3fc), BIT);
         assert_eq!(rd(&mut g, 0x3fc & !((BIT as u64) << 2)), 0, "masked out");
         // With GPIOIEV 0 the falling edge is the armed one: latched, masked.
         g.set_input(POWER_LINE, false).unwrap();
         assert_eq!((rd(&mut g, GPIORIS), rd(&mut g, GPIOMIS)), (BIT, 0));
-        assert_eq!(irq.0.load(Ordering::SeqCst), 0);
+        assert_eq!(irq.count(), 0);
         wr(&mut g, GPIOIC, BIT);
         wr(&mut g, GPIOIBE, BIT);
         wr(&mut g, GPIOIE, BIT);
         g.set_input(POWER_LINE, true).unwrap();
-        assert_eq!(irq.0.load(Ordering::SeqCst), 1);
+        assert_eq!(irq.count(), 1);
         assert_eq!(rd(&mut g, GPIOMIS), BIT);
         wr(&mut g, GPIOIC, BIT);
         assert_eq!((rd(&mut g, GPIOMIS), rd(&mut g, GPIORIS)), (0, 0));
         // The same level again is no edge.
         g.set_input(POWER_LINE, true).unwrap();
-        assert_eq!(irq.0.load(Ordering::SeqCst), 1);
+        assert_eq!(irq.count(), 1);
         g.set_input(POWER_LINE, false).unwrap();
-        assert_eq!(irq.0.load(Ordering::SeqCst), 2);
+        assert_eq!(irq.count(), 2);
         assert_eq!(rd(&mut g, GPIOMIS), BIT);
     }
 
@@ -281,10 +270,10 @@ mod tests {
         wr(&mut g, GPIOIEV, BIT);
         g.set_input(POWER_LINE, true).unwrap();
         assert_eq!(rd(&mut g, GPIORIS), BIT, "raw status while masked");
-        assert_eq!(irq.0.load(Ordering::SeqCst), 0);
+        assert_eq!(irq.count(), 0);
         // Unmasking a pending bit raises the interrupt.
         wr(&mut g, GPIOIE, BIT);
-        assert_eq!(irq.0.load(Ordering::SeqCst), 1);
+        assert_eq!(irq.count(), 1);
         wr(&mut g, GPIOIC, BIT);
         g.set_input(POWER_LINE, false).unwrap();
         assert_eq!(rd(&mut g, GPIORIS), 0, "a falling edge is not armed");
@@ -308,7 +297,7 @@ mod tests {
         wr(&mut g, 0x3fc, 0xff);
         assert_eq!(rd(&mut g, 0x3fc), 0x01);
         g.set_input(0, true).unwrap();
-        assert_eq!(irq.0.load(Ordering::SeqCst), 0, "an output is not an input");
+        assert_eq!(irq.count(), 0, "an output is not an input");
         assert_eq!(rd(&mut g, GPIODIR), 0x01);
     }
 }

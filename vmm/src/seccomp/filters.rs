@@ -92,6 +92,22 @@ fn rule(conds: Vec<Cond>) -> SeccompRule {
 }
 
 /// Adds `calls` without conditions.
+/// Talking over connected or accepted unix sockets: what device and API threads
+/// both do (the API threads also bind, listen and make socket pairs).
+const UNIX_SOCKET_IO: &[i64] = &[
+    libc::SYS_connect,
+    libc::SYS_accept4,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_shutdown,
+    libc::SYS_getsockopt,
+    libc::SYS_setsockopt,
+    libc::SYS_getsockname,
+    libc::SYS_getpeername,
+];
+
 fn allow(rules: &mut Rules, calls: &[i64]) {
     for &nr in calls {
         rules.insert(nr, Vec::new());
@@ -273,20 +289,10 @@ fn device_rules() -> Rules {
             libc::SYS_getgid,
             libc::SYS_geteuid,
             libc::SYS_getegid,
-            // Unix sockets (vsock connections, the net backends).
-            libc::SYS_connect,
-            libc::SYS_accept4,
-            libc::SYS_recvfrom,
-            libc::SYS_sendto,
-            libc::SYS_recvmsg,
-            libc::SYS_sendmsg,
-            libc::SYS_shutdown,
-            libc::SYS_getsockopt,
-            libc::SYS_setsockopt,
-            libc::SYS_getsockname,
-            libc::SYS_getpeername,
         ],
     );
+    // Unix sockets (vsock connections, the net backends).
+    allow(&mut r, UNIX_SOCKET_IO);
     allow_arg(&mut r, libc::SYS_socket, 0, &[libc::AF_UNIX as u64]);
     allow_arg(&mut r, libc::SYS_ioctl, 1, &[FIONBIO, FIOCLEX]);
     r
@@ -302,6 +308,7 @@ fn api_rules() -> Rules {
     let mut r = Rules::new();
     common(&mut r);
     threads(&mut r);
+    allow(&mut r, UNIX_SOCKET_IO);
     allow(
         &mut r,
         &[
@@ -353,21 +360,10 @@ fn api_rules() -> Rules {
             libc::SYS_sendfile,
             libc::SYS_copy_file_range,
             libc::SYS_splice,
-            // Unix sockets: the session and `aivmm exec`.
+            // Unix sockets: the session and `aivmm exec` (with UNIX_SOCKET_IO below).
             libc::SYS_bind,
             libc::SYS_listen,
-            libc::SYS_connect,
-            libc::SYS_accept4,
             libc::SYS_socketpair,
-            libc::SYS_recvfrom,
-            libc::SYS_sendto,
-            libc::SYS_recvmsg,
-            libc::SYS_sendmsg,
-            libc::SYS_shutdown,
-            libc::SYS_getsockopt,
-            libc::SYS_setsockopt,
-            libc::SYS_getsockname,
-            libc::SYS_getpeername,
             // Signals, passt's end, identity.
             libc::SYS_rt_sigaction,
             libc::SYS_kill,
