@@ -610,23 +610,44 @@ fn run_vcpu(
     mmio: &Bus,
     stopping: &AtomicBool,
 ) -> Result<VmExit> {
-    let mut exits = ExitCounts::default();
+    let mut exits = ExitCounts::new();
     let r = vcpu_loop(id, vcpu, io, mmio, stopping, &mut exits);
     exits.log(id);
     r
 }
 
 /// How many port and MMIO exits a vCPU took, by port and by 4 KiB page: where
-/// exits cost (each is a round trip through aivmm) shows in the debug log.
-#[derive(Default)]
+/// exits cost (each is a round trip through aivmm) shows in the debug log. Counts
+/// only when that log is on, so the exit path pays nothing otherwise.
 struct ExitCounts {
+    on: bool,
     io: std::collections::HashMap<u16, u32>,
     mmio: std::collections::HashMap<u64, u32>,
 }
 
 impl ExitCounts {
+    fn new() -> Self {
+        Self {
+            on: log::log_enabled!(log::Level::Debug),
+            io: Default::default(),
+            mmio: Default::default(),
+        }
+    }
+
+    fn port(&mut self, port: u16) {
+        if self.on {
+            *self.io.entry(port).or_default() += 1;
+        }
+    }
+
+    fn mmio(&mut self, addr: u64) {
+        if self.on {
+            *self.mmio.entry(addr & !0xfff).or_default() += 1;
+        }
+    }
+
     fn log(&self, id: u32) {
-        if !log::log_enabled!(log::Level::Debug) {
+        if !self.on {
             return;
         }
         let top = |mut m: Vec<(String, u32)>| {
@@ -665,25 +686,25 @@ fn vcpu_loop(
             reason: e.to_string(),
         })? {
             VcpuExit::IoIn(port, data) => {
-                *exits.io.entry(port).or_default() += 1;
+                exits.port(port);
                 if !io.read(u64::from(port), data) {
                     log::trace!("vcpu{id}: read of unhandled port {port:#x}");
                 }
             }
             VcpuExit::IoOut(port, data) => {
-                *exits.io.entry(port).or_default() += 1;
+                exits.port(port);
                 if !io.write(u64::from(port), data) {
                     log::trace!("vcpu{id}: write to unhandled port {port:#x}");
                 }
             }
             VcpuExit::MmioRead(addr, data) => {
-                *exits.mmio.entry(addr & !0xfff).or_default() += 1;
+                exits.mmio(addr);
                 if !mmio.read(addr, data) {
                     log::debug!("vcpu{id}: read of unhandled MMIO {addr:#x}");
                 }
             }
             VcpuExit::MmioWrite(addr, data) => {
-                *exits.mmio.entry(addr & !0xfff).or_default() += 1;
+                exits.mmio(addr);
                 if !mmio.write(addr, data) {
                     log::debug!("vcpu{id}: write to unhandled MMIO {addr:#x}");
                 }
