@@ -21,7 +21,16 @@ Environment:
                     RIPs (QEMU monitor) and a sysrq-l backtrace, and kills it
   E2E_L2_CMDLINE    replaces the L2 base command line "console=ttyS0 quiet panic=-1"
                     (aivmm.scenario=<name> is always appended), e.g. to drop `quiet`;
-                    with `e2e.dmesg=1` L2 prints its kernel log after the boot marker
+                    with `e2e.dmesg=1` L2 prints its kernel log after the boot marker;
+                    with `e2e.dmesg=gaps` only the lines after a gap of 20 ms or more, the
+                    kvm-clock offset, the marker's kernel timestamp and (with
+                    `initcall_debug`) the initcalls of 3 ms or more: few enough lines
+                    that the console storm stays small
+  E2E_L1_CMDLINE    extra words for L1's kernel command line (default "init_on_free=1",
+                    see run_l1; "" to boot L1 without it)
+  E2E_QC_KINDS      the VMM kinds qemu-compare boots, round robin (default "aivmm
+                    aivmm-bzimage qemu-microvm qemu-pc"); KIND+WORD appends WORD to that
+                    kind's L2 command line, e.g. "aivmm aivmm+nokaslr qemu-microvm"
   E2E_GUEST_TIMEOUT seconds for one `aivmm run --workdir` in guest-exit-status/guest-claude (240)
   E2E_GUEST_CMDLINE replaces the Debian guest's base command line (--cmdline), e.g.
                     "console=ttyS0 panic=-1 aivmm.debug=1"
@@ -449,6 +458,8 @@ def build_l1(kernel, moddir, l2_initrd, aivmm, vmmrun):
         cpio.file("e2e/kvm-stats", b"1\n")
     if os.environ.get("E2E_L2_CMDLINE"):
         cpio.file("e2e/l2-cmdline", os.environ["E2E_L2_CMDLINE"].encode() + b"\n")
+    if os.environ.get("E2E_QC_KINDS"):
+        cpio.file("e2e/qc-kinds", os.environ["E2E_QC_KINDS"].encode() + b"\n")
     out = os.path.join(WORK, "l1-initrd.cpio")
     cpio.write(out)
     return out
@@ -714,7 +725,9 @@ def judge(sc, vmm_mode):
         msgs = [f"{c}: {sc.runs[f'bad-kernel/{c}'].err[0][1]}" for c in ("garbage", "empty", "truncated")]
         return True, "3 bad kernels rejected", ["  " + m for m in msgs]
     if sc.name == "qemu-compare":
-        kinds = ("aivmm", "aivmm-bzimage", "qemu-microvm", "qemu-pc")
+        # The four default kinds, then any others E2E_QC_KINDS named (e.g. aivmm+nokaslr).
+        kinds = ["aivmm", "aivmm-bzimage", "qemu-microvm", "qemu-pc"]
+        kinds += sorted({t.split("/")[1] for t in sc.order if t.count("/") == 2} - set(kinds))
         marker = {k: [] for k in kinds}
         uptime = {k: [] for k in kinds}
         bt = []
@@ -853,7 +866,15 @@ L1_HANG_RETRIES = int(os.environ.get("E2E_L1_HANG_RETRIES", "4"))
 def run_l1(kernel, l1, names, vmm_mode, runs, vto, overall, logdir, t0, guest_images, retry_hang, console_name):
     """Boots one L1 that runs `names`; returns (passed, failed, rerun) as watch does."""
     # nokaslr: RIPs of a hung L1 are comparable between runs.
-    append = (f"console=ttyS0 quiet panic=-1 mitigations=off nokaslr e2e.scenarios={','.join(names)} "
+    # init_on_free=1: L1 zeroes pages as they are freed, not as they are next
+    # allocated. A VM's RAM held its kernel's code, which L0's TCG translated; the
+    # first write to such a page makes TCG invalidate those translations, ~50,000 per
+    # boot, ~1-1.5 s. Without it that cost lands at random in the NEXT VM's boot (in
+    # its setup, its decompressor or its initramfs unpacking: whichever first writes
+    # the recycled pages), whichever VMM it is; with it, in the previous VM's exit,
+    # which no figure times and settle() waits out.
+    l1_extra = os.environ.get("E2E_L1_CMDLINE", "init_on_free=1")
+    append = (f"console=ttyS0 quiet panic=-1 mitigations=off nokaslr {l1_extra} e2e.scenarios={','.join(names)} "
               f"e2e.vmm={vmm_mode} e2e.runs={runs} e2e.timeout={vto} e2e.guest_timeout={GUEST_TIMEOUT}")
     cmd = ["qemu-system-x86_64", "-accel", "tcg,thread=multi", "-M", "pc", "-cpu", "max",
            "-m", L1_MEM, "-smp", "2", "-nographic", "-no-reboot", "-net", "none",

@@ -65,6 +65,8 @@ L2I=/l2/initrd.cpio
 BASE="console=ttyS0 quiet panic=-1"
 # E2E_L2_CMDLINE on the host replaces BASE (e.g. without `quiet`, to debug a boot).
 [ -s /e2e/l2-cmdline ] && BASE=$(cat /e2e/l2-cmdline)
+QC_KINDS="aivmm aivmm-bzimage qemu-microvm qemu-pc"
+[ -s /e2e/qc-kinds ] && QC_KINDS=$(cat /e2e/qc-kinds)
 # E2E_AIVMM_LOG on the host sets AIVMM_LOG for every aivmm run.
 LOG=""
 [ -s /e2e/aivmm-log ] && LOG=$(cat /e2e/aivmm-log)
@@ -113,6 +115,7 @@ settle() {
 run_vmm() {
 	tag=$1 kind=$2 cpus=$3 mem=$4 scen=$5 to=${6:-$TO}
 	cmd="$BASE aivmm.scenario=$scen"
+	case "$kind" in *+*) cmd="$cmd ${kind#*+}" && kind=${kind%%+*} ;; esac
 	[ "$kind" = aivmm ] && [ "$VMM" = qemu ] && kind=qemu-microvm
 	if [ -z "$STATS" ]; then
 		run_vmm_kind
@@ -236,7 +239,7 @@ scenario() {
 		run_vmm "qemu-compare/warmup" aivmm 1 256M boot
 		i=1
 		while [ $i -le "$RUNS" ]; do
-			for k in aivmm aivmm-bzimage qemu-microvm qemu-pc; do
+			for k in $QC_KINDS; do
 				settle "qemu-compare/$k/$i"
 				run_vmm "qemu-compare/$k/$i" $k 1 256M boot
 			done

@@ -510,6 +510,9 @@ impl Phases {
     }
 }
 
+/// How many of a vCPU's first port and MMIO exits the debug log shows one by one.
+const FIRST_EXITS_SHOWN: u32 = 12;
+
 /// How long [`Vmm::run`] keeps kicking vCPU threads after the VM's exit.
 const VCPU_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -621,6 +624,9 @@ fn run_vcpu(
 /// only when that log is on, so the exit path pays nothing otherwise.
 struct ExitCounts {
     on: bool,
+    /// Exits logged one by one so far: the first few, whose timestamps show when
+    /// the guest first reached each device.
+    shown: u32,
     io: std::collections::HashMap<u16, u32>,
     mmio: std::collections::HashMap<u64, u32>,
 }
@@ -629,6 +635,7 @@ impl ExitCounts {
     fn new() -> Self {
         Self {
             on: log::log_enabled!(log::Level::Debug),
+            shown: 0,
             io: Default::default(),
             mmio: Default::default(),
         }
@@ -637,12 +644,21 @@ impl ExitCounts {
     fn port(&mut self, port: u16) {
         if self.on {
             *self.io.entry(port).or_default() += 1;
+            self.show(|| format!("port {port:#x}"));
         }
     }
 
     fn mmio(&mut self, addr: u64) {
         if self.on {
             *self.mmio.entry(addr & !0xfff).or_default() += 1;
+            self.show(|| format!("MMIO {addr:#x}"));
+        }
+    }
+
+    fn show(&mut self, what: impl FnOnce() -> String) {
+        if self.shown < FIRST_EXITS_SHOWN {
+            self.shown += 1;
+            log::debug!("exit {}: {}", self.shown, what());
         }
     }
 
@@ -676,6 +692,7 @@ fn vcpu_loop(
     stopping: &AtomicBool,
     exits: &mut ExitCounts,
 ) -> Result<VmExit> {
+    log::debug!("vcpu{id}: entering the guest");
     loop {
         if stopping.load(Ordering::SeqCst) {
             // The device that set the flag has already sent the VM's exit.
