@@ -227,13 +227,27 @@ impl Vmm {
         }
 
         phase.done("guest memory");
-        let kernel = boot::load_kernel_cached(&mem, &config.kernel, config.kernel_cache.as_deref())?;
-        phase.done("kernel");
-        let initrd = match &config.initrd {
-            Some(p) => Some(boot::load_initrd(&mem, &kernel, p)?),
-            None => None,
-        };
-        phase.done("initrd");
+        // The initrd's place depends on the kernel's header only, so a second thread
+        // copies it while the kernel loads (under nested virtualization the two take
+        // ~55 and ~115 ms).
+        let plan = config
+            .initrd
+            .as_deref()
+            .map(|p| boot::plan_initrd(&mem, &config.kernel, p))
+            .transpose()?;
+        let (kernel, copied) = thread::scope(|s| {
+            let copier = plan.as_ref().map(|p| s.spawn(|| boot::copy_initrd(&mem, p)));
+            let kernel =
+                boot::load_kernel_cached(&mem, &config.kernel, config.kernel_cache.as_deref());
+            let copied = copier.map_or(Ok(()), |t| {
+                t.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            });
+            (kernel, copied)
+        });
+        let kernel = kernel?;
+        copied?;
+        let initrd = plan.map(|p| boot::check_initrd(&kernel, &p)).transpose()?;
+        phase.done("kernel and initrd");
 
         let (exit_tx, exit_rx) = mpsc::channel();
         let stopping = Arc::new(AtomicBool::new(false));

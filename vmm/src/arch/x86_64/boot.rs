@@ -318,49 +318,89 @@ fn loader_reason(e: &linux_loader::loader::Error) -> String {
     }
 }
 
-/// Where an initrd of `size` bytes goes: page-aligned at the top of low RAM.
-fn initrd_address(mem: &GuestMemoryMmap, kernel: &LoadedKernel, size: u64) -> Result<u64> {
+/// Where an initrd goes, chosen from the kernel's header alone (see
+/// [`plan_initrd`]), so that it can be copied while the kernel loads.
+#[derive(Debug)]
+pub struct InitrdPlan<'a> {
+    path: &'a Path,
+    file: File,
+    /// Its guest address: page-aligned at the top of low RAM.
+    pub addr: u64,
+    /// Its size in bytes.
+    pub size: u64,
+    limit: u64,
+}
+
+/// The highest address an initrd may reach for the kernel at `kernel_path`: a
+/// bzImage's `initrd_addr_max` (which a cached vmlinux inherits), else 2 GiB.
+fn initrd_addr_max(kernel_path: &Path) -> u64 {
+    let mut head = [0u8; 0x230];
+    let read = File::open(kernel_path).and_then(|mut f| f.read_exact(&mut head));
+    match read {
+        Ok(()) if super::vmlinux::is_bzimage(&head) => {
+            u64::from(u32::from_le_bytes([head[0x22c], head[0x22d], head[0x22e], head[0x22f]]))
+        }
+        _ => 0x7fff_ffff,
+    }
+}
+
+/// Where an initrd of `size` bytes goes under `addr_max`: page-aligned at the top
+/// of low RAM. Returns the address and the limit it was placed under.
+fn initrd_slot(mem: &GuestMemoryMmap, addr_max: u64, size: u64) -> Result<(u64, u64)> {
     let low_end = mem
         .iter()
         .find(|r| r.start_addr().raw_value() == 0)
         .map_or(0, |r| r.len());
-    let max = kernel
-        .setup_header
-        .map_or(0x7fff_ffff, |h| u64::from(h.initrd_addr_max))
-        .min(low_end.saturating_sub(1));
-    let limit = max + 1;
-    let addr = limit.checked_sub(size).map(|a| a & !0xfff);
-    match addr {
-        Some(a) if a >= kernel.end => Ok(a),
-        _ => Err(Error::InitrdTooBig { size, limit }),
+    let limit = addr_max.min(low_end.saturating_sub(1)) + 1;
+    match limit.checked_sub(size) {
+        Some(a) => Ok((a & !0xfff, limit)),
+        None => Err(Error::InitrdTooBig { size, limit }),
     }
 }
 
-/// Copies the initrd at `path` into guest memory; returns its address and size.
-pub fn load_initrd(
+/// Opens the initrd at `path` and chooses its place for the kernel at
+/// `kernel_path`; [`copy_initrd`] copies it, [`check_initrd`] checks it against
+/// the loaded kernel.
+pub fn plan_initrd<'a>(
     mem: &GuestMemoryMmap,
-    kernel: &LoadedKernel,
-    path: &Path,
-) -> Result<(u64, u64)> {
-    let shown = path.display().to_string();
-    let mut f = File::open(path).map_err(|source| Error::InitrdFile {
-        path: shown.clone(),
+    kernel_path: &Path,
+    path: &'a Path,
+) -> Result<InitrdPlan<'a>> {
+    let err = |source| Error::InitrdFile {
+        path: path.display().to_string(),
         source,
-    })?;
-    let size = f
-        .metadata()
-        .map_err(|source| Error::InitrdFile {
-            path: shown.clone(),
-            source,
-        })?
-        .len();
-    let addr = initrd_address(mem, kernel, size)?;
-    mem.read_exact_volatile_from(GuestAddress(addr), &mut f, size as usize)
+    };
+    let file = File::open(path).map_err(err)?;
+    let size = file.metadata().map_err(err)?.len();
+    let (addr, limit) = initrd_slot(mem, initrd_addr_max(kernel_path), size)?;
+    Ok(InitrdPlan {
+        path,
+        file,
+        addr,
+        size,
+        limit,
+    })
+}
+
+/// Copies the planned initrd into guest memory.
+pub fn copy_initrd(mem: &GuestMemoryMmap, plan: &InitrdPlan) -> Result<()> {
+    let mut f = &plan.file;
+    mem.read_exact_volatile_from(GuestAddress(plan.addr), &mut f, plan.size as usize)
         .map_err(|e| Error::InitrdFile {
-            path: shown,
+            path: plan.path.display().to_string(),
             source: std::io::Error::other(e.to_string()),
-        })?;
-    Ok((addr, size))
+        })
+}
+
+/// The initrd's address and size, once sure it lies above the loaded kernel.
+pub fn check_initrd(kernel: &LoadedKernel, plan: &InitrdPlan) -> Result<(u64, u64)> {
+    if plan.addr < kernel.end {
+        return Err(Error::InitrdTooBig {
+            size: plan.size,
+            limit: plan.limit,
+        });
+    }
+    Ok((plan.addr, plan.size))
 }
 
 /// Builds the kernel command line from the user's text.
@@ -559,18 +599,42 @@ mod tests {
     #[test]
     fn initrd_goes_at_top_of_low_ram_above_the_kernel() {
         let mem = GuestMemoryMmap::from_ranges(&ram_ranges(64 << 20)).unwrap();
-        let k = LoadedKernel {
+        let dir = tempfile::tempdir().unwrap();
+        let initrd = dir.path().join("initrd");
+        std::fs::write(&initrd, vec![0x5a; 0x1001]).unwrap();
+        let elf = dir.path().join("vmlinux");
+        std::fs::write(&elf, b"\x7fELF\x02\x01").unwrap();
+        let plan = plan_initrd(&mem, &elf, &initrd).unwrap();
+        assert_eq!((plan.addr, plan.size), ((64 << 20) - 0x2000, 0x1001));
+        copy_initrd(&mem, &plan).unwrap();
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(plan.addr + 0x1000)).unwrap(), 0x5a);
+        let kernel = |end| LoadedKernel {
             entry: HIMEM_START,
-            end: 0x80_0000,
+            end,
             setup_header: None,
         };
-        assert_eq!(
-            initrd_address(&mem, &k, 0x1001).unwrap(),
-            (64 << 20) - 0x2000
-        );
+        assert_eq!(check_initrd(&kernel(0x80_0000), &plan).unwrap(), (plan.addr, 0x1001));
+        // Overlapping the kernel, or larger than low RAM.
         assert!(matches!(
-            initrd_address(&mem, &k, 63 << 20),
+            check_initrd(&kernel(64 << 20), &plan),
             Err(Error::InitrdTooBig { .. })
         ));
+        std::fs::write(&initrd, vec![0; 65 << 20]).unwrap();
+        assert!(matches!(
+            plan_initrd(&mem, &elf, &initrd),
+            Err(Error::InitrdTooBig { .. })
+        ));
+        // A bzImage's initrd_addr_max is the ceiling.
+        let mut bz = vec![0u8; 0x400];
+        bz[0x1f1] = 1;
+        bz[0x202..0x206].copy_from_slice(b"HdrS");
+        bz[0x22c..0x230].copy_from_slice(&0x1ff_ffffu32.to_le_bytes());
+        std::fs::write(dir.path().join("bz"), &bz).unwrap();
+        std::fs::write(&initrd, vec![0; 0x1000]).unwrap();
+        let plan = plan_initrd(&mem, &dir.path().join("bz"), &initrd).unwrap();
+        assert_eq!(plan.addr, (32 << 20) - 0x1000);
+        // A missing initrd names itself.
+        let gone = dir.path().join("gone");
+        assert!(matches!(plan_initrd(&mem, &elf, &gone), Err(Error::InitrdFile { .. })));
     }
 }
