@@ -251,6 +251,20 @@ impl TryFrom<&RunArgs> for VmConfig {
     /// The VM of `aivmm run --kernel …` (without --workdir).
     fn try_from(a: &RunArgs) -> Result<Self, Self::Error> {
         let kernel = a.kernel.clone().ok_or(config::Error::NoKernel)?;
+        // Without --workdir these would be dropped without a word.
+        let workdir_only = [
+            (!a.env.is_empty(), "--env"),
+            (!a.share_ro.is_empty(), "--share-ro"),
+            (!a.share_rw.is_empty(), "--share-rw"),
+            (a.claude_auth, "--claude-auth"),
+            (a.ssh, "--ssh"),
+            (a.rootfs.is_some(), "--rootfs"),
+            (a.size.disk_size.is_some(), "--disk-size"),
+            (!a.command.is_empty(), "a command (after --)"),
+        ];
+        if let Some(&(_, flag)) = workdir_only.iter().find(|(given, _)| *given) {
+            return Err(config::Error::NeedsWorkdir(flag));
+        }
         let c = VmConfig {
             kernel,
             initrd: a.initrd.clone(),
@@ -310,6 +324,25 @@ mod tests {
         assert_eq!(c.initrd, Some(PathBuf::from("i")));
         assert_eq!((c.cpus, c.memory, c.acpi, c.rng), (4, 2 << 30, true, true));
         assert_eq!(c.cmdline, config::DEFAULT_CMDLINE);
+    }
+
+    #[test]
+    fn workdir_flags_without_workdir_are_refused() {
+        let k = ["aivmm", "run", "--kernel", "k"];
+        for (extra, flag) in [
+            (&["--env", "A=1"][..], "--env"),
+            (&["--share-ro", "/tmp"][..], "--share-ro"),
+            (&["--share-rw", "/tmp"][..], "--share-rw"),
+            (&["--claude-auth"][..], "--claude-auth"),
+            (&["--ssh"][..], "--ssh"),
+            (&["--rootfs", "r"][..], "--rootfs"),
+            (&["--disk-size", "1G"][..], "--disk-size"),
+            (&["--", "ls"][..], "a command"),
+        ] {
+            let args: Vec<&str> = k.iter().chain(extra).copied().collect();
+            let e = run(&args).unwrap_err();
+            assert!(e.starts_with(flag) && e.contains("needs --workdir"), "{args:?}: {e}");
+        }
     }
 
     #[test]

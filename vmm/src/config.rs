@@ -8,6 +8,9 @@ pub enum Error {
     /// Neither a workdir nor a kernel was given.
     #[error("nothing to run: give --workdir DIR to run the agent on a project, or --kernel PATH to boot a kernel")]
     NoKernel,
+    /// A flag of `run --workdir` was given without --workdir.
+    #[error("{0} needs --workdir (without it aivmm boots the kernel alone and would ignore it)")]
+    NeedsWorkdir(&'static str),
     /// A size could not be parsed.
     #[error("bad size '{0}': use a number with an optional K, M, G or T suffix, e.g. 512M or 4G")]
     Size(String),
@@ -285,22 +288,28 @@ pub fn parse_share(s: &str, cache: FsCache) -> Result<ShareConfig> {
 /// The command line used when none is given.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=acpi panic=-1 pci=off";
 
+/// Checks a VM's vCPU count and memory size against aivmm's limits.
+pub fn check_size(cpus: u32, memory: u64) -> Result<()> {
+    if !(1..=MAX_CPUS).contains(&cpus) {
+        return Err(Error::Cpus {
+            max: MAX_CPUS,
+            got: cpus,
+        });
+    }
+    if memory < MIN_MEMORY_MIB << 20 || memory > MAX_MEMORY_GIB << 30 {
+        return Err(Error::MemoryRange {
+            min: MIN_MEMORY_MIB,
+            max: MAX_MEMORY_GIB,
+            got: memory,
+        });
+    }
+    Ok(())
+}
+
 impl VmConfig {
     /// Checks the values that the CLI parser cannot.
     pub fn validate(&self) -> Result<()> {
-        if self.cpus == 0 || self.cpus > MAX_CPUS {
-            return Err(Error::Cpus {
-                max: MAX_CPUS,
-                got: self.cpus,
-            });
-        }
-        if self.memory < MIN_MEMORY_MIB << 20 || self.memory > MAX_MEMORY_GIB << 30 {
-            return Err(Error::MemoryRange {
-                min: MIN_MEMORY_MIB,
-                max: MAX_MEMORY_GIB,
-                got: self.memory,
-            });
-        }
+        check_size(self.cpus, self.memory)?;
         let mut tags: Vec<&str> = self.shares.iter().map(|s| s.tag.as_str()).collect();
         tags.sort_unstable();
         if let Some(w) = tags.windows(2).find(|w| w[0] == w[1]) {

@@ -336,11 +336,12 @@ pub fn ssh_files(dir: &Path, port: u16, user: &str) -> Result<(String, PathBuf)>
     let line = std::fs::read_to_string(&public)
         .map_err(|e| err(format!("{}: {e}", public.display())))?;
     let config = ssh.join("config");
-    // Host keys live on the state disk; a new disk makes new ones, so the
-    // known-hosts file is the workdir's own and a changed key is accepted.
+    // Host keys live on the state disk, made at its first boot: the known-hosts
+    // file is the workdir's own, learns the key on the first connection and then
+    // holds ssh to it (`run` empties it when it makes a new state disk).
     let text = format!(
         "Host aivmm\n  HostName 127.0.0.1\n  Port {port}\n  User {user}\n  IdentityFile {}\n  \
-         IdentitiesOnly yes\n  UserKnownHostsFile {}\n  StrictHostKeyChecking no\n  LogLevel ERROR\n",
+         IdentitiesOnly yes\n  UserKnownHostsFile {}\n  StrictHostKeyChecking accept-new\n  LogLevel ERROR\n",
         key.display(),
         ssh.join("known_hosts").display()
     );
@@ -651,6 +652,11 @@ pub fn run(builder: &dyn MachineBuilder, args: &RunArgs, workdir: &Path, started
     // SAFETY: getuid and getgid cannot fail.
     let ids = unsafe { (libc::getuid(), libc::getgid()) };
     let extras = plan_extras(args, ids, &state.dir, &root)?;
+    // A bad size is refused now, not after a first image build of minutes.
+    config::check_size(
+        args.size.cpus.unwrap_or(DEFAULT_CPUS),
+        args.size.memory.unwrap_or(DEFAULT_MEMORY),
+    )?;
     let image = resolve_image(args)?;
     tracing::info!(
         "guest image: kernel {}, rootfs {}",
@@ -658,6 +664,10 @@ pub fn run(builder: &dyn MachineBuilder, args: &RunArgs, workdir: &Path, started
         image.rootfs.display()
     );
     let first_boot = !state.has_state_disk();
+    if first_boot {
+        // A new state disk means new guest host keys (see ssh_files).
+        let _ = std::fs::remove_file(state.dir.join("ssh").join("known_hosts"));
+    }
     let state_disk = state.state_disk(args.size.disk_size.unwrap_or(DEFAULT_DISK_SIZE))?;
     let agent_dir = state.stage_agent(&agent_binary()?)?;
     let config = vm_config(args, &image, &state, &state_disk, &agent_dir, ids, &extras)?;
@@ -968,6 +978,7 @@ mod tests {
         assert!(key.starts_with("ssh-ed25519 "), "{key}");
         let text = std::fs::read_to_string(&cfg).unwrap();
         assert!(text.contains("Port 40022") && text.contains("User user"), "{text}");
+        assert!(text.contains("StrictHostKeyChecking accept-new"), "{text}");
         let priv_key = d.path().join("ssh/id_ed25519");
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(&priv_key).unwrap().permissions().mode() & 0o777, 0o600);
