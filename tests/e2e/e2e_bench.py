@@ -317,7 +317,9 @@ def write_results(d, m, boot_ratio, ov, dev):
         f"- Machine: {machine()}.",
         "- L1: QEMU TCG (`-accel tcg,thread=multi -cpu max`, 2 vCPUs, 3 GiB) running the Debian cloud "
         f"kernel ({kernel}) with kvm-amd/kvm-intel loaded (nested virtualization); every VMM below runs "
-        "in that same L1, with KVM, in the same run.",
+        "in that same L1, with KVM, in the same run. L1's kernel command line has "
+        f"`{os.environ.get('E2E_L1_CMDLINE', 'init_on_free=1')}` (see tests/e2e/README.md, "
+        "\"Fair timing\").",
         "- L2: the same kernel and a busybox initramfs, `console=ttyS0 quiet panic=-1`, 1 vCPU; 256 MiB "
         "for the boots, 512 MiB for the device runs. QEMU: `-M microvm,acpi=on,rtc=on` or `-M pc`, "
         "`-enable-kvm -cpu host -nodefaults`.",

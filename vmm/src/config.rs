@@ -296,7 +296,7 @@ pub fn check_size(cpus: u32, memory: u64) -> Result<()> {
             got: cpus,
         });
     }
-    if memory < MIN_MEMORY_MIB << 20 || memory > MAX_MEMORY_GIB << 30 {
+    if !(MIN_MEMORY_MIB << 20..=MAX_MEMORY_GIB << 30).contains(&memory) {
         return Err(Error::MemoryRange {
             min: MIN_MEMORY_MIB,
             max: MAX_MEMORY_GIB,
