@@ -28,6 +28,9 @@ Environment:
                     that the console storm stays small
   E2E_L1_CMDLINE    extra words for L1's kernel command line (default "init_on_free=1",
                     see run_l1; "" to boot L1 without it)
+  E2E_L2_KERNEL     another L2 kernel (a bzImage with its virtio drivers built in, e.g.
+                    aivmm's guest kernel from guest-image/kernel.config); L2 then loads no
+                    modules
   E2E_QC_KINDS      the VMM kinds qemu-compare boots, round robin (default "aivmm
                     aivmm-bzimage qemu-microvm qemu-pc"); KIND+WORD appends WORD to that
                     kind's L2 command line, e.g. "aivmm aivmm+nokaslr qemu-microvm"
@@ -68,6 +71,9 @@ import e2e_kernel  # guest-custom-kernel (kernel from linux-source): tests/e2e/e
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 WORK = os.environ.get("E2E_WORK", os.path.join(HERE, "work"))
+#: The L2 kernel when it is not L1's (E2E_L2_KERNEL): a bzImage with its virtio
+#: drivers built in, e.g. aivmm's own guest kernel (guest-image/kernel.config).
+L2_KERNEL = os.environ.get("E2E_L2_KERNEL") or None
 
 SCENARIOS = {
     "boot": "L2 reaches userspace and powers off; aivmm exits 0; boot-timer and console-marker ms",
@@ -272,7 +278,7 @@ def add_modules(cpio, moddir, mods, order_file):
         name = mod_basename(m)
         cpio.file(f"lib/modules/{name}", read_module(moddir, m))
         names.append(name)
-    cpio.file(f"lib/modules/{order_file}", ("\n".join(names) + "\n").encode())
+    cpio.file(f"lib/modules/{order_file}", "".join(n + "\n" for n in names).encode())
 
 
 def add_busybox(cpio):
@@ -348,7 +354,9 @@ def find_firmware(name):
 def build_l2(kernel, moddir):
     cpio = Cpio()
     add_busybox(cpio)
-    mods = module_closure(moddir, ["virtio_mmio", "virtio_rng"])
+    # Another L2 kernel (E2E_L2_KERNEL) has its virtio drivers built in: the boot
+    # loads no modules (the scenarios' extra lists stay, unused by a boot).
+    mods = [] if L2_KERNEL else module_closure(moddir, ["virtio_mmio", "virtio_rng"])
     add_modules(cpio, moddir, mods, "order")
     for scen, wanted in (("blk", ["virtio_blk"]), ("fs", ["virtiofs"])):
         extra = [m for m in module_closure(moddir, wanted) if m not in mods]
@@ -443,7 +451,7 @@ def build_l1(kernel, moddir, l2_initrd, aivmm, vmmrun):
         cpio.symlink("bin/aivmm", "/usr/local/aivmm/aivmm")
     add_binary(cpio, "bin/vmmrun", vmmrun)
     cpio.copy("bin/kvm-keeper", build_static("kvm-keeper"), 0o755)
-    cpio.copy("l2/vmlinuz", kernel, 0o644)
+    cpio.copy("l2/vmlinuz", L2_KERNEL or kernel, 0o644)
     cpio.copy("l2/initrd.cpio", l2_initrd, 0o644)
     e2e_io.l1_extras(cpio, moddir, sys.modules[__name__])
     e2e_run.l1_extras(cpio, moddir, sys.modules[__name__])
@@ -828,7 +836,10 @@ def main():
         gi.write(os.path.join(WORK, "l1-guest-initrd.cpio"))
         with open(l1, "ab") as f, open(os.path.join(WORK, "l1-guest-initrd.cpio"), "rb") as g:
             shutil.copyfileobj(g, f)
-    note(f"kernel {kernel}; L2 modules {' '.join(l2mods)}; L1 initramfs "
+    if L2_KERNEL and not os.access(L2_KERNEL, os.R_OK):
+        die(f"cannot read E2E_L2_KERNEL {L2_KERNEL}")
+    note(f"kernel {kernel}{f'; L2 kernel {L2_KERNEL}' if L2_KERNEL else ''}; "
+         f"L2 modules {' '.join(l2mods) or '(none)'}; L1 initramfs "
          f"{os.path.getsize(l1) >> 20} MiB; built in {time.monotonic() - t0:.1f} s; logs {logdir}")
 
     budget = {"blk": vto, "fs": vto, "boot": vto, "smp": vto, "rng": vto, "bad-kernel": 90, "qemu-compare": 4 * runs * vto}
