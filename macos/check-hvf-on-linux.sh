@@ -149,37 +149,9 @@ pub mod vmm_hvf_run {
 #[allow(non_camel_case_types)]
 pub mod kq_shim {
     use libc::{c_int, c_void, intptr_t, timespec, uintptr_t};
-    /// `struct kevent`.
-    #[repr(C)]
-    #[derive(Clone, Copy, Debug)]
-    pub struct kevent {
-        pub ident: uintptr_t,
-        pub filter: i16,
-        pub flags: u16,
-        pub fflags: u32,
-        pub data: intptr_t,
-        pub udata: *mut c_void,
-    }
-    pub const EVFILT_READ: i16 = -1;
-    pub const EVFILT_WRITE: i16 = -2;
-    pub const EV_ADD: u16 = 0x1;
-    pub const EV_DELETE: u16 = 0x2;
-    pub const EV_ENABLE: u16 = 0x4;
-    pub const EV_ERROR: u16 = 0x4000;
-    pub const EV_EOF: u16 = 0x8000;
-    extern "C" {
-        pub fn kqueue() -> c_int;
-        pub fn kevent(
-            kq: c_int,
-            changelist: *const kevent,
-            nchanges: c_int,
-            eventlist: *mut kevent,
-            nevents: c_int,
-            timeout: *const timespec,
-        ) -> c_int;
-    }
-}
 RS
+cat "$root/macos/kqueue-standin.rs" >>"$work/src/lib.rs"
+echo "}" >>"$work/src/lib.rs"
 python3 - "$root" "$work" "$libc_src" <<'PY'
 import sys
 root, work, libc_src = sys.argv[1], sys.argv[2], sys.argv[3]

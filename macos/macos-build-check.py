@@ -78,28 +78,7 @@ for n in ["pipe2", "accept4", "dup3", "SOCK_NONBLOCK", "SOCK_CLOEXEC",
 # headers; the values do not matter to a type check). The kqueue ones match the
 # libc crate's macOS definitions, which check-hvf-on-linux.sh compares.
 MAC_ONLY = {
-    "kevent": """#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct kevent {
-    pub ident: uintptr_t,
-    pub filter: i16,
-    pub flags: u16,
-    pub fflags: u32,
-    pub data: intptr_t,
-    pub udata: *mut c_void,
-}
-extern "C" {
-    pub fn kqueue() -> c_int;
-    pub fn kevent(kq: c_int, changelist: *const kevent, nchanges: c_int,
-                  eventlist: *mut kevent, nevents: c_int, timeout: *const timespec) -> c_int;
-}""",
-    "EVFILT_READ": "pub const EVFILT_READ: i16 = -1;",
-    "EVFILT_WRITE": "pub const EVFILT_WRITE: i16 = -2;",
-    "EV_ADD": "pub const EV_ADD: u16 = 0x1;",
-    "EV_DELETE": "pub const EV_DELETE: u16 = 0x2;",
-    "EV_ENABLE": "pub const EV_ENABLE: u16 = 0x4;",
-    "EV_ERROR": "pub const EV_ERROR: u16 = 0x4000;",
-    "EV_EOF": "pub const EV_EOF: u16 = 0x8000;",
+    "kevent": open(os.path.join(root, "macos", "kqueue-standin.rs")).read(),
     "SO_NOSIGPIPE": "pub const SO_NOSIGPIPE: c_int = 0x1022;",
     "F_NOCACHE": "pub const F_NOCACHE: c_int = 48;",
     "F_FULLFSYNC": "pub const F_FULLFSYNC: c_int = 51;",
@@ -109,7 +88,8 @@ extern "C" {
     "RENAME_SWAP": "pub const RENAME_SWAP: c_uint = 0x2;",
     "RENAME_EXCL": "pub const RENAME_EXCL: c_uint = 0x4;",
 }
-for n in MAC_ONLY:
+for n in list(MAC_ONLY) + ["kqueue", "EVFILT_READ", "EVFILT_WRITE", "EV_ADD", "EV_DELETE",
+                          "EV_ENABLE", "EV_ERROR", "EV_EOF"]:
     assert n in mac, n
 
 both = sorted(mac & linux)

@@ -37,7 +37,7 @@ echo "E2E-RESULT scenario=$scenario uptime_s=$up"
 # the line before each), initcalls and probes of 3 ms or more (with initcall_debug),
 # kvm-clock's offset (its clock's age when the kernel's clock started), the start
 # of /init and the marker's kernel timestamp (E2E-KMSG-MARKER). The kernel's clock
-# runs ~20% slow against the host's under nested TCG: compare kernel timestamps
+# seemed to run ~20% slow against the host's under nested TCG: compare kernel timestamps
 # with each other, host-side times with each other.
 case " $(cat /proc/cmdline) " in
 *" e2e.dmesg=1 "*) dmesg | sed 's/^/L2-DMESG /' ;;
