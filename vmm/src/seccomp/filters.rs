@@ -108,6 +108,16 @@ const UNIX_SOCKET_IO: &[i64] = &[
     libc::SYS_getpeername,
 ];
 
+/// Waiting in an event loop or sleeping: device workers and API threads alike.
+const WAITING: &[i64] = &[
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_nanosleep,
+    libc::SYS_clock_nanosleep,
+];
+
 fn allow(rules: &mut Rules, calls: &[i64]) {
     for &nr in calls {
         rules.insert(nr, Vec::new());
@@ -226,16 +236,10 @@ fn device_rules() -> Rules {
     r.remove(&libc::SYS_ioctl);
     r.remove(&libc::SYS_fcntl);
     threads(&mut r);
+    allow(&mut r, WAITING);
     allow(
         &mut r,
         &[
-            // Event loops.
-            libc::SYS_epoll_wait,
-            libc::SYS_epoll_pwait,
-            libc::SYS_poll,
-            libc::SYS_ppoll,
-            libc::SYS_nanosleep,
-            libc::SYS_clock_nanosleep,
             // Files: disk images and virtio-fs passthrough.
             libc::SYS_openat,
             libc::SYS_openat2,
@@ -309,6 +313,7 @@ fn api_rules() -> Rules {
     common(&mut r);
     threads(&mut r);
     allow(&mut r, UNIX_SOCKET_IO);
+    allow(&mut r, WAITING);
     allow(
         &mut r,
         &[
@@ -316,12 +321,6 @@ fn api_rules() -> Rules {
             libc::SYS_eventfd2,
             libc::SYS_epoll_create1,
             libc::SYS_epoll_ctl,
-            libc::SYS_epoll_wait,
-            libc::SYS_epoll_pwait,
-            libc::SYS_poll,
-            libc::SYS_ppoll,
-            libc::SYS_nanosleep,
-            libc::SYS_clock_nanosleep,
             libc::SYS_pipe2,
             // Workdir state: the record (`vm.json`, written and renamed), the log,
             // the lock, removing the lock and socket at exit.
