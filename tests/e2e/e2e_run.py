@@ -37,12 +37,14 @@ SCENARIOS = {
     "terminal": "interactive bash in the guest in a tmux pane: typed input answered, `stty size` equals the "
     "pane's size before and after tmux resize-window to 100x30 (and a WINCH trap runs), Ctrl-C interrupts "
     "sleep, `exit 7` ends aivmm with 7",
+    "long-work": "four minutes of CPU-bound work in /work (xz over 200 files, round after round, then git "
+    "init/add/commit): the run completes, L1 finds every output and the repository intact",
 }
 
 # Each uses the noclaude guest image disk.
 IMAGE_KIND = "noclaude"
-NOT_DEFAULT = set()
-BUDGET = {"claude-auth": 120, "workdir": 150, "parallel": 200, "lock": 250, "env": 120, "stop": 400, "nested": 150,
+NOT_DEFAULT = {"long-work"}  # 5+ minutes: run it by name
+BUDGET = {"long-work": 1000, "claude-auth": 120, "workdir": 150, "parallel": 200, "lock": 250, "env": 120, "stop": 400, "nested": 150,
           "terminal": 200, "ssh": 300}
 
 # Checks that must be present, per run tag.
@@ -56,6 +58,7 @@ REQUIRED = {
     "claude-auth": ["l1-claude-dir", "l1-claude-copy", "l1-claude-json-untouched"],
     "ssh/a": ["started", "ssh-config", "guest-answered", "host-key-recorded", "strict-host-key", "by-hand",
               "other-key-refused"],
+    "long-work": ["l1-outputs", "l1-sums", "l1-git"],
     "terminal": ["prompt", "typed-input", "size-initial", "pane-resized", "resized", "winch-trap", "ctrl-c",
                  "exit-status"],
 }
@@ -307,6 +310,12 @@ def judge(sc):
         info.append(f"guest answered over ssh ({attempts}): {uname}; by-hand -i/-p with strict host key ok, "
                     f"unknown host name and foreign key refused; ps: {' '.join(row.split())}; "
                     f"stopped by the power button in {st.wall_ms if st else '?'} ms")
+    elif n == "long-work":
+        r = _exit_is(problems, sc, "long-work", ["0"])
+        _has(problems, r, "long-work", "long-done")
+        done = next((l for l in _lines(r) if l.startswith("long-done")), "")
+        if r:
+            info.append(f"{done.strip()}; outputs, sums and git checked in L1; aivmm exit after {r.wall_ms} ms")
     elif n == "terminal":
         r = sc.runs.get("terminal")
         sizes = [l.split(":", 1)[1].strip() for l in _lines(r) if l.startswith("pane size")]

@@ -16,9 +16,12 @@ Environment:
   E2E_TIMEOUT       overall seconds allowed for L1 (default: computed)
   E2E_KERNEL        kernel for L1 and L2 (default: newest /boot/vmlinuz-*-cloud-amd64)
   E2E_VERBOSE=1     echo L1's console to stderr while it runs
-  E2E_STALL         seconds of console silence after which L1 counts as hung (default 100;
-                    L1 prints a heartbeat every 30 s); the harness then dumps L1's vCPU
-                    RIPs (QEMU monitor) and a sysrq-l backtrace, and kills it
+  E2E_STALL         seconds of console silence after which the watchdog looks at L1's vCPUs
+                    (default 60; L1's real-time heartbeat prints every 10 s): registers
+                    changing = busy, wait (up to E2E_BUSY_MAX, default 900 s of silence);
+                    all halted or frozen = stuck: sysrq dumps (keyboard interrupts, which
+                    also wake a CPU whose timer was lost), then, if no heartbeat follows,
+                    L1 is hung and a fresh L1 runs what it left
   E2E_L2_CMDLINE    replaces the L2 base command line "console=ttyS0 quiet panic=-1"
                     (aivmm.scenario=<name> is always appended), e.g. to drop `quiet`;
                     with `e2e.dmesg=1` L2 prints its kernel log after the boot marker;
@@ -108,6 +111,10 @@ NOT_DEFAULT.update(e2e_builder.NOT_DEFAULT)
 NOT_DEFAULT.update(e2e_kernel.NOT_DEFAULT)
 NOT_DEFAULT.update(e2e_hard.NOT_DEFAULT)
 SCENARIOS.update(e2e_bench.SCENARIOS)
+SCENARIOS["harness-selftest"] = ("the watchdog itself (run with E2E_STALL=15): L1 falls silent busy for 50 s "
+                                 "(must be waited out) and then idle until a keyboard interrupt (must be woken "
+                                 "by the sysrq keys and go on); no retry")
+NOT_DEFAULT.add("harness-selftest")
 NOT_DEFAULT.update(e2e_bench.NOT_DEFAULT)
 
 L2_CMDLINE_NOTE = "console=ttyS0 quiet panic=-1 aivmm.scenario=<name>"
@@ -451,6 +458,7 @@ def build_l1(kernel, moddir, l2_initrd, aivmm, vmmrun):
         cpio.symlink("bin/aivmm", "/usr/local/aivmm/aivmm")
     add_binary(cpio, "bin/vmmrun", vmmrun)
     cpio.copy("bin/kvm-keeper", build_static("kvm-keeper"), 0o755)
+    cpio.copy("bin/l1-heartbeat", build_static("l1-heartbeat"), 0o755)
     cpio.copy("l2/vmlinuz", L2_KERNEL or kernel, 0o644)
     cpio.copy("l2/initrd.cpio", l2_initrd, 0o644)
     e2e_io.l1_extras(cpio, moddir, sys.modules[__name__])
@@ -528,6 +536,23 @@ class Run:
                 return float(m.group(1)) * scale
         return None
 
+    def qemu_reset(self):
+        """For a QEMU run (QEMU_DIAG traces in l1-init.sh): why it ended, if not by a
+        power-off: a guest reset (QEMU's runstate turned to shutdown, under -no-reboot,
+        with no shutdown request), named with what the console showed before it."""
+        traced = [l for _, l in self.err if l.startswith(("runstate_set", "qemu_system_shutdown_request"))]
+        if not traced:
+            return None
+        if any(l.startswith("qemu_system_shutdown_request") for l in traced):
+            return None
+        if not any("(shutdown)" in l for l in traced if l.startswith("runstate_set")):
+            return None
+        said = [l for _, l in self.out if re.search(r"Kernel panic|reboot: Restarting|Restarting system", l)]
+        if said:
+            return f"QEMU: the guest reset itself after `{said[-1].strip()}`"
+        return ("QEMU: the guest reset with no power-off request and no panic or reboot line on its console "
+                "(a triple fault, as aivmm reports `the guest triple-faulted`)")
+
     def tail(self, n=TAIL):
         return [f"[{self.tag} {kind} {ms}ms] {l}" for kind, ms, l in self.seq[-n:]]
 
@@ -542,10 +567,13 @@ class Run:
             quiet = "" if self.out else "; no guest console output"
             return f"timed out after {self.wall_ms} ms, killed (E2E_VMM_TIMEOUT){quiet}"
         errors = [l for _, l in self.err if l.startswith("aivmm: error:")]
+        reset = self.qemu_reset()
         if self.first("E2E-MARKER") is None:
-            return f"no E2E-MARKER on the console (exit={self.exit})" + (f": {errors[0]}" if errors else "")
+            return (f"no E2E-MARKER on the console (exit={self.exit})" + (f": {errors[0]}" if errors else "")
+                    + (f"; {reset}" if reset else ""))
         if self.first("E2E-DONE") is None:
-            return f"guest init did not finish (exit={self.exit})" + (f": {errors[0]}" if errors else "")
+            return (f"guest init did not finish (exit={self.exit})" + (f": {errors[0]}" if errors else "")
+                    + (f"; {reset}" if reset else ""))
         if self.exit != "0":
             return f"exit status {self.exit}" + (f": {errors[0]}" if errors else "")
         return None
@@ -708,6 +736,20 @@ def judge(sc, vmm_mode):
         return e2e_hard.judge(sc)
     if sc.name in e2e_bench.SCENARIOS:
         return e2e_bench.judge(sc, vmm_mode)
+    if sc.name == "harness-selftest":
+        marks = " ".join(l for l in sc.lines if "E2E-SELFTEST" in l)
+        problems = []
+        if "idle-end" not in marks:
+            problems.append("the scenario did not finish its idle phase")
+        if not EVENTS["busy"]:
+            problems.append("the busy silence was not seen as busy")
+        if not EVENTS["stalls_recovered"]:
+            problems.append("the idle silence was not seen as a stall that a keyboard interrupt ended")
+        if EVENTS["retries"]:
+            problems.append(f"retried: {EVENTS['retries']}")
+        if problems:
+            return False, "; ".join(problems), []
+        return True, "busy silence waited out; stuck L1 woken by sysrq and went on", []
     if sc.name == "bad-kernel":
         problems = []
         for case in ("garbage", "empty", "truncated"):
@@ -842,7 +884,7 @@ def main():
          f"L2 modules {' '.join(l2mods) or '(none)'}; L1 initramfs "
          f"{os.path.getsize(l1) >> 20} MiB; built in {time.monotonic() - t0:.1f} s; logs {logdir}")
 
-    budget = {"blk": vto, "fs": vto, "boot": vto, "smp": vto, "rng": vto, "bad-kernel": 90, "qemu-compare": 4 * runs * vto}
+    budget = {"harness-selftest": 400, "blk": vto, "fs": vto, "boot": vto, "smp": vto, "rng": vto, "bad-kernel": 90, "qemu-compare": 4 * runs * vto}
     for n in GUEST_IMAGE_SCENARIOS:
         budget.setdefault(n, max(vto, GUEST_TIMEOUT))
     budget.update(e2e_io.BUDGET)
@@ -861,16 +903,48 @@ def main():
     passed = failed = 0
     todo = names
     for attempt in range(L1_HANG_RETRIES + 1):
-        p, f, todo = run_l1(kernel, l1, todo, vmm_mode, runs, vto, overall, logdir, t0, guest_images,
-                            retry_hang=attempt < L1_HANG_RETRIES,
-                            console_name="l1-console.log" if attempt == 0 else f"l1-console-{attempt + 1}.log")
+        p, f, rerun, why = run_l1(kernel, l1, todo, vmm_mode, runs, vto, overall, logdir, t0, guest_images, budget,
+                                  retry_hang=attempt < L1_HANG_RETRIES,
+                                  console_name="l1-console.log" if attempt == 0 else f"l1-console-{attempt + 1}.log")
         passed, failed = passed + p, failed + f
+        if rerun:
+            EVENTS["retries"].append(f"L1 #{attempt + 1}: {why}; ran again: {', '.join(rerun)}")
+        todo = rerun
         if not todo:
             break
     print(f"{passed} passed, {failed} failed", flush=True)
+    print_events()
     return 0 if failed == 0 else 1
 
 
+def scenario_deadline(budget):
+    """Seconds a scenario may run before it counts as stuck (its own fault, if L1's
+    heartbeat is still coming): twice its budget plus two minutes, so a slow L1 is
+    never mistaken for a stuck scenario."""
+    return 2 * budget + 120
+
+
+def print_events():
+    """The harness's own line after the results: every L1 boot, retry and stall, so
+    flakiness is visible rather than absorbed."""
+    e = EVENTS
+    print(f"harness: {e['l1_boots']} L1 boot{'s' if e['l1_boots'] != 1 else ''}, {len(e['retries'])} "
+          f"retr{'ies' if len(e['retries']) != 1 else 'y'}, {e['triple']} L2 triple fault"
+          f"{'s' if e['triple'] != 1 else ''}, {len(e['stalls_recovered'])} L1 stall"
+          f"{'s' if len(e['stalls_recovered']) != 1 else ''} recovered, {len(e['busy'])} busy silence"
+          f"{'s' if len(e['busy']) != 1 else ''}, {e['soft_lockups']} L1 soft lockup line"
+          f"{'s' if e['soft_lockups'] != 1 else ''}, {len(e['overruns'])} scenario overrun"
+          f"{'s' if len(e['overruns']) != 1 else ''}; heartbeat lateness max {e['hb_late_max_ms']} ms", flush=True)
+    for r in e["retries"]:
+        print(f"  retry: {r}", flush=True)
+    for r in e["stalls_recovered"]:
+        print(f"  stall: {r}", flush=True)
+    for r in e["busy"]:
+        print(f"  busy: {r}", flush=True)
+
+
+#: Seconds between L1's `@@L1 hb` lines (l1-heartbeat.c, started by l1-init.sh).
+HB_PERIOD = 10
 #: How many times an L1 that hung is booted again for the scenarios it left unfinished.
 L1_HANG_RETRIES = int(os.environ.get("E2E_L1_HANG_RETRIES", "4"))
 #: aivmm's error for an L2 triple fault, and how many such failures a whole run
@@ -880,8 +954,10 @@ TRIPLE_FAULT_RETRIES = 2
 triple_retries = [0]
 
 
-def run_l1(kernel, l1, names, vmm_mode, runs, vto, overall, logdir, t0, guest_images, retry_hang, console_name):
-    """Boots one L1 that runs `names`; returns (passed, failed, rerun) as watch does."""
+def run_l1(kernel, l1, names, vmm_mode, runs, vto, overall, logdir, t0, guest_images, budgets, retry_hang,
+           console_name):
+    """Boots one L1 that runs `names`; returns (passed, failed, rerun, why) as watch does."""
+    EVENTS["l1_boots"] += 1
     # nokaslr: RIPs of a hung L1 are comparable between runs.
     # init_on_free=1: L1 zeroes pages as they are freed, not as they are next
     # allocated. A VM's RAM held its kernel's code, which L0's TCG translated; the
@@ -906,7 +982,7 @@ def run_l1(kernel, l1, names, vmm_mode, runs, vto, overall, logdir, t0, guest_im
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        return watch(proc, names, vmm_mode, runs, overall, logdir, t0, monitor,
+        return watch(proc, names, vmm_mode, runs, overall, logdir, t0, monitor, budgets,
                      retry_hang=retry_hang, console_name=console_name)
     finally:
         shutil.rmtree(mondir, ignore_errors=True)
@@ -926,7 +1002,8 @@ def monitor_cmd(path, command, wait=2.0):
             s.sendall(command.encode() + b"\n")
             buf = b""
             end = time.monotonic() + wait
-            while time.monotonic() < end:
+            prompts = command.count("\n") + 2  # the greeting's prompt, then one per command
+            while time.monotonic() < end and buf.count(b"(qemu)") < prompts:
                 try:
                     chunk = s.recv(65536)
                 except socket.timeout:
@@ -941,28 +1018,58 @@ def monitor_cmd(path, command, wait=2.0):
         return f"(monitor: {e})"
 
 
-def l1_hang_dump(monitor, path):
-    """Samples L1's vCPUs through QEMU's monitor into `path`; returns a short summary.
-    (Debian's System.map is a stub: symbols come from the sysrq-l backtraces, if any.)"""
-    samples = []
-    with open(path, "w") as f:
-        for i in range(3):
+def sample_vcpus(monitor, path, label, samples=3):
+    """Samples L1's vCPUs through QEMU's monitor (appending to `path`) and classifies
+    them: ("busy" | "stuck", summary lines). A vCPU is busy when its registers
+    change between samples while it is not halted: L1 is working (a long page clear,
+    an RCU stall that ends), only silent. "stuck": every vCPU is halted (HLT=1) or
+    frozen in all samples, as in an L1 whose timer interrupt was lost. (Debian's
+    System.map is a stub: symbols come from the sysrq-l backtraces, if any.)"""
+    dumps = []
+    with open(path, "a") as f:
+        for i in range(samples):
             regs = monitor_cmd(monitor, "info registers -a")
-            f.write(f"=== info registers -a, sample {i}\n{regs}\n")
-            samples.append(re.findall(r"RIP=([0-9a-f]{16})", regs))
+            f.write(f"=== {label}: info registers -a, sample {i}\n{regs}\n")
+            dumps.append(regs)
             time.sleep(1)
-        for n in range(len(samples[0])):
-            f.write(f"=== cpu {n} code\n" + monitor_cmd(monitor, f"cpu {n}\nx/12i $pc", 1.5))
+        if label.startswith("stuck") or label.startswith("hang"):
+            n = len(re.findall(r"RIP=", dumps[0]))
+            for c in range(n):
+                f.write(f"=== cpu {c} code\n" + monitor_cmd(monitor, f"cpu {c}\nx/12i $pc", 1.5))
         f.write("=== info cpus\n" + monitor_cmd(monitor, "info cpus") + "\n")
-    out = []
-    for n in range(len(samples[0])):
-        seen = [s[n] for s in samples if len(s) > n]
-        moving = "moving" if len(set(seen)) > 1 else "stuck"
-        out.append(f"CPU#{n} RIP={','.join(dict.fromkeys(seen))} ({moving})")
-    return out
+
+    def per_cpu(regs):
+        # "CPU#0\nRAX=... RIP=... HLT=0 ..." -> [(rip, halted, registers), ...]
+        out = []
+        for block in re.split(r"(?m)^CPU#\d+", regs)[1:]:
+            rip = re.search(r"RIP=([0-9a-f]+)", block)
+            gprs = " ".join(re.findall(r"\b(?:R[A-Z0-9]{1,2}|E?FL)=[0-9a-f]+", block))
+            out.append((rip.group(1) if rip else "?", "HLT=1" in block, gprs))
+        return out
+
+    cpus = [per_cpu(d) for d in dumps]
+    ncpu = min((len(c) for c in cpus), default=0)
+    busy = False
+    summary = []
+    for n in range(ncpu):
+        seen = [c[n] for c in cpus]
+        # Idle CPUs wake for the odd interrupt: a CPU counts as working only if it was
+        # running in most samples and its registers changed.
+        halted = sum(1 for _, h, _ in seen if h) * 2 > len(seen)
+        moving = not halted and len({g for _, _, g in seen}) > 1
+        busy = busy or moving
+        state = "halted" if halted else "moving" if moving else "frozen"
+        summary.append(f"CPU#{n} RIP={','.join(dict.fromkeys(r for r, _, _ in seen))} ({state})")
+    return ("busy" if busy else "stuck"), summary
 
 
-def watch(proc, names, vmm_mode, runs, overall, logdir, t0, monitor, retry_hang=False, console_name="l1-console.log"):
+#: What the watchdog saw over the whole run (all L1 boots), printed after the results.
+EVENTS = {"l1_boots": 0, "retries": [], "triple": 0, "stalls_recovered": [], "busy": [], "soft_lockups": 0,
+          "hb_late_max_ms": 0, "overruns": []}
+
+
+def watch(proc, names, vmm_mode, runs, overall, logdir, t0, monitor, budgets, retry_hang=False,
+          console_name="l1-console.log"):
     """Streams L1's console and reports each scenario as it ends.
 
     Returns (passed, failed, rerun): with `retry_hang`, an L1 hang does not fail the
@@ -994,7 +1101,7 @@ def watch(proc, names, vmm_mode, runs, overall, logdir, t0, monitor, retry_hang=
     verbose = os.environ.get("E2E_VERBOSE") == "1"
     start = time.monotonic()
     deadline = start + overall
-    stall = int(os.environ.get("E2E_STALL", "100"))
+    stall = int(os.environ.get("E2E_STALL", "60"))
     last_line = start
     l1_status = []
     killed = None
@@ -1013,6 +1120,7 @@ def watch(proc, names, vmm_mode, runs, overall, logdir, t0, monitor, retry_hang=
             # port-exit storms) is the emulator's, not the scenario's. Run it once
             # more in a fresh L1; a real fault comes back and fails.
             triple_retries[0] += 1
+            EVENTS["triple"] += 1
             triple.append(name.split("#")[0])
             del results[name]
             kept = os.path.join(logdir, f"scenario-{name.replace('#', '-')}-triple-fault-{triple_retries[0]}.log")
@@ -1032,44 +1140,102 @@ def watch(proc, names, vmm_mode, runs, overall, logdir, t0, monitor, retry_hang=
             print(f"  logs: {os.path.join(logdir, f'scenario-{name.replace(chr(35), chr(45))}.log')} "
                   f"and {console.name}", flush=True)
 
+    scen_begin, scen_deadline = {}, {}
+    last_hb = [start]  # when the last `@@L1 hb` line came (a list: set inside helpers)
+    hang_log = os.path.join(logdir, "l1-hang.txt")
+    busy_max = int(os.environ.get("E2E_BUSY_MAX", "900"))
+    silent_since = None  # set once a silence passed `stall` and L1 was found busy
+    next_sample = None
+    overrun = None  # (scenario id, deadline s) of a scenario past its deadline
+
+    pending = []  # lines read while the watchdog waited: parsed by the main loop next
+
+    def collect(seconds, until_hb=False):
+        """Reads L1's console for `seconds` into `pending` (the sysrq dumps, and
+        whatever else L1 says meanwhile); with `until_hb`, stops at a heartbeat.
+        Returns whether a heartbeat line came."""
+        end = time.monotonic() + seconds
+        hb = False
+        while time.monotonic() < end:
+            try:
+                extra = lines.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            pending.append(extra)
+            if extra is None:
+                break
+            if extra.startswith("@@L1 hb n="):
+                hb = True
+                if until_hb:
+                    break
+        return hb
+
     while True:
         try:
-            line = lines.get(timeout=max(0.1, min(deadline, last_line + stall) - time.monotonic()))
+            line = pending.pop(0) if pending else lines.get(timeout=2.0)
             if line is not None:
                 last_line = time.monotonic()
+                silent_since = None
         except queue.Empty:
             line = ""
         if line is None:
             break
-        if time.monotonic() >= deadline:
+        now = time.monotonic()
+        if now >= deadline:
             killed = f"L1 exceeded the overall bound of {overall} s"
             break
-        # L1's own kernel watchdog seeing its CPUs locked up is the same L1 hang, only
-        # not silent (the soft-lockup lines keep coming).
-        if line and "BUG: soft lockup" in line and proc.poll() is None:
-            last_line = time.monotonic() - stall
-        if time.monotonic() >= last_line + stall and proc.poll() is None:
-            rips = l1_hang_dump(monitor, os.path.join(logdir, "l1-hang.txt"))
+        if line and "BUG: soft lockup" in line:
+            # L1's own watchdog: a CPU ran kernel code for 20+ s without scheduling. That
+            # is slowness (a long clear under TCG), not a hang; the silence rules decide.
+            EVENTS["soft_lockups"] += 1
+        if cur and cur in scen_deadline and now >= scen_deadline[cur] and proc.poll() is None:
+            # A scenario past its own deadline while L1 answers (its heartbeat came
+            # recently) is stuck itself: that is a failure, not L1's trouble.
+            if now - last_hb[0] < 3 * HB_PERIOD:
+                overrun = (cur, int(scen_deadline[cur] - scen_begin[cur]))
+                killed = (f"{cur} did not finish within its deadline of {overrun[1]} s while L1 was alive "
+                          f"(heartbeat {now - last_hb[0]:.0f} s ago)")
+                break
+        if now >= last_line + stall and proc.poll() is None and (next_sample is None or now >= next_sample):
+            silence = now - last_line
+            kind, cpus = sample_vcpus(monitor, hang_log, f"silence {silence:.0f}s", samples=3)
+            console.write(f"{now - start:9.3f} [watchdog] {silence:.0f} s of silence; vCPUs {kind}: "
+                          f"{'; '.join(cpus)}\n")
+            if kind == "busy" and silence < busy_max:
+                # Slow, not stuck: keep waiting, and look again in 30 s.
+                if silent_since is None:
+                    silent_since = last_line
+                    EVENTS["busy"].append(f"{cur or 'between scenarios'}: L1 silent {silence:.0f}+ s with "
+                                          f"vCPUs working ({'; '.join(cpus)})")
+                else:
+                    EVENTS["busy"][-1] = (f"{cur or 'between scenarios'}: L1 silent {silence:.0f}+ s with "
+                                          f"vCPUs working ({'; '.join(cpus)})")
+                note(f"L1 silent for {silence:.0f} s but its vCPUs are working; waiting (up to {busy_max} s)")
+                next_sample = time.monotonic() + 30
+                continue
+            # Stuck (or busy past busy_max). The sysrq keys are keyboard interrupts: they
+            # wake a CPU whose timer interrupt was lost, and their dumps show where L1 is.
             # sysrq 9: console loglevel 9, so the dumps reach the console; l: backtraces
             # of busy CPUs; w: blocked (D state) tasks.
             for key in ("9", "l", "w"):
                 monitor_cmd(monitor, f"sendkey alt-sysrq-{key}", 0.5)
-            end = time.monotonic() + 15
-            while time.monotonic() < end:  # collect the backtraces
-                try:
-                    extra = lines.get(timeout=0.5)
-                except queue.Empty:
-                    continue
-                if extra is None:
-                    break
-                console.write(f"{time.monotonic() - start:9.3f} {extra}\n")
-                console_tail = (console_tail + [extra])[-TAIL:]
-            console.write("".join(f"stall: {r}\n" for r in rips))
-            killed = (f"L1 hung: no console output (not even its 30 s heartbeat) for {stall} s; "
-                      f"L1 vCPUs at: {'; '.join(rips) or 'unknown'} (see l1-hang.txt)")
+            # Did L1 come back? Its heartbeat (every HB_PERIOD s) must come on its own.
+            recovered = collect(15) or collect(2 * HB_PERIOD + 5, until_hb=True)
+            if recovered:
+                EVENTS["stalls_recovered"].append(
+                    f"{cur or 'between scenarios'}: L1 silent {silence:.0f} s with its vCPUs {', '.join(cpus)}; "
+                    f"it went on after the sysrq keyboard interrupts (see {hang_log})")
+                note(f"L1 was stuck for {silence:.0f} s ({'; '.join(cpus)}) and went on after a keyboard interrupt")
+                console.write(f"{time.monotonic() - start:9.3f} [watchdog] L1 went on after the sysrq keys\n")
+                last_line = time.monotonic()
+                next_sample = None
+                continue
+            killed = (f"L1 hung: no console output (not even its {HB_PERIOD} s heartbeat) for {silence:.0f} s; "
+                      f"vCPUs {kind}: {'; '.join(cpus) or 'unknown'} (see {hang_log})")
+            console.write(f"[watchdog] {killed}\n")
             hung = True
             break
-        if line == "" and lines.empty() and proc.poll() is not None:
+        if line == "":
             continue
         elapsed = time.monotonic() - start
         console.write(f"{elapsed:9.3f} {line}\n")
@@ -1085,6 +1251,12 @@ def watch(proc, names, vmm_mode, runs, overall, logdir, t0, monitor, retry_hang=
         body = line[i + 2:]
         kind, _, rest = body.partition(" ")
         if kind == "L1":
+            if rest.startswith("hb "):
+                last_hb[0] = time.monotonic()
+                m = re.search(r"late_ms=(\d+)", rest)
+                if m:
+                    EVENTS["hb_late_max_ms"] = max(EVENTS["hb_late_max_ms"], int(m.group(1)))
+                continue
             l1_status.append(rest)
             if cur:
                 scen[cur].lines.append(body)
@@ -1099,6 +1271,8 @@ def watch(proc, names, vmm_mode, runs, overall, logdir, t0, monitor, retry_hang=
             cur = next((i for i in ids if scen[i].name == n and i not in started), None)
             if cur:
                 started.add(cur)
+                scen_begin[cur] = time.monotonic()
+                scen_deadline[cur] = scen_begin[cur] + scenario_deadline(budgets.get(n, 120))
             continue
         if kind == "END":
             if cur and cur not in reported:
@@ -1136,6 +1310,27 @@ def watch(proc, names, vmm_mode, runs, overall, logdir, t0, monitor, retry_hang=
     console.close()
     wall = time.monotonic() - t0
 
+    if overrun:
+        # The scenario that overran fails; the ones after it run in a fresh L1.
+        name = overrun[0]
+        results[name] = False
+        reported.add(name)
+        print(f"FAIL {name}: did not finish within its deadline of {overrun[1]} s (L1 alive: its heartbeat "
+              f"kept coming)", flush=True)
+        for t in scen[name].tail():
+            print(f"  | {t}", flush=True)
+        with open(os.path.join(logdir, f"scenario-{name.replace('#', '-')}.log"), "w") as f:
+            f.write("\n".join(scen[name].lines) + "\n")
+        print(f"  logs: {os.path.join(logdir, f'scenario-{name.replace(chr(35), chr(45))}.log')} and "
+              f"{console.name}", flush=True)
+        rerun = triple + [n.split("#")[0] for n in ids if n not in reported]
+        passed = sum(1 for v in results.values() if v)
+        if rerun and retry_hang:
+            note(f"{killed}; {', '.join(rerun)} will run in a fresh L1")
+            EVENTS["overruns"].append(f"{name} ({overrun[1]} s)")
+            return passed, len(results) - passed, rerun, f"{name} overran its deadline"
+        killed = killed + " (the scenarios after it did not run)"
+
     # An L1 that ends on its own with scenarios unreported died (a reset or panic of
     # L1 itself, seen with nested SVM under TCG): like a hang, not the scenarios' fault.
     died = killed is None and any(n not in reported for n in ids)
@@ -1144,7 +1339,7 @@ def watch(proc, names, vmm_mode, runs, overall, logdir, t0, monitor, retry_hang=
         why = killed or f"L1 exited (status {proc.returncode}) before its scenarios finished"
         note(f"{why}; {', '.join(rerun)} will run again in a fresh L1 (logs {console.name})")
         passed = sum(1 for v in results.values() if v)
-        return passed, len(results) - passed, rerun
+        return passed, len(results) - passed, rerun, why
 
     shown = False
     for n in ids:
@@ -1171,7 +1366,7 @@ def watch(proc, names, vmm_mode, runs, overall, logdir, t0, monitor, retry_hang=
     passed = sum(1 for v in results.values() if v)
     failed = len(ids) - passed - len(triple)
     note(f"wall time {wall:.1f} s (L1 {time.monotonic() - start:.1f} s); logs {logdir}")
-    return passed, failed, triple
+    return passed, failed, triple, ("an L2 triple fault" if triple else None)
 
 
 if __name__ == "__main__":

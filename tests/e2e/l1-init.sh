@@ -53,12 +53,17 @@ fi
 echo "3 4 1 7" >/proc/sys/kernel/printk
 echo 1 >/proc/sys/kernel/sysrq # the host sends sysrq-l when L1 hangs
 dmesg -c >/dev/null
-# Heartbeat: tells a stuck step (L1 alive) from a stuck L1 kernel (silence).
+# Heartbeats. l1-heartbeat (SCHED_FIFO, memory locked) prints `@@L1 hb ...` every 10 s:
+# while it comes, L1's timers and scheduler work, however busy L1 is. The shell loop
+# below adds, every 30 s, what is running and L1's kernel log, for the scenario logs.
+l1-heartbeat 10 &
+HB_PID=$!
 (while sleep 30; do
 	read -r up _ </proc/uptime
 	echo "@@L1 alive uptime_s=$up; running: $(ps -o pid,stat,args | grep -E 'aivmm|qemu|vmmrun' | grep -v grep | tr -s ' ' | tr '\n' ';')"
 	dmesg -c | sed 's/^/@@K heartbeat /'
 done) &
+HB_SHELL=$!
 
 L2K=/l2/vmlinuz
 L2I=/l2/initrd.cpio
@@ -144,20 +149,26 @@ run_vmm_kind() {
 			${cpus:+--cpus $cpus} ${mem:+--memory $mem} --no-kernel-cache
 		;;
 	qemu-microvm)
-		vmmrun "$tag" "$to" -- qemu-system-x86_64 -L /fw -M microvm,acpi=on,rtc=on -enable-kvm -cpu host \
+		vmmrun "$tag" "$to" -- qemu-system-x86_64 -L /fw $QEMU_DIAG -M microvm,acpi=on,rtc=on -enable-kvm -cpu host \
 			-smp "${cpus:-1}" -m "${mem:-256M}" -nodefaults -no-user-config -display none \
 			-serial stdio -no-reboot -device virtio-rng-device \
 			${DISK:+-drive file=$DISK,if=none,id=d0,format=raw -device virtio-blk-device,drive=d0} \
 			-kernel $L2K -initrd $L2I -append "$cmd"
 		;;
 	qemu-pc)
-		vmmrun "$tag" "$to" -- qemu-system-x86_64 -L /fw -M pc -enable-kvm -cpu host \
+		vmmrun "$tag" "$to" -- qemu-system-x86_64 -L /fw $QEMU_DIAG -M pc -enable-kvm -cpu host \
 			-smp "${cpus:-1}" -m "${mem:-256M}" -nodefaults -no-user-config -display none \
 			-serial stdio -no-reboot \
 			-kernel $L2K -initrd $L2I -append "$cmd"
 		;;
 	esac
 }
+
+# QEMU's trace of how a run ended (stderr, @@E lines): a power-off shows
+# `qemu_system_shutdown_request reason=3` (guest-shutdown) before the runstate turns
+# to shutdown; a guest reset under -no-reboot turns it with no such request. The
+# judge (harness.py Run.broke) names the reset instead of a bare "exit 0".
+QEMU_DIAG="-trace qemu_system_shutdown_request -trace runstate_set"
 
 # guest_disk KIND: the L1 block device whose virtio serial is e2e-KIND.
 guest_disk() {
@@ -197,6 +208,29 @@ run_guest() {
 . /l1-kernel.sh # guest-custom-kernel (e2e_kernel.py)
 . /l1-hard.sh # the hardening scenarios' L1 side
 . /l1-bench.sh # aivmm vs QEMU figures (e2e_bench.py)
+
+# harness-selftest (run with E2E_STALL=15): L1 falls silent twice on purpose, with its
+# heartbeats stopped. First busy for 50 s (a CPU loop: the watchdog must wait); then
+# idle until a keyboard interrupt arrives (as a CPU whose timer interrupt was lost:
+# the watchdog's sysrq keys must bring it back). Prints nothing while silent.
+harness_selftest() {
+	echo "@@O harness-selftest 0 E2E-SELFTEST busy-start"
+	kill -STOP $HB_PID $HB_SHELL
+	end=$(($(cut -d. -f1 /proc/uptime) + 50))
+	while [ "$(cut -d. -f1 /proc/uptime)" -lt $end ]; do :; done
+	kill -CONT $HB_PID $HB_SHELL
+	echo "@@O harness-selftest 0 E2E-SELFTEST busy-end"
+	sleep 12
+	kb() { awk '$NF == "i8042" {s = 0; for (i = 2; i < NF - 2; i++) s += $i; print s}' /proc/interrupts; }
+	k0=$(kb)
+	echo "@@O harness-selftest 0 E2E-SELFTEST idle-start i8042=$k0"
+	kill -STOP $HB_PID $HB_SHELL
+	i=0
+	while [ "$(kb)" = "$k0" ] && [ $i -lt 300 ]; do sleep 1; i=$((i + 1)); done
+	kill -CONT $HB_PID $HB_SHELL
+	echo "@@O harness-selftest 0 E2E-SELFTEST idle-end after_s=$i i8042=$(kb)"
+	sleep 12
+}
 
 scenario() {
 	case "$1" in
@@ -250,8 +284,9 @@ scenario() {
 	fs-escape-hard | blk-durability | fs-durability | panic | seccomp | disk-full) hard_scenario "$1" ;; # tests/e2e/l1-hard.sh
 	builder | builder-bench) builder_scenario "$1" ;; # tests/e2e/l1-builder.sh
 	guest-custom-kernel) kernel_scenario ;; # tests/e2e/l1-kernel.sh
-	workdir | parallel | lock | env | claude-auth | stop | nested | terminal | ssh) rn_scenario "$1" ;; # tests/e2e/l1-run.sh
+	workdir | parallel | lock | env | claude-auth | stop | nested | terminal | ssh | long-work) rn_scenario "$1" ;; # tests/e2e/l1-run.sh
 	bench) bench_scenario ;; # tests/e2e/l1-bench.sh
+	harness-selftest) harness_selftest ;;
 	*) echo "@@L1 unknown scenario $1" ;;
 	esac
 }

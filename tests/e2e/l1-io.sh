@@ -47,7 +47,7 @@ run_qemu_io() {
 	IOTAG=$1
 	io_t=$2 io_s=$3
 	shift 3
-	vmmrun "$IOTAG" "$io_t" -- qemu-system-x86_64 -L /fw -M microvm,acpi=on,rtc=on -enable-kvm -cpu host \
+	vmmrun "$IOTAG" "$io_t" -- qemu-system-x86_64 -L /fw $QEMU_DIAG -M microvm,acpi=on,rtc=on -enable-kvm -cpu host \
 		-smp 1 -m 512M -nodefaults -no-user-config -display none -serial stdio -no-reboot \
 		-device virtio-rng-device -kernel $L2K -initrd $L2I -append "$BASE aivmm.scenario=$io_s" "$@"
 }

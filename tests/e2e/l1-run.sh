@@ -233,6 +233,41 @@ rn_scenario() {
 			/work/runtool kvm'
 		rn_console nested $w
 		;;
+	long-work)
+		# Four minutes of CPU-bound work in /work (xz over 200 source files, round after
+		# round, then git): L1 must carry a long, busy guest and its exit. The Debian
+		# test image has no C compiler, so xz and git stand in for a build.
+		w=/tmp/rn-long
+		rm -rf $w && mkdir -p $w/src
+		i=0
+		while [ $i -lt 200 ]; do
+			head -c 8000 /dev/urandom | od -An -tx1 >$w/src/f$i.txt
+			i=$((i + 1))
+		done
+		rn_aivmm long-work 900 $w -- sh -c '
+			set -e
+			cd /work
+			git init -q .
+			git add -A
+			git -c user.name=e2e -c user.email=e2e@e2e commit -q -m src
+			mkdir -p out
+			start=$(cut -d. -f1 /proc/uptime)
+			end=$((start + 240))
+			round=0
+			while [ "$(cut -d. -f1 /proc/uptime)" -lt $end ]; do
+				round=$((round + 1))
+				for f in src/*.txt; do xz -6 -c "$f" >"out/${f#src/}.xz"; done
+				echo "long-round $round at $(($(cut -d. -f1 /proc/uptime) - start)) s"
+			done
+			sha256sum out/*.xz >sums.txt
+			git add -A
+			git -c user.name=e2e -c user.email=e2e@e2e commit -q -m out
+			echo "long-done rounds=$round seconds=$(($(cut -d. -f1 /proc/uptime) - start))"'
+		rn_ck long-work l1-outputs sh -c "cd $w && for f in src/*.txt; do xzcat out/\${f#src/}.xz | cmp - \$f || exit 1; done"
+		rn_ck long-work l1-sums sh -c "cd $w && sha256sum -c sums.txt >/dev/null"
+		rn_ck long-work l1-git sh -c "cd $w && git fsck --strict && [ \$(git rev-list --count HEAD) = 2 ] && git diff --quiet HEAD"
+		rn_console long-work $w
+		;;
 	terminal)
 		rn_terminal
 		;;

@@ -152,13 +152,15 @@ hard_main() {
 		fi
 		;;
 	hard-panic)
-		echo "E2E-HARD-PANICKING"
+		# Through the kernel log, at crit level: panic() flushes that to the console,
+		# where a line still in the tty's buffer is lost when the kernel stops.
+		echo "<2>E2E-HARD-PANICKING" >/dev/kmsg
 		# Init exits: the kernel panics ("Attempted to kill init!") and, with
 		# panic=-1, resets at once.
 		exit 3
 		;;
 	hard-reset)
-		echo "E2E-HARD-RESETTING"
+		echo "<2>E2E-HARD-RESETTING" >/dev/kmsg # flushed before the reset, unlike the tty
 		reboot -f
 		sleep 30
 		;;
