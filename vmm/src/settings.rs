@@ -89,6 +89,17 @@ pub enum Error {
         /// The workdir, for the hint.
         dir: String,
     },
+    /// A file the trust decision rests on (the user's config, the pin file) is
+    /// inside the workdir, where the guest can write it.
+    #[error("{path} is inside the workdir {dir}, where the guest can write it, so it cannot {what}; move it out, or run on a directory that does not hold it")]
+    GuestWritable {
+        /// The file.
+        path: PathBuf,
+        /// The workdir.
+        dir: PathBuf,
+        /// What it cannot do.
+        what: &'static str,
+    },
     /// The pin file could not be read.
     #[error(transparent)]
     Pins(#[from] pins::Error),
@@ -712,19 +723,37 @@ pub fn load(
 ) -> Result<Applied> {
     // A workdir that does not exist has no file; the run reports it.
     let canon = std::fs::canonicalize(workdir).unwrap_or_else(|_| workdir.to_path_buf());
+    let limits = Limits::host();
     let user = match user_config {
         Some(p) => read_file(p, true)?,
         None => None,
     };
+    if let Some(u) = &user {
+        // `--workdir ~` shares the user's config with the guest: then it is no
+        // more trusted than the workdir's own file.
+        if inside(&u.path, &canon) && !widening(u, &limits).is_empty() {
+            return Err(Error::GuestWritable {
+                path: u.path.clone(),
+                dir: canon,
+                what: "widen the sandbox",
+            });
+        }
+    }
     let local = read_file(&canon.join(WORKDIR_FILE), false)?;
     let mut applied = Applied {
         user: user.as_ref().map(|u| u.path.clone()),
         workdir: None,
     };
     if let Some(w) = &local {
-        let limits = Limits::host();
         let needs_trust = !widening(w, &limits).is_empty();
         if needs_trust {
+            if inside(pins_path, &canon) {
+                return Err(Error::GuestWritable {
+                    path: pins_path.to_path_buf(),
+                    dir: canon,
+                    what: "approve its aivmm.toml",
+                });
+            }
             check_trust(w, &canon, &Pins::load(pins_path)?, &limits)?;
         }
         applied.workdir = Some((w.path.clone(), needs_trust));
@@ -735,6 +764,14 @@ pub fn load(
     }
     merged.apply(args);
     Ok(applied)
+}
+
+/// Whether the guest of a run on canonical `dir` can write or replace `path`.
+fn inside(path: &Path, dir: &Path) -> bool {
+    let canonical = |p: &Path| std::fs::canonicalize(p).ok();
+    let parent = path.parent().and_then(canonical);
+    parent.is_some_and(|p| p.starts_with(dir))
+        || canonical(path).is_some_and(|p| p.starts_with(dir))
 }
 
 /// [`load`] for `aivmm run --workdir`, with the user's files, printing the
@@ -1206,6 +1243,57 @@ mod tests {
         p.set(&w.join("sub"), f.sha256).unwrap();
         p.save(&pins).unwrap();
         assert!(load(&mut args(&[]), &w, None, &pins).is_err());
+    }
+
+    #[test]
+    fn a_workdir_holding_the_user_s_files_cannot_widen_through_them() {
+        // `--workdir ~`: the user's config and the pin file are the guest's to write.
+        let (_d, w, _) = workdir(HOSTILE);
+        let pins = w.join(".local/state/aivmm/trusted");
+        let f = read_file(&w.join(WORKDIR_FILE), false).unwrap().unwrap();
+        let mut p = Pins::default();
+        p.set(&w, f.sha256).unwrap();
+        p.save(&pins).unwrap();
+        let e = load(&mut args(&[]), &w, None, &pins)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("where the guest can write it, so it cannot approve"),
+            "{e}"
+        );
+
+        std::fs::write(w.join(WORKDIR_FILE), "cpus = 2\n").unwrap();
+        let user = w.join(".config/aivmm/config.toml");
+        std::fs::create_dir_all(user.parent().unwrap()).unwrap();
+        std::fs::write(&user, "share_rw = [\"/\"]\n").unwrap();
+        let e = load(&mut args(&[]), &w, Some(&user), &pins)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("config.toml is inside the workdir") && e.contains("cannot widen"),
+            "{e}"
+        );
+        std::fs::write(&user, "memory = \"2G\"\n").unwrap();
+        let mut a = args(&[]);
+        load(&mut a, &w, Some(&user), &pins).unwrap();
+        assert_eq!(
+            (a.size.cpus, a.size.memory),
+            (Some(2), Some(2 << 30)),
+            "sizes still apply"
+        );
+
+        // A link inside to a file outside is replaceable by the guest too; a
+        // link outside to a file inside is writable through.
+        let outside = tempfile::tempdir().unwrap();
+        let out_file = outside.path().join("config.toml");
+        std::fs::write(&out_file, "").unwrap();
+        assert!(!inside(&out_file, &w));
+        let link_in = w.join(".config/aivmm/link.toml");
+        std::os::unix::fs::symlink(&out_file, &link_in).unwrap();
+        assert!(inside(&link_in, &w));
+        let link_out = outside.path().join("link.toml");
+        std::os::unix::fs::symlink(&user, &link_out).unwrap();
+        assert!(inside(&link_out, &w));
     }
 
     #[test]
