@@ -78,13 +78,13 @@ pub enum Error {
     #[error("{0} is larger than {MAX_FILE_SIZE} bytes")]
     TooBig(PathBuf),
     /// The workdir's file widens the sandbox and the user has not approved it.
-    #[error("{path} asks for {keys}, which widen the sandbox; it is {why} (run `aivmm trust {dir}` after reading it)")]
+    #[error("{path} asks for {keys}, which widen the sandbox; {why} (run `aivmm trust {dir}` after reading it)")]
     NotTrusted {
         /// The file.
         path: PathBuf,
         /// The widening keys, comma-separated.
         keys: String,
-        /// "not trusted" or "changed since you trusted it".
+        /// "it is not trusted" or "it changed since you trusted it".
         why: &'static str,
         /// The workdir, for the hint.
         dir: String,
@@ -616,8 +616,8 @@ pub fn check_trust(file: &ConfigFile, workdir: &Path, pins: &Pins, limits: &Limi
     }
     let why = match pins.get(workdir) {
         Some(sha) if *sha == file.sha256 => return Ok(()),
-        Some(_) => "changed since you trusted it",
-        None => "not trusted",
+        Some(_) => "it changed since you trusted it",
+        None => "it is not trusted",
     };
     let keys: Vec<&str> = wide.iter().map(|w| w.key).collect();
     Err(Error::NotTrusted {
