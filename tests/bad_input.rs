@@ -333,3 +333,52 @@ fn elf(filesz: u64, memsz: u64) -> Vec<u8> {
     e.extend_from_slice(&code);
     e
 }
+
+#[test]
+fn an_untrusted_workdir_config_is_refused_before_anything_exists() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let (proj, state) = (t.path().join("proj"), t.path().join("state"));
+    std::fs::create_dir(&proj).expect("mkdir");
+    let toml = proj.join("aivmm.toml");
+    let hostile = format!(
+        "share = [\"{}:secret\"]\nenv = [\"AWS_SECRET_ACCESS_KEY\"]\nclaude_auth = true\n",
+        t.path().display()
+    );
+    std::fs::write(&toml, &hostile).expect("write");
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_aivmm"))
+            .args(args)
+            .env("HOME", t.path())
+            .env("XDG_STATE_HOME", &state)
+            .env("XDG_CONFIG_HOME", t.path().join("config"))
+            .env("AIVMM_GUEST_KERNEL", "/nonexistent-kernel")
+            .stdin(Stdio::null())
+            .output()
+            .expect("running aivmm");
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    };
+    let p = proj.to_str().expect("utf-8 temp path");
+    let (code, _, err) = run(&["run", "--workdir", p, "--", "true"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("aivmm: error: ")
+            && err.contains("aivmm.toml asks for share, env, claude_auth, which widen the sandbox")
+            && err.contains("(run `aivmm trust "),
+        "{err}"
+    );
+    assert!(!state.exists(), "nothing was made before the refusal");
+
+    let (code, out, err) = run(&["trust", p]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("  share = [") && out.contains("  claude_auth = true"), "{out}");
+    let (_, out, _) = run(&["trust", "--list"]);
+    assert!(out.contains(p) && out.trim_end().ends_with("trusted"), "{out}");
+
+    // One byte changed (the guest or a `git pull`): refused again.
+    std::fs::write(&toml, hostile.replacen("true", "true ", 1)).expect("write");
+    let (code, _, err) = run(&["run", "--workdir", p, "--", "true"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("it changed since you trusted it"), "{err}");
+}

@@ -61,6 +61,11 @@ pub enum Command {
     /// Run a command in the VM running on a workdir (over vsock), as the user, in
     /// /work; exits with its status.
     Exec(ExecArgs),
+    /// Approve DIR/aivmm.toml as it is now: a workdir's file may only size and
+    /// narrow the sandbox unless you trust it (shares, env, claude_auth, ssh, net,
+    /// forwards). Shows what it asks for and pins its sha256; a changed file must
+    /// be trusted again.
+    Trust(TrustArgs),
     /// Print a shell completion script, e.g. `aivmm completions bash >
     /// ~/.local/share/bash-completion/completions/aivmm`.
     Completions {
@@ -86,6 +91,32 @@ pub struct ExecArgs {
     /// The command [default: bash].
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
+}
+
+/// Arguments of `aivmm trust`.
+#[derive(Debug, Args)]
+pub struct TrustArgs {
+    /// The workdir whose aivmm.toml to trust [default: .].
+    #[arg(value_name = "DIR", conflicts_with = "list")]
+    pub dir: Option<PathBuf>,
+    /// List the trusted workdirs and whether each file still matches.
+    #[arg(long, conflicts_with = "revoke")]
+    pub list: bool,
+    /// Remove DIR's trust.
+    #[arg(long)]
+    pub revoke: bool,
+}
+
+impl TrustArgs {
+    /// What to do.
+    pub fn action(&self) -> crate::trust::Action {
+        let dir = self.dir.clone().unwrap_or_else(|| PathBuf::from("."));
+        match (self.list, self.revoke) {
+            (true, _) => crate::trust::Action::List,
+            (false, true) => crate::trust::Action::Revoke(dir),
+            (false, false) => crate::trust::Action::Trust(dir),
+        }
+    }
 }
 
 /// `aivmm image …`.
@@ -377,6 +408,23 @@ mod tests {
         let Command::Exec(e) = cli.command else { panic!() };
         assert_eq!((e.target.as_str(), e.command.len()), ("dir", 2));
         assert!(Cli::try_parse_from(["aivmm", "-q", "-v", "ps"]).is_err());
+    }
+
+    #[test]
+    fn trust_args_parse() {
+        use crate::trust::Action;
+        let action = |argv: &[&str]| {
+            let cli = Cli::try_parse_from(["aivmm", "trust"].iter().chain(argv)).map_err(|e| e.to_string())?;
+            let Command::Trust(t) = cli.command else { return Err("not trust".to_string()) };
+            Ok::<_, String>(t.action())
+        };
+        assert_eq!(action(&[]).unwrap(), Action::Trust(PathBuf::from(".")));
+        assert_eq!(action(&["w"]).unwrap(), Action::Trust(PathBuf::from("w")));
+        assert_eq!(action(&["--list"]).unwrap(), Action::List);
+        assert_eq!(action(&["--revoke"]).unwrap(), Action::Revoke(PathBuf::from(".")));
+        assert_eq!(action(&["--revoke", "w"]).unwrap(), Action::Revoke(PathBuf::from("w")));
+        assert!(action(&["--list", "w"]).is_err());
+        assert!(action(&["--list", "--revoke"]).is_err());
     }
 
     #[test]

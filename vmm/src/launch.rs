@@ -104,7 +104,8 @@ pub type Result<T> = std::result::Result<T, Error>;
 pub const DEFAULT_CPUS: u32 = 4;
 /// Guest memory of a workdir run unless `--memory` or `aivmm.toml` says otherwise.
 pub const DEFAULT_MEMORY: u64 = 4 << 30;
-const DEFAULT_DISK_SIZE: u64 = 16 << 30;
+/// The persistent disk of a workdir run unless `--disk-size` or `aivmm.toml` says otherwise.
+pub const DEFAULT_DISK_SIZE: u64 = 16 << 30;
 /// The mount tag of the workdir share.
 pub const WORK_TAG: &str = "work";
 /// How long aivmm waits for the guest to power off after the command exited.

@@ -19,11 +19,15 @@ pub mod logging;
 // The VM behind one interface (KVM or Hypervisor.framework), for the session layer.
 pub mod machine;
 pub mod manage;
+// The workdir configs the user approved (`aivmm trust`).
+pub mod pins;
 pub mod seccomp;
 pub mod session;
 pub mod settings;
 // Signal handlers without vmm-sys-util's Linux-only `signal` module.
 pub mod signals;
+// `aivmm trust`: approving a workdir's aivmm.toml.
+pub mod trust;
 // The x86 VM on KVM.
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub mod vmm;

@@ -48,6 +48,14 @@ fn main() -> ExitCode {
         Command::Ps => code(aivmm::manage::ps()),
         Command::Stop { target, timeout } => code(aivmm::manage::stop(&target, timeout)),
         Command::Exec(args) => code(aivmm::manage::exec(&args)),
+        Command::Trust(args) => aivmm::trust::run(
+            &args.action(),
+            &aivmm::pins::default_path(),
+            &aivmm::settings::Limits::host(),
+            &mut std::io::stdout(),
+        )
+        .map(|c| ExitCode::from(c.clamp(0, 255) as u8))
+        .map_err(Into::into),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             let mut cmd = Cli::command();
@@ -129,9 +137,9 @@ fn raise_fd_limit() {
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 fn run(args: &mut RunArgs, started: Instant) -> Result<ExitCode, Box<dyn std::error::Error>> {
     if let Some(workdir) = args.workdir.clone() {
-        if let Some(file) = aivmm::settings::apply(args, &workdir)? {
-            tracing::info!("settings from {}", file.display());
-        }
+        // Before anything is built: a workdir file that widens the sandbox
+        // without the user's approval stops here.
+        aivmm::settings::apply(args, &workdir)?;
         let workdir = &workdir;
         let hv = KvmHypervisor::new()?;
         let code = aivmm::launch::run(&aivmm::machine::Kvm(&hv), args, workdir, started)?;

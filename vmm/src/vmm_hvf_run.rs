@@ -182,9 +182,8 @@ pub fn run_cli<A: HvfApi>(
     started: Instant,
 ) -> Result<Outcome> {
     if let Some(workdir) = args.workdir.clone() {
-        if let Some(file) = crate::settings::apply(args, &workdir)? {
-            tracing::info!("settings from {}", file.display());
-        }
+        // Before anything is built (see `settings`).
+        crate::settings::apply(args, &workdir)?;
         return crate::launch::run(hyp, args, &workdir, started)
             .map(Outcome::Command)
             .map_err(|e| Error::Launch(Box::new(e)));
