@@ -37,6 +37,10 @@ SCENARIOS = {
     "terminal": "interactive bash in the guest in a tmux pane: typed input answered, `stty size` equals the "
     "pane's size before and after tmux resize-window to 100x30 (and a WINCH trap runs), Ctrl-C interrupts "
     "sleep, `exit 7` ends aivmm with 7",
+    "trust": "a workdir aivmm.toml asking for a share of an L1 secret dir, env passthrough and claude_auth is "
+    "refused in one line naming those keys, before anything boots; `cpus = 2` alone runs untrusted; after `aivmm "
+    "trust` the file runs (secret, env and credentials reach the guest); a guest's edit of it makes the next run "
+    "refuse it; after --revoke it is refused again",
     "long-work": "four minutes of CPU-bound work in /work (xz over 200 files, round after round, then git "
     "init/add/commit): the run completes, L1 finds every output and the repository intact",
 }
@@ -44,7 +48,7 @@ SCENARIOS = {
 # Each uses the noclaude guest image disk.
 IMAGE_KIND = "noclaude"
 NOT_DEFAULT = {"long-work"}  # 5+ minutes: run it by name
-BUDGET = {"long-work": 1000, "claude-auth": 120, "workdir": 150, "parallel": 200, "lock": 250, "env": 120, "stop": 400, "nested": 150,
+BUDGET = {"trust": 700, "long-work": 1000, "claude-auth": 120, "workdir": 150, "parallel": 200, "lock": 250, "env": 120, "stop": 400, "nested": 150,
           "terminal": 200, "ssh": 300}
 
 # Checks that must be present, per run tag.
@@ -58,6 +62,8 @@ REQUIRED = {
     "claude-auth": ["l1-claude-dir", "l1-claude-copy", "l1-claude-json-untouched"],
     "ssh/a": ["started", "ssh-config", "guest-answered", "host-key-recorded", "strict-host-key", "by-hand",
               "other-key-refused"],
+    "trust/refused": ["no-state"],
+    "trust/pin": ["modes"],
     "long-work": ["l1-outputs", "l1-sums", "l1-git"],
     "terminal": ["prompt", "typed-input", "size-initial", "pane-resized", "resized", "winch-trap", "ctrl-c",
                  "exit-status"],
@@ -310,6 +316,44 @@ def judge(sc):
         info.append(f"guest answered over ssh ({attempts}): {uname}; by-hand -i/-p with strict host key ok, "
                     f"unknown host name and foreign key refused; ps: {' '.join(row.split())}; "
                     f"stopped by the power button in {st.wall_ms if st else '?'} ms")
+    elif n == "trust":
+        keys = "share_ro, env, claude_auth"
+        for tag in ("trust/refused", "trust/revoked"):
+            r = _exit_is(problems, sc, tag, None)
+            if r is None:
+                continue
+            errs = [l for _, l in r.err if l.strip()]
+            if r.exit in (None, "0"):
+                problems.append(f"{tag}: exit {r.exit}, want a refusal")
+            if len(errs) != 1 or keys not in errs[0] or "aivmm trust" not in errs[0]:
+                problems.append(f"{tag}: want one error line naming {keys} and `aivmm trust`, got {errs[:3]}")
+            if any("BOOTED" in l for l in _lines(r)) or r.out:
+                problems.append(f"{tag}: the guest booted")
+            if r.wall_ms and r.wall_ms > 20000:
+                problems.append(f"{tag}: the refusal took {r.wall_ms} ms")
+        r = _exit_is(problems, sc, "trust/narrow", ["0"])
+        _has(problems, r, "trust/narrow", "nproc=2")
+        _has(problems, r, "trust/narrow", "E=unset")
+        _exit_is(problems, sc, "trust/pin", ["0"])
+        r = _exit_is(problems, sc, "trust/ok", ["0"])
+        for want in ("top-secret", "E=hunter2", "CLAUDE-OK"):
+            _has(problems, r, "trust/ok", want)
+        r = _exit_is(problems, sc, "trust/edit", ["0"])
+        edited = r is not None and any("EDIT=ok" in l for l in _lines(r))
+        after = sc.runs.get("trust/after")
+        changed = after is not None and "changed" == after.results().get("file")
+        if after is None or after.exit is None:
+            problems.append("trust/after: did not run")
+        elif edited or changed:
+            errs = [l for _, l in after.err if l.strip()]
+            if after.exit == "0" or not any("changed since you trusted it" in l for l in errs):
+                problems.append(f"trust/after: the guest changed the pinned file, yet exit {after.exit}: {errs[:2]}")
+        elif after.exit != "0":
+            problems.append(f"trust/after: the file is unchanged (the guest's edit was refused) but exit {after.exit}")
+        _exit_is(problems, sc, "trust/revoke", ["0"])
+        info.append(f"refused in one line before booting ({keys}); sizes alone ran; pinned file ran with secret, env "
+                    f"and credentials; guest edit {'refused' if not (edited or changed) else 'made the next run refuse'}"
+                    f"; revoke refused again")
     elif n == "long-work":
         r = _exit_is(problems, sc, "long-work", ["0"])
         _has(problems, r, "long-work", "long-done")

@@ -47,7 +47,7 @@ rn_aivmm() {
 	# RN_OPTS: more run options.
 	XDG_STATE_HOME=${RN_STATE_HOME:-$RN_STATE} AIVMM_LOG="${AIVMM_LOG:-$LOG}" vmmrun "$t" "$to" -- \
 		$RN_WRAP $as aivmm run --workdir "$w" --kernel /guest/noclaude/vmlinuz --initrd /guest/noclaude/initrd.cpio \
-		--rootfs "$RN_DEV" ${gcmd:+--cmdline "$gcmd"} --net "${RN_NET:-none}" --cpus 1 --memory 512M --disk-size 1G \
+		--rootfs "$RN_DEV" ${gcmd:+--cmdline "$gcmd"} --net "${RN_NET:-none}" ${RN_SIZE:---cpus 1 --memory 512M --disk-size 1G} \
 		$RN_OPTS "$@"
 }
 # rn_console TAG WORKDIR: the tail of that workdir's guest console log.
@@ -233,6 +233,9 @@ rn_scenario() {
 			/work/runtool kvm'
 		rn_console nested $w
 		;;
+	trust)
+		rn_trust
+		;;
 	long-work)
 		# Four minutes of CPU-bound work in /work (xz over 200 source files, round after
 		# round, then git): L1 must carry a long, busy guest and its exit. The Debian
@@ -411,4 +414,41 @@ EOF
 	fi
 	rn_screen | tail -n 16 | sed 's|^|@@O terminal 0 screen: |'
 	rn_tx kill-server
+}
+
+# trust: a workdir aivmm.toml that widens the sandbox runs only once `aivmm trust`
+# pinned it; one that only sizes runs untrusted; a guest's edit of a pinned file makes
+# the next run refuse it. The refusals must come before anything boots or is created.
+rn_trust() {
+	w=/tmp/trust-w s=/tmp/trust-secret hm=/tmp/trust-home st=/tmp/trust-state
+	rm -rf $w $s $hm $st && mkdir -p $w $s $hm/.claude $st
+	echo top-secret >$s/key
+	echo '{}' >$hm/.claude.json
+	echo l1-cred >$hm/.claude/.credentials.json
+	printf 'share_ro = ["%s"]\nenv = ["E2E_SECRET"]\nclaude_auth = true\n' $s >$w/aivmm.toml
+	cp $w/aivmm.toml /tmp/trust-hostile
+	export E2E_SECRET=hunter2
+	# 1. refused, nothing boots, no state made.
+	HOME=$hm RN_STATE_HOME=$st rn_aivmm trust/refused 60 $w -- sh -c 'echo BOOTED'
+	rn_ck trust/refused no-state sh -c "! ls -d $st/aivmm/vms/* 2>/dev/null"
+	# 2. sizes alone run untrusted (and --cpus is left to the file).
+	printf 'cpus = 2\n' >$w/aivmm.toml
+	HOME=$hm RN_STATE_HOME=$st RN_SIZE="--memory 512M --disk-size 1G" rn_aivmm trust/narrow 240 $w -- \
+		sh -c 'echo "nproc=$(nproc)"; echo "E=${E2E_SECRET:-unset}"'
+	# 3. the widening file, after `aivmm trust`.
+	cp /tmp/trust-hostile $w/aivmm.toml
+	HOME=$hm XDG_STATE_HOME=$st vmmrun trust/pin 30 -- aivmm trust $w
+	rn_ck trust/pin modes sh -c "[ \$(stat -c %a $st/aivmm/trusted) = 600 ] && [ \$(stat -c %a $st/aivmm) = 700 ]"
+	HOME=$hm RN_STATE_HOME=$st rn_aivmm trust/ok 240 $w -- sh -c \
+		"cat $s/key; echo E=\$E2E_SECRET; test -e ~/.claude/.credentials.json && echo CLAUDE-OK"
+	# 4. the guest edits the pinned file; the next run refuses it.
+	HOME=$hm RN_STATE_HOME=$st rn_aivmm trust/edit 240 $w -- sh -c \
+		'if echo "share_rw = [\"/\"]" >>/work/aivmm.toml 2>/dev/null; then echo EDIT=ok; else echo EDIT=refused; fi'
+	HOME=$hm RN_STATE_HOME=$st rn_aivmm trust/after 60 $w -- sh -c 'echo BOOTED'
+	if cmp -s $w/aivmm.toml /tmp/trust-hostile; then echo "@@O trust/after 0 E2E-RESULT file=unchanged"; else echo "@@O trust/after 0 E2E-RESULT file=changed"; fi
+	# 5. revoke.
+	HOME=$hm XDG_STATE_HOME=$st vmmrun trust/revoke 30 -- aivmm trust --revoke $w
+	cp /tmp/trust-hostile $w/aivmm.toml
+	HOME=$hm RN_STATE_HOME=$st rn_aivmm trust/revoked 60 $w -- sh -c 'echo BOOTED'
+	unset E2E_SECRET
 }
