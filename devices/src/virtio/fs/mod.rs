@@ -95,6 +95,10 @@ pub struct FsConfig {
     /// The file system serving the share (fuse-backend-rs on Linux, the portable
     /// passthrough on macOS by default).
     pub backend: FsBackend,
+    /// Let the guest set POSIX ACLs (`system.posix_acl_access` and
+    /// `system.posix_acl_default`) on host files. Off by default: an ACL can give
+    /// other host users access that the file's mode does not show.
+    pub posix_acls: bool,
 }
 
 impl FsConfig {
@@ -107,6 +111,7 @@ impl FsConfig {
             cache: CachePolicy::default(),
             request_queues: 1,
             backend: FsBackend::default(),
+            posix_acls: false,
         }
     }
 }
