@@ -71,7 +71,7 @@
 use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -176,7 +176,7 @@ impl ShareRoot {
         // SAFETY: `fd` was just opened and is owned by nobody else.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let st = fstat(&fd)?;
-        let path = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+        let path = proc_fd_path(&fd)?;
         Ok(ShareRoot {
             fd,
             path,
@@ -194,6 +194,29 @@ impl ShareRoot {
     fn import_path(&self) -> String {
         format!("/proc/self/fd/{}/.", self.fd.as_raw_fd())
     }
+}
+
+/// The path `fd`'s `/proc/self/fd` link names now (with `readlinkat`, which the
+/// device threads' seccomp filter allows, unlike `readlink`).
+fn proc_fd_path(fd: &OwnedFd) -> io::Result<PathBuf> {
+    let link = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map_err(|_| errno(libc::EINVAL))?;
+    let mut buf = vec![0u8; libc::PATH_MAX as usize];
+    // SAFETY: `link` is NUL-terminated and `buf` is as long as said; checked.
+    let n = unsafe {
+        libc::readlinkat(
+            libc::AT_FDCWD,
+            link.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+    if n >= buf.len() {
+        return Err(errno(libc::ENAMETOOLONG));
+    }
+    buf.truncate(n);
+    Ok(PathBuf::from(std::ffi::OsString::from_vec(buf)))
 }
 
 fn fstat(fd: &OwnedFd) -> io::Result<libc::stat64> {
