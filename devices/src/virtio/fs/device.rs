@@ -4,6 +4,10 @@
 //! sharing one FUSE server. `reset` stops and joins them and drops the server with
 //! every inode and handle it held, so the next activation starts a fresh FUSE
 //! session that the guest INITs again.
+//!
+//! On Linux the shared directory is resolved and opened once, in [`Fs::new`]
+//! (`filesystem::ShareRoot`); every server the device builds, the first and each
+//! one after a reset, serves that open directory, never the path again.
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -6,8 +6,9 @@
 //! `fuse_backend_rs` `Reader` and its writable part in a `Writer`, and hands both to
 //! the FUSE [`Server`](fuse_backend_rs::api::server::Server). The server decodes the
 //! request and calls [`filesystem::ShareFs`], which checks it (read-only shares,
-//! credentials, containment) and delegates to fuse-backend-rs's `PassthroughFs`
-//! rooted at the shared directory. The reply bytes go back on the used ring.
+//! credentials, modes, xattr names, containment) and delegates to fuse-backend-rs's
+//! `PassthroughFs` rooted at the shared directory, which was opened once when the
+//! device was created. The reply bytes go back on the used ring.
 //!
 //! Files:
 //! - [`device`]: [`Fs`], its config space and `impl VirtioDevice`;
