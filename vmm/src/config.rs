@@ -61,6 +61,19 @@ pub enum Error {
     /// Two shares use one tag.
     #[error("the share tag '{0}' is used twice")]
     DuplicateTag(String),
+    /// A share is at or under a read-write share's directory.
+    #[error(
+        "the share {} is inside the read-write share {}: the guest could replace it with a \
+         link to anywhere before aivmm opens it; share only one of them",
+        inner.display(),
+        outer.display()
+    )]
+    NestedShare {
+        /// The share inside.
+        inner: PathBuf,
+        /// The read-write share around it.
+        outer: PathBuf,
+    },
     /// More devices than interrupt lines.
     #[error("too many devices: at most {0} disks, shares and other virtio devices together")]
     TooManyDevices(usize),
@@ -242,6 +255,35 @@ pub struct ShareConfig {
     pub cache: FsCache,
 }
 
+/// Refuses a share at or under a read-write share's directory: the guest can put
+/// anything at that path (a symlink to the user's home, say), and the next run
+/// would share what it names. Paths are compared resolved; one that does not
+/// resolve is left to the device, which reports it.
+fn check_nesting(shares: &[ShareConfig]) -> Result<()> {
+    let resolved: Vec<_> = shares
+        .iter()
+        .map(|s| (s, std::fs::canonicalize(&s.path).ok()))
+        .collect();
+    for (i, (outer, outer_path)) in resolved.iter().enumerate() {
+        let Some(outer_path) = outer_path.as_ref().filter(|_| !outer.read_only) else {
+            continue;
+        };
+        for (j, (inner, inner_path)) in resolved.iter().enumerate() {
+            if i != j
+                && inner_path
+                    .as_ref()
+                    .is_some_and(|p| p.starts_with(outer_path))
+            {
+                return Err(Error::NestedShare {
+                    inner: inner.path.clone(),
+                    outer: outer.path.clone(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Longest virtio-fs tag (the config-space field).
 pub const MAX_TAG_LEN: usize = 36;
 
@@ -315,6 +357,7 @@ impl VmConfig {
         if let Some(w) = tags.windows(2).find(|w| w[0] == w[1]) {
             return Err(Error::DuplicateTag(w[0].to_string()));
         }
+        check_nesting(&self.shares)?;
         let devices = self.disks.len()
             + self.shares.len()
             + usize::from(self.rng)
@@ -506,6 +549,72 @@ mod tests {
         }
     }
 
+    /// A share at or under a read-write share's directory is refused, whichever
+    /// comes first and however it is spelt; under a read-only share it is fine.
+    #[test]
+    fn shares_inside_read_write_shares_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let work = tmp.path().join("work");
+        let other = tmp.path().join("other");
+        std::fs::create_dir_all(work.join("sub/deeper")).unwrap();
+        std::fs::create_dir(&other).unwrap();
+        std::os::unix::fs::symlink(work.join("sub"), other.join("link")).unwrap();
+        let share = |path: &std::path::Path, tag: &str, read_only: bool| ShareConfig {
+            path: path.to_path_buf(),
+            tag: tag.into(),
+            read_only,
+            cache: FsCache::Auto,
+        };
+        let check = |shares: Vec<ShareConfig>| VmConfig { shares, ..cfg() }.validate();
+        let nested = |inner: &std::path::Path, outer: &std::path::Path| {
+            Err(Error::NestedShare {
+                inner: inner.to_path_buf(),
+                outer: outer.to_path_buf(),
+            })
+        };
+        let sub = work.join("sub");
+        let dotted = work.join("sub/deeper/..");
+        for ro in [true, false] {
+            assert_eq!(
+                check(vec![share(&work, "work", false), share(&sub, "s", ro)]),
+                nested(&sub, &work)
+            );
+            assert_eq!(
+                check(vec![share(&sub, "s", ro), share(&work, "work", false)]),
+                nested(&sub, &work)
+            );
+            assert_eq!(
+                check(vec![share(&work, "work", false), share(&dotted, "s", ro)]),
+                nested(&dotted, &work)
+            );
+            let link = other.join("link");
+            assert_eq!(
+                check(vec![share(&work, "work", false), share(&link, "s", ro)]),
+                nested(&link, &work)
+            );
+            assert_eq!(
+                check(vec![share(&work, "work", false), share(&work, "w2", ro)]),
+                nested(&work, &work)
+            );
+            // Under a read-only share, or beside a read-write one, is fine.
+            assert_eq!(
+                check(vec![share(&work, "work", true), share(&sub, "s", ro)]),
+                Ok(())
+            );
+            assert_eq!(
+                check(vec![share(&work, "work", false), share(&other, "o", ro)]),
+                Ok(())
+            );
+        }
+        let msg = check(vec![share(&work, "work", false), share(&sub, "s", true)])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains(&*sub.to_string_lossy()) && msg.contains(&*work.to_string_lossy()),
+            "{msg}"
+        );
+    }
+
     #[test]
     fn disks_and_shares() {
         assert_eq!(
@@ -548,6 +657,15 @@ mod tests {
             ..cfg()
         };
         assert_eq!(c.validate(), Err(Error::DuplicateTag("a".into())));
+        let c = VmConfig {
+            shares: vec![share("a"), share("b")],
+            ..cfg()
+        };
+        assert_eq!(
+            c.validate(),
+            Ok(()),
+            "paths that do not resolve are the device's"
+        );
         let c = VmConfig {
             disks: vec![parse_disk("d").unwrap(); 19],
             ..cfg()

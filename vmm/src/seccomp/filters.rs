@@ -299,6 +299,9 @@ fn device_rules() -> Rules {
     allow(&mut r, UNIX_SOCKET_IO);
     allow_arg(&mut r, libc::SYS_socket, 0, &[libc::AF_UNIX as u64]);
     allow_arg(&mut r, libc::SYS_ioctl, 1, &[FIONBIO, FIOCLEX]);
+    // virtio-fs imports a share's root on a thread with its own file system
+    // attributes, so that PassthroughFs's umask(0) never reaches the process umask.
+    allow_arg(&mut r, libc::SYS_unshare, 0, &[libc::CLONE_FS as u64]);
     r
 }
 
@@ -944,6 +947,18 @@ mod tests {
                     f.apply(ThreadKind::Device).unwrap();
                     let _ = Command::new("/bin/true").status();
                 }
+                "device-fs-share" => {
+                    // What a device reset does: build a share's file system on a
+                    // device thread; its import runs on a thread of its own that
+                    // unshares CLONE_FS.
+                    let tmp = vmm_sys_util::tempdir::TempDir::new().unwrap();
+                    let cfg = aivmm_devices::virtio::fs::FsConfig::new(tmp.as_path(), "work");
+                    f.apply(ThreadKind::Device).unwrap();
+                    let server = aivmm_devices::virtio::fs::device::fuse_server(&cfg);
+                    eprintln!("device-fs-share ok {}", server.is_ok());
+                    // SAFETY: unshare with flags the device filter does not allow.
+                    unsafe { libc::unshare(libc::CLONE_FS | libc::CLONE_NEWUSER) };
+                }
                 "device-thread" => {
                     f.apply(ThreadKind::Device).unwrap();
                     // clone3 answers ENOSYS, glibc falls back to clone(CLONE_THREAD).
@@ -1076,6 +1091,15 @@ mod tests {
     }
 
     #[test]
+    fn device_threads_can_build_a_share_but_unshare_nothing_else() {
+        let (code, err) = child("seccomp::filters::tests::seccomp_child", "device-fs-share");
+        assert!(err.contains("device-fs-share ok true"), "{err}");
+        assert_eq!(code, Some(EXIT_STATUS), "{err}");
+        let refused = format!("forbidden system call {} (unshare)", libc::SYS_unshare);
+        assert!(err.contains(&refused), "{err}");
+    }
+
+    #[test]
     fn device_threads_can_make_threads_but_not_processes() {
         let (code, err) = child("seccomp::filters::tests::seccomp_child", "device-thread");
         assert_eq!(code, Some(0), "{err}");
@@ -1134,6 +1158,7 @@ mod tests {
             libc::SYS_utimensat,
             libc::SYS_fsetxattr,
             libc::SYS_umask,
+            libc::SYS_unshare,
         ] {
             assert!(d.contains_key(&device_only), "{device_only}");
             assert!(!a.contains_key(&device_only), "{device_only}");

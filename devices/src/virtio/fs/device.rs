@@ -4,21 +4,23 @@
 //! sharing one FUSE server. `reset` stops and joins them and drops the server with
 //! every inode and handle it held, so the next activation starts a fresh FUSE
 //! session that the guest INITs again.
+//!
+//! On Linux the shared directory is resolved and opened once, in [`Fs::new`]
+//! (`filesystem::ShareRoot`); every server the device builds, the first and each
+//! one after a reset, serves that open directory, never the path again.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 #[cfg(target_os = "linux")]
 use fuse_backend_rs::api::server::Server;
-#[cfg(target_os = "linux")]
-use fuse_backend_rs::passthrough::PassthroughFs;
 use log::{debug, error};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::QueueT;
 
 #[cfg(target_os = "linux")]
-use super::filesystem::{passthrough_config, ShareFs};
+use super::filesystem::{ShareFs, ShareRoot};
 use super::macos::backend::portable_server;
 use super::worker::QueueWorker;
 use super::{
@@ -29,29 +31,45 @@ use crate::sys::{EventFd, EFD_NONBLOCK};
 use crate::virtio::queue_thread::{run_worker, spawn_worker, worker_epoll, WorkerHandle};
 use crate::virtio::{self, ActivateArgs, VirtioDevice};
 
-/// A configuration that passed [`check_config`]: the root resolved and printable.
+/// A configuration that passed [`check_config`], with the root resolved.
 #[derive(Clone, Debug)]
 struct Checked {
     config: FsConfig,
-    /// The resolved root as text, for fuse-backend-rs's passthrough (Linux).
-    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
-    root: String,
+    /// The shared directory, opened once; every server this device builds (one
+    /// per activation) imports it from this fd, never from the path again (Linux).
+    #[cfg(target_os = "linux")]
+    root: Arc<ShareRoot>,
+}
+
+/// Resolves and opens the root once (Linux): the fd is what every server serves.
+#[cfg(target_os = "linux")]
+fn open_root(path: &std::path::Path) -> Result<(Arc<ShareRoot>, PathBuf)> {
+    let root = ShareRoot::open(path).map_err(|e| match e.raw_os_error() {
+        Some(libc::ENOTDIR) => Error::RootNotDir(path.to_path_buf()),
+        _ => Error::RootMissing(path.to_path_buf(), e),
+    })?;
+    let resolved = root.path().to_path_buf();
+    Ok((Arc::new(root), resolved))
 }
 
 /// Checks `config`: the root exists and is a directory (symlinks resolved), the
 /// tag fits the config space, the queue count is in range.
 fn check_config(config: &FsConfig) -> Result<Checked> {
-    let root = std::fs::canonicalize(&config.root)
-        .map_err(|e| Error::RootMissing(config.root.clone(), e))?;
-    let meta = std::fs::metadata(&root).map_err(|e| Error::RootMissing(root.clone(), e))?;
-    if !meta.is_dir() {
-        return Err(Error::RootNotDir(root));
+    #[cfg(target_os = "linux")]
+    let (share_root, root) = open_root(&config.root)?;
+    #[cfg(not(target_os = "linux"))]
+    let root = {
+        let root = std::fs::canonicalize(&config.root)
+            .map_err(|e| Error::RootMissing(config.root.clone(), e))?;
+        let meta = std::fs::metadata(&root).map_err(|e| Error::RootMissing(root.clone(), e))?;
+        if !meta.is_dir() {
+            return Err(Error::RootNotDir(root));
+        }
+        root
+    };
+    if root.to_str().is_none_or(|s| s.contains('\0')) {
+        return Err(Error::RootNotUtf8(root));
     }
-    let root_str = root
-        .to_str()
-        .filter(|s| !s.contains('\0'))
-        .ok_or_else(|| Error::RootNotUtf8(root.clone()))?
-        .to_owned();
     if config.tag.is_empty() {
         return Err(Error::EmptyTag);
     }
@@ -68,7 +86,8 @@ fn check_config(config: &FsConfig) -> Result<Checked> {
     config.root = root;
     Ok(Checked {
         config,
-        root: root_str,
+        #[cfg(target_os = "linux")]
+        root: share_root,
     })
 }
 
@@ -82,13 +101,7 @@ pub fn share_fs(config: &FsConfig) -> Result<ShareFs> {
 
 #[cfg(target_os = "linux")]
 fn build_fs(checked: &Checked) -> Result<ShareFs> {
-    let cfg = passthrough_config(&checked.config, &checked.root);
-    let inner = PassthroughFs::<()>::new(cfg).map_err(Error::Passthrough)?;
-    Ok(ShareFs::new(
-        inner,
-        checked.config.root.clone(),
-        checked.config.read_only,
-    ))
+    ShareFs::new(&checked.config, checked.root.clone()).map_err(Error::Passthrough)
 }
 
 /// A FUSE server for `config`, as the device's workers use it.

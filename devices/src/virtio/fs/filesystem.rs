@@ -9,11 +9,42 @@
 //!   answered with EROFS before it reaches the host, and so is an `open` for writing.
 //! - **Bounded work.** Guest-given xattr buffer sizes are capped at the kernel's
 //!   own limit, so a request cannot make the host allocate gigabytes.
-//! - **The process umask.** `PassthroughFs` clears the process umask when it
-//!   (re)imports the root (on INIT and DESTROY); the previous one is put back, so
-//!   the rest of aivmm is unaffected and the host user's umask bounds the modes of
-//!   files the guest creates.
 //!
+//! # The root, found once
+//! [`ShareRoot::open`] resolves the shared path once, when the device is created,
+//! and keeps an `O_PATH` fd on the directory with its device and inode number.
+//! `PassthroughFs` never sees the path: its `root_dir` is `/proc/self/fd/N/.`,
+//! which names the held directory whatever happened to the path since (a symlink
+//! swapped in by a guest of an enclosing share, say). It is imported when the
+//! `ShareFs` is built and again on DESTROY (which empties every table), never on
+//! INIT (`do_import` is off); after each import, and on every INIT, the root inode
+//! must still be that directory, or the INIT is refused.
+//!
+//! # Modes and the process umask
+//! The guest chooses the modes of the host files it creates and chmods, minus
+//! setuid and setgid, which are cleared in `setattr`, `create`, `mknod` and
+//! `mkdir`: aivmm may run as root, and even as a user a setgid file hands out the
+//! user's group. The sticky bit stays: on a directory it only limits who may
+//! remove entries (all of them belong to the user running aivmm), and Linux
+//! ignores it on files. New files, directories and nodes are also masked by the
+//! umask aivmm started with ([`host_umask`]), explicitly, so a default ACL on a
+//! host directory cannot lift it; `chmod` is not masked, so `chmod 0777` gives
+//! 0777 as it would on the host.
+//!
+//! `PassthroughFs::import` sets the umask to 0 and leaves it so. The umask is
+//! shared by every thread of the process, and files other threads create
+//! meanwhile (the VM record, logs) would be world-writable; so every import runs
+//! on a short-lived thread that first takes its own copy of the process's file
+//! system attributes (`unshare(CLONE_FS)`), and the process umask is never
+//! changed.
+//!
+//! # Extended attributes
+//! `security.*` (file capabilities, LSM labels) and `trusted.*` cannot be set or
+//! removed (EPERM). `system.*` answers EOPNOTSUPP, as a file system without ACL
+//! support would (so `cp -a` and `tar` go on quietly), except the two POSIX ACL
+//! names when [`FsConfig::posix_acls`] allows them. `user.*` passes through.
+//!
+//! # Containment
 //! Containment stays with `PassthroughFs`: inodes are `O_PATH | O_NOFOLLOW` fds
 //! opened with `openat` from their parent's fd; names with `/` are refused; `..`
 //! looked up at the root gives the root; symlinks are returned as links (the guest
@@ -22,7 +53,9 @@
 //! Every lookup resolves one name relative to a held directory fd with
 //! `O_NOFOLLOW`, so a symlink swapped in during a lookup is found as a link, never
 //! followed; `openat2(RESOLVE_BENEATH)` would add nothing to such one-component
-//! lookups except for `..`, which is checked here instead.
+//! lookups except for `..`, which is checked here instead. With `do_import` off,
+//! `PassthroughFs` leaves name checks to the layer above, so [`ShareFs`] refuses
+//! `.`, `..` and names with `/` in every call that makes, removes or renames one.
 //!
 //! On top of that, [`ShareFs`] adds:
 //! - **No device nodes.** `mknod` of a character or block device is refused (EPERM):
@@ -38,8 +71,9 @@
 use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
-use std::sync::OnceLock;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn};
@@ -50,11 +84,15 @@ use fuse_backend_rs::api::filesystem::{
 };
 use fuse_backend_rs::api::validate_path_component;
 use fuse_backend_rs::passthrough::{self, PassthroughFs};
+use log::error;
 
 use super::{CachePolicy, FsConfig};
 
 /// The largest xattr value or name list Linux has (`XATTR_SIZE_MAX`).
 const XATTR_SIZE_MAX: u32 = 64 * 1024;
+
+/// Mode bits the guest may not set on a host file.
+const DENIED_MODE_BITS: u32 = libc::S_ISUID | libc::S_ISGID;
 
 /// Options a read-write share asks of the guest kernel beyond what `PassthroughFs`
 /// asks: large requests (1 MiB instead of 4 KiB writes), parallel lookups, and
@@ -69,26 +107,151 @@ fn extra_init_options() -> FsOptions {
         | FsOptions::ASYNC_DIO
 }
 
-/// The process umask as it was when the first share was created.
+/// Options `PassthroughFs::init` turns on whenever the guest offers them if
+/// `do_import` is off (it then assumes a VFS layer negotiated them). aivmm wants
+/// none: writeback caching acknowledges writes the host has not seen, and the
+/// others are off in [`passthrough_config`].
+fn refused_init_options() -> FsOptions {
+    FsOptions::WRITEBACK_CACHE
+        | FsOptions::ZERO_MESSAGE_OPEN
+        | FsOptions::ZERO_MESSAGE_OPENDIR
+        | FsOptions::HANDLE_KILLPRIV_V2
+}
+
+/// The process umask aivmm started with, read once (from `/proc/self/status`,
+/// which does not change it) when the first share is created. Without `/proc`,
+/// 0o077, the narrowest a user would choose.
 pub fn host_umask() -> libc::mode_t {
     static HOST_UMASK: OnceLock<libc::mode_t> = OnceLock::new();
-    *HOST_UMASK.get_or_init(|| {
-        // SAFETY: umask only swaps the process's file mode creation mask; the old
-        // value is put back at once.
-        unsafe {
-            let m = libc::umask(0o022);
-            libc::umask(m);
-            m
-        }
-    })
+    *HOST_UMASK.get_or_init(|| proc_umask().unwrap_or(0o077))
+}
+
+/// The process umask as `/proc/self/status` shows it (Linux 4.7 and later).
+pub fn proc_umask() -> Option<libc::mode_t> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
+    libc::mode_t::from_str_radix(line.trim(), 8).ok()
+}
+
+/// The mode a new host file gets for the guest's `mode`: no setuid or setgid,
+/// and no bit the host umask clears.
+fn creation_mode(mode: u32) -> u32 {
+    mode & !(DENIED_MODE_BITS | host_umask())
 }
 
 fn erofs() -> io::Error {
     io::Error::from_raw_os_error(libc::EROFS)
 }
 
-/// `PassthroughFs`'s configuration for `cfg`: the cache mapping and its timeouts.
-pub fn passthrough_config(cfg: &FsConfig, root: &str) -> passthrough::Config {
+fn errno(e: i32) -> io::Error {
+    io::Error::from_raw_os_error(e)
+}
+
+/// The shared directory, resolved and opened once when the device is created.
+#[derive(Debug)]
+pub struct ShareRoot {
+    /// An `O_PATH` fd on the directory; `PassthroughFs` imports the root through it.
+    fd: OwnedFd,
+    /// The directory's path when it was opened, symlinks resolved.
+    path: PathBuf,
+    /// The directory's device and inode number.
+    id: (u64, u64),
+}
+
+impl ShareRoot {
+    /// Opens `path` (following symlinks in it, this once) and records what it is.
+    /// Fails with ENOTDIR if it is not a directory.
+    pub fn open(path: &Path) -> io::Result<ShareRoot> {
+        let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| errno(libc::EINVAL))?;
+        // SAFETY: `c` is a NUL-terminated string; the result is checked.
+        let fd = unsafe {
+            libc::open(
+                c.as_ptr(),
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just opened and is owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let st = fstat(&fd)?;
+        let path = proc_fd_path(&fd)?;
+        Ok(ShareRoot {
+            fd,
+            path,
+            id: (st.st_dev, st.st_ino),
+        })
+    }
+
+    /// The resolved path of the directory, as it was when opened.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// What `PassthroughFs` opens as its root: the held directory through its
+    /// magic link (the trailing `.` makes `O_NOFOLLOW` apply to `.`, not the link).
+    fn import_path(&self) -> String {
+        format!("/proc/self/fd/{}/.", self.fd.as_raw_fd())
+    }
+}
+
+/// The path `fd`'s `/proc/self/fd` link names now (with `readlinkat`, which the
+/// device threads' seccomp filter allows, unlike `readlink`).
+fn proc_fd_path(fd: &OwnedFd) -> io::Result<PathBuf> {
+    let link = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map_err(|_| errno(libc::EINVAL))?;
+    let mut buf = vec![0u8; libc::PATH_MAX as usize];
+    // SAFETY: `link` is NUL-terminated and `buf` is as long as said; checked.
+    let n = unsafe {
+        libc::readlinkat(
+            libc::AT_FDCWD,
+            link.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+    if n >= buf.len() {
+        return Err(errno(libc::ENAMETOOLONG));
+    }
+    buf.truncate(n);
+    Ok(PathBuf::from(std::ffi::OsString::from_vec(buf)))
+}
+
+fn fstat(fd: &OwnedFd) -> io::Result<libc::stat64> {
+    let mut st = std::mem::MaybeUninit::<libc::stat64>::zeroed();
+    // SAFETY: fstat64 writes a stat64 into `st`, which is large enough; checked.
+    if unsafe { libc::fstat64(fd.as_raw_fd(), st.as_mut_ptr()) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fstat64 succeeded, so `st` is initialised.
+    Ok(unsafe { st.assume_init() })
+}
+
+/// Runs `f` on a new thread that has its own copy of the process's file system
+/// attributes (cwd, root and umask), so the `umask(0)` in
+/// `PassthroughFs::import` changes that thread's umask and no other's.
+fn with_private_umask<T: Send>(f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
+    std::thread::scope(|s| {
+        let worker = std::thread::Builder::new()
+            .name("aivmm-fs-import".into())
+            .spawn_scoped(s, || {
+                // SAFETY: unshare(CLONE_FS) only gives this thread its own fs_struct.
+                if unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                f()
+            })?;
+        worker
+            .join()
+            .map_err(|_| io::Error::other("the share import thread panicked"))?
+    })
+}
+
+/// `PassthroughFs`'s configuration for `cfg`, rooted at `root`: the cache mapping
+/// and its timeouts.
+pub fn passthrough_config(cfg: &FsConfig, root: &ShareRoot) -> passthrough::Config {
     let (policy, timeout) = match cfg.cache {
         CachePolicy::None => (passthrough::CachePolicy::Never, Duration::ZERO),
         CachePolicy::Auto => (passthrough::CachePolicy::Auto, Duration::from_secs(1)),
@@ -98,15 +261,16 @@ pub fn passthrough_config(cfg: &FsConfig, root: &str) -> passthrough::Config {
         ),
     };
     passthrough::Config {
-        root_dir: root.to_owned(),
+        root_dir: root.import_path(),
         cache_policy: policy,
         entry_timeout: timeout,
         attr_timeout: timeout,
         xattr: true,
         writeback: false,
-        // Import the root on INIT: there is no Vfs layer above us, and this also makes
-        // PassthroughFs validate every path component itself.
-        do_import: true,
+        // No import on INIT: ShareFs imports once, off the shared umask (see the
+        // module doc). This also turns off PassthroughFs's own name checks, which
+        // ShareFs makes instead.
+        do_import: false,
         // O_PATH fds, not file handles: open_by_handle_at needs CAP_DAC_READ_SEARCH.
         inode_file_handles: false,
         no_open: false,
@@ -120,20 +284,53 @@ pub fn passthrough_config(cfg: &FsConfig, root: &str) -> passthrough::Config {
 pub struct ShareFs {
     inner: PassthroughFs<()>,
     read_only: bool,
-    /// The share root, symlinks resolved.
-    root: std::path::PathBuf,
+    /// Whether the guest may set POSIX ACLs.
+    posix_acls: bool,
+    /// The shared directory, held open.
+    root: Arc<ShareRoot>,
 }
 
 impl ShareFs {
-    /// Wraps `inner`, which serves `root` (resolved); with `read_only`, every
-    /// change is refused with EROFS.
-    pub fn new(inner: PassthroughFs<()>, root: std::path::PathBuf, read_only: bool) -> Self {
+    /// The file system serving `root` as `cfg` says, its root imported.
+    pub fn new(cfg: &FsConfig, root: Arc<ShareRoot>) -> io::Result<Self> {
         host_umask();
-        Self {
+        let inner = PassthroughFs::<()>::new(passthrough_config(cfg, &root))?;
+        let fs = Self {
             inner,
-            read_only,
+            read_only: cfg.read_only,
+            posix_acls: cfg.posix_acls,
             root,
+        };
+        fs.import(false)?;
+        Ok(fs)
+    }
+
+    /// Imports the root (after emptying every table, with `destroy`) on a thread
+    /// of its own, then checks that the root inode is the shared directory.
+    fn import(&self, destroy: bool) -> io::Result<()> {
+        with_private_umask(|| {
+            if destroy {
+                // Empties the tables and imports again (logging a failure).
+                self.inner.destroy();
+                Ok(())
+            } else {
+                self.inner.import()
+            }
+        })?;
+        self.check_root()
+    }
+
+    /// Whether the root inode is still the directory opened at creation (EIO if not).
+    fn check_root(&self) -> io::Result<()> {
+        let (st, _) = self.inner.getattr(&Context::default(), ROOT_ID, None)?;
+        if (st.st_dev, st.st_ino) != self.root.id || st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+            error!(
+                "virtio-fs: the root inode is not {} any more; refusing it",
+                self.root.path.display()
+            );
+            return Err(errno(libc::EIO));
         }
+        Ok(())
     }
 
     fn check_writable(&self) -> io::Result<()> {
@@ -142,6 +339,21 @@ impl ShareFs {
         } else {
             Ok(())
         }
+    }
+
+    /// Refuses xattr names the guest may not set or remove (see the module doc).
+    fn check_xattr_name(&self, name: &CStr) -> io::Result<()> {
+        let n = name.to_bytes();
+        if n.starts_with(b"security.") || n.starts_with(b"trusted.") {
+            return Err(errno(libc::EPERM));
+        }
+        if n.starts_with(b"system.") {
+            let acl = n == b"system.posix_acl_access" || n == b"system.posix_acl_default";
+            if !(acl && self.posix_acls) {
+                return Err(errno(libc::EOPNOTSUPP));
+            }
+        }
+        Ok(())
     }
 
     /// Refuses, on a read-only share, open flags that would change the file.
@@ -155,17 +367,6 @@ impl ShareFs {
         } else {
             Ok(())
         }
-    }
-
-    /// Runs `f` and then puts back the host's umask, which `PassthroughFs::import`
-    /// clears. The host's value is read once, when the first share is created (before
-    /// any guest runs), so two sessions INITing at once cannot leave it at 0.
-    fn keeping_umask<T>(f: impl FnOnce() -> T) -> T {
-        let host = host_umask();
-        let r = f();
-        // SAFETY: umask only sets the process's file mode creation mask.
-        unsafe { libc::umask(host) };
-        r
     }
 
     /// Opens `inode`'s host object again by its `/proc/self/fd` path and checks that
@@ -186,13 +387,7 @@ impl ShareFs {
         }
         // SAFETY: `fd` was just opened and is owned by nobody else.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let mut st = std::mem::MaybeUninit::<libc::stat64>::zeroed();
-        // SAFETY: fstat64 writes a stat64 into `st`, which is large enough; checked.
-        if unsafe { libc::fstat64(fd.as_raw_fd(), st.as_mut_ptr()) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fstat64 succeeded, so `st` is initialised.
-        let st = unsafe { st.assume_init() };
+        let st = fstat(&fd)?;
         let (want, _) = self.inner.getattr(ctx, inode, None)?;
         if (st.st_dev, st.st_ino) != (want.st_dev, want.st_ino) {
             return Err(io::Error::from_raw_os_error(libc::ENOENT));
@@ -218,7 +413,7 @@ impl ShareFs {
         let Ok(path) = self.inner.readlinkat_proc_file(inode) else {
             return false;
         };
-        path == self.root || path.starts_with(&self.root)
+        path.starts_with(&self.root.path)
     }
 
     /// `link` without `AT_EMPTY_PATH` (which needs `CAP_DAC_READ_SEARCH`): link the
@@ -257,7 +452,13 @@ impl FileSystem for ShareFs {
     type Handle = u64;
 
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
-        let want = Self::keeping_umask(|| self.inner.init(capable))?;
+        // The root was imported when the ShareFs was built (or on DESTROY); an
+        // INIT never resolves it again, and is refused if it is not the directory
+        // opened at creation.
+        self.check_root()?;
+        let mut capable = capable;
+        capable.remove(refused_init_options());
+        let want = self.inner.init(capable)?;
         let mut want = want | extra_init_options();
         if self.read_only {
             want.remove(FsOptions::WRITEBACK_CACHE);
@@ -266,7 +467,9 @@ impl FileSystem for ShareFs {
     }
 
     fn destroy(&self) {
-        Self::keeping_umask(|| self.inner.destroy());
+        if let Err(e) = self.import(true) {
+            error!("virtio-fs: importing the root again after DESTROY failed: {e}");
+        }
     }
 
     fn id_remap(&self, ctx: &mut Context) -> io::Result<()> {
@@ -311,6 +514,10 @@ impl FileSystem for ShareFs {
         valid: SetattrValid,
     ) -> io::Result<(stat64, Duration)> {
         self.check_writable()?;
+        let mut attr = attr;
+        if valid.contains(SetattrValid::MODE) {
+            attr.st_mode &= !DENIED_MODE_BITS;
+        }
         self.inner.setattr(ctx, inode, attr, handle, valid)
     }
 
@@ -326,6 +533,7 @@ impl FileSystem for ShareFs {
         name: &CStr,
     ) -> io::Result<Entry> {
         self.check_writable()?;
+        validate_path_component(name)?;
         self.inner.symlink(ctx, linkname, parent, name)
     }
 
@@ -339,11 +547,13 @@ impl FileSystem for ShareFs {
         umask: u32,
     ) -> io::Result<Entry> {
         self.check_writable()?;
+        validate_path_component(name)?;
         let kind = mode & libc::S_IFMT;
         if kind == libc::S_IFCHR || kind == libc::S_IFBLK {
             return Err(io::Error::from_raw_os_error(libc::EPERM));
         }
-        self.inner.mknod(ctx, inode, name, mode, rdev, umask)
+        self.inner
+            .mknod(ctx, inode, name, creation_mode(mode), rdev, umask)
     }
 
     fn mkdir(
@@ -355,16 +565,20 @@ impl FileSystem for ShareFs {
         umask: u32,
     ) -> io::Result<Entry> {
         self.check_writable()?;
-        self.inner.mkdir(ctx, parent, name, mode, umask)
+        validate_path_component(name)?;
+        self.inner
+            .mkdir(ctx, parent, name, creation_mode(mode), umask)
     }
 
     fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
         self.check_writable()?;
+        validate_path_component(name)?;
         self.inner.unlink(ctx, parent, name)
     }
 
     fn rmdir(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
         self.check_writable()?;
+        validate_path_component(name)?;
         self.inner.rmdir(ctx, parent, name)
     }
 
@@ -378,12 +592,15 @@ impl FileSystem for ShareFs {
         flags: u32,
     ) -> io::Result<()> {
         self.check_writable()?;
+        validate_path_component(oldname)?;
+        validate_path_component(newname)?;
         self.inner
             .rename(ctx, olddir, oldname, newdir, newname, flags)
     }
 
     fn link(&self, ctx: &Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
         self.check_writable()?;
+        validate_path_component(newname)?;
         match self.inner.link(ctx, inode, newparent, newname) {
             // Without CAP_DAC_READ_SEARCH, linkat(AT_EMPTY_PATH) fails with ENOENT.
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
@@ -413,6 +630,11 @@ impl FileSystem for ShareFs {
         args: CreateIn,
     ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
         self.check_writable()?;
+        validate_path_component(name)?;
+        let args = CreateIn {
+            mode: creation_mode(args.mode),
+            ..args
+        };
         // An existing special file of that name is not opened (see `open`); the
         // check after the create catches one swapped in meanwhile.
         if let Ok(e) = self.inner.lookup(ctx, parent, name) {
@@ -531,6 +753,7 @@ impl FileSystem for ShareFs {
         flags: u32,
     ) -> io::Result<()> {
         self.check_writable()?;
+        self.check_xattr_name(name)?;
         self.inner.setxattr(ctx, inode, name, value, flags)
     }
 
@@ -551,6 +774,7 @@ impl FileSystem for ShareFs {
 
     fn removexattr(&self, ctx: &Context, inode: u64, name: &CStr) -> io::Result<()> {
         self.check_writable()?;
+        self.check_xattr_name(name)?;
         self.inner.removexattr(ctx, inode, name)
     }
 
@@ -643,6 +867,7 @@ mod tests {
 
     use super::*;
     use crate::virtio::fs::device::share_fs;
+    use crate::virtio::fs::test_utils::{self as fuse, Session};
 
     /// A share of `<tmp>/root` next to `<tmp>/outside/secret`, INITed.
     struct Fixture {
@@ -1136,18 +1361,395 @@ mod tests {
         let _ = f.fs.listxattr(&ctx(), file.inode, u32::MAX).unwrap();
     }
 
+    /// A session over real queues on a share of `<tmp>/root` (with `file` and
+    /// `sub`), next to `<tmp>/outside/secret`.
+    struct QueueFixture {
+        tmp: TempDir,
+        server: std::sync::Arc<fuse_backend_rs::api::server::Server<ShareFs>>,
+    }
+
+    fn queue_fixture(posix_acls: bool) -> QueueFixture {
+        let tmp = TempDir::new().unwrap();
+        let root = tmp.as_path().join("root");
+        fs::create_dir_all(root.join("sub")).unwrap();
+        fs::create_dir(tmp.as_path().join("outside")).unwrap();
+        fs::write(root.join("file"), b"inside").unwrap();
+        fs::write(tmp.as_path().join("outside/secret"), b"secret").unwrap();
+        let mut cfg = FsConfig::new(&root, "work");
+        cfg.posix_acls = posix_acls;
+        let server = crate::virtio::fs::device::fuse_server(&cfg).unwrap();
+        QueueFixture { tmp, server }
+    }
+
+    impl QueueFixture {
+        fn root(&self) -> std::path::PathBuf {
+            self.tmp.as_path().join("root")
+        }
+
+        /// Runs `f` with a session whose INIT is done and a handler for it.
+        fn with_session(
+            &self,
+            f: impl FnOnce(
+                &mut Session,
+                &mut dyn FnMut(virtio_queue::DescriptorChain<&vm_memory::GuestMemoryMmap>) -> u32,
+            ),
+        ) {
+            let mem = crate::test_utils::guest_memory(fuse::SESSION_MEM);
+            let mut s = Session::new(&mem);
+            let server = self.server.clone();
+            let mut h = |c: virtio_queue::DescriptorChain<&vm_memory::GuestMemoryMmap>| {
+                crate::virtio::fs::worker::handle_chain(&server, &mem, c)
+            };
+            assert_eq!(s.call(&fuse::init(), &mut h).errno(), 0);
+            f(&mut s, &mut h);
+        }
+    }
+
+    fn mode_of(p: &Path) -> u32 {
+        fs::symlink_metadata(p).unwrap().mode()
+    }
+
+    /// chmod, create, mkdir and mknod from the guest with setuid or setgid: the host
+    /// file never has either bit; the permission bits and the sticky bit stay.
     #[test]
-    fn process_umask_is_kept() {
-        let before = host_umask();
+    fn setuid_and_setgid_never_reach_the_host() {
+        let q = queue_fixture(false);
+        let root = q.root();
+        let umask = host_umask();
+        q.with_session(|s, h| {
+            let file = s.call(&fuse::lookup(ROOT_ID, "file"), h).entry().nodeid;
+            let sub = s.call(&fuse::lookup(ROOT_ID, "sub"), h).entry().nodeid;
+            for mode in [0o4755, 0o2755, 0o6755, 0o6777] {
+                let r = s.call(&fuse::chmod(file, mode), h);
+                assert_eq!(r.attr().attr.mode & 0o7777, mode & 0o777, "{mode:o}");
+                assert_eq!(
+                    mode_of(&root.join("file")) & 0o7777,
+                    mode & 0o777,
+                    "{mode:o}"
+                );
+            }
+            // Sticky stays (harmless on a directory, ignored on a file); sgid goes.
+            s.call(&fuse::chmod(sub, 0o3775), h).attr();
+            assert_eq!(mode_of(&root.join("sub")) & 0o7777, 0o1775);
+            let flags = (libc::O_RDWR | libc::O_CREAT) as u32;
+            for (i, mode) in [0o4755u32, 0o2755, 0o6777].into_iter().enumerate() {
+                let name = format!("c{i}");
+                let r = s.call(&fuse::create(ROOT_ID, &name, flags, mode), h);
+                assert_eq!(r.errno(), 0, "{mode:o}");
+                assert_eq!(mode_of(&root.join(&name)) & 0o7777, mode & 0o777 & !umask);
+                let name = format!("d{i}");
+                s.call(&fuse::mkdir(ROOT_ID, &name, mode), h).entry();
+                assert_eq!(mode_of(&root.join(&name)) & 0o7777, mode & 0o777 & !umask);
+                let name = format!("n{i}");
+                s.call(&fuse::mknod(ROOT_ID, &name, libc::S_IFREG | mode), h)
+                    .entry();
+                assert_eq!(mode_of(&root.join(&name)) & 0o7777, mode & 0o777 & !umask);
+            }
+        });
+        // The FileSystem calls directly, without the kernel's umask argument.
         let f = fixture(false);
-        f.fs.destroy();
-        f.fs.init(FsOptions::empty()).unwrap();
-        // SAFETY: reads the umask by swapping it and putting it back.
-        let now = unsafe {
-            let m = libc::umask(before);
-            libc::umask(m);
-            m
+        let mut attr = unsafe_zeroed_stat();
+        let file = f.fs.lookup(&ctx(), ROOT_ID, &c("file")).unwrap();
+        attr.st_mode = 0o6755;
+        f.fs.setattr(&ctx(), file.inode, attr, None, SetattrValid::MODE)
+            .unwrap();
+        assert_eq!(mode_of(&f.root.join("file")) & 0o7777, 0o755);
+        let args = CreateIn {
+            flags: libc::O_RDWR as u32,
+            mode: libc::S_IFREG | 0o4755,
+            umask: 0,
+            fuse_flags: 0,
         };
-        assert_eq!(now, before);
+        f.fs.create(&ctx(), ROOT_ID, &c("x"), args).unwrap();
+        f.fs.mkdir(&ctx(), ROOT_ID, &c("y"), 0o2755, 0).unwrap();
+        f.fs.mknod(&ctx(), ROOT_ID, &c("z"), libc::S_IFREG | 0o6755, 0, 0)
+            .unwrap();
+        for name in ["x", "y", "z"] {
+            let m = mode_of(&f.root.join(name));
+            assert_eq!(m & (libc::S_ISUID | libc::S_ISGID), 0, "{name} {m:o}");
+        }
+    }
+
+    /// A minimal POSIX ACL xattr (version 2: user::rw-, group::r--, other::r--).
+    fn acl_0644() -> Vec<u8> {
+        let mut v = 2u32.to_le_bytes().to_vec();
+        for (tag, perm) in [(0x01u16, 6u16), (0x04, 4), (0x20, 4)] {
+            v.extend_from_slice(&tag.to_le_bytes());
+            v.extend_from_slice(&perm.to_le_bytes());
+            v.extend_from_slice(&u32::MAX.to_le_bytes());
+        }
+        v
+    }
+
+    /// File capabilities, LSM labels, `trusted.*` and ACLs cannot be set or removed;
+    /// `user.*` can; ACLs only reach the host when the config allows them.
+    #[test]
+    fn privileged_xattrs_are_refused() {
+        let q = queue_fixture(false);
+        let root = q.root();
+        q.with_session(|s, h| {
+            let file = s.call(&fuse::lookup(ROOT_ID, "file"), h).entry().nodeid;
+            let sub = s.call(&fuse::lookup(ROOT_ID, "sub"), h).entry().nodeid;
+            // A VFS_CAP_REVISION_2 blob giving CAP_SYS_ADMIN (what setcap writes).
+            let mut cap = 0x0200_0001u32.to_le_bytes().to_vec();
+            cap.extend_from_slice(&(1u32 << 21).to_le_bytes());
+            cap.extend_from_slice(&[0; 12]);
+            for (name, value, want) in [
+                ("security.capability", &cap[..], libc::EPERM),
+                (
+                    "security.selinux",
+                    b"system_u:object_r:bin_t:s0",
+                    libc::EPERM,
+                ),
+                ("trusted.x", b"v", libc::EPERM),
+                ("trusted.overlay.opaque", b"y", libc::EPERM),
+                ("system.posix_acl_access", &acl_0644()[..], libc::EOPNOTSUPP),
+                (
+                    "system.posix_acl_default",
+                    &acl_0644()[..],
+                    libc::EOPNOTSUPP,
+                ),
+                ("system.nfs4_acl", b"x", libc::EOPNOTSUPP),
+            ] {
+                for ino in [file, sub] {
+                    assert_eq!(
+                        s.call(&fuse::setxattr(ino, name, value), h).errno(),
+                        want,
+                        "{name}"
+                    );
+                    assert_eq!(
+                        s.call(&fuse::removexattr(ino, name), h).errno(),
+                        want,
+                        "{name}"
+                    );
+                }
+            }
+            for p in [root.join("file"), root.join("sub")] {
+                assert!(
+                    xattr_names(&p).iter().all(|n| n.starts_with("user.")),
+                    "{p:?}"
+                );
+            }
+            // user.* still works, where the host file system has user xattrs.
+            let r = s.call(&fuse::setxattr(file, "user.note", b"hi"), h);
+            if r.errno() != libc::EOPNOTSUPP {
+                assert_eq!(r.errno(), 0);
+                assert_eq!(
+                    xattr_names(&root.join("file")),
+                    vec!["user.note".to_string()]
+                );
+                assert_eq!(s.call(&fuse::removexattr(file, "user.note"), h).errno(), 0);
+            }
+        });
+        // With ACLs allowed, the ACL reaches the host (if its file system has ACLs).
+        let q = queue_fixture(true);
+        let root = q.root();
+        q.with_session(|s, h| {
+            let file = s.call(&fuse::lookup(ROOT_ID, "file"), h).entry().nodeid;
+            let r = s.call(
+                &fuse::setxattr(file, "system.posix_acl_access", &acl_0644()),
+                h,
+            );
+            assert!(
+                r.errno() == 0 || r.errno() == libc::EOPNOTSUPP,
+                "{}",
+                r.errno()
+            );
+            if r.errno() == 0 {
+                assert_eq!(mode_of(&root.join("file")) & 0o777, 0o644);
+            }
+            let r = s.call(&fuse::setxattr(file, "security.capability", b"x"), h);
+            assert_eq!(r.errno(), libc::EPERM);
+        });
+    }
+
+    fn xattr_names(p: &Path) -> Vec<String> {
+        let path = CString::new(p.as_os_str().as_bytes()).unwrap();
+        let mut buf = vec![0u8; 4096];
+        // SAFETY: `path` is NUL-terminated and `buf` is as long as said; checked.
+        let n = unsafe { libc::llistxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        assert!(n >= 0, "{}", io::Error::last_os_error());
+        buf.truncate(usize::try_from(n).unwrap());
+        buf.split(|&b| b == 0)
+            .filter(|n| !n.is_empty())
+            .map(|n| String::from_utf8_lossy(n).into_owned())
+            .collect()
+    }
+
+    /// Names the guest may not make or remove are refused by ShareFs itself
+    /// (PassthroughFs leaves that to the layer above once `do_import` is off).
+    #[test]
+    fn bad_names_are_refused_in_every_changing_call() {
+        let f = fixture(false);
+        let file = f.fs.lookup(&ctx(), ROOT_ID, &c("file")).unwrap();
+        for name in [".", "..", "a/b"] {
+            let n = c(name);
+            let args = create_args(libc::O_RDWR);
+            assert_eq!(
+                errno(f.fs.create(&ctx(), ROOT_ID, &n, args)),
+                libc::EINVAL,
+                "{name}"
+            );
+            assert_eq!(
+                errno(f.fs.mkdir(&ctx(), ROOT_ID, &n, 0o755, 0)),
+                libc::EINVAL
+            );
+            assert_eq!(
+                errno(f.fs.mknod(&ctx(), ROOT_ID, &n, libc::S_IFIFO | 0o644, 0, 0)),
+                libc::EINVAL
+            );
+            assert_eq!(
+                errno(f.fs.symlink(&ctx(), &c("file"), ROOT_ID, &n)),
+                libc::EINVAL
+            );
+            assert_eq!(
+                errno(f.fs.link(&ctx(), file.inode, ROOT_ID, &n)),
+                libc::EINVAL
+            );
+            assert_eq!(errno(f.fs.unlink(&ctx(), ROOT_ID, &n)), libc::EINVAL);
+            assert_eq!(errno(f.fs.rmdir(&ctx(), ROOT_ID, &n)), libc::EINVAL);
+            assert_eq!(
+                errno(f.fs.rename(&ctx(), ROOT_ID, &c("file"), ROOT_ID, &n, 0)),
+                libc::EINVAL
+            );
+            assert_eq!(
+                errno(f.fs.rename(&ctx(), ROOT_ID, &n, ROOT_ID, &c("moved"), 0)),
+                libc::EINVAL
+            );
+        }
+        assert_eq!(fs::read(f.root.join("file")).unwrap(), b"inside");
+        outside_untouched(&f);
+    }
+
+    /// The share's path is swapped on the host for a symlink to outside, then for
+    /// another directory: INIT, DESTROY and INIT again keep serving the directory
+    /// opened at creation, and a new server built from the same root does too.
+    #[test]
+    fn the_root_is_resolved_once() {
+        let q = queue_fixture(false);
+        let root = q.root();
+        let moved = q.tmp.as_path().join("moved");
+        let outside = q.tmp.as_path().join("outside");
+        let file_ino = ino_of(&root.join("file"));
+        q.with_session(|s, h| {
+            s.send(&fuse::destroy(), h);
+            fs::rename(&root, &moved).unwrap();
+            std::os::unix::fs::symlink(&outside, &root).unwrap();
+            assert_eq!(s.call(&fuse::init(), h).errno(), 0);
+            let e = s.call(&fuse::lookup(ROOT_ID, "file"), h).entry();
+            assert_eq!(e.attr.ino, file_ino);
+            assert_eq!(
+                s.call(&fuse::lookup(ROOT_ID, "secret"), h).errno(),
+                libc::ENOENT
+            );
+            // DESTROY imports again, still from the held directory.
+            s.send(&fuse::destroy(), h);
+            fs::remove_file(&root).unwrap();
+            fs::create_dir(&root).unwrap();
+            fs::write(root.join("decoy"), b"d").unwrap();
+            assert_eq!(s.call(&fuse::init(), h).errno(), 0);
+            assert_eq!(
+                s.call(&fuse::lookup(ROOT_ID, "file"), h).entry().attr.ino,
+                file_ino
+            );
+            assert_eq!(
+                s.call(&fuse::lookup(ROOT_ID, "decoy"), h).errno(),
+                libc::ENOENT
+            );
+            let flags = (libc::O_RDWR | libc::O_CREAT) as u32;
+            assert_eq!(
+                s.call(&fuse::create(ROOT_ID, "new", flags, 0o644), h)
+                    .errno(),
+                0
+            );
+        });
+        assert!(moved.join("new").exists());
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 1);
+        assert_eq!(fs::read_dir(&root).unwrap().count(), 1);
+        // What a device reset does: a new ShareFs from the root opened at creation.
+        let share_root = Arc::new(ShareRoot::open(&moved).unwrap());
+        fs::rename(&moved, q.tmp.as_path().join("moved2")).unwrap();
+        let again = ShareFs::new(&FsConfig::new(&moved, "work"), share_root).unwrap();
+        let e = again.lookup(&ctx(), ROOT_ID, &c("file")).unwrap();
+        assert_eq!(e.attr.st_ino, file_ino);
+    }
+
+    /// A root inode that is not the directory opened at creation fails the import
+    /// and refuses INIT.
+    #[test]
+    fn an_init_on_another_root_is_refused() {
+        let tmp = TempDir::new().unwrap();
+        let other = TempDir::new().unwrap();
+        let st = fs::metadata(other.as_path()).unwrap();
+        let other_id = (st.dev(), st.ino());
+        let mut forged = ShareRoot::open(tmp.as_path()).unwrap();
+        forged.id = other_id;
+        let cfg = FsConfig::new(tmp.as_path(), "work");
+        let r = ShareFs::new(&cfg, Arc::new(forged)).map(|_| ());
+        assert_eq!(errno(r), libc::EIO);
+        let mut share =
+            ShareFs::new(&cfg, Arc::new(ShareRoot::open(tmp.as_path()).unwrap())).unwrap();
+        share.init(FsOptions::empty()).unwrap();
+        // The root fd stays (PassthroughFs imports through it); only the identity
+        // it must have changes.
+        Arc::get_mut(&mut share.root).unwrap().id = other_id;
+        assert_eq!(errno(share.init(FsOptions::empty())), libc::EIO);
+        share.destroy();
+        assert_eq!(errno(share.init(FsOptions::empty())), libc::EIO);
+        // A share of something that is not a directory is refused at creation.
+        fs::write(tmp.as_path().join("f"), b"").unwrap();
+        let e = ShareRoot::open(&tmp.as_path().join("f")).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOTDIR));
+    }
+
+    /// INIT never asks the guest for writeback caching or zero-message opens,
+    /// whatever it offers.
+    #[test]
+    fn init_keeps_writeback_and_zero_message_open_off() {
+        let f = fixture(false);
+        let want = f.fs.init(FsOptions::all()).unwrap();
+        assert!(!want.intersects(refused_init_options()), "{want:?}");
+    }
+
+    /// The process umask never changes, not even for a moment, while shares are
+    /// built, INITed and DESTROYed: a watcher thread reads it all along.
+    #[test]
+    fn the_process_umask_never_changes() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let before = proc_umask().unwrap();
+        assert_eq!(host_umask(), before);
+        let stop = Arc::new(AtomicBool::new(false));
+        let watcher = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut seen = std::collections::BTreeSet::new();
+                let mut reads = 0u32;
+                while !stop.load(Ordering::Relaxed) || reads == 0 {
+                    seen.insert(proc_umask().unwrap());
+                    reads += 1;
+                }
+                (seen, reads)
+            })
+        };
+        let q = queue_fixture(false);
+        q.with_session(|s, h| {
+            for _ in 0..50 {
+                s.send(&fuse::destroy(), h);
+                assert_eq!(s.call(&fuse::init(), h).errno(), 0);
+            }
+        });
+        for _ in 0..20 {
+            let f = fixture(false);
+            f.fs.destroy();
+            f.fs.init(FsOptions::empty()).unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        let (seen, reads) = watcher.join().unwrap();
+        assert_eq!(
+            seen.into_iter().collect::<Vec<_>>(),
+            vec![before],
+            "{reads} reads"
+        );
+        assert_eq!(proc_umask().unwrap(), before);
     }
 }

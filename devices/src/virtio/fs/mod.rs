@@ -6,8 +6,9 @@
 //! `fuse_backend_rs` `Reader` and its writable part in a `Writer`, and hands both to
 //! the FUSE [`Server`](fuse_backend_rs::api::server::Server). The server decodes the
 //! request and calls [`filesystem::ShareFs`], which checks it (read-only shares,
-//! credentials, containment) and delegates to fuse-backend-rs's `PassthroughFs`
-//! rooted at the shared directory. The reply bytes go back on the used ring.
+//! credentials, modes, xattr names, containment) and delegates to fuse-backend-rs's
+//! `PassthroughFs` rooted at the shared directory, which was opened once when the
+//! device was created. The reply bytes go back on the used ring.
 //!
 //! Files:
 //! - [`device`]: [`Fs`], its config space and `impl VirtioDevice`;
@@ -95,6 +96,10 @@ pub struct FsConfig {
     /// The file system serving the share (fuse-backend-rs on Linux, the portable
     /// passthrough on macOS by default).
     pub backend: FsBackend,
+    /// Let the guest set POSIX ACLs (`system.posix_acl_access` and
+    /// `system.posix_acl_default`) on host files. Off by default: an ACL can give
+    /// other host users access that the file's mode does not show.
+    pub posix_acls: bool,
 }
 
 impl FsConfig {
@@ -107,6 +112,7 @@ impl FsConfig {
             cache: CachePolicy::default(),
             request_queues: 1,
             backend: FsBackend::default(),
+            posix_acls: false,
         }
     }
 }

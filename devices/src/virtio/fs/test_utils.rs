@@ -9,9 +9,9 @@ use std::mem::size_of;
 
 pub use fuse_backend_rs::abi::fuse_abi::ROOT_ID;
 use fuse_backend_rs::abi::fuse_abi::{
-    AttrOut, CreateIn, Dirent, EntryOut, FsyncIn, GetattrIn, InHeader, InitIn, MkdirIn, Opcode,
-    OpenIn, OpenOut, OutHeader, ReadIn, ReleaseIn, RenameIn, WriteIn, WriteOut,
-    KERNEL_MINOR_VERSION, KERNEL_VERSION,
+    AttrOut, CreateIn, Dirent, EntryOut, FsyncIn, GetattrIn, InHeader, InitIn, MkdirIn, MknodIn,
+    Opcode, OpenIn, OpenOut, OutHeader, ReadIn, ReleaseIn, RenameIn, SetattrIn, SetxattrIn,
+    WriteIn, WriteOut, KERNEL_MINOR_VERSION, KERNEL_VERSION,
 };
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
@@ -85,6 +85,48 @@ pub fn init() -> Request {
         max_readahead: 128 * 1024,
         flags: GUEST_INIT_FLAGS,
     })
+}
+
+/// `FUSE_DESTROY`: the guest unmounted; an `INIT` may follow.
+pub fn destroy() -> Request {
+    Request::new(Opcode::Destroy, 0)
+}
+
+/// `FUSE_SETATTR` of `ino` changing only the mode (chmod).
+pub fn chmod(ino: u64, mode: u32) -> Request {
+    Request::new(Opcode::Setattr, ino).obj(SetattrIn {
+        valid: 0x1, // FATTR_MODE
+        mode,
+        ..SetattrIn::default()
+    })
+}
+
+/// `FUSE_MKNOD` of `name` in `parent` with `mode` (type bits included).
+pub fn mknod(parent: u64, name: &str, mode: u32) -> Request {
+    Request::new(Opcode::Mknod, parent)
+        .obj(MknodIn {
+            mode,
+            rdev: 0,
+            umask: 0o022,
+            padding: 0,
+        })
+        .name(name)
+}
+
+/// `FUSE_SETXATTR` of `name` to `value` on `ino`.
+pub fn setxattr(ino: u64, name: &str, value: &[u8]) -> Request {
+    Request::new(Opcode::Setxattr, ino)
+        .obj(SetxattrIn {
+            size: u32::try_from(value.len()).unwrap(),
+            flags: 0,
+        })
+        .name(name)
+        .bytes(value)
+}
+
+/// `FUSE_REMOVEXATTR` of `name` on `ino`.
+pub fn removexattr(ino: u64, name: &str) -> Request {
+    Request::new(Opcode::Removexattr, ino).name(name)
 }
 
 /// `FUSE_LOOKUP` of `name` in `parent`.
@@ -310,6 +352,22 @@ impl<'a> Session<'a> {
         let len = handle(chain);
         self.queue.add_used(self.mem, head, len).unwrap();
         len
+    }
+
+    /// Sends `req` and returns the used length, without parsing a reply (the
+    /// server answers `DESTROY` but reports 0 bytes used).
+    pub fn send(
+        &mut self,
+        req: &Request,
+        handle: &mut dyn FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
+    ) -> u32 {
+        self.unique += 1;
+        let bytes = req.encode(self.unique, self.ids);
+        let bufs = [
+            Buf::read(REQ_ADDR, u32::try_from(bytes.len()).unwrap()),
+            Buf::write(REPLY_ADDR, REPLY_LEN),
+        ];
+        self.call_raw(&bytes, &bufs, handle)
     }
 
     /// Sends `req` and returns the parsed reply.
