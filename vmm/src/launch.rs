@@ -273,20 +273,44 @@ pub fn claude_files(home: &Path, state_root: &Path) -> Result<ClaudeFiles> {
         .parent()
         .unwrap_or(state_root)
         .join("claude");
-    std::fs::create_dir_all(&state).map_err(|e| err(&state, e))?;
+    crate::state_fs::dir(&state).map_err(|e| err(&state, e))?;
     let host_json = home.join(".claude.json");
     let copy = state.join(".claude.json");
-    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    match (mtime(&host_json), mtime(&copy)) {
-        (Some(h), c) if c.is_none_or(|c| h > c) => {
-            let tmp = state.join(".claude.json.new");
-            std::fs::copy(&host_json, &tmp).map_err(|e| err(&host_json, e))?;
-            std::fs::rename(&tmp, &copy).map_err(|e| err(&copy, e))?;
+    // The guest writes this directory: nothing in it is followed. A symlink
+    // standing for the copy counts as no copy, and is replaced below.
+    let host_mtime = std::fs::metadata(&host_json).and_then(|m| m.modified()).ok();
+    let copy_mtime = std::fs::symlink_metadata(&copy)
+        .ok()
+        .filter(std::fs::Metadata::is_file)
+        .and_then(|m| m.modified().ok());
+    let refresh = |from: Option<&Path>| -> Result<()> {
+        let tmp = state.join(".claude.json.new");
+        // Whatever the guest left under the temporary name goes (unlink does not
+        // follow a symlink), and the new file must be ours (O_EXCL).
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(err(&tmp, e)),
+            _ => {}
         }
-        (None, None) => {
+        let mut out = crate::state_fs::options()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| err(&tmp, e))?;
+        match from {
+            Some(src) => {
+                let mut f = std::fs::File::open(src).map_err(|e| err(src, e))?;
+                std::io::copy(&mut f, &mut out).map_err(|e| err(&tmp, e))?;
+            }
             // Claude Code starts from an empty object.
-            std::fs::write(&copy, "{}\n").map_err(|e| err(&copy, e))?;
+            None => std::io::Write::write_all(&mut out, b"{}\n").map_err(|e| err(&tmp, e))?,
         }
+        drop(out);
+        // rename replaces a symlink at `copy` instead of writing through it.
+        std::fs::rename(&tmp, &copy).map_err(|e| err(&copy, e))
+    };
+    match (host_mtime, copy_mtime) {
+        (Some(h), c) if c.is_none_or(|c| h > c) => refresh(Some(&host_json))?,
+        (None, None) => refresh(None)?,
         _ => {}
     }
     Ok(ClaudeFiles { dir, state })
@@ -309,7 +333,7 @@ pub fn ssh_files(dir: &Path, port: u16, user: &str) -> Result<(String, PathBuf)>
     use ssh_key::rand_core::OsRng;
     let err = |e: String| Error::Ssh(e);
     let ssh = dir.join("ssh");
-    std::fs::create_dir_all(&ssh).map_err(|e| err(format!("{}: {e}", ssh.display())))?;
+    crate::state_fs::dir(&ssh).map_err(|e| err(format!("{}: {e}", ssh.display())))?;
     let key = ssh.join("id_ed25519");
     let public = ssh.join("id_ed25519.pub");
     if !key.is_file() || !public.is_file() {
@@ -320,17 +344,16 @@ pub fn ssh_files(dir: &Path, port: u16, user: &str) -> Result<(String, PathBuf)>
             .map_err(|e| err(e.to_string()))?;
         let line = k.public_key().to_openssh().map_err(|e| err(e.to_string()))?;
         use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
         let _ = std::fs::remove_file(&key);
-        let mut f = std::fs::OpenOptions::new()
+        let mut f = crate::state_fs::options()
             .write(true)
             .create_new(true)
-            .mode(0o600)
             .open(&key)
             .map_err(|e| err(format!("{}: {e}", key.display())))?;
         f.write_all(pem.as_bytes())
             .map_err(|e| err(format!("{}: {e}", key.display())))?;
-        std::fs::write(&public, format!("{line} aivmm\n"))
+        crate::state_fs::create(&public)
+            .and_then(|mut f| f.write_all(format!("{line} aivmm\n").as_bytes()))
             .map_err(|e| err(format!("{}: {e}", public.display())))?;
     }
     let line = std::fs::read_to_string(&public)
@@ -345,7 +368,9 @@ pub fn ssh_files(dir: &Path, port: u16, user: &str) -> Result<(String, PathBuf)>
         key.display(),
         ssh.join("known_hosts").display()
     );
-    std::fs::write(&config, text).map_err(|e| err(format!("{}: {e}", config.display())))?;
+    crate::state_fs::create(&config)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
+        .map_err(|e| err(format!("{}: {e}", config.display())))?;
     Ok((line.trim().to_string(), config))
 }
 
@@ -637,7 +662,7 @@ fn boot_spinner(first_boot: bool) -> Option<indicatif::ProgressBar> {
 
 /// Runs the command of `args` in a VM on its workdir; returns its exit status.
 pub fn run(builder: &dyn MachineBuilder, args: &RunArgs, workdir: &Path, started: Instant) -> Result<i32> {
-    let root = workdir::state_root();
+    let root = workdir::state_root()?;
     let state = WorkdirState::open(&root, workdir)?;
     if let Err(e) = crate::logging::to_file(&state.log_path()) {
         tracing::warn!("{e}");
@@ -686,7 +711,7 @@ pub fn run(builder: &dyn MachineBuilder, args: &RunArgs, workdir: &Path, started
     sess.set_setup(extras.setup.clone());
 
     let log_path = state.console_log();
-    let console = File::create(&log_path).map_err(|e| Error::Io(log_path.clone(), e))?;
+    let console = crate::state_fs::create(&log_path).map_err(|e| Error::Io(log_path.clone(), e))?;
     let vmm = builder.build(&config, started, Box::new(console))?;
     let forwards = extras
         .forwards
@@ -969,6 +994,31 @@ mod tests {
         let st2 = tempfile::tempdir().unwrap();
         let c = claude_files(bare.path(), &st2.path().join("vms")).unwrap();
         assert_eq!(std::fs::read_to_string(c.state.join(".claude.json")).unwrap(), "{}\n");
+    }
+
+    /// The guest writes the claude state directory: symlinks it plants there are
+    /// replaced, never written through, and the directory is 0700.
+    #[test]
+    fn claude_state_does_not_follow_guest_symlinks() {
+        use std::os::unix::fs::PermissionsExt;
+        let home = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let root = state.path().join("aivmm/vms");
+        let dir = state.path().join("aivmm/claude");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let victim = home.path().join("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        std::os::unix::fs::symlink(&victim, dir.join(".claude.json.new")).unwrap();
+        std::os::unix::fs::symlink(&victim, dir.join(".claude.json")).unwrap();
+        std::fs::write(home.path().join(".claude.json"), "{\"host\":1}").unwrap();
+        claude_files(home.path(), &root).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+        let copy = dir.join(".claude.json");
+        assert!(std::fs::symlink_metadata(&copy).unwrap().is_file());
+        assert_eq!(std::fs::read_to_string(&copy).unwrap(), "{\"host\":1}");
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
     }
 
     #[test]

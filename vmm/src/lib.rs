@@ -24,6 +24,7 @@ pub mod session;
 pub mod settings;
 // Signal handlers without vmm-sys-util's Linux-only `signal` module.
 pub mod signals;
+pub mod state_fs;
 // The x86 VM on KVM.
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub mod vmm;
