@@ -22,7 +22,7 @@
 //! cache keeps the [`KEEP`] most recently used entries.
 
 use std::fs::{self, File};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -267,11 +267,14 @@ pub fn cached_vmlinux(path: &Path, cache_dir: &Path) -> Result<PathBuf> {
             .and_then(|f| f.set_modified(std::time::SystemTime::now()));
         return Ok(target);
     }
-    let bz = fs::read(path).map_err(|source| Error::Io {
-        what: "cannot read kernel",
-        path: path.display().to_string(),
-        source,
-    })?;
+    let mut bz = Vec::new();
+    aivmm_devices::host_file::open_regular(path)
+        .and_then(|mut f| f.read_to_end(&mut bz))
+        .map_err(|source| Error::Io {
+            what: "cannot read kernel",
+            path: path.display().to_string(),
+            source,
+        })?;
     let vmlinux = extract(&bz)?;
     let cache_io = |what, source| Error::Io {
         what,
