@@ -566,11 +566,75 @@ extern "C" fn note_termination(sig: libc::c_int, _: *mut libc::siginfo_t, _: *mu
     LAST_SIGNAL.store(sig, std::sync::atomic::Ordering::SeqCst);
 }
 
+/// How long a guest whose agent is not up yet gets to power off by the button
+/// before aivmm gives up on it: a guest stuck in its boot never will, and a stop
+/// must not wait for the agent timeout.
+const BOOT_STOP_GRACE: Duration = Duration::from_secs(3);
+
+/// What the signal thread does, as plain data so the timing can be tested.
+#[derive(Debug, Default)]
+struct Stopper {
+    /// When the first termination signal came.
+    since: Option<Instant>,
+    /// When to press the power button next.
+    next_press: Option<Instant>,
+    /// Termination signals seen.
+    signals: u32,
+    /// Whether the session was told to stop waiting for the agent.
+    gave_up: bool,
+}
+
+/// One step of the [`Stopper`].
+#[derive(Debug, Default, PartialEq, Eq)]
+struct StopStep {
+    /// Press the power button now.
+    press: bool,
+    /// Stop waiting for the agent: the run ends as stopped.
+    give_up: bool,
+}
+
+impl Stopper {
+    /// At `now`, with a new termination signal or not, and the agent ready or not.
+    fn step(&mut self, now: Instant, signalled: bool, ready: bool) -> StopStep {
+        let mut out = StopStep::default();
+        if signalled {
+            self.signals += 1;
+            if self.since.is_none() {
+                self.since = Some(now);
+                self.next_press = Some(now);
+            }
+        }
+        if let Some(at) = self.next_press.filter(|at| now >= *at) {
+            out.press = true;
+            self.next_press = Some(at + PRESS_INTERVAL);
+        }
+        // Before the agent is up nothing in the guest may handle the button: a
+        // second signal, or the grace running out, ends the wait at once.
+        if let (Some(since), false, false) = (self.since, ready, self.gave_up) {
+            if self.signals > 1 || now.duration_since(since) >= BOOT_STOP_GRACE {
+                self.gave_up = true;
+                out.give_up = true;
+            }
+        }
+        out
+    }
+}
+
 /// Turns SIGTERM and SIGHUP to aivmm (`aivmm stop`, a closed terminal), and SIGINT
 /// when there is no terminal in raw mode to carry Ctrl-C, into presses of the
 /// guest's ACPI power button: one at once, then one every [`PRESS_INTERVAL`]
-/// while the process lives (the guest may not have its button driver yet).
-fn forward_termination(button: Arc<dyn PowerButton>, state_dir: PathBuf, meta: Meta, tty: bool) {
+/// while the process lives (the guest may not have its button driver yet). While
+/// the guest agent is not `ready`, a guest that is not off after
+/// [`BOOT_STOP_GRACE`] (or a second signal) ends the run through `control`:
+/// [`Session::run`] returns `StoppedEarly` instead of waiting for the agent.
+fn forward_termination(
+    button: Arc<dyn PowerButton>,
+    control: session::Control,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+    state_dir: PathBuf,
+    meta: Meta,
+    tty: bool,
+) {
     let mut signals = vec![libc::SIGTERM, libc::SIGHUP];
     if !tty {
         signals.push(libc::SIGINT);
@@ -583,11 +647,11 @@ fn forward_termination(button: Arc<dyn PowerButton>, state_dir: PathBuf, meta: M
     let _ = std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            let mut next_press: Option<Instant> = None;
+            let mut stopper = Stopper::default();
             let mut presses = 0u32;
             loop {
                 let sig = TERMINATE.swap(0, std::sync::atomic::Ordering::SeqCst);
-                if sig != 0 && next_press.is_none() {
+                if sig != 0 && stopper.since.is_none() {
                     tracing::info!("signal {sig}: pressing the power button; the guest shuts down");
                     STOP_REQUESTED.store(true, std::sync::atomic::Ordering::SeqCst);
                     let _ = workdir::write_meta_at(
@@ -597,16 +661,20 @@ fn forward_termination(button: Arc<dyn PowerButton>, state_dir: PathBuf, meta: M
                             ..meta.clone()
                         },
                     );
-                    next_press = Some(Instant::now());
                 }
-                if let Some(at) = next_press.filter(|at| Instant::now() >= *at) {
+                let ready = ready.load(std::sync::atomic::Ordering::SeqCst);
+                let step = stopper.step(Instant::now(), sig != 0, ready);
+                if step.press {
                     match button.press() {
                         Ok(()) if presses == 0 => tracing::info!("power button pressed"),
                         Ok(()) => tracing::debug!("power button pressed again ({presses})"),
                         Err(e) => tracing::warn!("cannot press the power button: {e}"),
                     }
                     presses += 1;
-                    next_press = Some(at + PRESS_INTERVAL);
+                }
+                if step.give_up {
+                    tracing::info!("the guest agent is not up and the guest did not power off; stopping");
+                    control.shutdown(0);
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -732,9 +800,12 @@ pub fn run(builder: &dyn MachineBuilder, args: &RunArgs, workdir: &Path, started
         );
     }
     let spinner = boot_spinner(first_boot);
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     {
         let (dir, meta, spinner, t) = (state.dir.clone(), meta.clone(), spinner.clone(), Instant::now());
+        let ready = ready.clone();
         sess.on_ready(Box::new(move || {
+            ready.store(true, std::sync::atomic::Ordering::SeqCst);
             if let Some(pb) = spinner {
                 pb.finish_and_clear();
             }
@@ -750,7 +821,14 @@ pub fn run(builder: &dyn MachineBuilder, args: &RunArgs, workdir: &Path, started
     }
 
     let tty = is_tty(libc::STDIN_FILENO) && is_tty(libc::STDOUT_FILENO);
-    forward_termination(vmm.power_button(), state.dir.clone(), meta.clone(), tty);
+    forward_termination(
+        vmm.power_button(),
+        sess.control(),
+        ready,
+        state.dir.clone(),
+        meta.clone(),
+        tty,
+    );
     let control = sess.control();
     let (done_tx, done_rx) = mpsc::channel();
     std::thread::Builder::new()
@@ -792,8 +870,18 @@ pub fn run(builder: &dyn MachineBuilder, args: &RunArgs, workdir: &Path, started
             Ok(code)
         }
         Err(session::Error::StoppedEarly) => {
-            tracing::info!("stopped while the guest was starting");
-            Ok(128 + LAST_SIGNAL.load(std::sync::atomic::Ordering::SeqCst))
+            let sig = LAST_SIGNAL.load(std::sync::atomic::Ordering::SeqCst);
+            tracing::info!("stopped by signal {sig} while the guest was starting");
+            // The VM thread may still run a guest that never came up: the exit
+            // that follows ends it (and passt, by its death signal).
+            let name = match sig {
+                libc::SIGTERM => " (SIGTERM)",
+                libc::SIGHUP => " (SIGHUP)",
+                libc::SIGINT => " (SIGINT)",
+                _ => "",
+            };
+            eprintln!("aivmm: stopped by signal {sig}{name} while the guest was starting");
+            Ok(128 + sig)
         }
         // The power button ended the guest before its command ran.
         Err(e) if STOP_REQUESTED.load(std::sync::atomic::Ordering::SeqCst) => {
@@ -998,6 +1086,34 @@ mod tests {
 
     /// The guest writes the claude state directory: symlinks it plants there are
     /// replaced, never written through, and the directory is 0700.
+    /// A stop during a boot that never comes up ends the wait for the agent
+    /// after the grace (or at a second signal), and never once the agent is up.
+    #[test]
+    fn a_stop_while_booting_does_not_wait_for_the_agent() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let grace = BOOT_STOP_GRACE.as_millis() as u64;
+        let mut s = Stopper::default();
+        assert_eq!(s.step(at(0), false, false), StopStep::default());
+        // The first signal presses at once.
+        assert_eq!(s.step(at(10), true, false), StopStep { press: true, give_up: false });
+        assert_eq!(s.step(at(60), false, false), StopStep::default());
+        // Pressed again every interval while the guest is up.
+        let again = 10 + PRESS_INTERVAL.as_millis() as u64;
+        assert!(s.step(at(again), false, false).press);
+        // The grace runs out with no agent: give up, once.
+        assert!(s.step(at(10 + grace), false, false).give_up);
+        assert!(!s.step(at(20 + grace), false, false).give_up);
+        // A second signal gives up at once.
+        let mut s = Stopper::default();
+        s.step(at(0), true, false);
+        assert!(s.step(at(100), true, false).give_up);
+        // With the agent up the guest powers off by the button: no giving up.
+        let mut s = Stopper::default();
+        s.step(at(0), true, true);
+        assert!(!s.step(at(10 * grace), true, true).give_up);
+    }
+
     #[test]
     fn claude_state_does_not_follow_guest_symlinks() {
         use std::os::unix::fs::PermissionsExt;
