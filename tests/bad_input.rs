@@ -55,6 +55,28 @@ fn refused(args: &[&str], want: &str) {
     }
 }
 
+/// Without XDG_STATE_HOME and HOME there is no state directory, and no shared
+/// fallback such as /tmp: a clear error.
+#[test]
+fn no_state_directory_is_a_clear_error() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(env!("CARGO_BIN_EXE_aivmm"))
+        .args(["run", "--workdir"])
+        .arg(work.path())
+        .env_remove("HOME")
+        .env_remove("XDG_STATE_HOME")
+        .stdin(Stdio::null())
+        .output()
+        .expect("running aivmm");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.trim() == "aivmm: error: no state directory: set XDG_STATE_HOME or HOME \
+                       (aivmm keeps no state in a shared directory such as /tmp)",
+        "{err}"
+    );
+}
+
 #[test]
 fn out_of_range_flags_are_one_line_errors() {
     let k = ["run", "--kernel", "/nonexistent-kernel"];
@@ -192,6 +214,24 @@ fn bad_files_are_one_line_errors() {
     check(
         vec!["run".into(), "--kernel".into(), p("cut.elf")],
         "is not a Linux kernel",
+    );
+    // A FIFO never blocks the open: kernel, initrd and a read-only disk.
+    let fifo = p("fifo");
+    let c = std::ffi::CString::new(fifo.as_str()).expect("path");
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let want = format!("{fifo}: is a FIFO, not a regular file");
+    check(vec!["run".into(), "--kernel".into(), fifo.clone()], &want);
+    check(run(&["--initrd", &fifo]), &want);
+    check(
+        run(&["--disk", &format!("{fifo}:ro")]),
+        &format!("{fifo} is a FIFO, not a regular file or a block device"),
+    );
+    // One image twice is named as such, not as a lock held by "another process".
+    std::fs::write(p("a.img"), vec![0; 4096]).expect("write");
+    check(
+        run(&["--disk", &p("a.img"), "--disk", &p("a.img")]),
+        &format!("disk image {} is given twice", p("a.img")),
     );
     check(run(&["--disk", &p("odd.img")]), "not a multiple of 512");
     check(run(&["--disk", &p("empty.img")]), "is empty");

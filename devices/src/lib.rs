@@ -7,6 +7,7 @@
 //! owns the address.
 
 pub mod bus;
+pub mod host_file;
 pub mod legacy;
 pub mod sys;
 #[cfg(any(test, feature = "test-utils"))]

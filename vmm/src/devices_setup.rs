@@ -6,7 +6,10 @@
 
 use aivmm_devices::virtio::VirtioDevice;
 
-use crate::config::VmConfig;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+
+use crate::config::{DiskConfig, VmConfig};
 
 /// Errors of device creation.
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +22,26 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// One image file is attached twice (by two names, or the same name twice).
+    #[error(
+        "{}: attach each image once (two opens of one image, one of them writable, \
+         would corrupt it)",
+        same_file(first, second)
+    )]
+    SameDisk {
+        /// Where it is attached first.
+        first: PathBuf,
+        /// Where it is attached again.
+        second: PathBuf,
+    },
+}
+
+fn same_file(first: &std::path::Path, second: &std::path::Path) -> String {
+    if first == second {
+        format!("disk image {} is given twice", first.display())
+    } else {
+        format!("disk images {} and {} are the same file", first.display(), second.display())
+    }
 }
 
 /// `Result` of device creation.
@@ -31,11 +54,38 @@ fn device_err(name: &str, e: impl std::fmt::Display) -> Error {
     }
 }
 
+/// Refuses an image attached twice unless both are read-only: the second
+/// open's lock would conflict with the first's (which said "another process"),
+/// and two writers would corrupt it. Files are compared by device and inode
+/// from `stat` (which never blocks, unlike opening a FIFO); a path that cannot
+/// be stat'ed is left for the device to report.
+fn distinct_disks(disks: &[DiskConfig]) -> Result<()> {
+    let mut seen: Vec<((u64, u64), &DiskConfig)> = Vec::new();
+    for d in disks {
+        let Ok(m) = std::fs::metadata(&d.path) else {
+            continue;
+        };
+        let key = (m.dev(), m.ino());
+        if let Some((_, first)) = seen
+            .iter()
+            .find(|(k, first)| *k == key && !(first.read_only && d.read_only))
+        {
+            return Err(Error::SameDisk {
+                first: first.path.clone(),
+                second: d.path.clone(),
+            });
+        }
+        seen.push((key, d));
+    }
+    Ok(())
+}
+
 /// Creates the virtio devices of `config`, in the order they are placed: disks
 /// first (so the guest names them vda, vdb, … in `--disk` order), then shares, then rng.
 pub fn virtio_devices(config: &VmConfig) -> Result<Vec<(String, Box<dyn VirtioDevice>)>> {
     use aivmm_devices::virtio::{block, fs, rng};
     let mut out: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
+    distinct_disks(&config.disks)?;
     for d in &config.disks {
         let name = format!("virtio-blk {}", d.path.display());
         let dev = block::Block::new(block::BlockConfig {
@@ -99,4 +149,50 @@ pub fn virtio_devices(config: &VmConfig) -> Result<Vec<(String, Box<dyn VirtioDe
         out.push(("virtio-rng".into(), Box::new(rng::Rng::new())));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn disk(path: &std::path::Path, read_only: bool) -> DiskConfig {
+        DiskConfig {
+            path: path.to_path_buf(),
+            read_only,
+        }
+    }
+
+    /// `--disk a.img --disk a.img`, or the same file by another name, is said to
+    /// be one file before anything is opened or locked.
+    #[test]
+    fn an_image_attached_twice_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        let a = d.path().join("a.img");
+        let b = d.path().join("b.img");
+        std::fs::write(&a, [0u8; 512]).unwrap();
+        std::fs::write(&b, [0u8; 512]).unwrap();
+        let link = d.path().join("link.img");
+        std::os::unix::fs::symlink(&a, &link).unwrap();
+        // (Path equality ignores a "." component, so another name is a hard link.)
+        let other_name = d.path().join("hard.img");
+        std::fs::hard_link(&a, &other_name).unwrap();
+        for (x, y) in [(&a, &a), (&a, &link), (&a, &other_name)] {
+            for ro in [(false, false), (true, false), (false, true)] {
+                let e = distinct_disks(&[disk(x, ro.0), disk(&b, false), disk(y, ro.1)]).unwrap_err();
+                let msg = e.to_string();
+                assert!(matches!(e, Error::SameDisk { .. }), "{msg}");
+                assert!(msg.contains(&y.display().to_string()), "{msg}");
+                let want = if x == y { "is given twice" } else { "are the same file" };
+                assert!(msg.contains(want), "{msg}");
+            }
+        }
+        // Read-only twice shares the image safely; different files are fine; a
+        // missing file is left for the device's own error.
+        distinct_disks(&[disk(&a, true), disk(&link, true)]).unwrap();
+        distinct_disks(&[disk(&a, false), disk(&b, false)]).unwrap();
+        let gone = d.path().join("gone.img");
+        distinct_disks(&[disk(&gone, false), disk(&gone, false)]).unwrap();
+    }
 }

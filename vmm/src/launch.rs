@@ -274,20 +274,44 @@ pub fn claude_files(home: &Path, state_root: &Path) -> Result<ClaudeFiles> {
         .parent()
         .unwrap_or(state_root)
         .join("claude");
-    std::fs::create_dir_all(&state).map_err(|e| err(&state, e))?;
+    crate::state_fs::dir(&state).map_err(|e| err(&state, e))?;
     let host_json = home.join(".claude.json");
     let copy = state.join(".claude.json");
-    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    match (mtime(&host_json), mtime(&copy)) {
-        (Some(h), c) if c.is_none_or(|c| h > c) => {
-            let tmp = state.join(".claude.json.new");
-            std::fs::copy(&host_json, &tmp).map_err(|e| err(&host_json, e))?;
-            std::fs::rename(&tmp, &copy).map_err(|e| err(&copy, e))?;
+    // The guest writes this directory: nothing in it is followed. A symlink
+    // standing for the copy counts as no copy, and is replaced below.
+    let host_mtime = std::fs::metadata(&host_json).and_then(|m| m.modified()).ok();
+    let copy_mtime = std::fs::symlink_metadata(&copy)
+        .ok()
+        .filter(std::fs::Metadata::is_file)
+        .and_then(|m| m.modified().ok());
+    let refresh = |from: Option<&Path>| -> Result<()> {
+        let tmp = state.join(".claude.json.new");
+        // Whatever the guest left under the temporary name goes (unlink does not
+        // follow a symlink), and the new file must be ours (O_EXCL).
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(err(&tmp, e)),
+            _ => {}
         }
-        (None, None) => {
+        let mut out = crate::state_fs::options()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| err(&tmp, e))?;
+        match from {
+            Some(src) => {
+                let mut f = std::fs::File::open(src).map_err(|e| err(src, e))?;
+                std::io::copy(&mut f, &mut out).map_err(|e| err(&tmp, e))?;
+            }
             // Claude Code starts from an empty object.
-            std::fs::write(&copy, "{}\n").map_err(|e| err(&copy, e))?;
+            None => std::io::Write::write_all(&mut out, b"{}\n").map_err(|e| err(&tmp, e))?,
         }
+        drop(out);
+        // rename replaces a symlink at `copy` instead of writing through it.
+        std::fs::rename(&tmp, &copy).map_err(|e| err(&copy, e))
+    };
+    match (host_mtime, copy_mtime) {
+        (Some(h), c) if c.is_none_or(|c| h > c) => refresh(Some(&host_json))?,
+        (None, None) => refresh(None)?,
         _ => {}
     }
     Ok(ClaudeFiles { dir, state })
@@ -310,7 +334,7 @@ pub fn ssh_files(dir: &Path, port: u16, user: &str) -> Result<(String, PathBuf)>
     use ssh_key::rand_core::OsRng;
     let err = |e: String| Error::Ssh(e);
     let ssh = dir.join("ssh");
-    std::fs::create_dir_all(&ssh).map_err(|e| err(format!("{}: {e}", ssh.display())))?;
+    crate::state_fs::dir(&ssh).map_err(|e| err(format!("{}: {e}", ssh.display())))?;
     let key = ssh.join("id_ed25519");
     let public = ssh.join("id_ed25519.pub");
     if !key.is_file() || !public.is_file() {
@@ -321,17 +345,16 @@ pub fn ssh_files(dir: &Path, port: u16, user: &str) -> Result<(String, PathBuf)>
             .map_err(|e| err(e.to_string()))?;
         let line = k.public_key().to_openssh().map_err(|e| err(e.to_string()))?;
         use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
         let _ = std::fs::remove_file(&key);
-        let mut f = std::fs::OpenOptions::new()
+        let mut f = crate::state_fs::options()
             .write(true)
             .create_new(true)
-            .mode(0o600)
             .open(&key)
             .map_err(|e| err(format!("{}: {e}", key.display())))?;
         f.write_all(pem.as_bytes())
             .map_err(|e| err(format!("{}: {e}", key.display())))?;
-        std::fs::write(&public, format!("{line} aivmm\n"))
+        crate::state_fs::create(&public)
+            .and_then(|mut f| f.write_all(format!("{line} aivmm\n").as_bytes()))
             .map_err(|e| err(format!("{}: {e}", public.display())))?;
     }
     let line = std::fs::read_to_string(&public)
@@ -346,7 +369,9 @@ pub fn ssh_files(dir: &Path, port: u16, user: &str) -> Result<(String, PathBuf)>
         key.display(),
         ssh.join("known_hosts").display()
     );
-    std::fs::write(&config, text).map_err(|e| err(format!("{}: {e}", config.display())))?;
+    crate::state_fs::create(&config)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
+        .map_err(|e| err(format!("{}: {e}", config.display())))?;
     Ok((line.trim().to_string(), config))
 }
 
@@ -542,11 +567,75 @@ extern "C" fn note_termination(sig: libc::c_int, _: *mut libc::siginfo_t, _: *mu
     LAST_SIGNAL.store(sig, std::sync::atomic::Ordering::SeqCst);
 }
 
+/// How long a guest whose agent is not up yet gets to power off by the button
+/// before aivmm gives up on it: a guest stuck in its boot never will, and a stop
+/// must not wait for the agent timeout.
+const BOOT_STOP_GRACE: Duration = Duration::from_secs(3);
+
+/// What the signal thread does, as plain data so the timing can be tested.
+#[derive(Debug, Default)]
+struct Stopper {
+    /// When the first termination signal came.
+    since: Option<Instant>,
+    /// When to press the power button next.
+    next_press: Option<Instant>,
+    /// Termination signals seen.
+    signals: u32,
+    /// Whether the session was told to stop waiting for the agent.
+    gave_up: bool,
+}
+
+/// One step of the [`Stopper`].
+#[derive(Debug, Default, PartialEq, Eq)]
+struct StopStep {
+    /// Press the power button now.
+    press: bool,
+    /// Stop waiting for the agent: the run ends as stopped.
+    give_up: bool,
+}
+
+impl Stopper {
+    /// At `now`, with a new termination signal or not, and the agent ready or not.
+    fn step(&mut self, now: Instant, signalled: bool, ready: bool) -> StopStep {
+        let mut out = StopStep::default();
+        if signalled {
+            self.signals += 1;
+            if self.since.is_none() {
+                self.since = Some(now);
+                self.next_press = Some(now);
+            }
+        }
+        if let Some(at) = self.next_press.filter(|at| now >= *at) {
+            out.press = true;
+            self.next_press = Some(at + PRESS_INTERVAL);
+        }
+        // Before the agent is up nothing in the guest may handle the button: a
+        // second signal, or the grace running out, ends the wait at once.
+        if let (Some(since), false, false) = (self.since, ready, self.gave_up) {
+            if self.signals > 1 || now.duration_since(since) >= BOOT_STOP_GRACE {
+                self.gave_up = true;
+                out.give_up = true;
+            }
+        }
+        out
+    }
+}
+
 /// Turns SIGTERM and SIGHUP to aivmm (`aivmm stop`, a closed terminal), and SIGINT
 /// when there is no terminal in raw mode to carry Ctrl-C, into presses of the
 /// guest's ACPI power button: one at once, then one every [`PRESS_INTERVAL`]
-/// while the process lives (the guest may not have its button driver yet).
-fn forward_termination(button: Arc<dyn PowerButton>, state_dir: PathBuf, meta: Meta, tty: bool) {
+/// while the process lives (the guest may not have its button driver yet). While
+/// the guest agent is not `ready`, a guest that is not off after
+/// [`BOOT_STOP_GRACE`] (or a second signal) ends the run through `control`:
+/// [`Session::run`] returns `StoppedEarly` instead of waiting for the agent.
+fn forward_termination(
+    button: Arc<dyn PowerButton>,
+    control: session::Control,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+    state_dir: PathBuf,
+    meta: Meta,
+    tty: bool,
+) {
     let mut signals = vec![libc::SIGTERM, libc::SIGHUP];
     if !tty {
         signals.push(libc::SIGINT);
@@ -559,11 +648,11 @@ fn forward_termination(button: Arc<dyn PowerButton>, state_dir: PathBuf, meta: M
     let _ = std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            let mut next_press: Option<Instant> = None;
+            let mut stopper = Stopper::default();
             let mut presses = 0u32;
             loop {
                 let sig = TERMINATE.swap(0, std::sync::atomic::Ordering::SeqCst);
-                if sig != 0 && next_press.is_none() {
+                if sig != 0 && stopper.since.is_none() {
                     tracing::info!("signal {sig}: pressing the power button; the guest shuts down");
                     STOP_REQUESTED.store(true, std::sync::atomic::Ordering::SeqCst);
                     let _ = workdir::write_meta_at(
@@ -573,16 +662,20 @@ fn forward_termination(button: Arc<dyn PowerButton>, state_dir: PathBuf, meta: M
                             ..meta.clone()
                         },
                     );
-                    next_press = Some(Instant::now());
                 }
-                if let Some(at) = next_press.filter(|at| Instant::now() >= *at) {
+                let ready = ready.load(std::sync::atomic::Ordering::SeqCst);
+                let step = stopper.step(Instant::now(), sig != 0, ready);
+                if step.press {
                     match button.press() {
                         Ok(()) if presses == 0 => tracing::info!("power button pressed"),
                         Ok(()) => tracing::debug!("power button pressed again ({presses})"),
                         Err(e) => tracing::warn!("cannot press the power button: {e}"),
                     }
                     presses += 1;
-                    next_press = Some(at + PRESS_INTERVAL);
+                }
+                if step.give_up {
+                    tracing::info!("the guest agent is not up and the guest did not power off; stopping");
+                    control.shutdown(0);
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -638,7 +731,7 @@ fn boot_spinner(first_boot: bool) -> Option<indicatif::ProgressBar> {
 
 /// Runs the command of `args` in a VM on its workdir; returns its exit status.
 pub fn run(builder: &dyn MachineBuilder, args: &RunArgs, workdir: &Path, started: Instant) -> Result<i32> {
-    let root = workdir::state_root();
+    let root = workdir::state_root()?;
     let state = WorkdirState::open(&root, workdir)?;
     if let Err(e) = crate::logging::to_file(&state.log_path()) {
         tracing::warn!("{e}");
@@ -687,7 +780,7 @@ pub fn run(builder: &dyn MachineBuilder, args: &RunArgs, workdir: &Path, started
     sess.set_setup(extras.setup.clone());
 
     let log_path = state.console_log();
-    let console = File::create(&log_path).map_err(|e| Error::Io(log_path.clone(), e))?;
+    let console = crate::state_fs::create(&log_path).map_err(|e| Error::Io(log_path.clone(), e))?;
     let vmm = builder.build(&config, started, Box::new(console))?;
     let forwards = extras
         .forwards
@@ -708,9 +801,12 @@ pub fn run(builder: &dyn MachineBuilder, args: &RunArgs, workdir: &Path, started
         );
     }
     let spinner = boot_spinner(first_boot);
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     {
         let (dir, meta, spinner, t) = (state.dir.clone(), meta.clone(), spinner.clone(), Instant::now());
+        let ready = ready.clone();
         sess.on_ready(Box::new(move || {
+            ready.store(true, std::sync::atomic::Ordering::SeqCst);
             if let Some(pb) = spinner {
                 pb.finish_and_clear();
             }
@@ -726,7 +822,14 @@ pub fn run(builder: &dyn MachineBuilder, args: &RunArgs, workdir: &Path, started
     }
 
     let tty = is_tty(libc::STDIN_FILENO) && is_tty(libc::STDOUT_FILENO);
-    forward_termination(vmm.power_button(), state.dir.clone(), meta.clone(), tty);
+    forward_termination(
+        vmm.power_button(),
+        sess.control(),
+        ready,
+        state.dir.clone(),
+        meta.clone(),
+        tty,
+    );
     let control = sess.control();
     let (done_tx, done_rx) = mpsc::channel();
     std::thread::Builder::new()
@@ -768,8 +871,18 @@ pub fn run(builder: &dyn MachineBuilder, args: &RunArgs, workdir: &Path, started
             Ok(code)
         }
         Err(session::Error::StoppedEarly) => {
-            tracing::info!("stopped while the guest was starting");
-            Ok(128 + LAST_SIGNAL.load(std::sync::atomic::Ordering::SeqCst))
+            let sig = LAST_SIGNAL.load(std::sync::atomic::Ordering::SeqCst);
+            tracing::info!("stopped by signal {sig} while the guest was starting");
+            // The VM thread may still run a guest that never came up: the exit
+            // that follows ends it (and passt, by its death signal).
+            let name = match sig {
+                libc::SIGTERM => " (SIGTERM)",
+                libc::SIGHUP => " (SIGHUP)",
+                libc::SIGINT => " (SIGINT)",
+                _ => "",
+            };
+            eprintln!("aivmm: stopped by signal {sig}{name} while the guest was starting");
+            Ok(128 + sig)
         }
         // The power button ended the guest before its command ran.
         Err(e) if STOP_REQUESTED.load(std::sync::atomic::Ordering::SeqCst) => {
@@ -970,6 +1083,59 @@ mod tests {
         let st2 = tempfile::tempdir().unwrap();
         let c = claude_files(bare.path(), &st2.path().join("vms")).unwrap();
         assert_eq!(std::fs::read_to_string(c.state.join(".claude.json")).unwrap(), "{}\n");
+    }
+
+    /// The guest writes the claude state directory: symlinks it plants there are
+    /// replaced, never written through, and the directory is 0700.
+    /// A stop during a boot that never comes up ends the wait for the agent
+    /// after the grace (or at a second signal), and never once the agent is up.
+    #[test]
+    fn a_stop_while_booting_does_not_wait_for_the_agent() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let grace = BOOT_STOP_GRACE.as_millis() as u64;
+        let mut s = Stopper::default();
+        assert_eq!(s.step(at(0), false, false), StopStep::default());
+        // The first signal presses at once.
+        assert_eq!(s.step(at(10), true, false), StopStep { press: true, give_up: false });
+        assert_eq!(s.step(at(60), false, false), StopStep::default());
+        // Pressed again every interval while the guest is up.
+        let again = 10 + PRESS_INTERVAL.as_millis() as u64;
+        assert!(s.step(at(again), false, false).press);
+        // The grace runs out with no agent: give up, once.
+        assert!(s.step(at(10 + grace), false, false).give_up);
+        assert!(!s.step(at(20 + grace), false, false).give_up);
+        // A second signal gives up at once.
+        let mut s = Stopper::default();
+        s.step(at(0), true, false);
+        assert!(s.step(at(100), true, false).give_up);
+        // With the agent up the guest powers off by the button: no giving up.
+        let mut s = Stopper::default();
+        s.step(at(0), true, true);
+        assert!(!s.step(at(10 * grace), true, true).give_up);
+    }
+
+    #[test]
+    fn claude_state_does_not_follow_guest_symlinks() {
+        use std::os::unix::fs::PermissionsExt;
+        let home = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let root = state.path().join("aivmm/vms");
+        let dir = state.path().join("aivmm/claude");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let victim = home.path().join("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        std::os::unix::fs::symlink(&victim, dir.join(".claude.json.new")).unwrap();
+        std::os::unix::fs::symlink(&victim, dir.join(".claude.json")).unwrap();
+        std::fs::write(home.path().join(".claude.json"), "{\"host\":1}").unwrap();
+        claude_files(home.path(), &root).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+        let copy = dir.join(".claude.json");
+        assert!(std::fs::symlink_metadata(&copy).unwrap().is_file());
+        assert_eq!(std::fs::read_to_string(&copy).unwrap(), "{\"host\":1}");
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
     }
 
     #[test]

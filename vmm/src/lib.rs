@@ -26,6 +26,8 @@ pub mod session;
 pub mod settings;
 // Signal handlers without vmm-sys-util's Linux-only `signal` module.
 pub mod signals;
+// Per-workdir state files: the user's alone (0700 dirs, 0600 files, no symlinks).
+pub mod state_fs;
 // `aivmm trust`: approving a workdir's aivmm.toml.
 pub mod trust;
 // The x86 VM on KVM.

@@ -150,7 +150,8 @@ pub fn init(verbose: u8, quiet: bool) {
 /// Sends aivmm's log events to `path` as well (truncated first), for the rest of
 /// the process. Only the first call takes effect.
 pub fn to_file(path: &Path) -> Result<(), Error> {
-    let f = File::create(path).map_err(|source| Error::File {
+    // aivmm.log sits in the state dir: 0600, and a planted symlink is refused.
+    let f = crate::state_fs::create(path).map_err(|source| Error::File {
         path: path.to_path_buf(),
         source,
     })?;

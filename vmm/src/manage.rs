@@ -33,6 +33,9 @@ pub enum Error {
     /// The session failed.
     #[error(transparent)]
     Session(#[from] session::Error),
+    /// The state directory cannot be located.
+    #[error(transparent)]
+    Workdir(#[from] workdir::Error),
     /// The process could not be signalled.
     #[error("cannot signal aivmm (pid {0}): {1}")]
     Signal(u32, std::io::Error),
@@ -43,7 +46,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 /// The running VM that `target` names: a workdir (any path to it) or an aivmm pid.
 pub fn find(target: &str) -> Result<(PathBuf, Meta)> {
-    let running = workdir::running(&workdir::state_root());
+    let running = workdir::running(&workdir::state_root()?);
     let canon = std::fs::canonicalize(target).ok();
     running
         .into_iter()
@@ -98,7 +101,7 @@ pub fn ps() -> Result<i32> {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let vms = workdir::running(&workdir::state_root());
+    let vms = workdir::running(&workdir::state_root()?);
     print!("{}", ps_table(&vms, now));
     for (_, m) in &vms {
         if let Some(cfg) = &m.ssh {

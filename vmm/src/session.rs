@@ -975,6 +975,53 @@ mod tests {
         assert!(matches!(r, Err(Error::Timeout(_))), "{r:?}");
     }
 
+    /// `shutdown` before the agent is up ends `run` at once with StoppedEarly,
+    /// whether no agent has connected or one connected but never said Ready,
+    /// instead of waiting out the connect timeout.
+    #[test]
+    fn shutdown_while_waiting_for_the_agent_stops_at_once() {
+        let run = |session: &Session| {
+            let (mut out, mut err) = (Vec::new(), Vec::new());
+            session.run(
+                &spec(),
+                Io {
+                    input: None,
+                    terminal: None,
+                    output: &mut out,
+                    errors: &mut err,
+                },
+            )
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("v");
+        let mut session = Session::listen(&uds).unwrap();
+        session.set_connect_timeout(Duration::from_secs(60));
+        let control = session.control();
+        let stopper = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            control.shutdown(0);
+        });
+        let t = Instant::now();
+        assert!(matches!(run(&session), Err(Error::StoppedEarly)));
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+        stopper.join().unwrap();
+        // An agent that connects and then says nothing.
+        let control = session.control();
+        let path = agent_socket_path(&uds);
+        let agent = std::thread::spawn(move || {
+            let s = std::os::unix::net::UnixStream::connect(path).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+            control.shutdown(0);
+            std::thread::sleep(Duration::from_millis(500));
+            drop(s);
+        });
+        let t = Instant::now();
+        let r = run(&session);
+        assert!(matches!(r, Err(Error::StoppedEarly)), "{r:?}");
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+        agent.join().unwrap();
+    }
+
     #[test]
     fn cancel_and_cleanup() {
         let dir = tempfile::tempdir().unwrap();

@@ -19,8 +19,7 @@
 //! ([`crate::machine::default_net`]). The `--kernel` form feeds host stdin to
 //! the UART ([`crate::console`]).
 
-use std::fs::File;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -141,10 +140,18 @@ pub fn build<A: HvfApi>(
     started: Instant,
 ) -> Result<HvfMachine<A>> {
     let shape = hvf_config(config)?;
+    // A FIFO (or anything but a regular file) is refused instead of blocking.
+    use aivmm_devices::host_file::open_regular;
     let mut kernel =
-        File::open(&config.kernel).map_err(|e| Error::Read(config.kernel.clone(), e))?;
+        open_regular(&config.kernel).map_err(|e| Error::Read(config.kernel.clone(), e))?;
     let initrd = match &config.initrd {
-        Some(p) => Some(std::fs::read(p).map_err(|e| Error::Read(p.clone(), e))?),
+        Some(p) => {
+            let mut buf = Vec::new();
+            open_regular(p)
+                .and_then(|mut f| f.read_to_end(&mut buf))
+                .map_err(|e| Error::Read(p.clone(), e))?;
+            Some(buf)
+        }
         None => None,
     };
     let virtio = crate::devices_setup::virtio_devices(config)?;

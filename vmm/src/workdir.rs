@@ -10,8 +10,13 @@
 //! - `console.log`: the guest's serial console;
 //! - `aivmm.log`: aivmm's own log of the run ([`crate::logging`]);
 //! - `ssh/`: with `--ssh`, the key pair and an `ssh -F` config.
+//!
+//! All of it is the user's alone ([`crate::state_fs`]): the directories are
+//! 0700 (older, wider ones are tightened), files 0600, opened with `O_NOFOLLOW`.
 
 use std::fs::{self, File, OpenOptions};
+
+use crate::state_fs;
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -39,6 +44,9 @@ pub enum Error {
         /// Why.
         source: std::io::Error,
     },
+    /// No state directory can be located.
+    #[error(transparent)]
+    NoStateDir(#[from] crate::state_fs::Error),
     /// Another aivmm runs on the workdir.
     #[error("aivmm is already running on {workdir}{pid}; stop it with `aivmm stop {workdir}` or use another workdir")]
     Busy {
@@ -60,14 +68,9 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 }
 
 /// Where aivmm keeps per-workdir state: `$XDG_STATE_HOME/aivmm/vms`, or
-/// `~/.local/state/aivmm/vms`.
-pub fn state_root() -> PathBuf {
-    let base = std::env::var_os("XDG_STATE_HOME")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
-        .unwrap_or_else(|| PathBuf::from("/tmp"));
-    base.join("aivmm").join("vms")
+/// `~/.local/state/aivmm/vms`; an error without either variable.
+pub fn state_root() -> Result<PathBuf> {
+    Ok(crate::state_fs::base()?.join("aivmm").join("vms"))
 }
 
 /// A short, stable name for a workdir: its last component and a hash of its path.
@@ -117,14 +120,16 @@ impl WorkdirState {
             return Err(Error::NotADirectory(workdir));
         }
         let dir = root.join(state_name(&workdir));
-        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        state_fs::dir(root).map_err(io_err(root))?;
+        state_fs::dir(&dir).map_err(io_err(&dir))?;
         let lock_path = dir.join("lock");
-        let lock = OpenOptions::new()
+        let lock = state_fs::options()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&lock_path)
             .map_err(io_err(&lock_path))?;
+        state_fs::tighten(&lock).map_err(io_err(&lock_path))?;
         // SAFETY: flock on a descriptor we own.
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             let pid = read_meta(&dir)
@@ -188,11 +193,17 @@ impl WorkdirState {
     /// guest-image/README.md), so the host needs no mkfs.
     pub fn state_disk(&self, size: u64) -> Result<PathBuf> {
         let path = self.dir.join("state.img");
-        if path.exists() {
-            return Ok(path);
+        match state_fs::options().read(true).open(&path) {
+            Ok(f) => {
+                // An older aivmm made it 0644: the guest's home is no one else's.
+                state_fs::tighten(&f).map_err(io_err(&path))?;
+                return Ok(path);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&path)(e)),
         }
         let tmp = self.dir.join("state.img.new");
-        let f = File::create(&tmp).map_err(io_err(&tmp))?;
+        let f = state_fs::create(&tmp).map_err(io_err(&tmp))?;
         f.set_len(size).map_err(io_err(&tmp))?;
         drop(f);
         fs::rename(&tmp, &path).map_err(io_err(&path))?;
@@ -203,7 +214,7 @@ impl WorkdirState {
     /// shares read-only with the guest (tag `aivmm`); returns that directory.
     pub fn stage_agent(&self, agent: &Path) -> Result<PathBuf> {
         let dir = self.dir.join("agent");
-        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        state_fs::dir(&dir).map_err(io_err(&dir))?;
         let tmp = dir.join(".aivmm-agent.new");
         fs::copy(agent, &tmp).map_err(io_err(agent))?;
         let dst = dir.join("aivmm-agent");
@@ -220,7 +231,7 @@ pub fn write_meta_at(dir: &Path, meta: &Meta) -> Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let path = dir.join("vm.json");
     let tmp = dir.join("vm.json.tmp");
-    let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+    let mut f = state_fs::create(&tmp).map_err(io_err(&tmp))?;
     f.write_all(meta.to_json().as_bytes())
         .map_err(io_err(&tmp))?;
     drop(f);
@@ -512,5 +523,32 @@ mod tests {
         fs::write(&agent, b"\x7fELF").unwrap();
         let dir = st.stage_agent(&agent).unwrap();
         assert_eq!(fs::read(dir.join("aivmm-agent")).unwrap(), b"\x7fELF");
+    }
+
+    /// The state directory and what is in it are the user's alone, and an older
+    /// aivmm's world-readable state is narrowed.
+    #[test]
+    fn state_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let root = tempfile::tempdir().unwrap();
+        let root = root.path().join("vms");
+        let work = tempfile::tempdir().unwrap();
+        let st = WorkdirState::open(&root, work.path()).unwrap();
+        let disk = st.state_disk(1 << 20).unwrap();
+        st.write_meta(&Meta::now(&st.workdir, vec![])).unwrap();
+        assert_eq!(mode(&root), 0o700);
+        assert_eq!(mode(&st.dir), 0o700);
+        for f in ["state.img", "vm.json", "lock"] {
+            assert_eq!(mode(&st.dir.join(f)), 0o600, "{f}");
+        }
+        let dir = st.dir.clone();
+        drop(st);
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(&disk, fs::Permissions::from_mode(0o644)).unwrap();
+        let st = WorkdirState::open(&root, work.path()).unwrap();
+        st.state_disk(1 << 20).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&disk), 0o600);
     }
 }

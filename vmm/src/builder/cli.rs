@@ -41,11 +41,7 @@ impl StateArgs {
         if let Some(d) = &self.state_dir {
             return Ok(d.clone());
         }
-        let base = std::env::var_os("XDG_STATE_HOME")
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
-            .ok_or(Error::NoStateDir)?;
+        let base = crate::state_fs::base().map_err(|_| Error::NoStateDir)?;
         Ok(base.join("aivmm").join("builder"))
     }
 }

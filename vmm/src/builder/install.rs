@@ -232,7 +232,7 @@ fn systemctl(args: &[&str]) {
 /// `aivmm builder install`.
 pub fn install(a: &InstallArgs) -> Result<()> {
     let state = a.vm.state.state_dir()?;
-    std::fs::create_dir_all(&state).map_err(io_err(&state))?;
+    crate::state_fs::dir(&state).map_err(io_err(&state))?;
     let state = std::fs::canonicalize(&state).map_err(io_err(&state))?;
     let keys = Keys::ensure(&state, a.vm.port)?;
     let machines = machines_line(&keys.client_key, a.vm.cpus(), &keys.host_public()?);
@@ -265,10 +265,16 @@ pub fn install(a: &InstallArgs) -> Result<()> {
         println!("wrote {}", p.display());
     }
     if let Some(d) = machines_file.parent() {
-        std::fs::create_dir_all(d).map_err(io_err(d))?;
+        crate::state_fs::dir(d).map_err(io_err(d))?;
     }
-    std::fs::write(&machines_file, format!("{machines}\n")).map_err(io_err(&machines_file))?;
-    std::fs::write(&ssh_file, &ssh).map_err(io_err(&ssh_file))?;
+    // In the state dir, read by the nix-daemon (root): 0600, no symlinks followed.
+    let write = |p: &Path, text: &str| {
+        crate::state_fs::create(p)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
+            .map_err(io_err(p))
+    };
+    write(&machines_file, &format!("{machines}\n"))?;
+    write(&ssh_file, &ssh)?;
     println!(
         "wrote {}\nwrote {}",
         machines_file.display(),

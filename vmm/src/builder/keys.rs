@@ -9,7 +9,7 @@
 //! `guest/` is what aivmm shares read-only with the guest (tag [`super::KEY_TAG`]);
 //! the guest copies the host key to a root-owned 0600 file before sshd starts.
 
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -63,8 +63,7 @@ impl Keys {
             .map(Path::to_path_buf)
             .unwrap_or_default();
         for d in [&k.guest_dir, &ssh_dir] {
-            fs::create_dir_all(d).map_err(io_err(d))?;
-            fs::set_permissions(d, fs::Permissions::from_mode(0o700)).map_err(io_err(d))?;
+            crate::state_fs::dir(d).map_err(io_err(d))?;
         }
         if !k.host_key.exists() {
             generate(&k.host_key, &k.host_pub, HOST_ALIAS)?;
@@ -103,7 +102,7 @@ impl Keys {
 fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     let tmp = path.with_extension("tmp");
     let _ = fs::remove_file(&tmp);
-    let mut f = OpenOptions::new()
+    let mut f = crate::state_fs::options()
         .write(true)
         .create_new(true)
         .mode(mode)

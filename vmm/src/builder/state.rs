@@ -11,12 +11,12 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::{io_err, Error, Result};
+use crate::state_fs;
 
 /// The state directory, locked for the life of this value.
 #[derive(Debug)]
@@ -27,18 +27,18 @@ pub struct StateDir {
 }
 
 impl StateDir {
-    /// Creates (0700) and locks `dir`.
+    /// Creates (0700, or tightens to it) and locks `dir`.
     pub fn lock(dir: &Path) -> Result<Self> {
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err(dir))?;
+        state_fs::dir(dir).map_err(io_err(dir))?;
         let dir = fs::canonicalize(dir).map_err(io_err(dir))?;
         let path = dir.join("lock");
-        let lock = OpenOptions::new()
+        let lock = state_fs::options()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&path)
             .map_err(io_err(&path))?;
+        state_fs::tighten(&lock).map_err(io_err(&path))?;
         // SAFETY: flock on a descriptor we own.
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             let pid = read_status(&dir)
@@ -63,12 +63,17 @@ impl StateDir {
     /// the guest formats a blank disk itself.
     pub fn disk(&self, size: u64) -> Result<PathBuf> {
         let path = self.dir.join("disk.img");
-        if !path.exists() {
-            let tmp = self.dir.join("disk.img.new");
-            let f = File::create(&tmp).map_err(io_err(&tmp))?;
-            f.set_len(size).map_err(io_err(&tmp))?;
-            drop(f);
-            fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        match state_fs::options().read(true).open(&path) {
+            // An older aivmm made it 0644.
+            Ok(f) => state_fs::tighten(&f).map_err(io_err(&path))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let tmp = self.dir.join("disk.img.new");
+                let f = state_fs::create(&tmp).map_err(io_err(&tmp))?;
+                f.set_len(size).map_err(io_err(&tmp))?;
+                drop(f);
+                fs::rename(&tmp, &path).map_err(io_err(&path))?;
+            }
+            Err(e) => return Err(io_err(&path)(e)),
         }
         Ok(path)
     }
@@ -137,7 +142,9 @@ impl Status {
     /// Writes `dir/status` atomically.
     pub fn write(&self, dir: &Path) -> Result<()> {
         let tmp = dir.join("status.tmp");
-        fs::write(&tmp, self.to_text()).map_err(io_err(&tmp))?;
+        state_fs::create(&tmp)
+            .and_then(|mut f| f.write_all(self.to_text().as_bytes()))
+            .map_err(io_err(&tmp))?;
         let path = dir.join("status");
         fs::rename(&tmp, &path).map_err(io_err(&path))
     }
@@ -260,7 +267,7 @@ impl Log {
             Box::new(std::io::stderr())
         } else {
             Box::new(
-                OpenOptions::new()
+                state_fs::options()
                     .create(true)
                     .append(true)
                     .open(path)

@@ -18,7 +18,7 @@
 //! child exits. A guest that does not go within [`STOP_TIMEOUT`] is killed.
 
 use std::ffi::OsString;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 #[cfg(target_os = "linux")]
@@ -441,7 +441,7 @@ impl Vm {
         let ctl_path = self.spec.control_path();
         let ctl = UnixListener::bind(&ctl_path).map_err(io_err(&ctl_path))?;
         ctl.set_nonblocking(true).map_err(io_err(&ctl_path))?;
-        let console = File::create(&self.spec.console).map_err(io_err(&self.spec.console))?;
+        let console = crate::state_fs::create(&self.spec.console).map_err(io_err(&self.spec.console))?;
         self.log.line(format_args!(
             "booting the VM: {} {}",
             self.spec.exe.display(),
@@ -611,7 +611,7 @@ pub fn epoch(t: SystemTime) -> u64 {
 
 /// Opens the log file for appending (also used as the VM process's stderr).
 pub fn open_append(path: &Path) -> Result<File> {
-    OpenOptions::new()
+    crate::state_fs::options()
         .create(true)
         .append(true)
         .open(path)

@@ -60,26 +60,24 @@ impl Disk {
                 source,
             },
         };
-        // std opens with O_CLOEXEC already; say so explicitly, it matters here:
-        // a child process must not inherit the image or its lock.
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(path)
-            .map_err(open_err)?;
-        let meta = file.metadata().map_err(open_err)?;
+        // O_CLOEXEC (a child process must not inherit the image or its lock) and
+        // no blocking open: a FIFO given as a read-only image would wait for a
+        // writer forever. Only regular files and block devices get through.
+        let (file, meta) = crate::host_file::open(path, !read_only, true).map_err(|e| {
+            match e.get_ref().and_then(|i| i.downcast_ref::<crate::host_file::Error>()) {
+                Some(crate::host_file::Error::WrongType { kind: "a directory", .. }) => {
+                    Error::IsDirectory {
+                        path: path.to_path_buf(),
+                    }
+                }
+                Some(crate::host_file::Error::WrongType { kind, .. }) => Error::NotAFile {
+                    path: path.to_path_buf(),
+                    kind,
+                },
+                None => open_err(e),
+            }
+        })?;
         let ft = meta.file_type();
-        if ft.is_dir() {
-            return Err(Error::IsDirectory {
-                path: path.to_path_buf(),
-            });
-        }
-        if !ft.is_file() && !ft.is_block_device() {
-            return Err(Error::NotAFile {
-                path: path.to_path_buf(),
-            });
-        }
         lock(&file, path, read_only)?;
         // The end offset, not st_size, so a block device reports its size too.
         let size = (&file).seek(SeekFrom::End(0)).map_err(open_err)?;
@@ -487,6 +485,18 @@ mod tests {
             Disk::open(dir.path(), true, None),
             Err(Error::IsDirectory { .. })
         ));
+        // A FIFO is refused at once, read-only (which used to block in open) and
+        // read-write alike, with its kind and its path in the message.
+        let fifo = dir.path().join("fifo.img");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        for ro in [true, false] {
+            let e = Disk::open(&fifo, ro, None).unwrap_err();
+            assert!(matches!(e, Error::NotAFile { kind: "a FIFO", .. }), "{e}");
+            let msg = e.to_string();
+            assert!(msg.contains("fifo.img is a FIFO, not a regular file"), "{msg}");
+        }
         let empty = image(dir.path(), "empty.img", 0);
         assert!(matches!(
             Disk::open(&empty, false, None),

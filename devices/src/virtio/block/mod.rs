@@ -67,10 +67,12 @@ pub enum Error {
         path: PathBuf,
     },
     /// The image is neither a regular file nor a block device.
-    #[error("disk image {} is not a regular file or a block device", .path.display())]
+    #[error("disk image {} is {kind}, not a regular file or a block device", .path.display())]
     NotAFile {
         /// The image path.
         path: PathBuf,
+        /// What it is ("a FIFO", "a socket", …).
+        kind: &'static str,
     },
     /// Opening or inspecting the image failed.
     #[error("opening disk image {} failed: {source}", .path.display())]

@@ -6,6 +6,9 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
+// A FIFO as --kernel or --initrd is refused instead of blocking the open.
+use aivmm_devices::host_file::open_regular;
+
 use linux_loader::cmdline::Cmdline;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
@@ -117,7 +120,7 @@ pub fn load_kernel_cached(
 ) -> Result<LoadedKernel> {
     if let Some(dir) = cache_dir {
         let mut head = [0u8; 0x280];
-        let is_bz = File::open(path)
+        let is_bz = open_regular(path)
             .and_then(|mut f| f.read_exact(&mut head))
             .is_ok()
             && super::vmlinux::is_bzimage(&head);
@@ -163,7 +166,7 @@ fn bzimage_header(head: &[u8]) -> linux_loader::loader::bootparam::setup_header 
 /// bzImage (entered at its 64-bit entry).
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel> {
     let shown = path.display().to_string();
-    let mut f = File::open(path).map_err(|source| Error::KernelFile {
+    let mut f = open_regular(path).map_err(|source| Error::KernelFile {
         path: shown.clone(),
         source,
     })?;
@@ -335,7 +338,7 @@ pub struct InitrdPlan<'a> {
 /// bzImage's `initrd_addr_max` (which a cached vmlinux inherits), else 2 GiB.
 fn initrd_addr_max(kernel_path: &Path) -> u64 {
     let mut head = [0u8; 0x230];
-    let read = File::open(kernel_path).and_then(|mut f| f.read_exact(&mut head));
+    let read = open_regular(kernel_path).and_then(|mut f| f.read_exact(&mut head));
     match read {
         Ok(()) if super::vmlinux::is_bzimage(&head) => {
             u64::from(u32::from_le_bytes([head[0x22c], head[0x22d], head[0x22e], head[0x22f]]))
@@ -370,7 +373,7 @@ pub fn plan_initrd<'a>(
         path: path.display().to_string(),
         source,
     };
-    let file = File::open(path).map_err(err)?;
+    let file = open_regular(path).map_err(err)?;
     let size = file.metadata().map_err(err)?.len();
     let (addr, limit) = initrd_slot(mem, initrd_addr_max(kernel_path), size)?;
     Ok(InitrdPlan {

@@ -15,14 +15,16 @@
 //! its translations of recycled pages, at random points of whichever boot wrote
 //! them first. tests/e2e/README.md, "Fair timing", has the story.)
 //!
-//! The cache entry is keyed by the bzImage's path, size, mtime, inode and device,
-//! so a rebuilt or replaced kernel gets a new entry. Anything unexpected (another
+//! The cache entry is keyed by the bzImage's path, size, mtime, ctime, inode and
+//! device, so a rebuilt or replaced kernel gets a new entry. The ctime matters:
+//! a same-size rewrite in place keeps the inode, and `touch -r` or `utimensat`
+//! can restore the mtime, but nothing but the kernel's clock sets the ctime. Anything unexpected (another
 //! compression, a corrupt payload, an unwritable cache) falls back to booting the
 //! bzImage as it is; only a kernel the fallback also rejects is an error. The
 //! cache keeps the [`KEEP`] most recently used entries.
 
 use std::fs::{self, File};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -68,7 +70,7 @@ const LZ4_LEGACY_BLOCK: usize = 8 << 20;
 /// No kernel is this large unpacked; a payload that claims more is corrupt.
 const MAX_VMLINUX: usize = 1 << 30;
 /// Bumped when the cache's content or naming changes.
-const CACHE_VERSION: &str = "aivmm-vmlinux-v2";
+const CACHE_VERSION: &str = "aivmm-vmlinux-v3";
 
 fn le32(b: &[u8], off: usize) -> Option<u32> {
     let s = b.get(off..off.checked_add(4)?)?;
@@ -245,8 +247,9 @@ fn cache_path(path: &Path, cache_dir: &Path) -> Result<PathBuf> {
     for v in [m.len(), m.ino(), m.dev()] {
         h.update(v.to_le_bytes());
     }
-    h.update(m.mtime().to_le_bytes());
-    h.update(m.mtime_nsec().to_le_bytes());
+    for t in [m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()] {
+        h.update(t.to_le_bytes());
+    }
     let key: String = h.finalize()[..16]
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -267,11 +270,14 @@ pub fn cached_vmlinux(path: &Path, cache_dir: &Path) -> Result<PathBuf> {
             .and_then(|f| f.set_modified(std::time::SystemTime::now()));
         return Ok(target);
     }
-    let bz = fs::read(path).map_err(|source| Error::Io {
-        what: "cannot read kernel",
-        path: path.display().to_string(),
-        source,
-    })?;
+    let mut bz = Vec::new();
+    aivmm_devices::host_file::open_regular(path)
+        .and_then(|mut f| f.read_to_end(&mut bz))
+        .map_err(|source| Error::Io {
+            what: "cannot read kernel",
+            path: path.display().to_string(),
+            source,
+        })?;
     let vmlinux = extract(&bz)?;
     let cache_io = |what, source| Error::Io {
         what,
@@ -475,6 +481,44 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    /// A kernel rewritten in place with the same size, and its mtime put back
+    /// (as `cp --preserve` or `touch -r` would), is not served from the cache:
+    /// its ctime moved.
+    #[test]
+    fn same_size_rewrite_with_the_mtime_restored_misses_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = dir.path().join("bzImage");
+        let cache = dir.path().join("cache");
+        let elf1 = fake_elf(50_000);
+        let mut elf2 = elf1.clone();
+        elf2[1000..1010].copy_from_slice(b"rewritten!");
+        let mut bz1 = bzimage(&lz4_legacy(&elf1, 16384, true));
+        let mut bz2 = bzimage(&lz4_legacy(&elf2, 16384, true));
+        // Bytes past the payload are ignored: pad both to one size.
+        let len = bz1.len().max(bz2.len());
+        bz1.resize(len, 0);
+        bz2.resize(len, 0);
+        fs::write(&k, &bz1).unwrap();
+        let before = fs::metadata(&k).unwrap();
+        let p1 = cached_vmlinux(&k, &cache).unwrap();
+        assert_eq!(fs::read(&p1).unwrap(), elf1);
+        // The ctime has a clock tick to move by (coarse on some filesystems).
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let mut f = fs::OpenOptions::new().write(true).open(&k).unwrap();
+        f.write_all(&bz2).unwrap();
+        f.set_modified(before.modified().unwrap()).unwrap();
+        drop(f);
+        let after = fs::metadata(&k).unwrap();
+        assert_eq!(
+            (after.len(), after.ino(), after.dev(), after.modified().unwrap()),
+            (before.len(), before.ino(), before.dev(), before.modified().unwrap()),
+            "the rewrite must look the same to the old key"
+        );
+        let p2 = cached_vmlinux(&k, &cache).unwrap();
+        assert_ne!(p1, p2, "a stale vmlinux was served");
+        assert_eq!(fs::read(&p2).unwrap(), elf2);
     }
 
     #[test]

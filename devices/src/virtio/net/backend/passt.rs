@@ -3,12 +3,26 @@
 //! aivmm makes a `socketpair(AF_UNIX, SOCK_STREAM)`, keeps one end and starts
 //!
 //! ```text
-//! passt -f -e -q -1 --fd N [-t 127.0.0.1/HOST:GUEST]... [-u 127.0.0.1/HOST:GUEST]...
+//! passt -f -e -q -1 --no-map-gw --fd N [-D ADDR]... [-t 127.0.0.1/HOST:GUEST]... [-u ...]
 //! ```
 //!
 //! with the other end as fd `N`: foreground, log to stderr, quiet, serve this one
 //! peer and quit when it goes. Frames then use QEMU's stream protocol
 //! ([`Stream`]). No socket path is needed.
+//!
+//! `--no-map-gw` is the sandbox boundary: without it passt sends the guest's
+//! connections to the gateway address to the host's 127.0.0.1, so the guest could
+//! reach every loopback-only service of the host (other VMs' ssh, the builder,
+//! databases). Port forwards still work: passt tracks each connection it accepts
+//! on the host's 127.0.0.1 and answers the guest's side of it without the
+//! gateway mapping. (Bookworm's passt does not track UDP that way, so a UDP
+//! forward's replies may not reach the host client; a warning says so.)
+//!
+//! With `--no-map-gw` passt drops loopback resolvers from `/etc/resolv.conf`
+//! (they were reached through the same mapping). On a host whose resolv.conf
+//! names only a local stub (systemd-resolved's 127.0.0.53) aivmm passes the
+//! stub's upstream servers from `/run/systemd/resolve/resolv.conf` with `-D`, so
+//! the guest still gets a resolver by DHCP.
 //!
 //! passt lives exactly as long as the backend: the child gets `PR_SET_PDEATHSIG`
 //! (SIGKILL) so it dies with aivmm, `-1` makes it quit when its end of the socket
@@ -20,7 +34,7 @@
 //! stderr; aivmm binds each port on 127.0.0.1 itself first to give a clear error.
 
 use std::io::{self, BufRead, BufReader};
-use std::net::{Ipv4Addr, TcpListener, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, TcpListener, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -67,8 +81,15 @@ impl Passt {
         }
         let (ours, theirs) = UnixStream::pair().map_err(Error::Socket)?;
         let fd = theirs.as_raw_fd();
+        if forwards.iter().any(|f| f.udp) {
+            warn!(
+                "virtio-net: passt does not map UDP replies back to the host's loopback \
+                 (--no-map-gw), so a UDP port forward may not answer its host client"
+            );
+        }
+        let dns = host_resolvers();
         let mut cmd = Command::new(binary);
-        cmd.args(args(fd, forwards))
+        cmd.args(args(fd, &dns, forwards))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -141,18 +162,81 @@ impl Passt {
     }
 }
 
-/// passt's command line for socket fd `fd` and `forwards`.
-pub fn args(fd: RawFd, forwards: &[PortForward]) -> Vec<String> {
-    let mut a: Vec<String> = ["-f", "-e", "-q", "-1", "--fd"]
+/// passt's command line for socket fd `fd`, explicit resolvers `dns` (none:
+/// passt reads `/etc/resolv.conf`) and `forwards`.
+pub fn args(fd: RawFd, dns: &[IpAddr], forwards: &[PortForward]) -> Vec<String> {
+    let mut a: Vec<String> = ["-f", "-e", "-q", "-1", "--no-map-gw", "--fd"]
         .iter()
         .map(|s| s.to_string())
         .collect();
     a.push(fd.to_string());
+    for d in dns {
+        a.push("-D".into());
+        a.push(d.to_string());
+    }
     for f in forwards {
         a.push(if f.udp { "-u" } else { "-t" }.into());
         a.push(format!("127.0.0.1/{}:{}", f.host_port, f.guest_port));
     }
     a
+}
+
+/// The host's resolv.conf, and systemd-resolved's list of its upstream servers.
+const RESOLV_CONF: &str = "/etc/resolv.conf";
+const RESOLVED_UPSTREAM: &str = "/run/systemd/resolve/resolv.conf";
+
+/// Resolvers to hand passt with `-D`: none when `/etc/resolv.conf` names a
+/// non-loopback server (passt reads it itself), else the local stub's upstreams.
+fn host_resolvers() -> Vec<IpAddr> {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let main = read(RESOLV_CONF);
+    if nameservers(&main).into_iter().any(usable) {
+        return Vec::new();
+    }
+    let dns = resolvers_for_passt(&main, &read(RESOLVED_UPSTREAM));
+    if dns.is_empty() {
+        warn!(
+            "virtio-net: {RESOLV_CONF} names no resolver the guest may use (loopback ones \
+             need the gateway mapping that --no-map-gw turns off); the guest gets no DNS server"
+        );
+    }
+    dns
+}
+
+/// Whether the guest can reach resolver `a` through passt: not the host's
+/// loopback, and not link-local (its scope is a host interface).
+fn usable(a: IpAddr) -> bool {
+    match a {
+        IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local(),
+        IpAddr::V6(v6) => !v6.is_loopback() && !v6.is_unicast_link_local(),
+    }
+}
+
+/// The `nameserver` addresses of resolv.conf text `text` (unparsable ones skipped).
+fn nameservers(text: &str) -> Vec<IpAddr> {
+    text.lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next() == Some("nameserver")).then_some(())?;
+            // A scoped IPv6 address ("fe80::1%eth0") keeps only its address part.
+            w.next()?.split('%').next()?.parse().ok()
+        })
+        .collect()
+}
+
+/// Which resolvers aivmm names to passt, from the text of `/etc/resolv.conf`
+/// (`main`) and of systemd-resolved's upstream list (`upstream`): none while
+/// `main` has a [`usable`] server, else `upstream`'s usable servers (at most
+/// three, as resolv.conf itself allows).
+fn resolvers_for_passt(main: &str, upstream: &str) -> Vec<IpAddr> {
+    if nameservers(main).into_iter().any(usable) {
+        return Vec::new();
+    }
+    nameservers(upstream)
+        .into_iter()
+        .filter(|a| usable(*a))
+        .take(3)
+        .collect()
 }
 
 /// Refuses port 0 and host ports another process holds on 127.0.0.1.
@@ -303,10 +387,35 @@ mod tests {
                 udp: true,
             },
         ];
+        let a = args(7, &[], &f);
         assert_eq!(
-            args(7, &f).join(" "),
-            "-f -e -q -1 --fd 7 -t 127.0.0.1/8080:80 -u 127.0.0.1/5353:53"
+            a.join(" "),
+            "-f -e -q -1 --no-map-gw --fd 7 -t 127.0.0.1/8080:80 -u 127.0.0.1/5353:53"
         );
+        // The gateway is never the host's loopback, whatever else is given.
+        assert!(a.iter().any(|x| x == "--no-map-gw"));
+        let dns: [IpAddr; 2] = ["192.0.2.53".parse().unwrap(), "2001:db8::53".parse().unwrap()];
+        assert_eq!(
+            args(3, &dns, &[]).join(" "),
+            "-f -e -q -1 --no-map-gw --fd 3 -D 192.0.2.53 -D 2001:db8::53"
+        );
+    }
+
+    #[test]
+    fn loopback_resolvers_are_replaced_by_the_stubs_upstreams() {
+        let stub = "# systemd-resolved\nnameserver 127.0.0.53\noptions edns0\nsearch lan\n";
+        let upstream = "nameserver 192.0.2.1\nnameserver fe80::1%eth0\nnameserver 127.0.0.1\n\
+                        nameserver 192.0.2.2\nnameserver 192.0.2.3\nnameserver 192.0.2.4\n";
+        let got: Vec<String> = resolvers_for_passt(stub, upstream)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(got, ["192.0.2.1", "192.0.2.2", "192.0.2.3"]);
+        // A usable resolver in resolv.conf: passt reads it itself.
+        assert!(resolvers_for_passt("nameserver 10.0.0.1\nnameserver ::1\n", upstream).is_empty());
+        // Nothing usable anywhere: nothing named (and a warning at spawn).
+        assert!(resolvers_for_passt(stub, "").is_empty());
+        assert!(resolvers_for_passt("", "garbage\nnameserver x.y\n").is_empty());
     }
 
     /// A passt that dies while the VM runs is reported.
