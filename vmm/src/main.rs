@@ -48,14 +48,18 @@ fn main() -> ExitCode {
         Command::Ps => code(aivmm::manage::ps()),
         Command::Stop { target, timeout } => code(aivmm::manage::stop(&target, timeout)),
         Command::Exec(args) => code(aivmm::manage::exec(&args)),
-        Command::Trust(args) => aivmm::trust::run(
-            &args.action(),
-            &aivmm::pins::default_path(),
-            &aivmm::settings::Limits::host(),
-            &mut std::io::stdout(),
-        )
-        .map(|c| ExitCode::from(c.clamp(0, 255) as u8))
-        .map_err(Into::into),
+        Command::Trust(args) => aivmm::pins::default_path()
+            .map_err(aivmm::trust::Error::from)
+            .and_then(|pins| {
+                aivmm::trust::run(
+                    &args.action(),
+                    &pins,
+                    &aivmm::settings::Limits::host(),
+                    &mut std::io::stdout(),
+                )
+            })
+            .map(|c| ExitCode::from(c.clamp(0, 255) as u8))
+            .map_err(Into::into),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             let mut cmd = Cli::command();

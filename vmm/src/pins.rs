@@ -47,6 +47,9 @@ pub enum Error {
     /// A workdir path that a line cannot hold.
     #[error("{0}: a path with a newline cannot be trusted")]
     Newline(PathBuf),
+    /// There is no state directory to keep pins in.
+    #[error(transparent)]
+    NoState(#[from] crate::workdir::Error),
 }
 
 /// `Result` of pin handling.
@@ -75,14 +78,14 @@ pub struct Pins {
 
 /// aivmm's state directory: `$XDG_STATE_HOME/aivmm` or `~/.local/state/aivmm`,
 /// the parent of the per-workdir state.
-pub fn state_base() -> PathBuf {
-    let vms = crate::workdir::state_root();
-    vms.parent().map(Path::to_path_buf).unwrap_or(vms)
+pub fn state_base() -> Result<PathBuf> {
+    let vms = crate::workdir::state_root()?;
+    Ok(vms.parent().map(Path::to_path_buf).unwrap_or(vms))
 }
 
 /// The pin file.
-pub fn default_path() -> PathBuf {
-    state_base().join("trusted")
+pub fn default_path() -> Result<PathBuf> {
+    Ok(state_base()?.join("trusted"))
 }
 
 /// Lower-case hex of `bytes`.

@@ -781,7 +781,7 @@ pub fn apply(args: &mut RunArgs, workdir: &Path) -> Result<Applied> {
         args,
         workdir,
         user_config_path().as_deref(),
-        &pins::default_path(),
+        &pins::default_path()?,
     )?;
     if let Some(line) = applied.line() {
         if !crate::logging::quiet() {
