@@ -27,6 +27,8 @@ SCENARIOS = {
     "`aivmm: error: guest kernel panic: Kernel panic - not syncing: ...`; a plain guest reset still exits 0",
     "disk-full": "the share and a sparse disk image on a 4 MiB tmpfs in L1: the guest's 8 MiB writes get "
     "ENOSPC (virtio-fs) and EIO (virtio-blk); both devices work afterwards; aivmm exits 0",
+    "fs-modes": "in a virtio-fs share the guest's chmod 4755/2755, a create with 06755 and a mkdir with "
+    "02775 leave no setuid/setgid bit on L1; security.capability and trusted.* setxattr fail; user.* works",
     "seccomp": "aivmm with a disk, a share and rng, devices active: every thread in "
     "/proc/PID/task/*/status shows Seccomp: 2 with two filters, the process filter and its kind's "
     "(and, as a control, 0 with --seccomp off)",
@@ -39,7 +41,7 @@ SCENARIOS = {
 NOT_DEFAULT = set()
 
 # Seconds each takes at most (the L1 overall timeout is the sum).
-BUDGET = {"disk-full": 120, "fs-escape-hard": 150, "blk-durability": 120, "fs-durability": 120, "panic": 200, "seccomp": 260}
+BUDGET = {"fs-modes": 120, "disk-full": 120, "fs-escape-hard": 150, "blk-durability": 120, "fs-durability": 120, "panic": 200, "seccomp": 260}
 
 REQUIRED = {
     "fs-escape-hard": ["mount", "abs-symlink", "rel-symlink", "deep-rel-symlink", "procroot-symlink",
@@ -49,6 +51,9 @@ REQUIRED = {
                        "l1-fifo-is-fifo", "l1-guest-symlink-kept", "l1-proc-fd-symlink-kept"],
     "seccomp": ["mount", "blk-read", "fs-write", "l1-go", "l1-threads-seccomp-2"],
     "seccomp/off": ["mount", "l1-threads-seccomp-0"],
+    "fs-modes": ["mount", "create", "chmod-4755-answered", "setxattr-security-capability", "setxattr-trusted",
+                 "setxattr-user", "guest-no-suid", "l1-no-suid", "l1-no-sgid", "l1-create-no-suid",
+                 "l1-dir-no-sgid"],
     "disk-full": ["mount", "fs-enospc", "fs-after-full", "blk-eio", "blk-read-after", "l1-after-file"],
     "blk-durability": [],
     "fs-durability": ["mount"],
@@ -63,15 +68,16 @@ def l2_extras(cpio):
 def l1_extras(cpio):
     """L1 side: l1-hard.sh and hard-swap (static, built here with gcc)."""
     cpio.copy("l1-hard.sh", os.path.join(HERE, "l1-hard.sh"), 0o644)
-    src = os.path.join(HERE, "hard-swap.c")
-    out = os.path.join(os.environ.get("E2E_WORK", os.path.join(HERE, "work")), "hard-swap")
-    if not os.path.exists(out) or os.path.getmtime(out) < os.path.getmtime(src):
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        r = subprocess.run(["gcc", "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o", out, src],
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            raise SystemExit(f"e2e: error: building hard-swap failed (gcc -static; needs libc6-dev):\n{r.stderr}")
-    cpio.copy("bin/hard-swap", out, 0o755)
+    for name in ("hard-swap", "fsmodes"):
+        src = os.path.join(HERE, f"{name}.c")
+        out = os.path.join(os.environ.get("E2E_WORK", os.path.join(HERE, "work")), name)
+        if not os.path.exists(out) or os.path.getmtime(out) < os.path.getmtime(src):
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            r = subprocess.run(["gcc", "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o", out, src],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                raise SystemExit(f"e2e: error: building {name} failed (gcc -static; needs libc6-dev):\n{r.stderr}")
+        cpio.copy(f"bin/{name}", out, 0o755)
 
 
 def check_run(sc, tag, clean=True):
@@ -216,6 +222,12 @@ def judge(sc):
         return judge_panic(sc)
     if sc.name == "seccomp":
         return judge_seccomp(sc)
+    if sc.name == "fs-modes":
+        problems, info = check_run(sc, sc.name)
+        if problems:
+            return False, "; ".join(problems), info
+        return True, "no setuid/setgid bit reached L1 (chmod, create, mkdir); security.* and trusted.* " \
+                     "xattrs refused, user.* kept; aivmm exit 0", []
     if sc.name == "disk-full":
         problems, info = check_run(sc, sc.name)
         if problems:

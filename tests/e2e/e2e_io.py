@@ -20,8 +20,10 @@ SCENARIOS = {
     "fs-escape": "symlinks (absolute, relative) and .. from the share toward an L1 secret outside it: "
     "the secret's marker never reaches the guest; nothing outside the share changes",
     "blk-ro": "--disk IMG:ro: blockdev --getro = 1, writes fail, reads work, image unchanged",
-    "net": "--net user (passt): DHCP, then 32 MiB each way with an L1 TCP server via the gateway, "
+    "net": "--net user (passt): DHCP, then 32 MiB each way with an L1 TCP server at L1's outside address (10.0.96.1), "
     "sha256-checked; MiB/s",
+    "host-loopback": "--net user (passt): a service on L1's 127.0.0.1 is unreachable through the gateway "
+    "address, while L1's outside address answers (the control)",
     "forward": "--net user --forward 18080:8080: L1 fetches 1 MiB from a guest TCP server, sha256-checked",
     "vsock": "--vsock: 16 MiB guest->L1 (CID 2 port 5000 -> PATH_5000) and L1->guest (CONNECT 5001), "
     "sha256-checked; MiB/s",
@@ -35,7 +37,7 @@ SCENARIOS = {
 NOT_DEFAULT = set()
 
 # Seconds each takes at most (the L1 overall timeout is the sum).
-BUDGET = {"fs-many": 120, "fs-ro": 120, "fs-escape": 120, "blk-ro": 120, "net": 300, "forward": 150, "vsock": 150,
+BUDGET = {"fs-many": 120, "fs-ro": 120, "fs-escape": 120, "blk-ro": 120, "net": 300, "host-loopback": 200, "forward": 150, "vsock": 150,
           "net-tap": 300}
 # Extra seconds for the extended fs and blk scenarios (blk boots a second time).
 EXTRA_BUDGET = {"fs": 60, "blk": 120}
@@ -53,6 +55,7 @@ REQUIRED = {
     "blk/ext4": ["mke2fs", "mount-ext4", "ext-write", "umount", "l1-e2fsck", "l1-ext-hello", "l1-ext-symlink"],
     "blk-ro": ["getro", "ro-read", "write-fails", "ro-read-after", "l1-image-unchanged"],
     "net": ["dhcp", "tcp-up", "tcp-down"],
+    "host-loopback": ["dhcp", "outside", "gateway-loopback"],
     "forward": ["dhcp", "serve-8080"],
     "vsock": ["vsock-up", "vsock-down", "l1-host-connect"],
     "net-tap": ["static-ip", "ping", "tcp-up", "tcp-down"],

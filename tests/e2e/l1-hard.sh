@@ -116,6 +116,16 @@ hard_scenario() {
 		hhck fs-durability no-aivmm-left [ -z "$(pidof aivmm)" ]
 		rm -rf /tmp/fsdur
 		;;
+	fs-modes)
+		rm -rf /tmp/fm && mkdir -p /tmp/fm
+		cp /bin/fsmodes /tmp/fm/fsmodes
+		hard_vmm fs-modes 90 hard-fsmodes --share /tmp/fm:e2e
+		hhck fs-modes no-suid [ "$(stat -c %a /tmp/fm/suid)" = 755 ]
+		hhck fs-modes no-sgid [ "$(stat -c %a /tmp/fm/sgid)" = 755 ]
+		hhck fs-modes create-no-suid sh -c '[ $(( 0$(stat -c %a /tmp/fm/created-suid) & 06000 )) = 0 ]'
+		hhck fs-modes dir-no-sgid sh -c '[ $(( 0$(stat -c %a /tmp/fm/sgid-dir) & 06000 )) = 0 ]'
+		hh fs-modes "E2E-RESULT l1_modes=$(stat -c %n:%a /tmp/fm/* | tr '\n' ,)"
+		;;
 	disk-full)
 		mkdir -p /tmp/full && mount -t tmpfs -o size=4m full /tmp/full
 		mkdir -p /tmp/full/share

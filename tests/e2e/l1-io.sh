@@ -68,6 +68,9 @@ l1_net() {
 	ip addr add 10.0.2.15/24 dev d0
 	ip link set d0 up
 	ip route add default via 10.0.2.2 dev d0
+	# L1's own address that a guest behind passt reaches as an outside host: passt runs
+	# with --no-map-gw, so the gateway address no longer leads to L1's loopback.
+	ip addr add 10.0.96.1/32 dev d0
 	# passt makes a user namespace (refused to a chrooted process) and pivot_root()s
 	# (refused when the root is the initramfs: rootfs has no parent mount). So aivmm
 	# (and so passt) runs in its own mount namespace whose root is a recursive bind
@@ -188,6 +191,18 @@ io_scenario() {
 		run_qemu_io net/qemu 150 net -netdev stream,id=n0,server=off,addr.type=unix,addr.path=/tmp/qpasst.sock \
 			-device virtio-net-device,netdev=n0
 		tcp_collect
+		;;
+	host-loopback)
+		# A secret on L1's loopback only, a control on all addresses: the guest must
+		# get the control through L1's outside address and never the secret through
+		# the gateway (passt --no-map-gw).
+		l1_net
+		socat TCP-LISTEN:5004,bind=127.0.0.1,reuseaddr,fork SYSTEM:"echo L1-LOOPBACK-SECRET" &
+		LP1=$!
+		socat TCP-LISTEN:5003,reuseaddr,fork SYSTEM:"echo L1-OUTSIDE-OK" &
+		LP2=$!
+		IO_CHROOT="unshare -m /bin/sh /tmp/io-nsroot.sh" run_io host-loopback 150 host-loopback --net user
+		kill $LP1 $LP2 2>/dev/null
 		;;
 	forward)
 		l1_net

@@ -129,6 +129,11 @@ hard_main() {
 	hard-escape) hard_escape ;;
 	hard-seccomp) hard_seccomp ;;
 	hard-full) hard_full ;;
+	hard-fsmodes)
+		hard_mount
+		/mnt/fsmodes /mnt
+		umount /mnt
+		;;
 	hard-blk-dur)
 		load_mods blk
 		hard_pattern

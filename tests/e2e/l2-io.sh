@@ -205,7 +205,17 @@ io_main() {
 	net)
 		load_mods net
 		dhcp
-		tcp_xfer "$GW" net_
+		tcp_xfer 10.0.96.1 net_ # L1's outside address (l1_net); the gateway is not L1
+		;;
+	host-loopback)
+		load_mods net
+		dhcp
+		ck outside sh -c 'timeout 20 socat -u TCP:10.0.96.1:5003,connect-timeout=10 - | grep -q L1-OUTSIDE-OK'
+		got=$(timeout 20 socat -u TCP:$GW:5004,connect-timeout=10 - 2>&1 | head -c 200 | tr '\n' ' ')
+		case "$got" in
+		*L1-LOOPBACK-SECRET*) echo "E2E-CHECK gateway-loopback FAIL the guest read L1's loopback service via $GW: $got" ;;
+		*) echo "E2E-CHECK gateway-loopback ok ($GW:5004: ${got:-nothing})" ;;
+		esac
 		;;
 	forward)
 		load_mods net

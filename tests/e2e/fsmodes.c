@@ -1,0 +1,64 @@
+/* fsmodes DIR: run by the guest in a virtio-fs share (tests/e2e `fs-modes`). It
+ * tries what must not reach the host: setuid and setgid bits by chmod, by create
+ * and by mkdir, and security.* / trusted.* extended attributes; a user.* one must
+ * still work. Prints `E2E-CHECK name ok|FAIL why` lines; L1 then checks the modes
+ * on its side. Build: gcc -static -O2 -o fsmodes fsmodes.c.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/xattr.h>
+#include <unistd.h>
+
+static void check(const char *name, int ok, const char *why)
+{
+	printf("E2E-CHECK %s %s%s%s\n", name, ok ? "ok" : "FAIL", ok ? "" : " ", ok ? "" : why);
+}
+
+static void refused(const char *name, int rc)
+{
+	char why[128];
+	snprintf(why, sizeof why, "rc=%d errno=%s", rc, rc == 0 ? "none (it was set)" : strerror(errno));
+	check(name, rc != 0, why);
+}
+
+int main(int argc, char **argv)
+{
+	if (argc != 2 || chdir(argv[1]) != 0) {
+		printf("E2E-CHECK fsmodes-start FAIL usage: fsmodes DIR\n");
+		return 2;
+	}
+	char why[160];
+	int fd = open("suid", O_CREAT | O_WRONLY | O_TRUNC, 0755);
+	check("create", fd >= 0, strerror(errno));
+	if (fd >= 0)
+		close(fd);
+	int rc = chmod("suid", 04755);
+	snprintf(why, sizeof why, "chmod 4755: %s", strerror(errno));
+	check("chmod-4755-answered", rc == 0, why); /* answered, with the bit dropped */
+	fd = open("sgid", O_CREAT | O_WRONLY | O_TRUNC, 0755);
+	if (fd >= 0)
+		close(fd);
+	chmod("sgid", 02755);
+	fd = open("created-suid", O_CREAT | O_WRONLY | O_EXCL, 06755);
+	if (fd >= 0)
+		close(fd);
+	mkdir("sgid-dir", 02775);
+	chmod("sgid-dir", 02775);
+	/* A file capability (VFS_CAP_REVISION_2, cap_setuid permitted+effective). */
+	unsigned char cap[20] = {0x01, 0x00, 0x00, 0x02, 0x80, 0x00, 0x00, 0x00};
+	refused("setxattr-security-capability", setxattr("suid", "security.capability", cap, sizeof cap, 0));
+	refused("setxattr-trusted", setxattr("suid", "trusted.e2e", "x", 1, 0));
+	rc = setxattr("suid", "user.e2e", "kept", 4, 0);
+	snprintf(why, sizeof why, "user.e2e: %s", strerror(errno));
+	check("setxattr-user", rc == 0, why);
+	struct stat st;
+	if (stat("suid", &st) == 0) {
+		snprintf(why, sizeof why, "the guest sees mode %o", st.st_mode & 07777);
+		check("guest-no-suid", !(st.st_mode & (S_ISUID | S_ISGID)), why);
+	}
+	printf("E2E-FSMODES-DONE\n");
+	return 0;
+}
