@@ -23,8 +23,9 @@ SCENARIOS = {
     "`aivmm stop` a new run on it works",
     "env": "--env NAME=VALUE and --env NAME (from L1's environment) reach the command; neither value is "
     "in the guest's /proc/cmdline",
-    "claude-auth": "--claude-auth: L1's ~/.claude is the guest's (read and written), ~/.claude.json a copy "
-    "the guest writes while L1's stays as it was",
+    "claude-auth": "--claude-auth: the guest gets a copy of L1's credentials and of ~/.claude.json's auth "
+    "fields only; its hook, command and refreshed token land in its own copy, and only the token (newer, "
+    "checked) comes back to L1's ~/.claude, which is otherwise byte-for-byte unchanged",
     "stop": "`aivmm ps` lists the running VM, `aivmm exec` runs a command in it (exit 5 comes back), "
     "`aivmm stop` presses the ACPI power button and the guest shuts down cleanly (agent sees KEY_POWER, "
     "/work unmounted, S5 power-off, no kill); a guest whose button driver is unbound is killed after "
@@ -59,7 +60,7 @@ REQUIRED = {
     "stop/a": ["started"],
     "stop/ignore-a": ["started"],
     "stop/exec": ["l1-exec-file"],
-    "claude-auth": ["l1-claude-dir", "l1-claude-copy", "l1-claude-json-untouched"],
+    "claude-auth": ["l1-claude-unchanged", "l1-claude-no-commands", "l1-claude-token", "l1-claude-copy"],
     "ssh/a": ["started", "ssh-config", "guest-answered", "host-key-recorded", "strict-host-key", "by-hand",
               "other-key-refused"],
     "trust/refused": ["no-state"],
@@ -219,9 +220,13 @@ def judge(sc):
         info.append(f"both variables in the guest; guest {cl.strip()}")
     elif n == "claude-auth":
         r = _exit_is(problems, sc, "claude-auth", ["0"])
-        _has(problems, r, "claude-auth", "claude-cred=l1-cred")
-        _has(problems, r, "claude-auth", 'claude-json={"l1":1}')
-        info.append("~/.claude shared both ways, the guest wrote its .claude.json copy, L1's untouched")
+        _has(problems, r, "claude-auth", '"accessToken":"sk-l1-old"')
+        _has(problems, r, "claude-auth", 'claude-json={"oauthAccount":{"emailAddress":"l1@e2e"}}')
+        _has(problems, r, "claude-auth", "claude-settings=none")
+        if any("mcpServers" in l or "theme" in l for l in _lines(r)):
+            problems.append("claude-auth: more than the credentials and auth fields reached the guest")
+        info.append("credentials and auth fields copied in; the guest's hook and command stayed in the guest, "
+                    "its refreshed token reached L1 and nothing else did")
     elif n == "stop":
         a = _exit_is(problems, sc, "stop/a", ["129", "143"])
         _has(problems, a, "stop/a", "bg-started")

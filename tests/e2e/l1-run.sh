@@ -206,20 +206,32 @@ rn_scenario() {
 			echo "cmdline: $(cat /proc/cmdline)"'
 		;;
 	claude-auth)
-		# L1's ~/.claude is the guest's; ~/.claude.json a copy the guest may write.
+		# L1's ~/.claude is never shared: the guest gets a copy of the credentials and
+		# of ~/.claude.json's auth fields; only a refreshed token comes back.
 		w=/tmp/rn-claude
 		hm=/tmp/rn-home
 		rm -rf $w $hm $RN_STATE/aivmm/claude && mkdir -p $w $hm/.claude
-		echo l1-cred >$hm/.claude/.credentials.json
-		echo '{"l1":1}' >$hm/.claude.json
+		echo '{"claudeAiOauth":{"accessToken":"sk-l1-old","refreshToken":"rt-l1-old","expiresAt":1000,"scopes":["user:inference"]},"mcpOAuth":{"l1":1}}' >$hm/.claude/.credentials.json
+		chmod 600 $hm/.claude/.credentials.json
+		echo '{"theme":"dark"}' >$hm/.claude/settings.json
+		echo '{"oauthAccount":{"emailAddress":"l1@e2e"},"mcpServers":{"l1":{"command":"true"}}}' >$hm/.claude.json
+		# Every path of L1's Claude files, and the sums of all but the credentials.
+		rn_claude_snap() { (cd $hm && find .claude .claude.json | sort && find .claude .claude.json -type f ! -name .credentials.json | sort | xargs sha256sum); }
+		rn_claude_same() { [ "$(cat /tmp/rn-claude-before)" = "$(cat /tmp/rn-claude-after)" ] || { echo changed: $(cat /tmp/rn-claude-after); return 1; }; }
+		rn_claude_snap >/tmp/rn-claude-before
 		HOME=$hm rn_aivmm claude-auth 240 $w --claude-auth -- sh -c '
 			echo "claude-cred=$(cat ~/.claude/.credentials.json)"
 			echo "claude-json=$(cat ~/.claude.json)"
+			echo "claude-settings=$(cat ~/.claude/settings.json 2>/dev/null || echo none)"
 			echo "{\"guest\":2}" >~/.claude.json
-			echo from-guest >~/.claude/guest.txt'
-		rn_ck claude-auth l1-claude-dir rn_is $hm/.claude/guest.txt from-guest
+			echo "{\"hooks\":{\"SessionStart\":[{\"hooks\":[{\"type\":\"command\",\"command\":\"touch /tmp/rn-pwned\"}]}]}}" >~/.claude/settings.json
+			mkdir -p ~/.claude/commands && echo "run something" >~/.claude/commands/x.md
+			echo "{\"claudeAiOauth\":{\"accessToken\":\"sk-guest-new\",\"refreshToken\":\"rt-guest-new\",\"expiresAt\":2000,\"scopes\":[\"user:inference\"]}}" >~/.claude/.credentials.json'
+		rn_claude_snap >/tmp/rn-claude-after
+		rn_ck claude-auth l1-claude-unchanged rn_claude_same
+		rn_ck claude-auth l1-claude-no-commands sh -c "test ! -e $hm/.claude/commands"
+		rn_ck claude-auth l1-claude-token sh -c "c=$hm/.claude/.credentials.json; grep -q '\"accessToken\":\"sk-guest-new\"' \$c && grep -q '\"expiresAt\":2000' \$c && grep -q '\"mcpOAuth\":{\"l1\":1}' \$c && test \$(stat -c %a \$c) = 600 || { cat \$c; false; }"
 		rn_ck claude-auth l1-claude-copy rn_is $RN_STATE/aivmm/claude/.claude.json '{"guest":2}'
-		rn_ck claude-auth l1-claude-json-untouched rn_is $hm/.claude.json '{"l1":1}'
 		;;
 	nested)
 		w=/tmp/rn-nested

@@ -203,8 +203,9 @@ pub struct RunArgs {
     /// guest. Any number.
     #[arg(long, value_name = "PATH")]
     pub share_rw: Vec<PathBuf>,
-    /// With --workdir: share your Claude Code login (~/.claude read-write, and a
-    /// copy of ~/.claude.json kept in aivmm's state) so it survives across VMs.
+    /// With --workdir: give the guest a copy of your Claude Code login (the
+    /// credentials and ~/.claude.json's auth fields; never ~/.claude itself); a
+    /// token the guest refreshes comes back when the VM stops.
     #[arg(long)]
     pub claude_auth: bool,
     /// With --workdir: start sshd in the guest, reachable on 127.0.0.1 at a free

@@ -69,7 +69,7 @@ pub enum Error {
     },
     /// `--claude-auth` cannot find or prepare the user's Claude files.
     #[error("--claude-auth: {0}")]
-    ClaudeAuth(String),
+    ClaudeAuth(#[from] crate::claude_auth::Error),
     /// `--ssh` cannot be set up.
     #[error("--ssh: {0}")]
     Ssh(String),
@@ -248,73 +248,8 @@ pub struct Extras {
     pub forwards: Vec<Forward>,
     /// With `--ssh`: the host port and the `ssh -F` config file.
     pub ssh: Option<(u16, PathBuf)>,
-}
-
-/// Host paths `--claude-auth` shares: `~/.claude`, and the directory holding
-/// aivmm's copy of `~/.claude.json`.
-#[derive(Debug)]
-pub struct ClaudeFiles {
-    /// The user's `~/.claude`.
-    pub dir: PathBuf,
-    /// `<state root>/../claude`, holding `.claude.json`.
-    pub state: PathBuf,
-}
-
-/// Prepares `--claude-auth`: makes `~/.claude` if missing, and refreshes aivmm's
-/// copy of `~/.claude.json` (under `state_root`'s parent) from the host's when the
-/// host's is newer. The guest's `~/.claude.json` links to that copy, so what the
-/// guest writes there survives across VMs without touching the host's file.
-pub fn claude_files(home: &Path, state_root: &Path) -> Result<ClaudeFiles> {
-    let err = |what: &Path, e: std::io::Error| Error::ClaudeAuth(format!("{}: {e}", what.display()));
-    let dir = home.join(".claude");
-    if !dir.is_dir() {
-        std::fs::create_dir_all(&dir).map_err(|e| err(&dir, e))?;
-    }
-    let state = state_root
-        .parent()
-        .unwrap_or(state_root)
-        .join("claude");
-    crate::state_fs::dir(&state).map_err(|e| err(&state, e))?;
-    let host_json = home.join(".claude.json");
-    let copy = state.join(".claude.json");
-    // The guest writes this directory: nothing in it is followed. A symlink
-    // standing for the copy counts as no copy, and is replaced below.
-    let host_mtime = std::fs::metadata(&host_json).and_then(|m| m.modified()).ok();
-    let copy_mtime = std::fs::symlink_metadata(&copy)
-        .ok()
-        .filter(std::fs::Metadata::is_file)
-        .and_then(|m| m.modified().ok());
-    let refresh = |from: Option<&Path>| -> Result<()> {
-        let tmp = state.join(".claude.json.new");
-        // Whatever the guest left under the temporary name goes (unlink does not
-        // follow a symlink), and the new file must be ours (O_EXCL).
-        match std::fs::remove_file(&tmp) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(err(&tmp, e)),
-            _ => {}
-        }
-        let mut out = crate::state_fs::options()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(|e| err(&tmp, e))?;
-        match from {
-            Some(src) => {
-                let mut f = std::fs::File::open(src).map_err(|e| err(src, e))?;
-                std::io::copy(&mut f, &mut out).map_err(|e| err(&tmp, e))?;
-            }
-            // Claude Code starts from an empty object.
-            None => std::io::Write::write_all(&mut out, b"{}\n").map_err(|e| err(&tmp, e))?,
-        }
-        drop(out);
-        // rename replaces a symlink at `copy` instead of writing through it.
-        std::fs::rename(&tmp, &copy).map_err(|e| err(&copy, e))
-    };
-    match (host_mtime, copy_mtime) {
-        (Some(h), c) if c.is_none_or(|c| h > c) => refresh(Some(&host_json))?,
-        (None, None) => refresh(None)?,
-        _ => {}
-    }
-    Ok(ClaudeFiles { dir, state })
+    /// With `--claude-auth`: the copies, for handing a refreshed token back.
+    pub claude: Option<crate::claude_auth::ClaudeFiles>,
 }
 
 /// A free TCP port on 127.0.0.1 (the kernel picks it; passt binds it next).
@@ -428,14 +363,16 @@ pub fn plan_extras(
         let host_home = std::env::var_os("HOME")
             .filter(|h| !h.is_empty())
             .map(PathBuf::from)
-            .ok_or_else(|| Error::ClaudeAuth("HOME is not set".into()))?;
-        let c = claude_files(&host_home, state_root)?;
-        add(&mut x, c.dir, format!("{home}/.claude"), false, config::FsCache::Auto);
-        add(&mut x, c.state, GUEST_CLAUDE_STATE.to_string(), false, config::FsCache::Auto);
+            .ok_or(crate::claude_auth::Error::NoHome)?;
+        // The guest's ~/.claude is the workdir's copy, never the host's.
+        let c = crate::claude_auth::prepare(&host_home, state_root, state_dir)?;
+        add(&mut x, c.dir.clone(), format!("{home}/.claude"), false, config::FsCache::Auto);
+        add(&mut x, c.state.clone(), GUEST_CLAUDE_STATE.to_string(), false, config::FsCache::Auto);
         x.setup.links.push((
             format!("{home}/.claude.json"),
             format!("{GUEST_CLAUDE_STATE}/.claude.json"),
         ));
+        x.claude = Some(c);
     }
     if args.ssh {
         match args.net.clone().unwrap_or_else(machine::default_net) {
@@ -855,7 +792,7 @@ pub fn run(builder: &dyn MachineBuilder, args: &RunArgs, workdir: &Path, started
     if let Some(pb) = &spinner {
         pb.finish_and_clear();
     }
-    match result {
+    let outcome = match result {
         Ok(code) => {
             tracing::info!("the command exited with status {code}");
             // The agent has exited; the guest's init powers off now.
@@ -905,6 +842,24 @@ pub fn run(builder: &dyn MachineBuilder, args: &RunArgs, workdir: &Path, started
             )))
         }
         Err(e) => Err(Error::Session(e, console_tail(&log_path, 15))),
+    };
+    if let Some(c) = &extras.claude {
+        hand_back_claude_login(c);
+    }
+    outcome
+}
+
+/// `--claude-auth` at the end of a run: a token the guest refreshed goes back to
+/// the host's `~/.claude/.credentials.json`; anything else it left is ignored.
+fn hand_back_claude_login(c: &crate::claude_auth::ClaudeFiles) {
+    use crate::claude_auth::WriteBack;
+    match c.write_back() {
+        Ok(WriteBack::Written) => tracing::info!("the guest's refreshed Claude login is now the host's"),
+        Ok(WriteBack::Rejected(why)) => {
+            tracing::warn!("the guest's Claude credentials are not taken back: {why}")
+        }
+        Ok(r) => tracing::debug!("Claude login not handed back: {r:?}"),
+        Err(e) => tracing::warn!("cannot hand the refreshed Claude login back: {e}"),
     }
 }
 
@@ -1058,16 +1013,18 @@ mod tests {
     }
 
     #[test]
-    fn claude_auth_shares_the_login_and_keeps_a_copy_of_the_config() {
+    fn claude_auth_copies_the_login_and_keeps_a_copy_of_the_config() {
         let home = tempfile::tempdir().unwrap();
         let state = tempfile::tempdir().unwrap();
         let root = state.path().join("aivmm/vms");
+        let claude_files = |h: &Path, r: &Path| crate::claude_auth::prepare(h, r, &r.join("w"));
         std::fs::write(home.path().join(".claude.json"), "{\"oauthAccount\":1}").unwrap();
         let c = claude_files(home.path(), &root).unwrap();
-        assert!(c.dir.is_dir() && c.dir == home.path().join(".claude"));
+        assert!(c.dir.is_dir() && c.dir == root.join("w/claude"));
+        assert!(!home.path().join(".claude").exists(), "the host's ~/.claude is not shared");
         assert_eq!(c.state, state.path().join("aivmm/claude"));
         let copy = c.state.join(".claude.json");
-        assert_eq!(std::fs::read_to_string(&copy).unwrap(), "{\"oauthAccount\":1}");
+        assert_eq!(std::fs::read_to_string(&copy).unwrap(), "{\"oauthAccount\":1}\n");
         // What the guest wrote survives while the host's file is older.
         std::thread::sleep(Duration::from_millis(20));
         std::fs::write(&copy, "{\"guest\":1}").unwrap();
@@ -1075,9 +1032,9 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&copy).unwrap(), "{\"guest\":1}");
         // A newer host file (a new login on the host) wins.
         std::thread::sleep(Duration::from_millis(20));
-        std::fs::write(home.path().join(".claude.json"), "{\"host\":2}").unwrap();
+        std::fs::write(home.path().join(".claude.json"), "{\"host\":2,\"userID\":\"u\"}").unwrap();
         claude_files(home.path(), &root).unwrap();
-        assert_eq!(std::fs::read_to_string(&copy).unwrap(), "{\"host\":2}");
+        assert_eq!(std::fs::read_to_string(&copy).unwrap(), "{\"userID\":\"u\"}\n");
         // No host file at all: an empty config.
         let bare = tempfile::tempdir().unwrap();
         let st2 = tempfile::tempdir().unwrap();
@@ -1085,8 +1042,6 @@ mod tests {
         assert_eq!(std::fs::read_to_string(c.state.join(".claude.json")).unwrap(), "{}\n");
     }
 
-    /// The guest writes the claude state directory: symlinks it plants there are
-    /// replaced, never written through, and the directory is 0700.
     /// A stop during a boot that never comes up ends the wait for the agent
     /// after the grace (or at a second signal), and never once the agent is up.
     #[test]
@@ -1115,8 +1070,11 @@ mod tests {
         assert!(!s.step(at(10 * grace), true, true).give_up);
     }
 
+    /// The guest writes the claude state directory: symlinks it plants there are
+    /// replaced, never written through, and the directory is 0700.
     #[test]
     fn claude_state_does_not_follow_guest_symlinks() {
+        let claude_files = |h: &Path, r: &Path| crate::claude_auth::prepare(h, r, &r.join("w"));
         use std::os::unix::fs::PermissionsExt;
         let home = tempfile::tempdir().unwrap();
         let state = tempfile::tempdir().unwrap();
@@ -1128,12 +1086,12 @@ mod tests {
         std::fs::write(&victim, "keep").unwrap();
         std::os::unix::fs::symlink(&victim, dir.join(".claude.json.new")).unwrap();
         std::os::unix::fs::symlink(&victim, dir.join(".claude.json")).unwrap();
-        std::fs::write(home.path().join(".claude.json"), "{\"host\":1}").unwrap();
+        std::fs::write(home.path().join(".claude.json"), "{\"userID\":\"h\"}").unwrap();
         claude_files(home.path(), &root).unwrap();
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
         let copy = dir.join(".claude.json");
         assert!(std::fs::symlink_metadata(&copy).unwrap().is_file());
-        assert_eq!(std::fs::read_to_string(&copy).unwrap(), "{\"host\":1}");
+        assert_eq!(std::fs::read_to_string(&copy).unwrap(), "{\"userID\":\"h\"}\n");
         let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o700);
     }

@@ -6,6 +6,7 @@
 
 pub mod arch;
 pub mod builder;
+pub mod claude_auth;
 pub mod cli;
 pub mod config;
 // The virtio devices of a configuration, shared by both backends.
