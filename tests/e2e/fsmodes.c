@@ -51,9 +51,10 @@ int main(int argc, char **argv)
 	unsigned char cap[20] = {0x01, 0x00, 0x00, 0x02, 0x80, 0x00, 0x00, 0x00};
 	refused("setxattr-security-capability", setxattr("suid", "security.capability", cap, sizeof cap, 0));
 	refused("setxattr-trusted", setxattr("suid", "trusted.e2e", "x", 1, 0));
+	/* user.* is passed through; whether it sticks is the host file system's
+	 * business (L1's tmpfs on 6.1 has no user xattrs): reported, not judged. */
 	rc = setxattr("suid", "user.e2e", "kept", 4, 0);
-	snprintf(why, sizeof why, "user.e2e: %s", strerror(errno));
-	check("setxattr-user", rc == 0, why);
+	printf("E2E-RESULT user_xattr=%s\n", rc == 0 ? "set" : strerror(errno));
 	struct stat st;
 	if (stat("suid", &st) == 0) {
 		snprintf(why, sizeof why, "the guest sees mode %o", st.st_mode & 07777);

@@ -563,8 +563,9 @@ const RAM_ALIGN: usize = 2 << 20;
 /// Guest RAM mappings that [`allocate_guest_memory`] made: (address, length).
 static GUEST_RAM: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
 
-/// How much guest RAM one [`release_guest_memory`] step gives back.
-const RELEASE_STEP: usize = 64 << 20;
+/// How much guest RAM one [`release_guest_memory`] step gives back: one huge
+/// page, so no step frees more than one (a 1 GiB guest takes 512 calls).
+const RELEASE_STEP: usize = RAM_ALIGN;
 
 /// Gives every guest RAM mapping back to the host kernel, [`RELEASE_STEP`] at a
 /// time, for a process that is about to exit with no VM running.
@@ -854,17 +855,17 @@ mod tests {
 
     #[test]
     fn released_guest_ram_stays_mapped_and_reads_zero() {
-        // 200 MiB: more than three release steps, the last one partial.
-        let mem = allocate_guest_memory(&[(GuestAddress(0), 200 << 20)]).unwrap();
+        // 201 MiB: many release steps, the last one partial.
+        let mem = allocate_guest_memory(&[(GuestAddress(0), 201 << 20)]).unwrap();
         let region = mem.iter().next().unwrap();
         let (addr, len) = (region.as_ptr() as usize, region.len() as usize);
         assert!(GUEST_RAM.lock().unwrap().contains(&(addr, len)));
-        for at in [0u64, 64 << 20, (200 << 20) - 4] {
+        for at in [0u64, 64 << 20, (201 << 20) - 4] {
             mem.write_obj(0x5a5a_5a5a_u32, GuestAddress(at)).unwrap();
         }
         // Only this test's own mapping: other tests' guest RAM is in the registry too.
         release(&[(addr, len)]);
-        for at in [0u64, 64 << 20, (200 << 20) - 4] {
+        for at in [0u64, 64 << 20, (201 << 20) - 4] {
             assert_eq!(mem.read_obj::<u32>(GuestAddress(at)).unwrap(), 0);
         }
         mem.write_obj(1u8, GuestAddress(4096)).unwrap();
