@@ -111,6 +111,8 @@ pub struct Vmm {
     started: Instant,
     /// The seccomp filters, unless `--seccomp=off`.
     seccomp: Option<Arc<crate::seccomp::Filters>>,
+    /// What the device workers may reach (Landlock).
+    landlock: crate::landlock::Rules,
     /// The first kernel panic line the guest printed on its console, and when.
     panic_line: Arc<Mutex<Option<(String, Instant)>>>,
 }
@@ -380,6 +382,7 @@ impl Vmm {
             stopping,
             started,
             seccomp,
+            landlock: crate::landlock::Rules::for_vm(config),
             panic_line,
         })
     }
@@ -411,8 +414,10 @@ impl Vmm {
         log::debug!("setup took {:?} since exec", self.started.elapsed());
         if let Some(filters) = &self.seccomp {
             filters.install_process()?;
-            crate::seccomp::start_worker_spawner(filters.clone())?;
         }
+        // Read once here: the workers' Landlock domain does not reach /proc.
+        let _ = aivmm_devices::virtio::fs::filesystem::host_umask();
+        crate::seccomp::start_worker_spawner(self.seccomp.clone(), Some(self.landlock.clone()))?;
         // A vCPU thread that ends hands its bus references back instead of dropping
         // them: whoever drops the last reference runs the devices' Drop (passt
         // teardown, socket and file cleanup), whose system calls the vCPU filter
