@@ -15,7 +15,6 @@ pub mod devices_setup;
 pub mod console;
 pub mod hypervisor;
 pub mod image;
-#[cfg(target_os = "linux")]
 pub mod landlock;
 pub mod launch;
 pub mod logging;

@@ -741,7 +741,12 @@ pub fn start_worker_spawner(
             let applied = (|| -> Result<()> {
                 if let Some(rules) = landlock {
                     let status = rules.restrict_this_thread()?;
-                    log::debug!("{}", crate::landlock::describe(status));
+                    let line = crate::landlock::describe(status);
+                    if status == crate::landlock::Status::Unsupported {
+                        log::info!("{line}");
+                    } else {
+                        log::debug!("{line}");
+                    }
                 }
                 if let Some(f) = filters {
                     f.apply(ThreadKind::Device)?;
@@ -1132,6 +1137,7 @@ mod tests {
                 (dir.join("rw"), Grant::ReadWrite),
                 (dir.join("ro"), Grant::ReadOnly),
                 (crate::landlock::MOUNTINFO.into(), Grant::ReadOnly),
+                (dir.join("sock"), Grant::Connect),
             ],
         };
         start_worker_spawner(Some(filters), Some(rules)).unwrap();
@@ -1141,15 +1147,6 @@ mod tests {
                 Ok(_) => 0,
                 Err(e) => e.raw_os_error().unwrap_or(-1),
             };
-            let mut v = Vec::new();
-            v.push(("read rw/a", errno(std::fs::File::open(d.join("rw/a")))));
-            v.push(("create rw/new", errno(std::fs::File::create(d.join("rw/new")))));
-            v.push(("read ro/b", errno(std::fs::File::open(d.join("ro/b")))));
-            v.push(("write ro/b", errno(std::fs::OpenOptions::new().write(true).open(d.join("ro/b")))));
-            v.push(("create ro/new", errno(std::fs::File::create(d.join("ro/new")))));
-            v.push(("read out/secret", errno(std::fs::File::open(d.join("out/secret")))));
-            v.push(("read /etc/hostname", errno(std::fs::File::open("/etc/hostname"))));
-            v.push(("read /proc/self/status", errno(std::fs::File::open("/proc/self/status"))));
             // virtio-fs re-opens its O_PATH descriptors through /proc/self/fd.
             let reopen = |p: std::path::PathBuf| {
                 let fd = std::fs::OpenOptions::new()
@@ -1159,10 +1156,34 @@ mod tests {
                     .unwrap();
                 errno(std::fs::File::open(format!("/proc/self/fd/{}", fd.as_raw_fd())))
             };
-            v.push(("reopen rw/a", reopen(d.join("rw/a"))));
-            v.push(("reopen out/secret", reopen(d.join("out/secret"))));
+            let connect = |p: std::path::PathBuf| match std::os::unix::net::UnixStream::connect(p) {
+                Ok(_) => 0,
+                Err(e) => e.raw_os_error().unwrap_or(-1),
+            };
+            let write = |p: std::path::PathBuf| std::fs::OpenOptions::new().write(true).open(p);
+            let v = vec![
+                ("read rw/a", errno(std::fs::File::open(d.join("rw/a")))),
+                ("create rw/new", errno(std::fs::File::create(d.join("rw/new")))),
+                ("read ro/b", errno(std::fs::File::open(d.join("ro/b")))),
+                ("write ro/b", errno(write(d.join("ro/b")))),
+                ("create ro/new", errno(std::fs::File::create(d.join("ro/new")))),
+                ("read out/secret", errno(std::fs::File::open(d.join("out/secret")))),
+                ("read /etc/hostname", errno(std::fs::File::open("/etc/hostname"))),
+                ("read /proc/self/status", errno(std::fs::File::open("/proc/self/status"))),
+                ("connect sock/s", connect(d.join("sock/s"))),
+                ("connect out/s", connect(d.join("out/s"))),
+                ("read sock/f", errno(std::fs::File::open(d.join("sock/f")))),
+                ("reopen rw/a", reopen(d.join("rw/a"))),
+                ("reopen out/secret", reopen(d.join("out/secret"))),
+            ];
             let cfg = aivmm_devices::virtio::fs::FsConfig::new(d.join("rw"), "work");
-            let share = aivmm_devices::virtio::fs::device::fuse_server(&cfg).map(|_| true).unwrap_or_else(|e| { eprintln!("share error: {e:?}"); false });
+            let share = match aivmm_devices::virtio::fs::device::fuse_server(&cfg) {
+                Ok(_) => true,
+                Err(e) => {
+                    eprintln!("share error: {e:?}");
+                    false
+                }
+            };
             (v, share)
         })
         .unwrap();
@@ -1179,10 +1200,12 @@ mod tests {
     #[test]
     fn device_workers_are_confined_by_landlock() {
         let tmp = tempfile::tempdir().unwrap();
-        for (d, f) in [("rw", "a"), ("ro", "b"), ("out", "secret")] {
+        for (d, f) in [("rw", "a"), ("ro", "b"), ("out", "secret"), ("sock", "f")] {
             std::fs::create_dir(tmp.path().join(d)).unwrap();
             std::fs::write(tmp.path().join(d).join(f), "x").unwrap();
         }
+        let _in = std::os::unix::net::UnixListener::bind(tmp.path().join("sock/s")).unwrap();
+        let _out = std::os::unix::net::UnixListener::bind(tmp.path().join("out/s")).unwrap();
         let (code, err) =
             child("seccomp::filters::tests::landlock_child", tmp.path().to_str().unwrap());
         assert_eq!(code, Some(0), "{err}");
@@ -1204,8 +1227,17 @@ mod tests {
             format!("worker reopen out/secret: {eacces}"),
             "worker share: true".into(),
             "main read out/secret: true".into(),
+            "worker connect sock/s: 0".into(),
+            format!("worker read sock/f: {eacces}"),
         ] {
             assert!(err.contains(&line), "no `{line}` in:\n{err}");
+        }
+        // Connecting to a pathname socket is a Landlock right from ABI 9 only.
+        let abi = crate::landlock::kernel_abi();
+        let out = if abi >= 9 { eacces } else { 0 };
+        assert!(err.contains(&format!("worker connect out/s: {out}")), "ABI {abi}:\n{err}");
+        if abi < 9 {
+            eprintln!("ABI {abi}: connect to a socket outside was allowed, as documented");
         }
         assert!(tmp.path().join("rw/new").exists());
         assert!(!tmp.path().join("ro/new").exists());
