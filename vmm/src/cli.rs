@@ -252,6 +252,10 @@ pub struct RunArgs {
     /// Seccomp filters on every thread; `off` is for debugging only.
     #[arg(long, value_enum, value_name = "on|off", default_value_t = crate::seccomp::SeccompMode::On)]
     pub seccomp: crate::seccomp::SeccompMode,
+    /// Landlock on the device threads (Linux): they reach only the shares, the
+    /// disk images and the vsock sockets; `off` is for debugging only.
+    #[arg(long, value_enum, value_name = "on|off", default_value_t = crate::landlock::LandlockMode::On)]
+    pub landlock: crate::landlock::LandlockMode,
     /// Boot a bzImage with its own in-guest decompressor. By default aivmm unpacks
     /// an LZ4 bzImage once into a cached vmlinux (the cache directory's kernels/)
     /// and boots that, which skips the decompression on every later boot.
@@ -325,6 +329,7 @@ impl TryFrom<&RunArgs> for VmConfig {
                 uds_path: p.clone(),
             }),
             seccomp: a.seccomp,
+            landlock: a.landlock,
             kernel_cache: config::kernel_cache_dir(!a.no_kernel_cache),
         };
         c.validate()?;
@@ -457,5 +462,8 @@ mod tests {
         assert_eq!(c.seccomp, crate::seccomp::SeccompMode::Off);
         let c = run(&["aivmm", "run", "--kernel", "k"]).unwrap();
         assert_eq!(c.seccomp, crate::seccomp::SeccompMode::On, "on by default");
+        assert_eq!(c.landlock, crate::landlock::LandlockMode::On, "on by default");
+        let c = run(&["aivmm", "run", "--kernel", "k", "--landlock", "off"]).unwrap();
+        assert_eq!(c.landlock, crate::landlock::LandlockMode::Off);
     }
 }

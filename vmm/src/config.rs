@@ -145,6 +145,8 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// Seccomp filters on every thread (off only for debugging).
     pub seccomp: crate::seccomp::SeccompMode,
+    /// Landlock on the device threads (off only for debugging).
+    pub landlock: crate::landlock::LandlockMode,
     /// Where a bzImage's unpacked vmlinux is cached, so the guest boots without
     /// its decompressor ([`crate::arch::x86_64::vmlinux`]); `None` boots the bzImage.
     pub kernel_cache: Option<PathBuf>,
@@ -448,6 +450,7 @@ mod tests {
             forwards: vec![],
             vsock: None,
             seccomp: crate::seccomp::SeccompMode::On,
+            landlock: crate::landlock::LandlockMode::On,
             kernel_cache: None,
         }
     }

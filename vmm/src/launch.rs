@@ -456,6 +456,7 @@ pub fn vm_config(
             uds_path: state.vsock_path(),
         }),
         seccomp: args.seccomp,
+        landlock: args.landlock,
         kernel_cache: config::kernel_cache_dir(!args.no_kernel_cache),
     };
     c.validate()?;

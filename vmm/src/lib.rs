@@ -15,6 +15,7 @@ pub mod devices_setup;
 pub mod console;
 pub mod hypervisor;
 pub mod image;
+pub mod landlock;
 pub mod launch;
 pub mod logging;
 // The VM behind one interface (KVM or Hypervisor.framework), for the session layer.

@@ -111,6 +111,8 @@ pub struct Vmm {
     started: Instant,
     /// The seccomp filters, unless `--seccomp=off`.
     seccomp: Option<Arc<crate::seccomp::Filters>>,
+    /// What the device workers may reach (Landlock), unless `--landlock=off`.
+    landlock: Option<crate::landlock::Rules>,
     /// The first kernel panic line the guest printed on its console, and when.
     panic_line: Arc<Mutex<Option<(String, Instant)>>>,
 }
@@ -380,6 +382,8 @@ impl Vmm {
             stopping,
             started,
             seccomp,
+            landlock: (config.landlock == crate::landlock::LandlockMode::On)
+                .then(|| crate::landlock::Rules::for_vm(config)),
             panic_line,
         })
     }
@@ -404,14 +408,19 @@ impl Vmm {
     /// vCPU fails. vCPU threads still running are left to end with the process.
     ///
     /// With seccomp on, every thread of the process gets the process filter first,
-    /// the device worker spawner the device filter, each vCPU thread the vCPU filter
+    /// the device worker spawner its Landlock domain (see [`crate::landlock`]) and
+    /// the device filter, each vCPU thread the vCPU filter
     /// before it runs guest code, and then every other thread the API filter (see
     /// [`crate::seccomp`]).
     pub fn run(mut self) -> Result<VmExit> {
         log::debug!("setup took {:?} since exec", self.started.elapsed());
         if let Some(filters) = &self.seccomp {
             filters.install_process()?;
-            crate::seccomp::start_worker_spawner(filters.clone())?;
+        }
+        // Read once here: the workers' Landlock domain does not reach /proc.
+        let _ = aivmm_devices::virtio::fs::filesystem::host_umask();
+        if self.seccomp.is_some() || self.landlock.is_some() {
+            crate::seccomp::start_worker_spawner(self.seccomp.clone(), self.landlock.clone())?;
         }
         // A vCPU thread that ends hands its bus references back instead of dropping
         // them: whoever drops the last reference runs the devices' Drop (passt

@@ -34,6 +34,9 @@ pub enum Error {
     /// The worker spawner thread could not be started.
     #[error("starting the device worker spawner: {0}")]
     Spawner(io::Error),
+    /// The device threads' Landlock domain could not be made.
+    #[error("confining the device threads: {0}")]
+    Landlock(#[from] crate::landlock::Error),
 }
 
 /// `Result` of seccomp operations.
@@ -415,6 +418,16 @@ fn process_rules() -> Rules {
     union(&mut r, device_rules());
     allow(&mut r, &[libc::SYS_seccomp]);
     allow_arg(&mut r, libc::SYS_prctl, 0, &[libc::PR_SET_NO_NEW_PRIVS as u64]);
+    // The spawner enters its Landlock domain under the process filter alone;
+    // these calls can only narrow what a thread may do.
+    allow(
+        &mut r,
+        &[
+            libc::SYS_landlock_create_ruleset,
+            libc::SYS_landlock_add_rule,
+            libc::SYS_landlock_restrict_self,
+        ],
+    );
     r
 }
 
@@ -711,16 +724,35 @@ type SpawnRequest = (
     mpsc::Sender<io::Result<std::thread::JoinHandle<()>>>,
 );
 
-/// Starts the thread that starts device workers, under the device filter, and
-/// routes `spawn_worker` to it. Returns once its filter is in place.
-pub fn start_worker_spawner(filters: Arc<Filters>) -> Result<()> {
+/// Starts the thread that starts device workers and routes `spawn_worker` to it.
+/// The thread first enters the Landlock domain of `landlock` (if given; see
+/// [`crate::landlock`]), then adds the device filter (if `filters` is given), so
+/// its workers inherit both. Returns once both are in place.
+pub fn start_worker_spawner(
+    filters: Option<Arc<Filters>>,
+    landlock: Option<crate::landlock::Rules>,
+) -> Result<()> {
     use aivmm_devices::virtio::queue_thread::set_worker_spawner;
     let (job_tx, job_rx) = mpsc::channel::<SpawnRequest>();
     let (ready_tx, ready_rx) = mpsc::channel();
     std::thread::Builder::new()
         .name("aivmm-spawner".into())
         .spawn(move || {
-            let applied = filters.apply(ThreadKind::Device);
+            let applied = (|| -> Result<()> {
+                if let Some(rules) = landlock {
+                    let status = rules.restrict_this_thread()?;
+                    let line = crate::landlock::describe(status);
+                    if status == crate::landlock::Status::Unsupported {
+                        log::info!("{line}");
+                    } else {
+                        log::debug!("{line}");
+                    }
+                }
+                if let Some(f) = filters {
+                    f.apply(ThreadKind::Device)?;
+                }
+                Ok(())
+            })();
             let ok = applied.is_ok();
             let _ = ready_tx.send(applied);
             if !ok {
@@ -892,7 +924,7 @@ mod tests {
         };
         let filters = Arc::new(Filters::build().unwrap());
         filters.install_process().unwrap();
-        start_worker_spawner(filters.clone()).unwrap();
+        start_worker_spawner(Some(filters.clone()), None).unwrap();
         let f = filters.clone();
         let t = std::thread::spawn(move || {
             match what.as_str() {
@@ -1079,6 +1111,136 @@ mod tests {
             err.contains("a device thread made the forbidden system call 9 (mmap)"),
             "{err}"
         );
+    }
+
+    /// The child of `device_workers_are_confined_by_landlock`: the process filter,
+    /// then the spawner with the device filter and a Landlock domain holding `rw/`
+    /// read-write and `ro/` read-only; `out/` is outside.
+    #[test]
+    #[ignore = "run by the landlock test in a child process"]
+    fn landlock_child() {
+        use crate::landlock::{Grant, Rules};
+        use std::os::unix::fs::OpenOptionsExt;
+        let Ok(dir) = std::env::var(CHILD_ENV) else {
+            return;
+        };
+        let dir = std::path::PathBuf::from(dir);
+        let abi = crate::landlock::kernel_abi();
+        if abi <= 0 {
+            eprintln!("landlock unsupported (landlock_create_ruleset: {abi})");
+            return;
+        }
+        let filters = Arc::new(Filters::build().unwrap());
+        filters.install_process().unwrap();
+        let rules = Rules {
+            paths: vec![
+                (dir.join("rw"), Grant::ReadWrite),
+                (dir.join("ro"), Grant::ReadOnly),
+                (crate::landlock::MOUNTINFO.into(), Grant::ReadOnly),
+                (dir.join("sock"), Grant::Connect),
+            ],
+        };
+        start_worker_spawner(Some(filters), Some(rules)).unwrap();
+        let d = dir.clone();
+        let h = aivmm_devices::virtio::queue_thread::spawn_worker("w", move || {
+            let errno = |r: io::Result<std::fs::File>| match r {
+                Ok(_) => 0,
+                Err(e) => e.raw_os_error().unwrap_or(-1),
+            };
+            // virtio-fs re-opens its O_PATH descriptors through /proc/self/fd.
+            let reopen = |p: std::path::PathBuf| {
+                let fd = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_PATH)
+                    .open(p)
+                    .unwrap();
+                errno(std::fs::File::open(format!("/proc/self/fd/{}", fd.as_raw_fd())))
+            };
+            let connect = |p: std::path::PathBuf| match std::os::unix::net::UnixStream::connect(p) {
+                Ok(_) => 0,
+                Err(e) => e.raw_os_error().unwrap_or(-1),
+            };
+            let write = |p: std::path::PathBuf| std::fs::OpenOptions::new().write(true).open(p);
+            let v = vec![
+                ("read rw/a", errno(std::fs::File::open(d.join("rw/a")))),
+                ("create rw/new", errno(std::fs::File::create(d.join("rw/new")))),
+                ("read ro/b", errno(std::fs::File::open(d.join("ro/b")))),
+                ("write ro/b", errno(write(d.join("ro/b")))),
+                ("create ro/new", errno(std::fs::File::create(d.join("ro/new")))),
+                ("read out/secret", errno(std::fs::File::open(d.join("out/secret")))),
+                ("read /etc/hostname", errno(std::fs::File::open("/etc/hostname"))),
+                ("read /proc/self/status", errno(std::fs::File::open("/proc/self/status"))),
+                ("connect sock/s", connect(d.join("sock/s"))),
+                ("connect out/s", connect(d.join("out/s"))),
+                ("read sock/f", errno(std::fs::File::open(d.join("sock/f")))),
+                ("reopen rw/a", reopen(d.join("rw/a"))),
+                ("reopen out/secret", reopen(d.join("out/secret"))),
+            ];
+            let cfg = aivmm_devices::virtio::fs::FsConfig::new(d.join("rw"), "work");
+            let share = match aivmm_devices::virtio::fs::device::fuse_server(&cfg) {
+                Ok(_) => true,
+                Err(e) => {
+                    eprintln!("share error: {e:?}");
+                    false
+                }
+            };
+            (v, share)
+        })
+        .unwrap();
+        let (v, share) = h.join().unwrap();
+        for (what, e) in v {
+            eprintln!("worker {what}: {e}");
+        }
+        eprintln!("worker share: {share}");
+        // This thread is no worker: outside the domain.
+        eprintln!("main read out/secret: {}", std::fs::read(dir.join("out/secret")).is_ok());
+        eprintln!("landlock abi {abi}");
+    }
+
+    #[test]
+    fn device_workers_are_confined_by_landlock() {
+        let tmp = tempfile::tempdir().unwrap();
+        for (d, f) in [("rw", "a"), ("ro", "b"), ("out", "secret"), ("sock", "f")] {
+            std::fs::create_dir(tmp.path().join(d)).unwrap();
+            std::fs::write(tmp.path().join(d).join(f), "x").unwrap();
+        }
+        let _in = std::os::unix::net::UnixListener::bind(tmp.path().join("sock/s")).unwrap();
+        let _out = std::os::unix::net::UnixListener::bind(tmp.path().join("out/s")).unwrap();
+        let (code, err) =
+            child("seccomp::filters::tests::landlock_child", tmp.path().to_str().unwrap());
+        assert_eq!(code, Some(0), "{err}");
+        if err.contains("landlock unsupported") {
+            eprintln!("SKIPPED: this kernel has no Landlock, nothing was enforced: {err}");
+            return;
+        }
+        let eacces = libc::EACCES;
+        for line in [
+            "worker read rw/a: 0".to_string(),
+            "worker create rw/new: 0".into(),
+            "worker read ro/b: 0".into(),
+            format!("worker write ro/b: {eacces}"),
+            format!("worker create ro/new: {eacces}"),
+            format!("worker read out/secret: {eacces}"),
+            format!("worker read /etc/hostname: {eacces}"),
+            format!("worker read /proc/self/status: {eacces}"),
+            "worker reopen rw/a: 0".into(),
+            format!("worker reopen out/secret: {eacces}"),
+            "worker share: true".into(),
+            "main read out/secret: true".into(),
+            "worker connect sock/s: 0".into(),
+            format!("worker read sock/f: {eacces}"),
+        ] {
+            assert!(err.contains(&line), "no `{line}` in:\n{err}");
+        }
+        // Connecting to a pathname socket is a Landlock right from ABI 9 only.
+        let abi = crate::landlock::kernel_abi();
+        let out = if abi >= 9 { eacces } else { 0 };
+        assert!(err.contains(&format!("worker connect out/s: {out}")), "ABI {abi}:\n{err}");
+        if abi < 9 {
+            eprintln!("ABI {abi}: connect to a socket outside was allowed, as documented");
+        }
+        assert!(tmp.path().join("rw/new").exists());
+        assert!(!tmp.path().join("ro/new").exists());
     }
 
     #[test]

@@ -28,7 +28,9 @@
 //!    unfiltered. It allows the union of the three lists and `seccomp`, because every
 //!    thread's own filter goes on top of it.
 //! 2. Each vCPU thread adds the vCPU filter before its first `KVM_RUN`, and
-//!    [`start_worker_spawner`] starts a spawner thread that adds the device filter.
+//!    [`start_worker_spawner`] starts a spawner thread that enters the device
+//!    threads' Landlock domain ([`crate::landlock`]; the process filter allows the
+//!    three Landlock calls for it) and then adds the device filter.
 //!    Devices are activated by a guest register write, on a vCPU thread; they start
 //!    their workers through `aivmm_devices::virtio::queue_thread::spawn_worker`,
 //!    which hands the job to the spawner, so a worker inherits the device filter.
