@@ -361,7 +361,8 @@ mod tests {
             [remote \"ori\\\"gin\"]\n\turl = \"a b\" c  # x\n[Foo.Bar] k = v\\\n  w\n\
             [x]\n\tq = \"x;#y\"\n\te = a\\tb\\\\\n";
         let e = parse(text).unwrap();
-        let got: Vec<(String, Option<String>)> = e.iter().map(|e| (e.name(), e.value.clone())).collect();
+        let got: Vec<(String, Option<String>)> =
+            e.iter().map(|e| (e.name(), e.value.clone())).collect();
         assert_eq!(
             got,
             vec![
@@ -373,7 +374,13 @@ mod tests {
                 ("x.e".into(), Some("a\tb\\".into())),
             ]
         );
-        for bad in ["key = v\n", "[core\n", "[core]\n x = \"open\n", "[a \"b]\n", "[c]\n1x = y\n"] {
+        for bad in [
+            "key = v\n",
+            "[core\n",
+            "[core]\n x = \"open\n",
+            "[a \"b]\n",
+            "[c]\n1x = y\n",
+        ] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }
     }
@@ -426,7 +433,11 @@ mod tests {
         fs::write(r.join("changed/.git/config"), "[core]\n\tbare = false\n").unwrap();
         fs::write(r.join("benign/.git/config"), "[core]\n").unwrap();
         let snap = snapshot(r);
-        fs::write(r.join("changed/.git/config"), "[core]\n\tbare = false\n[alias]\n\tx = !rm\n").unwrap();
+        fs::write(
+            r.join("changed/.git/config"),
+            "[core]\n\tbare = false\n[alias]\n\tx = !rm\n",
+        )
+        .unwrap();
         fs::write(r.join("new/.git/config"), evil).unwrap();
         fs::write(r.join("benign/.git/config"), "[core]\n\tbare = true\n").unwrap();
         fs::create_dir_all(r.join("bad/.git")).unwrap();
