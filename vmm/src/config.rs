@@ -253,6 +253,9 @@ pub struct ShareConfig {
     pub read_only: bool,
     /// Guest caching.
     pub cache: FsCache,
+    /// Keep what the host runs or reads as config (`.git/config`, `.git/hooks`,
+    /// `aivmm.toml`, `.envrc`) read-only to the guest: the workdir share's.
+    pub protect_workdir: bool,
 }
 
 /// Refuses a share at or under a read-write share's directory: the guest can put
@@ -324,6 +327,7 @@ pub fn parse_share(s: &str, cache: FsCache) -> Result<ShareConfig> {
         tag: tag.to_string(),
         read_only,
         cache,
+        protect_workdir: false,
     })
 }
 
@@ -564,6 +568,7 @@ mod tests {
             tag: tag.into(),
             read_only,
             cache: FsCache::Auto,
+            protect_workdir: false,
         };
         let check = |shares: Vec<ShareConfig>| VmConfig { shares, ..cfg() }.validate();
         let nested = |inner: &std::path::Path, outer: &std::path::Path| {

@@ -14,6 +14,8 @@
 //! - [`device`]: [`Fs`], its config space and `impl VirtioDevice`;
 //! - [`worker`]: the queue threads and the per-chain request handler;
 //! - [`filesystem`]: the `FileSystem` wrapper around `PassthroughFs`;
+//! - [`protect`]: the protected paths of a workdir, resolved to identities at creation;
+//! - [`gitconfig`]: a git config parser and the stop-time report of risky configs;
 //! - `test_utils`: FUSE request builders and a mock-queue session for tests and benches.
 //!
 //! # Cache mode
