@@ -384,13 +384,20 @@ impl ShareFs {
         Ok((st.st_dev, st.st_ino))
     }
 
-    /// Refuses (EROFS) a change to a protected object.
+    /// Refuses (EROFS) a change to a protected object: one resolved at creation,
+    /// or one the host put at a protected path since.
     fn check_unprotected(&self, ctx: &Context, inode: u64) -> io::Result<()> {
-        if self.protection.objects.is_empty() {
+        let p = &self.protection;
+        if p.objects.is_empty() && p.paths.is_empty() {
             return Ok(());
         }
-        if self.protection.objects.contains(&self.id(ctx, inode)?) {
+        if p.objects.contains(&self.id(ctx, inode)?) {
             return Err(erofs());
+        }
+        if let Ok(path) = self.inner.readlinkat_proc_file(inode) {
+            if p.covers_path(&path) {
+                return Err(erofs());
+            }
         }
         Ok(())
     }
@@ -1995,6 +2002,15 @@ mod tests {
             assert_eq!(s.call(&fuse::open(subcfg, wr), h).errno(), EROFS);
             assert_eq!(s.call(&fuse::unlink(subgit, "config"), h).errno(), EROFS);
             assert_eq!(s.call(&fuse::create(subgit, "hooks", creat, 0o755), h).errno(), EROFS);
+        });
+        // The host's own git replaces its config (a new inode): still read-only.
+        fs::write(root.join(".git/config.new"), "[core]\n").unwrap();
+        fs::rename(root.join(".git/config.new"), root.join(".git/config")).unwrap();
+        with_server(&server, |s, h| {
+            let git = s.call(&fuse::lookup(ROOT_ID, ".git"), h).entry().nodeid;
+            let cfg = s.call(&fuse::lookup(git, "config"), h).entry().nodeid;
+            assert_eq!(s.call(&fuse::open(cfg, libc::O_WRONLY as u32), h).errno(), EROFS);
+            assert_eq!(s.call(&fuse::truncate(cfg, 0), h).errno(), EROFS);
         });
         let after: Vec<_> = [".git/config", ".git/hooks/pre-commit", "aivmm.toml"]
             .iter()

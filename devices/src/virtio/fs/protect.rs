@@ -136,6 +136,10 @@ pub struct Protection {
     pub sealed_dirs: HashSet<Id>,
     /// Names that may not be made, removed, renamed or replaced in their parent.
     pub names: HashSet<(Id, Vec<u8>)>,
+    /// The host paths of the sealed rules' objects, and of the sealed directories:
+    /// a file the host user puts in their place while the VM runs (git writes its
+    /// config by renaming a new file over it) is a new inode, caught by its path.
+    pub paths: HashSet<PathBuf>,
 }
 
 fn id_of(m: &std::fs::Metadata) -> Id {
@@ -153,6 +157,12 @@ impl Protection {
             p.add(root, rule, &mut budget);
         }
         p
+    }
+
+    /// Whether `path` (a host path) is a sealed object's or under a sealed
+    /// directory's, by name.
+    pub fn covers_path(&self, path: &Path) -> bool {
+        path.ancestors().any(|a| self.paths.contains(a))
     }
 
     /// Whether nothing is protected.
@@ -190,6 +200,7 @@ impl Protection {
             return;
         }
         let path = dir.join(last);
+        self.paths.insert(path.clone());
         if let Ok(m) = std::fs::symlink_metadata(&path) {
             self.seal(&path, &m, budget);
         }
@@ -202,6 +213,7 @@ impl Protection {
             return;
         }
         self.sealed_dirs.insert(id_of(m));
+        self.paths.insert(path.to_path_buf());
         let Ok(rd) = std::fs::read_dir(path) else {
             return;
         };
