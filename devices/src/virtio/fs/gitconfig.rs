@@ -421,6 +421,20 @@ mod tests {
         assert_eq!(risky("[core]\n\teditor = v\\\ni\n"), vec!["core.editor"]);
     }
 
+    proptest::proptest! {
+        /// Any text, hostile or not, parses or is refused, without a panic; a
+        /// parsed one keeps finding a risky key put after it.
+        #[test]
+        fn any_text_parses_or_is_refused(text in "[\\[\\]\"\\\\#; =a-zA-Z.\n\t-]{0,200}") {
+            if parse(&text).is_ok() {
+                let more = format!("{text}\n[core]\n\tfsmonitor = x\n");
+                if let Ok(entries) = parse(&more) {
+                    proptest::prop_assert!(entries.iter().any(is_risky));
+                }
+            }
+        }
+    }
+
     #[test]
     fn only_new_or_changed_configs_are_reported() {
         let tmp = tempfile::tempdir().unwrap();
