@@ -2,7 +2,8 @@
 //! the guest made or changed, and which of their keys make the host's git run a
 //! command.
 //!
-//! [`snapshot`] records every `.git/config` the bounded walk of
+//! [`snapshot`] records every `.git/config`, `.git` link (a `gitdir:` file or a
+//! symlink) and executable `.git/hooks` file that the bounded walk of
 //! [`super::protect::walk_dirs`] reaches when the VM starts (its bytes' digest);
 //! [`risky_git_configs`] walks again when it stops, parses each new or changed
 //! file with [`parse`] and names the keys of [`is_risky`]. The parser follows git's
@@ -267,36 +268,87 @@ pub struct Snapshot {
     digests: HashMap<PathBuf, Option<u64>>,
 }
 
-/// Every `.git/config` the bounded walk reaches under `root`, with its bytes (or
-/// `None` if it cannot be read or is larger than [`MAX_CONFIG_LEN`]).
-fn configs(root: &Path) -> Vec<(PathBuf, Option<Vec<u8>>)> {
+/// What a watched path is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// A `.git/config`.
+    Config,
+    /// A `.git` that is a file (`gitdir: ...`) or a symlink: it names another
+    /// directory, whose config and hooks git would use.
+    GitLink,
+    /// An executable regular file in `.git/hooks`.
+    Hook,
+}
+
+/// The most hooks looked at in one repository.
+const MAX_HOOKS: usize = 64;
+
+/// Reads `path` if it is a regular file no larger than [`MAX_CONFIG_LEN`].
+fn read_bounded(path: &Path, m: &std::fs::Metadata) -> Option<Vec<u8>> {
+    (m.is_file() && m.len() <= MAX_CONFIG_LEN)
+        .then(|| std::fs::read(path).ok())
+        .flatten()
+}
+
+/// Everything the bounded walk reaches under `root` that would make the host's
+/// git run something: each `.git/config`, each `.git` link, each executable hook,
+/// with its bytes (a link's target), or `None` if it cannot be read or is larger
+/// than [`MAX_CONFIG_LEN`].
+fn watched(root: &Path) -> Vec<(PathBuf, Kind, Option<Vec<u8>>)> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::PermissionsExt;
     let mut out = Vec::new();
     walk_dirs(root, |rel, names| {
-        if names.iter().any(|n| n == ".git") {
-            let path = root.join(rel).join(".git").join("config");
-            match std::fs::symlink_metadata(&path) {
-                Ok(m) if m.is_file() => {
-                    let bytes = if m.len() <= MAX_CONFIG_LEN {
-                        std::fs::read(&path).ok()
-                    } else {
-                        None
-                    };
-                    out.push((path, bytes));
+        if !names.iter().any(|n| n == ".git") {
+            return;
+        }
+        let git = root.join(rel).join(".git");
+        let Ok(gm) = std::fs::symlink_metadata(&git) else {
+            return;
+        };
+        if !gm.is_dir() {
+            let bytes = if gm.is_symlink() {
+                std::fs::read_link(&git)
+                    .ok()
+                    .map(|t| t.as_os_str().as_bytes().to_vec())
+            } else {
+                read_bounded(&git, &gm)
+            };
+            out.push((git, Kind::GitLink, bytes));
+            return;
+        }
+        let config = git.join("config");
+        if let Ok(m) = std::fs::symlink_metadata(&config) {
+            let bytes = read_bounded(&config, &m);
+            out.push((config, Kind::Config, bytes));
+        }
+        let Ok(rd) = std::fs::read_dir(git.join("hooks")) else {
+            return;
+        };
+        for entry in rd.flatten().take(MAX_HOOKS) {
+            let path = entry.path();
+            if let Ok(m) = std::fs::symlink_metadata(&path) {
+                if m.is_file() && m.permissions().mode() & 0o111 != 0 {
+                    out.push((path.clone(), Kind::Hook, read_bounded(&path, &m)));
+                } else if m.is_symlink() {
+                    let target = std::fs::read_link(&path)
+                        .ok()
+                        .map(|t| t.as_os_str().as_bytes().to_vec());
+                    out.push((path, Kind::Hook, target));
                 }
-                Ok(_) => out.push((path, None)),
-                Err(_) => {}
             }
         }
     });
     out
 }
 
-/// Records the `.git/config` files under `root` (see [`Snapshot`]).
+/// Records the `.git/config` files, `.git` links and executable hooks under
+/// `root` (see [`Snapshot`]).
 pub fn snapshot(root: &Path) -> Snapshot {
     let hasher = RandomState::new();
-    let digests = configs(root)
+    let digests = watched(root)
         .into_iter()
-        .map(|(p, b)| {
+        .map(|(p, _, b)| {
             let d = b.map(|b| hasher.hash_one(&b));
             (p, d)
         })
@@ -304,21 +356,24 @@ pub fn snapshot(root: &Path) -> Snapshot {
     Snapshot { hasher, digests }
 }
 
-/// The `.git/config` files under `root` that are new or changed since `before`
-/// and set a key that runs a command, with those keys. A file that cannot be
-/// read or parsed is listed with the key `(unreadable)` or `(unparsable)`.
+/// What under `root` is new or changed since `before` and would make the
+/// host's git run a command: `.git/config` files that set such a key (with those
+/// keys; `(unreadable)` or `(unparsable)` for one that cannot be read or parsed),
+/// `.git` links (`a gitdir link`) and executable hooks (`an executable hook`).
 pub fn risky_git_configs(root: &Path, before: &Snapshot) -> Vec<(PathBuf, Vec<String>)> {
     let mut out = Vec::new();
-    for (path, bytes) in configs(root) {
+    for (path, kind, bytes) in watched(root) {
         let digest = bytes.as_ref().map(|b| before.hasher.hash_one(b));
         if let Some(old) = before.digests.get(&path) {
             if old.is_some() && *old == digest {
                 continue;
             }
         }
-        let keys = match bytes {
-            None => vec!["(unreadable)".to_owned()],
-            Some(b) => match parse(&String::from_utf8_lossy(&b)) {
+        let keys = match (kind, bytes) {
+            (Kind::GitLink, _) => vec!["a gitdir link".to_owned()],
+            (Kind::Hook, _) => vec!["an executable hook".to_owned()],
+            (Kind::Config, None) => vec!["(unreadable)".to_owned()],
+            (Kind::Config, Some(b)) => match parse(&String::from_utf8_lossy(&b)) {
                 Err(_) => vec!["(unparsable)".to_owned()],
                 Ok(entries) => {
                     let mut keys: Vec<String> = entries
@@ -345,6 +400,7 @@ mod tests {
 
     use super::*;
     use std::fs;
+    use std::os::unix::fs::PermissionsExt;
 
     fn risky(text: &str) -> Vec<String> {
         parse(text)
@@ -439,8 +495,13 @@ mod tests {
     fn only_new_or_changed_configs_are_reported() {
         let tmp = tempfile::tempdir().unwrap();
         let r = tmp.path();
-        for d in ["same/.git", "changed/.git", "new/.git", "benign/.git"] {
+        for d in ["same/.git/hooks", "changed/.git", "new/.git", "benign/.git"] {
             fs::create_dir_all(r.join(d)).unwrap();
+        }
+        for name in ["old", "kept"] {
+            let p = r.join("same/.git/hooks").join(name);
+            fs::write(&p, "#!/bin/sh\n").unwrap();
+            fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
         }
         let evil = "[core]\n\tfsmonitor = /tmp/x\n";
         fs::write(r.join("same/.git/config"), evil).unwrap();
@@ -456,6 +517,16 @@ mod tests {
         fs::write(r.join("benign/.git/config"), "[core]\n\tbare = true\n").unwrap();
         fs::create_dir_all(r.join("bad/.git")).unwrap();
         fs::write(r.join("bad/.git/config"), "[core\n").unwrap();
+        // A new gitdir link, a new executable hook, a changed one, an unchanged
+        // one and a new one without execute bits.
+        fs::create_dir_all(r.join("wt")).unwrap();
+        fs::write(r.join("wt/.git"), "gitdir: ../new/.git\n").unwrap();
+        let hooks = r.join("same/.git/hooks");
+        for (name, mode) in [("pre-commit", 0o755), ("post-merge", 0o644)] {
+            fs::write(hooks.join(name), "#!/bin/sh\n").unwrap();
+            fs::set_permissions(hooks.join(name), fs::Permissions::from_mode(mode)).unwrap();
+        }
+        fs::write(hooks.join("old"), "#!/bin/sh\necho changed\n").unwrap();
         let got = risky_git_configs(r, &snap);
         assert_eq!(
             got,
@@ -463,6 +534,15 @@ mod tests {
                 (r.join("bad/.git/config"), vec!["(unparsable)".to_owned()]),
                 (r.join("changed/.git/config"), vec!["alias.x".to_owned()]),
                 (r.join("new/.git/config"), vec!["core.fsmonitor".to_owned()]),
+                (
+                    r.join("same/.git/hooks/old"),
+                    vec!["an executable hook".to_owned()]
+                ),
+                (
+                    r.join("same/.git/hooks/pre-commit"),
+                    vec!["an executable hook".to_owned()]
+                ),
+                (r.join("wt/.git"), vec!["a gitdir link".to_owned()]),
             ]
         );
     }
