@@ -255,6 +255,9 @@ pub struct ShareConfig {
     pub read_only: bool,
     /// Guest caching.
     pub cache: FsCache,
+    /// Keep what the host runs or reads as config (`.git/config`, `.git/hooks`,
+    /// `aivmm.toml`, `.envrc`) read-only to the guest: the workdir share's.
+    pub protect_workdir: bool,
 }
 
 /// Refuses a share at or under a read-write share's directory: the guest can put
@@ -326,6 +329,7 @@ pub fn parse_share(s: &str, cache: FsCache) -> Result<ShareConfig> {
         tag: tag.to_string(),
         read_only,
         cache,
+        protect_workdir: false,
     })
 }
 
@@ -567,6 +571,7 @@ mod tests {
             tag: tag.into(),
             read_only,
             cache: FsCache::Auto,
+            protect_workdir: false,
         };
         let check = |shares: Vec<ShareConfig>| VmConfig { shares, ..cfg() }.validate();
         let nested = |inner: &std::path::Path, outer: &std::path::Path| {

@@ -106,6 +106,7 @@ pub fn virtio_devices(config: &VmConfig) -> Result<Vec<(String, Box<dyn VirtioDe
         let cfg = fs::FsConfig {
             read_only: s.read_only,
             cache,
+            protect_workdir: s.protect_workdir,
             ..fs::FsConfig::new(&s.path, &s.tag)
         };
         out.push((

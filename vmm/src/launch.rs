@@ -33,6 +33,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+use aivmm_devices::virtio::fs::gitconfig;
+
 use crate::cli::RunArgs;
 use crate::config::{self, DiskConfig, Forward, NetMode, ShareConfig, VmConfig, VsockConfig};
 use crate::image::{self, GuestImage};
@@ -336,6 +338,7 @@ pub fn plan_extras(
             tag: tag.clone(),
             read_only,
             cache,
+            protect_workdir: false,
         });
         x.setup.mounts.push(Mount {
             tag,
@@ -414,12 +417,14 @@ pub fn vm_config(
             tag: WORK_TAG.to_string(),
             read_only: false,
             cache: args.fs_cache,
+            protect_workdir: true,
         },
         ShareConfig {
             path: agent_dir.to_path_buf(),
             tag: AGENT_TAG.to_string(),
             read_only: true,
             cache: config::FsCache::Always,
+            protect_workdir: false,
         },
     ];
     shares.extend(extras.shares.iter().cloned());
@@ -719,6 +724,8 @@ pub fn run(builder: &dyn MachineBuilder, args: &RunArgs, workdir: &Path, started
 
     let log_path = state.console_log();
     let console = crate::state_fs::create(&log_path).map_err(|e| Error::Io(log_path.clone(), e))?;
+    // What the workdir's git configs are before the guest can touch them.
+    let git_configs = gitconfig::snapshot(&state.workdir);
     let vmm = builder.build(&config, started, Box::new(console))?;
     let forwards = extras
         .forwards
@@ -793,7 +800,50 @@ pub fn run(builder: &dyn MachineBuilder, args: &RunArgs, workdir: &Path, started
     if let Some(pb) = &spinner {
         pb.finish_and_clear();
     }
-    let outcome = match result {
+    let outcome = finish(result, &done_rx, &log_path);
+    if let Some(c) = &extras.claude {
+        hand_back_claude_login(c);
+    }
+    warn_git_configs(&state.workdir, &git_configs);
+    outcome
+}
+
+/// `--claude-auth` at the end of a run: a token the guest refreshed goes back to
+/// the host's `~/.claude/.credentials.json`; anything else it left is ignored.
+fn hand_back_claude_login(c: &crate::claude_auth::ClaudeFiles) {
+    use crate::claude_auth::WriteBack;
+    match c.write_back() {
+        Ok(WriteBack::Written) => tracing::info!("the guest's refreshed Claude login is now the host's"),
+        Ok(WriteBack::Rejected(why)) => {
+            tracing::warn!("the guest's Claude credentials are not taken back: {why}")
+        }
+        Ok(r) => tracing::debug!("Claude login not handed back: {r:?}"),
+        Err(e) => tracing::warn!("cannot hand the refreshed Claude login back: {e}"),
+    }
+}
+
+/// Warns, one line each, of the workdir's `.git/config` files that the guest made
+/// or changed and that set a key making git run a command.
+fn warn_git_configs(workdir: &Path, before: &gitconfig::Snapshot) {
+    for (path, keys) in gitconfig::risky_git_configs(workdir, before) {
+        let msg = format!(
+            "the guest set {} in {}; git on this machine would run it",
+            keys.join(", "),
+            path.display()
+        );
+        tracing::warn!("{msg}");
+        eprintln!("aivmm: warning: {msg}");
+    }
+}
+
+/// The exit status of a run whose session ended with `result`, once the VM
+/// thread (reporting on `done_rx`) has ended too.
+fn finish<T: std::fmt::Debug, E: std::fmt::Display>(
+    result: std::result::Result<i32, session::Error>,
+    done_rx: &mpsc::Receiver<std::result::Result<T, E>>,
+    log_path: &Path,
+) -> Result<i32> {
+    match result {
         Ok(code) => {
             tracing::info!("the command exited with status {code}");
             // The agent has exited; the guest's init powers off now.
@@ -839,28 +889,10 @@ pub fn run(builder: &dyn MachineBuilder, args: &RunArgs, workdir: &Path, started
             };
             Err(Error::VmStopped(format!(
                 "{why}{}",
-                console_tail(&log_path, 15)
+                console_tail(log_path, 15)
             )))
         }
-        Err(e) => Err(Error::Session(e, console_tail(&log_path, 15))),
-    };
-    if let Some(c) = &extras.claude {
-        hand_back_claude_login(c);
-    }
-    outcome
-}
-
-/// `--claude-auth` at the end of a run: a token the guest refreshed goes back to
-/// the host's `~/.claude/.credentials.json`; anything else it left is ignored.
-fn hand_back_claude_login(c: &crate::claude_auth::ClaudeFiles) {
-    use crate::claude_auth::WriteBack;
-    match c.write_back() {
-        Ok(WriteBack::Written) => tracing::info!("the guest's refreshed Claude login is now the host's"),
-        Ok(WriteBack::Rejected(why)) => {
-            tracing::warn!("the guest's Claude credentials are not taken back: {why}")
-        }
-        Ok(r) => tracing::debug!("Claude login not handed back: {r:?}"),
-        Err(e) => tracing::warn!("cannot hand the refreshed Claude login back: {e}"),
+        Err(e) => Err(Error::Session(e, console_tail(log_path, 15))),
     }
 }
 
@@ -949,6 +981,9 @@ mod tests {
         assert_eq!(c.shares[0].path, state.workdir);
         assert_eq!((c.shares[1].tag.as_str(), c.shares[1].read_only), (AGENT_TAG, true));
         assert_eq!(c.shares[1].path, PathBuf::from("/ag"));
+        // Only the workdir share protects its git config, hooks and config files.
+        let protect: Vec<bool> = c.shares.iter().map(|s| s.protect_workdir).collect();
+        assert_eq!(protect, vec![true, false, false]);
         assert_eq!((c.shares[2].tag.as_str(), c.shares[2].read_only), ("tmp", true));
         assert_eq!(c.net, NetMode::User);
         assert_eq!(

@@ -21,6 +21,8 @@ use virtio_queue::QueueT;
 
 #[cfg(target_os = "linux")]
 use super::filesystem::{ShareFs, ShareRoot};
+#[cfg(target_os = "linux")]
+use super::protect::Protection;
 use super::macos::backend::portable_server;
 use super::worker::QueueWorker;
 use super::{
@@ -39,6 +41,9 @@ struct Checked {
     /// per activation) imports it from this fd, never from the path again (Linux).
     #[cfg(target_os = "linux")]
     root: Arc<ShareRoot>,
+    /// The protected paths, resolved once when the device is created (Linux).
+    #[cfg(target_os = "linux")]
+    protection: Arc<Protection>,
 }
 
 /// Resolves and opens the root once (Linux): the fd is what every server serves.
@@ -83,11 +88,15 @@ fn check_config(config: &FsConfig) -> Result<Checked> {
         return Err(Error::RequestQueues(config.request_queues));
     }
     let mut config = config.clone();
+    #[cfg(target_os = "linux")]
+    let protection = Arc::new(Protection::resolve(&root, &config.protection_rules(&root)));
     config.root = root;
     Ok(Checked {
         config,
         #[cfg(target_os = "linux")]
         root: share_root,
+        #[cfg(target_os = "linux")]
+        protection,
     })
 }
 
@@ -101,7 +110,12 @@ pub fn share_fs(config: &FsConfig) -> Result<ShareFs> {
 
 #[cfg(target_os = "linux")]
 fn build_fs(checked: &Checked) -> Result<ShareFs> {
-    ShareFs::new(&checked.config, checked.root.clone()).map_err(Error::Passthrough)
+    ShareFs::new(
+        &checked.config,
+        checked.root.clone(),
+        checked.protection.clone(),
+    )
+    .map_err(Error::Passthrough)
 }
 
 /// A FUSE server for `config`, as the device's workers use it.

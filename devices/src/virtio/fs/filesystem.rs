@@ -44,6 +44,27 @@
 //! support would (so `cp -a` and `tar` go on quietly), except the two POSIX ACL
 //! names when [`FsConfig::posix_acls`] allows them. `user.*` passes through.
 //!
+//! # Protected paths
+//! What the host runs or reads as config ([`super::protect`]) is read-only to
+//! the guest whatever the share's mode, checked by identity, (device, inode),
+//! resolved when the device was created: a protected object cannot be opened for
+//! writing, truncated, chmodded, touched, linked or given xattrs; in a sealed
+//! directory (`.git/hooks`) no entry can be made, removed or renamed; and a
+//! protected name (`.git/config`, `aivmm.toml`, even before it exists, and the
+//! `.git` of a protected repository) cannot be made, removed, renamed away or
+//! renamed onto in its parent. All answer EROFS. Not covered: renaming a nested
+//! repository's enclosing directory away and making a new repository at its old
+//! path (the protections move with the objects; the stop-time report in
+//! [`super::gitconfig`] catches the new config), and a `.git` that is a symlink
+//! (its name is pinned, its target is not sealed).
+//!
+//! Independently of that set, a file made or chmodded in any `.git/hooks`
+//! directory (of any repository, also one the guest makes later) never gets an
+//! execute bit, so git does not run it: `create`, `mknod` and `setattr` mask
+//! 0o111, and a file renamed or linked into one loses its execute bits. This
+//! goes by the host path of the parent when the request arrives; a directory
+//! renamed to `hooks` with executables already in it is not covered.
+//!
 //! # Containment
 //! Containment stays with `PassthroughFs`: inodes are `O_PATH | O_NOFOLLOW` fds
 //! opened with `openat` from their parent's fd; names with `/` are refused; `..`
@@ -86,6 +107,7 @@ use fuse_backend_rs::api::validate_path_component;
 use fuse_backend_rs::passthrough::{self, PassthroughFs};
 use log::error;
 
+use super::protect::{is_hooks_dir, Id, Protection};
 use super::{CachePolicy, FsConfig};
 
 /// The largest xattr value or name list Linux has (`XATTR_SIZE_MAX`).
@@ -137,6 +159,14 @@ pub fn proc_umask() -> Option<libc::mode_t> {
 /// and no bit the host umask clears.
 fn creation_mode(mode: u32) -> u32 {
     mode & !(DENIED_MODE_BITS | host_umask())
+}
+
+/// Whether the guest's open(2) `flags` may change the file.
+fn open_writes(flags: u32) -> bool {
+    // Reinterpret the bits as c_int.
+    let flags = flags as i32;
+    flags & libc::O_ACCMODE != libc::O_RDONLY
+        || flags & (libc::O_TRUNC | libc::O_CREAT | libc::O_APPEND) != 0
 }
 
 fn erofs() -> io::Error {
@@ -288,11 +318,17 @@ pub struct ShareFs {
     posix_acls: bool,
     /// The shared directory, held open.
     root: Arc<ShareRoot>,
+    /// What the guest may not change, resolved when the device was created.
+    protection: Arc<Protection>,
 }
 
 impl ShareFs {
     /// The file system serving `root` as `cfg` says, its root imported.
-    pub fn new(cfg: &FsConfig, root: Arc<ShareRoot>) -> io::Result<Self> {
+    pub fn new(
+        cfg: &FsConfig,
+        root: Arc<ShareRoot>,
+        protection: Arc<Protection>,
+    ) -> io::Result<Self> {
         host_umask();
         let inner = PassthroughFs::<()>::new(passthrough_config(cfg, &root))?;
         let fs = Self {
@@ -300,6 +336,7 @@ impl ShareFs {
             read_only: cfg.read_only,
             posix_acls: cfg.posix_acls,
             root,
+            protection,
         };
         fs.import(false)?;
         Ok(fs)
@@ -341,6 +378,77 @@ impl ShareFs {
         }
     }
 
+    /// The host (device, inode) of `inode`.
+    fn id(&self, ctx: &Context, inode: u64) -> io::Result<Id> {
+        let (st, _) = self.inner.getattr(ctx, inode, None)?;
+        Ok((st.st_dev, st.st_ino))
+    }
+
+    /// Refuses (EROFS) a change to a protected object: one resolved at creation,
+    /// or one the host put at a protected path since.
+    fn check_unprotected(&self, ctx: &Context, inode: u64) -> io::Result<()> {
+        let p = &self.protection;
+        if p.objects.is_empty() && p.paths.is_empty() {
+            return Ok(());
+        }
+        if p.objects.contains(&self.id(ctx, inode)?) {
+            return Err(erofs());
+        }
+        if let Ok(path) = self.inner.readlinkat_proc_file(inode) {
+            if p.covers_path(&path) {
+                return Err(erofs());
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses (EROFS) making, removing or renaming `name` in `parent` when
+    /// `parent` is sealed or `name` is protected there.
+    fn check_entry(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
+        let p = &self.protection;
+        if p.sealed_dirs.is_empty() && p.names.is_empty() {
+            return Ok(());
+        }
+        let id = self.id(ctx, parent)?;
+        if p.sealed_dirs.contains(&id) || p.names.contains(&(id, name.to_bytes().to_vec())) {
+            return Err(erofs());
+        }
+        Ok(())
+    }
+
+    /// Whether `dir` is now a `.git/hooks` directory (by its host path).
+    fn is_hooks(&self, dir: u64) -> bool {
+        self.inner
+            .readlinkat_proc_file(dir)
+            .is_ok_and(|p| is_hooks_dir(&p))
+    }
+
+    /// Whether `inode`'s host object is now directly in a `.git/hooks` directory.
+    fn in_hooks(&self, inode: u64) -> bool {
+        self.inner
+            .readlinkat_proc_file(inode)
+            .is_ok_and(|p| p.parent().is_some_and(is_hooks_dir))
+    }
+
+    /// Clears the execute bits of `name` in `parent`, a hooks directory, if it is
+    /// a regular file that has any.
+    fn strip_exec(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
+        let e = self.inner.lookup(ctx, parent, name)?;
+        let mode = e.attr.st_mode;
+        let res = if mode & libc::S_IFMT == libc::S_IFREG && mode & 0o111 != 0 {
+            // SAFETY: stat64 is plain data; all zeroes is a valid value.
+            let mut attr: stat64 = unsafe { std::mem::zeroed() };
+            attr.st_mode = mode & !0o111 & 0o7777;
+            self.inner
+                .setattr(ctx, e.inode, attr, None, SetattrValid::MODE)
+                .map(|_| ())
+        } else {
+            Ok(())
+        };
+        self.inner.forget(ctx, e.inode, 1);
+        res
+    }
+
     /// Refuses xattr names the guest may not set or remove (see the module doc).
     fn check_xattr_name(&self, name: &CStr) -> io::Result<()> {
         let n = name.to_bytes();
@@ -358,11 +466,7 @@ impl ShareFs {
 
     /// Refuses, on a read-only share, open flags that would change the file.
     fn check_open_flags(&self, flags: u32) -> io::Result<()> {
-        // The flags are the guest's open(2) flags; reinterpret the bits as c_int.
-        let flags = flags as i32;
-        let writes = flags & libc::O_ACCMODE != libc::O_RDONLY
-            || flags & (libc::O_TRUNC | libc::O_CREAT | libc::O_APPEND) != 0;
-        if self.read_only && writes {
+        if self.read_only && open_writes(flags) {
             Err(erofs())
         } else {
             Ok(())
@@ -514,9 +618,13 @@ impl FileSystem for ShareFs {
         valid: SetattrValid,
     ) -> io::Result<(stat64, Duration)> {
         self.check_writable()?;
+        self.check_unprotected(ctx, inode)?;
         let mut attr = attr;
         if valid.contains(SetattrValid::MODE) {
             attr.st_mode &= !DENIED_MODE_BITS;
+            if attr.st_mode & 0o111 != 0 && self.in_hooks(inode) {
+                attr.st_mode &= !0o111;
+            }
         }
         self.inner.setattr(ctx, inode, attr, handle, valid)
     }
@@ -534,6 +642,7 @@ impl FileSystem for ShareFs {
     ) -> io::Result<Entry> {
         self.check_writable()?;
         validate_path_component(name)?;
+        self.check_entry(ctx, parent, name)?;
         self.inner.symlink(ctx, linkname, parent, name)
     }
 
@@ -552,8 +661,12 @@ impl FileSystem for ShareFs {
         if kind == libc::S_IFCHR || kind == libc::S_IFBLK {
             return Err(io::Error::from_raw_os_error(libc::EPERM));
         }
-        self.inner
-            .mknod(ctx, inode, name, creation_mode(mode), rdev, umask)
+        self.check_entry(ctx, inode, name)?;
+        let mut mode = creation_mode(mode);
+        if self.is_hooks(inode) {
+            mode &= !0o111;
+        }
+        self.inner.mknod(ctx, inode, name, mode, rdev, umask)
     }
 
     fn mkdir(
@@ -566,6 +679,7 @@ impl FileSystem for ShareFs {
     ) -> io::Result<Entry> {
         self.check_writable()?;
         validate_path_component(name)?;
+        self.check_entry(ctx, parent, name)?;
         self.inner
             .mkdir(ctx, parent, name, creation_mode(mode), umask)
     }
@@ -573,12 +687,14 @@ impl FileSystem for ShareFs {
     fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
         self.check_writable()?;
         validate_path_component(name)?;
+        self.check_entry(ctx, parent, name)?;
         self.inner.unlink(ctx, parent, name)
     }
 
     fn rmdir(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
         self.check_writable()?;
         validate_path_component(name)?;
+        self.check_entry(ctx, parent, name)?;
         self.inner.rmdir(ctx, parent, name)
     }
 
@@ -594,20 +710,35 @@ impl FileSystem for ShareFs {
         self.check_writable()?;
         validate_path_component(oldname)?;
         validate_path_component(newname)?;
+        self.check_entry(ctx, olddir, oldname)?;
+        self.check_entry(ctx, newdir, newname)?;
         self.inner
-            .rename(ctx, olddir, oldname, newdir, newname, flags)
+            .rename(ctx, olddir, oldname, newdir, newname, flags)?;
+        if self.is_hooks(newdir) {
+            self.strip_exec(ctx, newdir, newname)?;
+        }
+        Ok(())
     }
 
     fn link(&self, ctx: &Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
         self.check_writable()?;
         validate_path_component(newname)?;
-        match self.inner.link(ctx, inode, newparent, newname) {
+        self.check_entry(ctx, newparent, newname)?;
+        self.check_unprotected(ctx, inode)?;
+        let entry = match self.inner.link(ctx, inode, newparent, newname) {
             // Without CAP_DAC_READ_SEARCH, linkat(AT_EMPTY_PATH) fails with ENOENT.
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
                 self.link_via_proc(ctx, inode, newparent, newname)
             }
             r => r,
+        }?;
+        if self.is_hooks(newparent) {
+            self.strip_exec(ctx, newparent, newname)?;
+            return self.inner.lookup(ctx, newparent, newname).inspect(|_| {
+                self.inner.forget(ctx, entry.inode, 1);
+            });
         }
+        Ok(entry)
     }
 
     fn open(
@@ -619,6 +750,9 @@ impl FileSystem for ShareFs {
     ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
         self.check_open_flags(flags)?;
         self.check_regular(ctx, inode)?;
+        if open_writes(flags) {
+            self.check_unprotected(ctx, inode)?;
+        }
         self.inner.open(ctx, inode, flags, fuse_flags)
     }
 
@@ -631,17 +765,24 @@ impl FileSystem for ShareFs {
     ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
         self.check_writable()?;
         validate_path_component(name)?;
-        let args = CreateIn {
-            mode: creation_mode(args.mode),
-            ..args
-        };
-        // An existing special file of that name is not opened (see `open`); the
-        // check after the create catches one swapped in meanwhile.
+        self.check_entry(ctx, parent, name)?;
+        let mut mode = creation_mode(args.mode);
+        if self.is_hooks(parent) {
+            mode &= !0o111;
+        }
+        let args = CreateIn { mode, ..args };
+        // An existing special file of that name is not opened (see `open`), nor
+        // a protected one (another hard link to it); the check after the create
+        // catches one swapped in meanwhile.
         if let Ok(e) = self.inner.lookup(ctx, parent, name) {
             let kind = e.attr.st_mode & libc::S_IFMT;
+            let id = (e.attr.st_dev, e.attr.st_ino);
             self.inner.forget(ctx, e.inode, 1);
             if kind != libc::S_IFREG {
                 return Err(io::Error::from_raw_os_error(libc::EPERM));
+            }
+            if self.protection.objects.contains(&id) {
+                return Err(erofs());
             }
         }
         let (entry, handle, opts, passthrough) = self.inner.create(ctx, parent, name, args)?;
@@ -754,6 +895,7 @@ impl FileSystem for ShareFs {
     ) -> io::Result<()> {
         self.check_writable()?;
         self.check_xattr_name(name)?;
+        self.check_unprotected(ctx, inode)?;
         self.inner.setxattr(ctx, inode, name, value, flags)
     }
 
@@ -775,6 +917,7 @@ impl FileSystem for ShareFs {
     fn removexattr(&self, ctx: &Context, inode: u64, name: &CStr) -> io::Result<()> {
         self.check_writable()?;
         self.check_xattr_name(name)?;
+        self.check_unprotected(ctx, inode)?;
         self.inner.removexattr(ctx, inode, name)
     }
 
@@ -824,8 +967,9 @@ impl FileSystem for ShareFs {
     // No DAX window: setupmapping/removemapping keep the trait's ENOSYS.
 
     fn access(&self, ctx: &Context, inode: u64, mask: u32) -> io::Result<()> {
-        if self.read_only && mask as i32 & libc::W_OK != 0 {
-            return Err(erofs());
+        if mask as i32 & libc::W_OK != 0 {
+            self.check_writable()?;
+            self.check_unprotected(ctx, inode)?;
         }
         self.inner.access(ctx, inode, mask)
     }
@@ -1669,7 +1813,7 @@ mod tests {
         // What a device reset does: a new ShareFs from the root opened at creation.
         let share_root = Arc::new(ShareRoot::open(&moved).unwrap());
         fs::rename(&moved, q.tmp.as_path().join("moved2")).unwrap();
-        let again = ShareFs::new(&FsConfig::new(&moved, "work"), share_root).unwrap();
+        let again = ShareFs::new(&FsConfig::new(&moved, "work"), share_root, Arc::default()).unwrap();
         let e = again.lookup(&ctx(), ROOT_ID, &c("file")).unwrap();
         assert_eq!(e.attr.st_ino, file_ino);
     }
@@ -1685,10 +1829,10 @@ mod tests {
         let mut forged = ShareRoot::open(tmp.as_path()).unwrap();
         forged.id = other_id;
         let cfg = FsConfig::new(tmp.as_path(), "work");
-        let r = ShareFs::new(&cfg, Arc::new(forged)).map(|_| ());
+        let r = ShareFs::new(&cfg, Arc::new(forged), Arc::default()).map(|_| ());
         assert_eq!(errno(r), libc::EIO);
         let mut share =
-            ShareFs::new(&cfg, Arc::new(ShareRoot::open(tmp.as_path()).unwrap())).unwrap();
+            ShareFs::new(&cfg, Arc::new(ShareRoot::open(tmp.as_path()).unwrap()), Arc::default()).unwrap();
         share.init(FsOptions::empty()).unwrap();
         // The root fd stays (PassthroughFs imports through it); only the identity
         // it must have changes.
@@ -1751,5 +1895,192 @@ mod tests {
             "{reads} reads"
         );
         assert_eq!(proc_umask().unwrap(), before);
+    }
+
+    /// A workdir share with a repository at the root (config, a hook, an index),
+    /// a nested one, `aivmm.toml` (but no `.envrc`), and a hard link to the root
+    /// repository's config; protected as a workdir.
+    fn protected_fixture() -> (TempDir, Arc<fuse_backend_rs::api::server::Server<ShareFs>>) {
+        let tmp = TempDir::new().unwrap();
+        let root = tmp.as_path().join("root");
+        fs::create_dir_all(root.join(".git/hooks")).unwrap();
+        fs::create_dir_all(root.join(".git/objects")).unwrap();
+        fs::create_dir_all(root.join("sub/.git")).unwrap();
+        fs::write(root.join(".git/config"), "[core]\n").unwrap();
+        fs::write(root.join(".git/index"), "i").unwrap();
+        fs::write(root.join(".git/HEAD"), "ref: refs/heads/main\n").unwrap();
+        fs::write(root.join(".git/hooks/pre-commit"), "#!/bin/sh\n").unwrap();
+        fs::write(root.join("sub/.git/config"), "[core]\n").unwrap();
+        fs::write(root.join("aivmm.toml"), "").unwrap();
+        fs::write(root.join("file"), "f").unwrap();
+        fs::hard_link(root.join(".git/config"), root.join("alias")).unwrap();
+        let mut cfg = FsConfig::new(&root, "work");
+        cfg.protect_workdir = true;
+        let server = crate::virtio::fs::device::fuse_server(&cfg).unwrap();
+        (tmp, server)
+    }
+
+    fn with_server(
+        server: &Arc<fuse_backend_rs::api::server::Server<ShareFs>>,
+        f: impl FnOnce(
+            &mut Session,
+            &mut dyn FnMut(virtio_queue::DescriptorChain<&vm_memory::GuestMemoryMmap>) -> u32,
+        ),
+    ) {
+        let mem = crate::test_utils::guest_memory(fuse::SESSION_MEM);
+        let mut s = Session::new(&mem);
+        let mut h = |c: virtio_queue::DescriptorChain<&vm_memory::GuestMemoryMmap>| {
+            crate::virtio::fs::worker::handle_chain(server, &mem, c)
+        };
+        assert_eq!(s.call(&fuse::init(), &mut h).errno(), 0);
+        f(&mut s, &mut h);
+    }
+
+    const EROFS: i32 = libc::EROFS;
+
+    /// Every change to `.git/config`, `.git/hooks`, `aivmm.toml`, `.envrc` (which
+    /// does not exist) and `.git` itself is refused with EROFS, by name and by
+    /// identity (a hard link), also in a nested repository.
+    #[test]
+    fn protected_paths_refuse_every_change() {
+        let (tmp, server) = protected_fixture();
+        let root = tmp.as_path().join("root");
+        let before: Vec<_> = [".git/config", ".git/hooks/pre-commit", "aivmm.toml"]
+            .iter()
+            .map(|p| (fs::read(root.join(p)).unwrap(), mode_of(&root.join(p))))
+            .collect();
+        with_server(&server, |s, h| {
+            let wr = libc::O_WRONLY as u32;
+            let creat = (libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC) as u32;
+            let git = s.call(&fuse::lookup(ROOT_ID, ".git"), h).entry().nodeid;
+            let hooks = s.call(&fuse::lookup(git, "hooks"), h).entry().nodeid;
+            let file = s.call(&fuse::lookup(ROOT_ID, "file"), h).entry().nodeid;
+            let mut files = Vec::new();
+            for (dir, name) in [(git, "config"), (hooks, "pre-commit"), (ROOT_ID, "aivmm.toml"), (ROOT_ID, "alias")] {
+                let ino = s.call(&fuse::lookup(dir, name), h).entry().nodeid;
+                files.push(ino);
+                assert_eq!(s.call(&fuse::open(ino, wr), h).errno(), EROFS, "{name}");
+                assert_eq!(s.call(&fuse::open(ino, libc::O_RDWR as u32), h).errno(), EROFS);
+                assert_eq!(s.call(&fuse::truncate(ino, 0), h).errno(), EROFS, "{name}");
+                assert_eq!(s.call(&fuse::chmod(ino, 0o777), h).errno(), EROFS, "{name}");
+                assert_eq!(s.call(&fuse::setxattr(ino, "user.x", b"v"), h).errno(), EROFS);
+                assert_eq!(s.call(&fuse::link(ino, ROOT_ID, "l2"), h).errno(), EROFS);
+                // Reading stays.
+                assert_eq!(s.call(&fuse::open(ino, libc::O_RDONLY as u32), h).errno(), 0);
+                if name != "alias" {
+                    assert_eq!(s.call(&fuse::create(dir, name, creat, 0o644), h).errno(), EROFS);
+                    assert_eq!(s.call(&fuse::unlink(dir, name), h).errno(), EROFS, "{name}");
+                    assert_eq!(s.call(&fuse::rename(dir, name, ROOT_ID, "away"), h).errno(), EROFS);
+                    assert_eq!(s.call(&fuse::rename(ROOT_ID, "file", dir, name), h).errno(), EROFS);
+                    assert_eq!(s.call(&fuse::link(file, dir, name), h).errno(), EROFS);
+                }
+            }
+            // The alias opened by creating over its own name is refused too.
+            assert_eq!(s.call(&fuse::create(ROOT_ID, "alias", creat, 0o644), h).errno(), EROFS);
+            // A name that does not exist yet.
+            for (dir, name) in [(ROOT_ID, ".envrc"), (git, "commondir"), (hooks, "post-checkout")] {
+                assert_eq!(s.call(&fuse::create(dir, name, creat, 0o644), h).errno(), EROFS, "{name}");
+                assert_eq!(s.call(&fuse::mknod(dir, name, libc::S_IFREG | 0o644), h).errno(), EROFS);
+                assert_eq!(s.call(&fuse::mkdir(dir, name, 0o755), h).errno(), EROFS);
+                assert_eq!(s.call(&fuse::symlink(dir, name, "/bin/sh"), h).errno(), EROFS);
+                assert_eq!(s.call(&fuse::rename(ROOT_ID, "file", dir, name), h).errno(), EROFS);
+            }
+            // git's lock-then-rename of its config.
+            let lock = s.call(&fuse::create(git, "config.lock", creat, 0o644), h);
+            assert_eq!(lock.errno(), 0);
+            assert_eq!(s.call(&fuse::rename(git, "config.lock", git, "config"), h).errno(), EROFS);
+            // The hooks directory and `.git` cannot be removed or moved away.
+            assert_eq!(s.call(&fuse::rmdir(git, "hooks"), h).errno(), EROFS);
+            assert_eq!(s.call(&fuse::rename(git, "hooks", git, "h2"), h).errno(), EROFS);
+            assert_eq!(s.call(&fuse::chmod(hooks, 0o777), h).errno(), EROFS);
+            assert_eq!(s.call(&fuse::rename(ROOT_ID, ".git", ROOT_ID, "g2"), h).errno(), EROFS);
+            assert_eq!(s.call(&fuse::rmdir(ROOT_ID, ".git"), h).errno(), EROFS);
+            // A nested repository is protected the same way.
+            let sub = s.call(&fuse::lookup(ROOT_ID, "sub"), h).entry().nodeid;
+            let subgit = s.call(&fuse::lookup(sub, ".git"), h).entry().nodeid;
+            let subcfg = s.call(&fuse::lookup(subgit, "config"), h).entry().nodeid;
+            assert_eq!(s.call(&fuse::open(subcfg, wr), h).errno(), EROFS);
+            assert_eq!(s.call(&fuse::unlink(subgit, "config"), h).errno(), EROFS);
+            assert_eq!(s.call(&fuse::create(subgit, "hooks", creat, 0o755), h).errno(), EROFS);
+        });
+        // The host's own git replaces its config (a new inode): still read-only.
+        fs::write(root.join(".git/config.new"), "[core]\n").unwrap();
+        fs::rename(root.join(".git/config.new"), root.join(".git/config")).unwrap();
+        with_server(&server, |s, h| {
+            let git = s.call(&fuse::lookup(ROOT_ID, ".git"), h).entry().nodeid;
+            let cfg = s.call(&fuse::lookup(git, "config"), h).entry().nodeid;
+            assert_eq!(s.call(&fuse::open(cfg, libc::O_WRONLY as u32), h).errno(), EROFS);
+            assert_eq!(s.call(&fuse::truncate(cfg, 0), h).errno(), EROFS);
+        });
+        let after: Vec<_> = [".git/config", ".git/hooks/pre-commit", "aivmm.toml"]
+            .iter()
+            .map(|p| (fs::read(root.join(p)).unwrap(), mode_of(&root.join(p))))
+            .collect();
+        assert_eq!(before, after);
+        assert!(!root.join(".envrc").exists());
+        assert!(!root.join(".git/hooks/post-checkout").exists());
+        assert!(!root.join("sub/.git/hooks").exists());
+    }
+
+    /// Everything else in `.git` stays writable: the index, objects, HEAD.
+    #[test]
+    fn git_data_stays_writable() {
+        let (tmp, server) = protected_fixture();
+        let root = tmp.as_path().join("root");
+        with_server(&server, |s, h| {
+            let creat = (libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC) as u32;
+            let git = s.call(&fuse::lookup(ROOT_ID, ".git"), h).entry().nodeid;
+            let lock = s.call(&fuse::create(git, "index.lock", creat, 0o644), h);
+            let (ino, fh) = (lock.entry().nodeid, lock.create_open().fh);
+            assert_eq!(s.call(&fuse::write(ino, fh, 0, b"new index"), h).write().size, 9);
+            assert_eq!(s.call(&fuse::release(ino, fh), h).errno(), 0);
+            assert_eq!(s.call(&fuse::rename(git, "index.lock", git, "index"), h).errno(), 0);
+            let objects = s.call(&fuse::lookup(git, "objects"), h).entry().nodeid;
+            let ab = s.call(&fuse::mkdir(objects, "ab", 0o755), h).entry().nodeid;
+            assert_eq!(s.call(&fuse::create(ab, "cdef", creat, 0o444), h).errno(), 0);
+            let head = s.call(&fuse::lookup(git, "HEAD"), h).entry().nodeid;
+            let trunc = (libc::O_WRONLY | libc::O_TRUNC) as u32;
+            let fh = s.call(&fuse::open(head, trunc), h).open().fh;
+            assert_eq!(s.call(&fuse::write(head, fh, 0, b"ref: refs/heads/x\n"), h).write().size, 18);
+            assert_eq!(s.call(&fuse::release(head, fh), h).errno(), 0);
+            assert_eq!(s.call(&fuse::mkdir(git, "refs", 0o755), h).errno(), 0);
+        });
+        assert_eq!(fs::read(root.join(".git/index")).unwrap(), b"new index");
+        assert!(root.join(".git/objects/ab/cdef").is_file());
+        assert_eq!(fs::read(root.join(".git/HEAD")).unwrap(), b"ref: refs/heads/x\n");
+    }
+
+    /// In a repository the guest makes, a hooks file never gets an execute bit:
+    /// not on create, mknod, chmod, rename or link into the hooks directory.
+    #[test]
+    fn new_hooks_never_get_execute_bits() {
+        let (tmp, server) = protected_fixture();
+        let root = tmp.as_path().join("root");
+        with_server(&server, |s, h| {
+            let creat = (libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC) as u32;
+            let new = s.call(&fuse::mkdir(ROOT_ID, "new", 0o755), h).entry().nodeid;
+            let git = s.call(&fuse::mkdir(new, ".git", 0o755), h).entry().nodeid;
+            let hooks = s.call(&fuse::mkdir(git, "hooks", 0o755), h).entry().nodeid;
+            let r = s.call(&fuse::create(hooks, "pre-commit", creat, 0o755), h);
+            assert_eq!(r.entry().attr.mode & 0o111, 0);
+            let ino = r.entry().nodeid;
+            assert_eq!(s.call(&fuse::chmod(ino, 0o755), h).attr().attr.mode & 0o111, 0);
+            let r = s.call(&fuse::mknod(hooks, "post-checkout", libc::S_IFREG | 0o755), h);
+            assert_eq!(r.errno(), 0);
+            // Made executable elsewhere, then moved or linked in.
+            assert_eq!(s.call(&fuse::create(new, "x", creat, 0o755), h).errno(), 0);
+            let y = s.call(&fuse::create(new, "y", creat, 0o755), h).entry().nodeid;
+            assert_eq!(s.call(&fuse::rename(new, "x", hooks, "pre-push"), h).errno(), 0);
+            let l = s.call(&fuse::link(y, hooks, "post-merge"), h);
+            assert_eq!(l.entry().attr.mode & 0o111, 0);
+            assert_eq!(s.call(&fuse::create(new, "run.sh", creat, 0o755), h).errno(), 0);
+        });
+        let umask = host_umask();
+        for name in ["pre-commit", "post-checkout", "pre-push", "post-merge"] {
+            let mode = mode_of(&root.join("new/.git/hooks").join(name));
+            assert_eq!(mode & 0o111, 0, "{name} {mode:o}");
+        }
+        // Outside a hooks directory the bits stay (as the host umask leaves them).
+        assert_eq!(mode_of(&root.join("new/run.sh")) & 0o111, 0o111 & !umask);
     }
 }

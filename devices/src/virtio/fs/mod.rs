@@ -14,6 +14,8 @@
 //! - [`device`]: [`Fs`], its config space and `impl VirtioDevice`;
 //! - [`worker`]: the queue threads and the per-chain request handler;
 //! - [`filesystem`]: the `FileSystem` wrapper around `PassthroughFs`;
+//! - [`protect`]: the protected paths of a workdir, resolved to identities at creation;
+//! - [`gitconfig`]: a git config parser and the stop-time report of risky configs;
 //! - `test_utils`: FUSE request builders and a mock-queue session for tests and benches.
 //!
 //! # Cache mode
@@ -41,7 +43,9 @@ pub mod device;
 #[cfg(target_os = "linux")]
 pub mod filesystem;
 // The Linux-FUSE-ABI translations a macOS host passthrough needs (portable, tested here).
+pub mod gitconfig;
 pub mod macos;
+pub mod protect;
 #[cfg(all(test, target_os = "linux"))]
 mod proptests;
 #[cfg(all(test, target_os = "linux"))]
@@ -100,6 +104,13 @@ pub struct FsConfig {
     /// `system.posix_acl_default`) on host files. Off by default: an ACL can give
     /// other host users access that the file's mode does not show.
     pub posix_acls: bool,
+    /// Extra paths, relative to the root, that the guest may read but never
+    /// change, remove, rename or make (the trusted config's; see [`protect`]).
+    /// A directory is protected with everything in it.
+    pub protected: Vec<PathBuf>,
+    /// Protect what the host runs or reads as config in a workdir:
+    /// [`protect::workdir_rules`], resolved when the device is created.
+    pub protect_workdir: bool,
 }
 
 impl FsConfig {
@@ -113,7 +124,25 @@ impl FsConfig {
             request_queues: 1,
             backend: FsBackend::default(),
             posix_acls: false,
+            protected: Vec::new(),
+            protect_workdir: false,
         }
+    }
+
+    /// The protection rules of this share, resolved against `root` (the host
+    /// path of the share root) now: the workdir defaults if asked for, then
+    /// [`FsConfig::protected`].
+    pub fn protection_rules(&self, root: &std::path::Path) -> Vec<protect::Rule> {
+        let mut rules = if self.protect_workdir {
+            protect::workdir_rules(root)
+        } else {
+            Vec::new()
+        };
+        rules.extend(self.protected.iter().map(|p| protect::Rule {
+            path: p.clone(),
+            seal: true,
+        }));
+        rules
     }
 }
 

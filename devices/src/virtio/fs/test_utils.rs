@@ -9,7 +9,8 @@ use std::mem::size_of;
 
 pub use fuse_backend_rs::abi::fuse_abi::ROOT_ID;
 use fuse_backend_rs::abi::fuse_abi::{
-    AttrOut, CreateIn, Dirent, EntryOut, FsyncIn, GetattrIn, InHeader, InitIn, MkdirIn, MknodIn,
+    AttrOut, CreateIn, Dirent, EntryOut, FsyncIn, GetattrIn, InHeader, InitIn, LinkIn, MkdirIn,
+    MknodIn,
     Opcode, OpenIn, OpenOut, OutHeader, ReadIn, ReleaseIn, RenameIn, SetattrIn, SetxattrIn,
     WriteIn, WriteOut, KERNEL_MINOR_VERSION, KERNEL_VERSION,
 };
@@ -99,6 +100,32 @@ pub fn chmod(ino: u64, mode: u32) -> Request {
         mode,
         ..SetattrIn::default()
     })
+}
+
+/// `FUSE_SETATTR` of `ino` changing only the size (truncate).
+pub fn truncate(ino: u64, size: u64) -> Request {
+    Request::new(Opcode::Setattr, ino).obj(SetattrIn {
+        valid: 0x8, // FATTR_SIZE
+        size,
+        ..SetattrIn::default()
+    })
+}
+
+/// `FUSE_RMDIR` of `name` in `parent`.
+pub fn rmdir(parent: u64, name: &str) -> Request {
+    Request::new(Opcode::Rmdir, parent).name(name)
+}
+
+/// `FUSE_LINK` of `ino` as `name` in `parent`.
+pub fn link(ino: u64, parent: u64, name: &str) -> Request {
+    Request::new(Opcode::Link, parent)
+        .obj(LinkIn { oldnodeid: ino })
+        .name(name)
+}
+
+/// `FUSE_SYMLINK` of `name` in `parent`, pointing at `target`.
+pub fn symlink(parent: u64, name: &str, target: &str) -> Request {
+    Request::new(Opcode::Symlink, parent).name(name).name(target)
 }
 
 /// `FUSE_MKNOD` of `name` in `parent` with `mode` (type bits included).
