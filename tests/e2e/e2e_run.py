@@ -42,6 +42,10 @@ SCENARIOS = {
     "refused in one line naming those keys, before anything boots; `cpus = 2` alone runs untrusted; after `aivmm "
     "trust` the file runs (secret, env and credentials reach the guest); a guest's edit of it makes the next run "
     "refuse it; after --revoke it is refused again",
+    "protected-paths": "in a git workdir the guest's writes, creates and renames over .git/config, "
+    ".git/hooks/pre-commit, aivmm.toml and .envrc fail with EROFS; git commit works; L1's git status and "
+    "commit run nothing the guest planted; a repo the guest git-inits gets no executable hook, and its "
+    "core.fsmonitor is reported when the VM stops",
     "long-work": "four minutes of CPU-bound work in /work (xz over 200 files, round after round, then git "
     "init/add/commit): the run completes, L1 finds every output and the repository intact",
 }
@@ -49,7 +53,7 @@ SCENARIOS = {
 # Each uses the noclaude guest image disk.
 IMAGE_KIND = "noclaude"
 NOT_DEFAULT = {"long-work"}  # 5+ minutes: run it by name
-BUDGET = {"trust": 700, "long-work": 1000, "claude-auth": 120, "workdir": 150, "parallel": 200, "lock": 250, "env": 120, "stop": 400, "nested": 150,
+BUDGET = {"protected-paths": 300, "trust": 700, "long-work": 1000, "claude-auth": 120, "workdir": 150, "parallel": 200, "lock": 250, "env": 120, "stop": 400, "nested": 150,
           "terminal": 200, "ssh": 300}
 
 # Checks that must be present, per run tag.
@@ -63,6 +67,9 @@ REQUIRED = {
     "claude-auth": ["l1-claude-unchanged", "l1-claude-no-commands", "l1-claude-token", "l1-claude-copy"],
     "ssh/a": ["started", "ssh-config", "guest-answered", "host-key-recorded", "strict-host-key", "by-hand",
               "other-key-refused"],
+    "protected-paths": ["config-append", "hook-create", "aivmm-toml", "config-rename-over", "toml-rename-over",
+                        "envrc-create", "guest-commit", "l1-config-unchanged", "l1-no-hook", "l1-no-envrc",
+                        "l1-guest-commit", "l1-nothing-ran", "l1-sub-hook-not-executable"],
     "trust/refused": ["no-state"],
     "trust/pin": ["modes"],
     "long-work": ["l1-outputs", "l1-sums", "l1-git"],
@@ -359,6 +366,15 @@ def judge(sc):
         info.append(f"refused in one line before booting ({keys}); sizes alone ran; pinned file ran with secret, env "
                     f"and credentials; guest edit {'refused' if not (edited or changed) else 'made the next run refuse'}"
                     f"; revoke refused again")
+    elif n == "protected-paths":
+        r = _exit_is(problems, sc, "protected-paths", ["0"])
+        _has(problems, r, "protected-paths", "protected-done")
+        warn = [l for _, l in (r.err if r else []) if "aivmm: warning: the guest set" in l]
+        if not any("core.fsmonitor" in l and "sub/.git/config" in l for l in warn):
+            problems.append(f"protected-paths: no stop-time warning of sub/.git/config's core.fsmonitor "
+                            f"(stderr: {_lines_err(r)})")
+        info.append(f"EROFS for config, hook, aivmm.toml, .envrc (renames over them too); git commit worked; "
+                    f"L1's git ran nothing planted; reported: {warn[0].strip() if warn else 'nothing'}")
     elif n == "long-work":
         r = _exit_is(problems, sc, "long-work", ["0"])
         _has(problems, r, "long-work", "long-done")

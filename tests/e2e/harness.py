@@ -973,6 +973,11 @@ def run_l1(kernel, l1, names, vmm_mode, runs, vto, overall, logdir, t0, guest_im
            "-m", L1_MEM, "-smp", "2", "-nographic", "-no-reboot", "-net", "none",
            "-kernel", kernel, "-initrd", l1, "-append", append]
     cmd += guest_image_drives(guest_images)
+    # Why L1 ends, for an L1 that ends early: QEMU logs a TCG triple fault ("Triple
+    # fault", -d cpu_reset) and every shutdown request with its reason (3 = the guest
+    # powered off; a reset under -no-reboot has none) into l1-qemu*.log.
+    qlog = os.path.join(logdir, console_name.replace("console", "qemu"))
+    cmd += ["-d", "cpu_reset", "-D", qlog, "-trace", "qemu_system_shutdown_request"]
     mondir = tempfile.mkdtemp(prefix="aivmm-e2e-")
     monitor = os.path.join(mondir, "l1-monitor.sock")
     cmd += ["-monitor", f"unix:{monitor},server=on,wait=off"]
@@ -1016,6 +1021,22 @@ def monitor_cmd(path, command, wait=2.0):
                            if l.strip() and not l.startswith(("(qemu)", "QEMU ")))
     except OSError as e:
         return f"(monitor: {e})"
+
+
+def l1_end_reason(logdir, console_name):
+    """Why L1's QEMU ended, from its -d cpu_reset / trace log (see run_l1)."""
+    path = os.path.join(logdir, console_name.replace("console", "qemu"))
+    try:
+        with open(path, errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return "no QEMU log"
+    if "Triple fault" in text:
+        return f"L1 triple-faulted (QEMU TCG's nested SVM; {os.path.basename(path)} has its registers)"
+    m = re.findall(r"qemu_system_shutdown_request reason=(\d+)", text)
+    if m:
+        return f"a shutdown request, reason {m[-1]} (3 = L1 powered off)"
+    return "a reset with no triple fault logged and no shutdown request (L1 reset itself)"
 
 
 def sample_vcpus(monitor, path, label, samples=3):
@@ -1334,9 +1355,11 @@ def watch(proc, names, vmm_mode, runs, overall, logdir, t0, monitor, budgets, re
     # An L1 that ends on its own with scenarios unreported died (a reset or panic of
     # L1 itself, seen with nested SVM under TCG): like a hang, not the scenarios' fault.
     died = killed is None and any(n not in reported for n in ids)
+    if died:
+        killed = f"L1 exited (status {proc.returncode}) before its scenarios finished: {l1_end_reason(logdir, console_name)}"
     if (hung or died) and retry_hang:
         rerun = triple + [n.split("#")[0] for n in ids if n not in reported]
-        why = killed or f"L1 exited (status {proc.returncode}) before its scenarios finished"
+        why = killed
         note(f"{why}; {', '.join(rerun)} will run again in a fresh L1 (logs {console.name})")
         passed = sum(1 for v in results.values() if v)
         return passed, len(results) - passed, rerun, why
@@ -1345,7 +1368,7 @@ def watch(proc, names, vmm_mode, runs, overall, logdir, t0, monitor, budgets, re
     for n in ids:
         if n in reported:
             continue
-        why = killed or f"L1 exited (status {proc.returncode}) before the scenario finished"
+        why = killed
         results[n] = False
         if n not in started:
             print(f"FAIL {n}: {why} (not started)", flush=True)

@@ -248,6 +248,9 @@ rn_scenario() {
 	trust)
 		rn_trust
 		;;
+	protected-paths)
+		rn_protected
+		;;
 	long-work)
 		# Four minutes of CPU-bound work in /work (xz over 200 source files, round after
 		# round, then git): L1 must carry a long, busy guest and its exit. The Debian
@@ -463,4 +466,42 @@ rn_trust() {
 	cp /tmp/trust-hostile $w/aivmm.toml
 	HOME=$hm RN_STATE_HOME=$st rn_aivmm trust/revoked 60 $w -- sh -c 'echo BOOTED'
 	unset E2E_SECRET
+}
+
+# protected-paths: a workdir that is a git repository. The guest cannot change the
+# files the host runs or reads as config (EROFS, renames over them included), git
+# still commits, L1's `git status` runs nothing the guest planted, and a repository
+# the guest makes gets no executable hook and its fsmonitor is reported at the stop.
+rn_protected() {
+	w=/tmp/rn-prot
+	rm -rf $w /tmp/l1-pwned* && mkdir -p $w
+	(cd $w && git init -q . && echo base >README && git add README &&
+		git -c user.name=l1 -c user.email=l1@e2e commit -q -m base) >/dev/null 2>&1
+	echo 'cpus = 1' >$w/aivmm.toml
+	before=$(cd $w && sha256sum .git/config aivmm.toml | tr '\n' ' ')
+	rn_aivmm protected-paths 240 $w -- bash -c '
+		cd /work
+		ck() { n=$1; shift; if out=$("$@" 2>&1); then echo "E2E-CHECK $n FAIL it worked"; else
+			case "$out" in *"Read-only file system"*) echo "E2E-CHECK $n ok";; *) echo "E2E-CHECK $n FAIL $out";; esac; fi; }
+		ck config-append sh -c "printf \"[core]\\n\\tfsmonitor = touch /tmp/l1-pwned-fsmonitor\\n\" >>.git/config"
+		ck hook-create sh -c "printf \"#!/bin/sh\\ntouch /tmp/l1-pwned-hook\\n\" >.git/hooks/pre-commit"
+		ck aivmm-toml sh -c "echo share_rw = [\\\"/\\\"] >aivmm.toml"
+		echo "[core]" >evil && ck config-rename-over mv -f evil .git/config
+		echo x >evil2 && ck toml-rename-over mv -f evil2 aivmm.toml
+		ck envrc-create sh -c "echo touch /tmp/l1-pwned-envrc >.envrc"
+		echo change >>README
+		if git -c user.name=g -c user.email=g@e2e commit -q -am guest-commit; then echo "E2E-CHECK guest-commit ok"; else echo "E2E-CHECK guest-commit FAIL"; fi
+		mkdir sub && cd sub && git init -q .
+		printf "#!/bin/sh\ntouch /tmp/l1-pwned-sub-hook\n" >.git/hooks/post-checkout
+		chmod 755 .git/hooks/post-checkout
+		git config core.fsmonitor "touch /tmp/l1-pwned-sub"
+		echo protected-done'
+	after=$(cd $w && sha256sum .git/config aivmm.toml | tr '\n' ' ')
+	rn_ck protected-paths l1-config-unchanged [ "$before" = "$after" ]
+	rn_ck protected-paths l1-no-hook [ ! -e $w/.git/hooks/pre-commit ]
+	rn_ck protected-paths l1-no-envrc [ ! -e $w/.envrc ]
+	rn_ck protected-paths l1-guest-commit sh -c "cd $w && [ \$(git rev-list --count HEAD) = 2 ] && git log -1 --format=%s | grep -qx guest-commit"
+	(cd $w && git status >/dev/null 2>&1 && git -c user.name=l1 -c user.email=l1@e2e commit -q --allow-empty -m l1-after >/dev/null 2>&1)
+	rn_ck protected-paths l1-nothing-ran sh -c "! ls /tmp/l1-pwned* 2>/dev/null"
+	rn_ck protected-paths l1-sub-hook-not-executable sh -c "[ -f $w/sub/.git/hooks/post-checkout ] && [ ! -x $w/sub/.git/hooks/post-checkout ]"
 }
