@@ -768,6 +768,12 @@ impl Relay<'_> {
         }
         self.size = self.io.terminal.and_then(terminal_size);
         let mut buf = vec![0u8; MAX_CHUNK];
+        // What came in the same read as Ready: nothing may wake the poll for it.
+        while let Some(msg) = self.conn.decoder.next_message::<ToHost>()? {
+            if let Some(code) = self.handle(msg)? {
+                return Ok(code);
+            }
+        }
         loop {
             // Slots: 0 agent socket, 1 input, 2 control pipe.
             let sock_events = libc::POLLIN
@@ -1027,7 +1033,9 @@ mod tests {
     }
 
     fn frames(msgs: &[ToHost]) -> Vec<u8> {
-        msgs.iter().flat_map(|m| proto::encode(m).unwrap()).collect()
+        msgs.iter()
+            .flat_map(|m| proto::encode(m).unwrap())
+            .collect()
     }
 
     /// A name, the bytes after Ready, and the error they must end in.
@@ -1048,12 +1056,16 @@ mod tests {
             ("exit code 256", vec![6, 0, 0, 0, 4, 0, 0, 1, 0, 0], |e| {
                 matches!(e, Error::Protocol(proto::Error::BadValue(_)))
             }),
-            ("signal -1", vec![6, 0, 0, 0, 4, 1, 0xff, 0xff, 0xff, 0xff], |e| {
-                matches!(e, Error::Protocol(proto::Error::BadValue(_)))
-            }),
-            ("Error not UTF-8", vec![7, 0, 0, 0, 5, 2, 0, 0, 0, 0xc3, 0x28], |e| {
-                matches!(e, Error::Protocol(proto::Error::BadValue(_)))
-            }),
+            (
+                "signal -1",
+                vec![6, 0, 0, 0, 4, 1, 0xff, 0xff, 0xff, 0xff],
+                |e| matches!(e, Error::Protocol(proto::Error::BadValue(_))),
+            ),
+            (
+                "Error not UTF-8",
+                vec![7, 0, 0, 0, 5, 2, 0, 0, 0, 0xc3, 0x28],
+                |e| matches!(e, Error::Protocol(proto::Error::BadValue(_))),
+            ),
             ("Ready padded", vec![6, 0, 0, 0, 1, 2, 0, 0, 0, 0], |e| {
                 matches!(e, Error::Protocol(proto::Error::Trailing(1)))
             }),
@@ -1074,6 +1086,33 @@ mod tests {
         }
     }
 
+    /// A bad frame in the same read as Ready ends the run at once, without
+    /// waiting for more bytes or the agent's hang-up.
+    #[test]
+    fn a_bad_frame_right_after_ready_is_seen_at_once() {
+        let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = closed.clone();
+        let (r, _) = with_fake_agent(
+            move |mut s| {
+                let mut b = proto::encode(&ToHost::Ready { version: VERSION }).unwrap();
+                b.extend([1, 0, 0, 0, 0x42]);
+                s.write_all(&b).unwrap();
+                // The host must hang up without this side writing or closing.
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut sink = Vec::new();
+                if s.read_to_end(&mut sink).is_ok() {
+                    seen.store(true, Ordering::SeqCst);
+                }
+            },
+            Duration::from_secs(10),
+        );
+        assert!(
+            matches!(r, Err(Error::Protocol(proto::Error::UnknownType(0x42)))),
+            "{r:?}"
+        );
+        assert!(closed.load(Ordering::SeqCst));
+    }
+
     #[test]
     fn messages_before_ready_are_out_of_turn() {
         for m in [
@@ -1090,8 +1129,14 @@ mod tests {
                 Duration::from_secs(10),
             );
             let e = r.unwrap_err();
-            assert!(matches!(e, Error::Unexpected { msg, .. } if msg == name), "{e:?}");
-            assert_eq!(e.to_string(), format!("the guest agent sent {name} before Ready"));
+            assert!(
+                matches!(e, Error::Unexpected { msg, .. } if msg == name),
+                "{e:?}"
+            );
+            assert_eq!(
+                e.to_string(),
+                format!("the guest agent sent {name} before Ready")
+            );
             assert!(out.is_empty());
         }
     }
@@ -1150,7 +1195,10 @@ mod tests {
                 with_fake_agent(ready_then(bytes), Duration::from_secs(10))
             };
             if let Err(e) = r {
-                assert!(!matches!(e, Error::Timeout(_) | Error::Io(_)), "case {case}: {e:?}");
+                assert!(
+                    !matches!(e, Error::Timeout(_) | Error::Io(_)),
+                    "case {case}: {e:?}"
+                );
             }
         }
     }
