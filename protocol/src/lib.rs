@@ -971,7 +971,14 @@ mod tests {
         /// a known or random type byte, random payload bytes.
         fn hostile_frame() -> impl Strategy<Value = Vec<u8>> {
             (
-                prop_oneof![Just(0x01u8), Just(0x02), Just(0x03), Just(0x04), Just(0x05), any::<u8>()],
+                prop_oneof![
+                    Just(READY),
+                    Just(OUTPUT),
+                    Just(STDERR),
+                    Just(EXITED),
+                    Just(ERROR),
+                    any::<u8>()
+                ],
                 proptest::collection::vec(any::<u8>(), 0..64),
                 prop_oneof![
                     3 => Just(None),
