@@ -64,6 +64,9 @@ pub const HEADER_LEN: usize = 4;
 pub const MAX_FRAME: usize = 1 << 20;
 /// The most data bytes a sender puts in one `Output`, `Stderr` or `Input` frame.
 pub const MAX_CHUNK: usize = 64 * 1024;
+/// The largest signal number in [`ExitStatus::Signal`]: a shell's `128 + N` stays
+/// an exit status (at most 255).
+pub const MAX_SIGNAL: i32 = 127;
 
 /// Errors while encoding or decoding frames.
 #[derive(Debug, thiserror::Error)]
@@ -173,7 +176,16 @@ impl ExitStatus {
     pub fn code(self) -> i32 {
         match self {
             Self::Code(c) => c,
-            Self::Signal(s) => 128 + s,
+            Self::Signal(s) => s.saturating_add(128),
+        }
+    }
+
+    /// Whether a process can end this way: a code of 0..=255 or a signal of
+    /// 1..=[`MAX_SIGNAL`]. The decoder refuses anything else.
+    pub fn is_valid(self) -> bool {
+        match self {
+            Self::Code(c) => (0..=255).contains(&c),
+            Self::Signal(s) => (1..=MAX_SIGNAL).contains(&s),
         }
     }
 }
@@ -194,6 +206,19 @@ pub enum ToHost {
     Exited(ExitStatus),
     /// The agent could not do what was asked (e.g. the program does not exist).
     Error(String),
+}
+
+impl ToHost {
+    /// The message's name, for log lines about messages out of turn.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Ready { .. } => "Ready",
+            Self::Output(_) => "Output",
+            Self::Stderr(_) => "Stderr",
+            Self::Exited(_) => "Exited",
+            Self::Error(_) => "Error",
+        }
+    }
 }
 
 /// Messages from the host to the guest agent.
@@ -287,11 +312,15 @@ impl Message for ToHost {
             EXITED => {
                 let k = r.u8()?;
                 let v = r.i32()?;
-                Self::Exited(match k {
+                let status = match k {
                     0 => ExitStatus::Code(v),
                     1 => ExitStatus::Signal(v),
                     _ => return Err(Error::BadValue("exit status kind")),
-                })
+                };
+                if !status.is_valid() {
+                    return Err(Error::BadValue("exit status: out of range"));
+                }
+                Self::Exited(status)
             }
             ERROR => Self::Error(r.string()?),
             k => return Err(Error::UnknownType(k)),
@@ -637,7 +666,10 @@ pub fn read_message<M: Message>(r: &mut impl Read) -> Result<Option<M>> {
 }
 
 /// Splits a byte stream that arrives in arbitrary pieces (non-blocking reads) into
-/// messages. It holds at most one partial frame plus what was fed since.
+/// messages. It holds less than one whole frame ([`HEADER_LEN`] + [`MAX_FRAME`])
+/// plus the last piece fed, so a reader that feeds bounded pieces and takes every
+/// complete message before feeding again holds a bounded buffer whatever the
+/// stream says.
 #[derive(Debug, Default)]
 pub struct Decoder {
     buf: Vec<u8>,
@@ -655,8 +687,17 @@ impl Decoder {
         if self.pos > 0 && self.pos == self.buf.len() {
             self.buf.clear();
             self.pos = 0;
+        } else if self.pos > 0 && self.buf.len() + data.len() > HEADER_LEN + MAX_FRAME {
+            // Drop the messages already taken before growing past one frame.
+            self.buf.drain(..self.pos);
+            self.pos = 0;
         }
         self.buf.extend_from_slice(data);
+    }
+
+    /// The bytes the decoder holds now (taken messages not yet dropped included).
+    pub fn held(&self) -> usize {
+        self.buf.len()
     }
 
     /// The next complete message, if one is buffered. An error means the stream is
@@ -676,9 +717,6 @@ impl Decoder {
         self.pos += HEADER_LEN + len;
         if self.pos == self.buf.len() {
             self.buf.clear();
-            self.pos = 0;
-        } else if self.pos > MAX_FRAME {
-            self.buf.drain(..self.pos);
             self.pos = 0;
         }
         Ok(Some(msg))
@@ -785,8 +823,9 @@ mod tests {
             ToHost::Output(vec![0; MAX_CHUNK]),
             ToHost::Stderr(b"oops".to_vec()),
             ToHost::Exited(ExitStatus::Code(3)),
-            ToHost::Exited(ExitStatus::Code(-1)),
+            ToHost::Exited(ExitStatus::Code(255)),
             ToHost::Exited(ExitStatus::Signal(9)),
+            ToHost::Exited(ExitStatus::Signal(MAX_SIGNAL)),
             ToHost::Error("no such file".into()),
         ]
     }
@@ -837,6 +876,172 @@ mod tests {
     fn exit_codes() {
         assert_eq!(ExitStatus::Code(3).code(), 3);
         assert_eq!(ExitStatus::Signal(2).code(), 130);
+        assert_eq!(ExitStatus::Signal(i32::MAX).code(), i32::MAX);
+    }
+
+    #[test]
+    fn exit_statuses_out_of_range_are_refused() {
+        let frame = |kind: u8, v: i32| {
+            let mut b = vec![EXITED, kind];
+            b.extend(v.to_le_bytes());
+            ToHost::decode_body(&b)
+        };
+        for (kind, v) in [
+            (0, -1),
+            (0, 256),
+            (0, i32::MIN),
+            (0, i32::MAX),
+            (1, 0),
+            (1, -9),
+            (1, MAX_SIGNAL + 1),
+            (1, i32::MAX),
+        ] {
+            assert!(
+                matches!(frame(kind, v), Err(Error::BadValue(_))),
+                "{kind} {v}"
+            );
+        }
+        assert!(frame(0, 0).is_ok() && frame(0, 255).is_ok() && frame(1, 1).is_ok());
+    }
+
+    /// A guest that writes frames faster than the host takes them: a reader that
+    /// feeds 64 KiB pieces and takes every message in between never holds more
+    /// than one frame and one piece.
+    #[test]
+    fn a_flood_is_held_in_bounded_memory() {
+        let frames: Vec<u8> = [
+            ToHost::Output(vec![1; MAX_FRAME - 1]),
+            ToHost::Output(vec![2; 3]),
+            ToHost::Output(vec![]),
+            ToHost::Stderr(vec![3; MAX_CHUNK]),
+        ]
+        .iter()
+        .flat_map(|m| encode(m).unwrap())
+        .collect();
+        let stream = frames.repeat(8);
+        for piece in [MAX_CHUNK, 4097, MAX_FRAME + HEADER_LEN + 1] {
+            let mut d = Decoder::new();
+            let mut n = 0;
+            for p in stream.chunks(piece) {
+                d.feed(p);
+                assert!(d.held() < HEADER_LEN + MAX_FRAME + p.len(), "{}", d.held());
+                while d.next_message::<ToHost>().unwrap().is_some() {
+                    n += 1;
+                }
+            }
+            assert_eq!(n, 32);
+            assert!(!d.has_partial());
+        }
+    }
+
+    mod props {
+        #![allow(clippy::unwrap_used)]
+
+        use super::super::*;
+        use super::all_to_host;
+        use proptest::prelude::*;
+
+        /// Feeds `stream` in pieces of the given sizes (cycled) and takes every
+        /// message in between, as the host's session does. Returns the messages
+        /// and the first error.
+        fn run(stream: &[u8], pieces: &[usize]) -> (Vec<ToHost>, Option<Error>) {
+            let mut d = Decoder::new();
+            let mut got = Vec::new();
+            let mut rest = stream;
+            let mut i = 0;
+            while !rest.is_empty() {
+                let n = pieces[i % pieces.len()].clamp(1, rest.len());
+                i += 1;
+                let (p, tail) = rest.split_at(n);
+                rest = tail;
+                d.feed(p);
+                assert!(d.held() < HEADER_LEN + MAX_FRAME + p.len());
+                loop {
+                    match d.next_message::<ToHost>() {
+                        Ok(Some(m)) => got.push(m),
+                        Ok(None) => break,
+                        Err(e) => return (got, Some(e)),
+                    }
+                }
+            }
+            (got, None)
+        }
+
+        /// A frame as a hostile agent might write it: a valid or random length,
+        /// a known or random type byte, random payload bytes.
+        fn hostile_frame() -> impl Strategy<Value = Vec<u8>> {
+            (
+                prop_oneof![
+                    Just(READY),
+                    Just(OUTPUT),
+                    Just(STDERR),
+                    Just(EXITED),
+                    Just(ERROR),
+                    any::<u8>()
+                ],
+                proptest::collection::vec(any::<u8>(), 0..64),
+                prop_oneof![
+                    3 => Just(None),
+                    1 => any::<u32>().prop_map(Some),
+                ],
+            )
+                .prop_map(|(kind, payload, len)| {
+                    let body_len = payload.len() as u32 + 1;
+                    let mut f = len.unwrap_or(body_len).to_le_bytes().to_vec();
+                    f.push(kind);
+                    f.extend(payload);
+                    f
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(4000))]
+
+            #[test]
+            fn random_bytes_never_panic(
+                stream in proptest::collection::vec(any::<u8>(), 0..4096),
+                pieces in proptest::collection::vec(1usize..600, 1..8),
+            ) {
+                let _ = run(&stream, &pieces);
+                let _ = read_message::<ToHost>(&mut &stream[..]);
+            }
+
+            #[test]
+            fn hostile_frames_never_panic(
+                frames in proptest::collection::vec(hostile_frame(), 0..16),
+                pieces in proptest::collection::vec(1usize..200, 1..8),
+            ) {
+                let stream = frames.concat();
+                let _ = run(&stream, &pieces);
+                let mut r = &stream[..];
+                while let Ok(Some(_)) = read_message::<ToHost>(&mut r) {}
+            }
+
+            /// Good messages, then one bad frame: every good message comes out in
+            /// order, then the error, whatever the split.
+            #[test]
+            fn good_messages_then_a_bad_frame(
+                picks in proptest::collection::vec(0usize..9, 0..12),
+                bad in 0usize..6,
+                pieces in proptest::collection::vec(1usize..300, 1..8),
+            ) {
+                let all = all_to_host();
+                let good: Vec<ToHost> = picks.iter().map(|&i| all[i % all.len()].clone()).collect();
+                let mut stream: Vec<u8> = good.iter().flat_map(|m| encode(m).unwrap()).collect();
+                let bad_frame: Vec<u8> = match bad {
+                    0 => (MAX_FRAME as u32 + 1).to_le_bytes().to_vec(),
+                    1 => vec![0, 0, 0, 0],
+                    2 => vec![1, 0, 0, 0, 0x42],
+                    3 => vec![6, 0, 0, 0, EXITED, 0, 0, 1, 0, 0],
+                    4 => vec![5, 0, 0, 0, ERROR, 1, 0, 0, 0],
+                    _ => vec![2, 0, 0, 0, READY, 1],
+                };
+                stream.extend(&bad_frame);
+                let (got, err) = run(&stream, &pieces);
+                prop_assert_eq!(got, good);
+                prop_assert!(err.is_some());
+            }
+        }
     }
 
     #[test]

@@ -26,8 +26,6 @@
 //! powers off (ACPI S5 on x86, PSCI SYSTEM_OFF on arm64), which ends the VM. A guest that ignores the
 //! button is killed by `aivmm stop` after its `--timeout`.
 
-use std::fs::File;
-use std::io::{BufRead, BufReader};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
@@ -468,18 +466,18 @@ pub fn vm_config(
     Ok(c)
 }
 
+/// The most bytes of the console log read back for an error message.
+const CONSOLE_TAIL_BYTES: u64 = 64 * 1024;
+
 /// A note for an error message: where the guest console log is and its last
 /// line (the whole log is one `less` away; the error stays one line). The last
 /// `n` lines go to aivmm's log file.
 fn console_tail(path: &Path, n: usize) -> String {
-    let Ok(f) = File::open(path) else {
+    // The guest writes the log without limit; only its end is read.
+    let Ok(text) = crate::state_fs::read_tail(path, CONSOLE_TAIL_BYTES) else {
         return String::new();
     };
-    let lines: Vec<String> = BufReader::new(f)
-        .lines()
-        .map_while(|l| l.ok())
-        .filter(|l| !l.trim().is_empty())
-        .collect();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let start = lines.len().saturating_sub(n);
     for l in &lines[start..] {
         tracing::info!("guest console: {l}");

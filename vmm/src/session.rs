@@ -16,6 +16,15 @@
 //! Frames to the agent are queued and written as the socket takes them, so a guest
 //! that does not read its input cannot block the relay of its output.
 //!
+//! The agent is the guest's, and the guest is hostile (docs/threats.md, "The agent
+//! channel"). Each poll wake-up reads at most one 64 KiB piece from the socket and
+//! takes every whole message before the next read, so the decoder holds less than
+//! one frame and one piece, and output goes out no faster than the host's writers
+//! take it. A message that is not the protocol, out of range or out of turn ends
+//! the run with one warning naming it; the caller then stops the VM. Only one
+//! agent connection is taken: the socket is unlinked once it is accepted, so a
+//! second guest connection to [`AGENT_PORT`] is refused by the vsock device.
+//!
 //! [`Session::exec`] is the same relay the other way round, for `aivmm exec`: it
 //! connects to the running VM's hybrid vsock socket, asks for the agent's
 //! [`EXEC_PORT`] with a `CONNECT` line, and then speaks the same protocol.
@@ -58,8 +67,13 @@ pub enum Error {
     #[error("bad message from the guest agent: {0}")]
     Protocol(#[from] proto::Error),
     /// The agent sent a message out of turn.
-    #[error("the guest agent sent {0} out of turn")]
-    Unexpected(&'static str),
+    #[error("the guest agent sent {msg} {when}")]
+    Unexpected {
+        /// The message's name.
+        msg: &'static str,
+        /// When it came, e.g. "before Ready".
+        when: &'static str,
+    },
     /// [`Control::cancel`] was called.
     #[error("the session was cancelled")]
     Cancelled,
@@ -82,10 +96,23 @@ pub enum Error {
 /// `Result` of session operations.
 pub type Result<T> = std::result::Result<T, Error>;
 
+impl Error {
+    /// Whether the guest caused this by what it sent (rather than the host, a
+    /// timeout or a clean hang-up).
+    pub fn is_guest_fault(&self) -> bool {
+        matches!(
+            self,
+            Self::Protocol(_) | Self::Unexpected { .. } | Self::Version(_)
+        )
+    }
+}
+
 /// How long [`Session::run`] waits for the agent unless told otherwise.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 /// The most bytes queued for the agent before host input is no longer read.
 const OUT_LIMIT: usize = 1 << 20;
+/// The most bytes read from the agent's socket at a time.
+const READ_PIECE: usize = 64 * 1024;
 
 /// Where a session gets input and puts output.
 pub struct Io<'a> {
@@ -290,6 +317,16 @@ impl Session {
     /// Runs `spec` in the guest and relays its I/O; returns its exit status as a
     /// shell reports it (128 + N for signal N).
     pub fn run(&self, spec: &Spec, io: Io<'_>) -> Result<i32> {
+        let r = self.run_inner(spec, io);
+        if let Err(e) = &r {
+            if e.is_guest_fault() {
+                tracing::warn!("closing the guest agent's connection: {e}");
+            }
+        }
+        r
+    }
+
+    fn run_inner(&self, spec: &Spec, io: Io<'_>) -> Result<i32> {
         let deadline = Instant::now() + self.connect_timeout;
         let stream = self.accept(deadline)?;
         let mut conn = Conn {
@@ -336,6 +373,10 @@ impl Session {
             match listener.accept() {
                 Ok((s, _)) => {
                     s.set_nonblocking(true)?;
+                    // One agent per run: later guest connections to the agent port
+                    // find no socket and are refused, instead of waiting unread
+                    // in the backlog (and holding vsock connection slots).
+                    let _ = std::fs::remove_file(&self.path);
                     return Ok(s);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -400,6 +441,28 @@ impl Session {
         s.set_nonblocking(true)?;
         Ok(s)
     }
+}
+
+/// The most characters of a guest `Error` message shown to the user.
+const MAX_ERROR_SHOWN: usize = 1024;
+
+/// A guest's `Error` message made safe for the host's terminal: control
+/// characters (escape sequences, carriage returns that would overwrite aivmm's own
+/// prefix) are escaped, and it is cut at [`MAX_ERROR_SHOWN`] characters.
+fn printable(m: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in m.chars().enumerate() {
+        if i == MAX_ERROR_SHOWN {
+            out.push_str("...");
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// What control commands mean before the command starts: cancel or stop.
@@ -635,9 +698,11 @@ impl Conn {
         Ok(())
     }
 
-    /// Reads what is there into the decoder; `Ok(false)` at end of stream.
+    /// Reads one piece (at most [`READ_PIECE`] bytes) into the decoder; `Ok(false)`
+    /// at end of stream. One piece per call: the caller takes every whole message
+    /// before reading more, which bounds the decoder (see the module docs).
     fn fill(&mut self) -> Result<bool> {
-        let mut buf = [0u8; 64 * 1024];
+        let mut buf = [0u8; READ_PIECE];
         loop {
             match self.stream.read(&mut buf) {
                 Ok(0) => return Ok(false),
@@ -664,7 +729,10 @@ impl Conn {
                 return match msg {
                     ToHost::Ready { version: VERSION } => Ok(()),
                     ToHost::Ready { version } => Err(Error::Version(version)),
-                    _ => Err(Error::Unexpected("output before Ready")),
+                    m => Err(Error::Unexpected {
+                        msg: m.name(),
+                        when: "before Ready",
+                    }),
                 };
             }
             let left = deadline
@@ -700,6 +768,12 @@ impl Relay<'_> {
         }
         self.size = self.io.terminal.and_then(terminal_size);
         let mut buf = vec![0u8; MAX_CHUNK];
+        // What came in the same read as Ready: nothing may wake the poll for it.
+        while let Some(msg) = self.conn.decoder.next_message::<ToHost>()? {
+            if let Some(code) = self.handle(msg)? {
+                return Ok(code);
+            }
+        }
         loop {
             // Slots: 0 agent socket, 1 input, 2 control pipe.
             let sock_events = libc::POLLIN
@@ -762,11 +836,16 @@ impl Relay<'_> {
                 } else {
                     "\n"
                 };
-                write!(self.io.errors, "aivmm: in the guest: {m}{nl}")?;
+                write!(self.io.errors, "aivmm: in the guest: {}{nl}", printable(&m))?;
                 self.io.errors.flush()?;
             }
             ToHost::Exited(status) => return Ok(Some(status.code())),
-            ToHost::Ready { .. } => return Err(Error::Unexpected("a second Ready")),
+            ToHost::Ready { .. } => {
+                return Err(Error::Unexpected {
+                    msg: "a second Ready",
+                    when: "after the command started",
+                })
+            }
         }
         Ok(None)
     }
@@ -941,6 +1020,222 @@ mod tests {
             matches!(r, Err(Error::Protocol(proto::Error::Eof))),
             "{r:?}"
         );
+    }
+
+    /// Sends Ready, reads the host's first frames, then writes `bytes`.
+    fn ready_then(bytes: Vec<u8>) -> impl FnOnce(UnixStream) + Send + 'static {
+        move |mut s| {
+            proto::write_message(&mut s, &ToHost::Ready { version: VERSION }).unwrap();
+            let _ = s.write_all(&bytes);
+            // Let the host read before the hang-up.
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn frames(msgs: &[ToHost]) -> Vec<u8> {
+        msgs.iter()
+            .flat_map(|m| proto::encode(m).unwrap())
+            .collect()
+    }
+
+    /// A name, the bytes after Ready, and the error they must end in.
+    type Case = (&'static str, Vec<u8>, fn(&Error) -> bool);
+
+    #[test]
+    fn hostile_messages_close_the_channel() {
+        let cases: Vec<Case> = vec![
+            ("unknown type", vec![1, 0, 0, 0, 0x42], |e| {
+                matches!(e, Error::Protocol(proto::Error::UnknownType(0x42)))
+            }),
+            ("a host-bound type", vec![1, 0, 0, 0, 0x85], |e| {
+                matches!(e, Error::Protocol(proto::Error::UnknownType(0x85)))
+            }),
+            ("empty frame", vec![0, 0, 0, 0], |e| {
+                matches!(e, Error::Protocol(proto::Error::Empty))
+            }),
+            ("exit code 256", vec![6, 0, 0, 0, 4, 0, 0, 1, 0, 0], |e| {
+                matches!(e, Error::Protocol(proto::Error::BadValue(_)))
+            }),
+            (
+                "signal -1",
+                vec![6, 0, 0, 0, 4, 1, 0xff, 0xff, 0xff, 0xff],
+                |e| matches!(e, Error::Protocol(proto::Error::BadValue(_))),
+            ),
+            (
+                "Error not UTF-8",
+                vec![7, 0, 0, 0, 5, 2, 0, 0, 0, 0xc3, 0x28],
+                |e| matches!(e, Error::Protocol(proto::Error::BadValue(_))),
+            ),
+            ("Ready padded", vec![6, 0, 0, 0, 1, 2, 0, 0, 0, 0], |e| {
+                matches!(e, Error::Protocol(proto::Error::Trailing(1)))
+            }),
+            (
+                "a second Ready",
+                frames(&[ToHost::Ready { version: VERSION }]),
+                |e| matches!(e, Error::Unexpected { .. }),
+            ),
+            ("cut in the header", vec![5, 0], |e| {
+                matches!(e, Error::Protocol(proto::Error::Eof))
+            }),
+        ];
+        for (what, bytes, ok) in cases {
+            let (r, _) = with_fake_agent(ready_then(bytes), Duration::from_secs(10));
+            let e = r.unwrap_err();
+            assert!(ok(&e), "{what}: {e:?}");
+            assert!(e.is_guest_fault(), "{what}");
+        }
+    }
+
+    /// A bad frame in the same read as Ready ends the run at once, without
+    /// waiting for more bytes or the agent's hang-up.
+    #[test]
+    fn a_bad_frame_right_after_ready_is_seen_at_once() {
+        let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = closed.clone();
+        let (r, _) = with_fake_agent(
+            move |mut s| {
+                let mut b = proto::encode(&ToHost::Ready { version: VERSION }).unwrap();
+                b.extend([1, 0, 0, 0, 0x42]);
+                s.write_all(&b).unwrap();
+                // The host must hang up without this side writing or closing.
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut sink = Vec::new();
+                if s.read_to_end(&mut sink).is_ok() {
+                    seen.store(true, Ordering::SeqCst);
+                }
+            },
+            Duration::from_secs(10),
+        );
+        assert!(
+            matches!(r, Err(Error::Protocol(proto::Error::UnknownType(0x42)))),
+            "{r:?}"
+        );
+        assert!(closed.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn messages_before_ready_are_out_of_turn() {
+        for m in [
+            ToHost::Exited(ExitStatus::Code(0)),
+            ToHost::Output(b"spoof".to_vec()),
+            ToHost::Error("x".into()),
+        ] {
+            let name = m.name();
+            let (r, out) = with_fake_agent(
+                move |mut s| {
+                    proto::write_message(&mut s, &m).unwrap();
+                    std::thread::sleep(Duration::from_millis(50));
+                },
+                Duration::from_secs(10),
+            );
+            let e = r.unwrap_err();
+            assert!(
+                matches!(e, Error::Unexpected { msg, .. } if msg == name),
+                "{e:?}"
+            );
+            assert_eq!(
+                e.to_string(),
+                format!("the guest agent sent {name} before Ready")
+            );
+            assert!(out.is_empty());
+        }
+    }
+
+    /// 64 MiB of output in frames of every size reaches the writer whole; the
+    /// session reads 64 KiB at a time and takes each message before reading on.
+    #[test]
+    fn a_flood_of_output_is_relayed() {
+        let (r, out) = with_fake_agent(
+            |mut s| {
+                proto::write_message(&mut s, &ToHost::Ready { version: VERSION }).unwrap();
+                let mut sent = 0;
+                let mut n = 0usize;
+                while sent < 64 << 20 {
+                    let len = [0, 1, proto::MAX_FRAME - 1, MAX_CHUNK, 7][n % 5];
+                    n += 1;
+                    proto::write_message(&mut s, &ToHost::Output(vec![b'x'; len])).unwrap();
+                    sent += len;
+                }
+                proto::write_message(&mut s, &ToHost::Exited(ExitStatus::Code(7))).unwrap();
+            },
+            Duration::from_secs(30),
+        );
+        assert_eq!(r.unwrap(), 7);
+        assert!(out.len() >= 64 << 20 && out.iter().all(|&b| b == b'x'));
+    }
+
+    /// Random bytes after Ready (and a few without it): the session ends with a
+    /// status or an error, never a panic or a hang.
+    #[test]
+    fn random_agent_streams_end_cleanly() {
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for case in 0..300 {
+            let len = (next() % 256) as usize;
+            let mut bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            // Mostly plausible headers, so the bodies reach the message decoder.
+            if case % 3 != 0 && bytes.len() > 5 {
+                let body = (bytes.len() - 4) as u32;
+                bytes[..4].copy_from_slice(&body.to_le_bytes());
+                bytes[4] = [1, 2, 3, 4, 5][(next() % 5) as usize];
+            }
+            let (r, _) = if case % 10 == 0 {
+                with_fake_agent(
+                    move |mut s| {
+                        let _ = s.write_all(&bytes);
+                    },
+                    Duration::from_secs(10),
+                )
+            } else {
+                with_fake_agent(ready_then(bytes), Duration::from_secs(10))
+            };
+            if let Err(e) = r {
+                assert!(
+                    !matches!(e, Error::Timeout(_) | Error::Io(_)),
+                    "case {case}: {e:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn only_one_agent_connection_is_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let session = Session::listen(&dir.path().join("v")).unwrap();
+        let path = session.path().to_path_buf();
+        let t = std::thread::spawn(move || {
+            let mut s = UnixStream::connect(&path).unwrap();
+            proto::write_message(&mut s, &ToHost::Ready { version: VERSION }).unwrap();
+            let _: Option<ToGuest> = proto::read_message(&mut s).unwrap();
+            // The first connection is running; a second finds no socket.
+            assert!(UnixStream::connect(&path).is_err());
+            proto::write_message(&mut s, &ToHost::Exited(ExitStatus::Code(0))).unwrap();
+        });
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let r = session.run(
+            &spec(),
+            Io {
+                input: None,
+                terminal: None,
+                output: &mut out,
+                errors: &mut err,
+            },
+        );
+        t.join().unwrap();
+        assert_eq!(r.unwrap(), 0);
+    }
+
+    #[test]
+    fn guest_errors_are_printable() {
+        assert_eq!(printable("no such file"), "no such file");
+        assert_eq!(printable("a\r\x1b[2Jb\n"), "a\\r\\u{1b}[2Jb\\n");
+        let long = printable(&"é".repeat(5000));
+        assert_eq!(long.chars().count(), MAX_ERROR_SHOWN + 3);
     }
 
     #[test]

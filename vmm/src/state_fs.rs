@@ -151,6 +151,36 @@ pub fn tighten(f: &File) -> io::Result<()> {
     Ok(())
 }
 
+/// The last lines of a guest-written state file (the console log), for a
+/// message: at most the last `max` bytes are read, whatever the file's size; a
+/// line cut by that start is dropped; invalid UTF-8 is replaced; control
+/// characters other than newlines and tabs are escaped, so the guest's text
+/// cannot drive the user's terminal.
+pub fn read_tail(path: &Path, max: u64) -> io::Result<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = options().read(true).open(path)?;
+    let len = f.metadata()?.len();
+    let start = len.saturating_sub(max);
+    f.seek(SeekFrom::Start(start))?;
+    let mut bytes = Vec::new();
+    f.take(max).read_to_end(&mut bytes)?;
+    let text = String::from_utf8_lossy(&bytes);
+    let text = match (start, text.find('\n')) {
+        (0, _) => &text[..],
+        (_, Some(nl)) => &text[nl + 1..],
+        (_, None) => "",
+    };
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() && c != '\n' && c != '\t' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    Ok(out)
+}
+
 fn fchmod(f: &File, mode: u32) -> io::Result<()> {
     // SAFETY: fchmod on a descriptor we own; `mode` fits mode_t (at most 0o777).
     if unsafe { libc::fchmod(f.as_raw_fd(), mode as libc::mode_t) } != 0 {
@@ -168,6 +198,21 @@ mod tests {
 
     fn mode(p: &Path) -> u32 {
         std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn read_tail_is_bounded_and_printable() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("console.log");
+        let mut data = vec![b'x'; 100_000];
+        data.extend(b"\nline one\r\n\x1b[2Jline two\n");
+        std::fs::write(&p, &data).unwrap();
+        let t = read_tail(&p, 64).unwrap();
+        assert_eq!(t, "line one\\r\n\\u{1b}[2Jline two\n");
+        // The cut line is dropped; a whole short file is kept.
+        assert_eq!(read_tail(&p, 20).unwrap(), "\\u{1b}[2Jline two\n");
+        std::fs::write(&p, "a\nb\n").unwrap();
+        assert_eq!(read_tail(&p, 64).unwrap(), "a\nb\n");
     }
 
     #[test]

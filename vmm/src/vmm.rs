@@ -152,7 +152,18 @@ impl PanicWatch {
         if let Some(at) = text.find(PANIC_MARKER) {
             if let Ok(mut found) = self.found.lock() {
                 if found.is_none() {
-                    *found = Some((text[at..].trim_end().to_string(), Instant::now()));
+                    // Shown to the user: the guest's control characters escaped.
+                    let shown: String = text[at..]
+                        .trim_end()
+                        .chars()
+                        .flat_map(|c| {
+                            let plain = !c.is_control();
+                            c.escape_default()
+                                .take(if plain { 0 } else { usize::MAX })
+                                .chain(plain.then_some(c))
+                        })
+                        .collect();
+                    *found = Some((shown, Instant::now()));
                 }
             }
         }
@@ -841,6 +852,13 @@ mod tests {
         assert_eq!(
             found.lock().unwrap().as_ref().map(|f| f.0.as_str()),
             Some("Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000300")
+        );
+        // Escape sequences in the line are escaped.
+        *found.lock().unwrap() = None;
+        w.write_all(b"Kernel panic - not syncing\x1b[2Jx\r\n").unwrap();
+        assert_eq!(
+            found.lock().unwrap().as_ref().map(|f| f.0.as_str()),
+            Some("Kernel panic - not syncing\\u{1b}[2Jx")
         );
         // A long line without a newline is bounded.
         w.write_all(&[b'x'; 100_000]).unwrap();

@@ -12,11 +12,16 @@
 //!
 //! ```text
 //! aivmm-agent [--connect vsock:CID:PORT | --connect unix:PATH] [--connect-timeout SECS]
-//!             [--exec-listen vsock:PORT | unix:PATH | none]
+//!             [--exec-listen vsock:PORT | unix:PATH | none] [--hostile MODE]
 //! ```
+//!
+//! `--hostile MODE` makes it a hostile agent instead ([`hostile`]), for tests of
+//! the host: it connects, writes bad frames, reports what the host did, and exits.
 
 #[cfg(target_os = "linux")]
 mod child;
+#[cfg(target_os = "linux")]
+mod hostile;
 #[cfg(target_os = "linux")]
 mod power;
 #[cfg(target_os = "linux")]
@@ -54,7 +59,7 @@ const AGENT_FAILURE: u8 = 125;
 pub enum Error {
     /// The command line is wrong.
     #[error(
-        "{0}\nusage: aivmm-agent [--connect vsock:CID:PORT|unix:PATH] [--connect-timeout SECS] [--exec-listen vsock:PORT|unix:PATH|none]"
+        "{0}\nusage: aivmm-agent [--connect vsock:CID:PORT|unix:PATH] [--connect-timeout SECS] [--exec-listen vsock:PORT|unix:PATH|none] [--hostile MODE]"
     )]
     Usage(String),
     /// The host could not be reached.
@@ -84,6 +89,8 @@ struct Args {
     connect_timeout: Duration,
     /// Where `aivmm exec` connections arrive; `None` for none.
     exec: Option<Listen>,
+    /// Be a hostile agent in this mode ([`hostile`]).
+    hostile: Option<String>,
 }
 
 #[cfg(target_os = "linux")]
@@ -95,6 +102,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, Error> {
         },
         connect_timeout: DEFAULT_CONNECT_TIMEOUT,
         exec: Some(Listen::Vsock(EXEC_PORT)),
+        hostile: None,
     };
     let mut exec_given = false;
     while let Some(arg) = args.next() {
@@ -113,6 +121,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, Error> {
                     Some(v.parse().map_err(Error::Usage)?)
                 };
             }
+            "--hostile" => a.hostile = Some(value("--hostile")?),
             "--connect-timeout" => {
                 let v = value("--connect-timeout")?;
                 let secs: f64 = v
@@ -173,6 +182,10 @@ fn spawn_exec_listener(listen: Listen) {
 #[cfg(target_os = "linux")]
 fn run() -> Result<aivmm_protocol::ExitStatus, Error> {
     let args = parse_args(std::env::args().skip(1))?;
+    if let Some(mode) = &args.hostile {
+        hostile::run(mode, &args.addr, args.connect_timeout).map_err(Error::Usage)?;
+        return Ok(aivmm_protocol::ExitStatus::Code(0));
+    }
     // Only in a VM: with a unix socket the agent runs beside its host, in tests.
     if matches!(args.addr, Address::Vsock { .. }) {
         power::watch();
@@ -230,12 +243,15 @@ mod tests {
                 addr: Address::Unix("/tmp/x".into()),
                 connect_timeout: Duration::from_millis(500),
                 exec: None,
+                hostile: None,
             }
         );
         let a = parse(&["--connect", "unix:/tmp/x", "--exec-listen", "unix:/tmp/e"]).unwrap();
         assert_eq!(a.exec, Some(Listen::Unix("/tmp/e".into())));
         let a = parse(&["--exec-listen", "none"]).unwrap();
         assert_eq!(a.exec, None);
+        let a = parse(&["--hostile", "flood"]).unwrap();
+        assert_eq!(a.hostile.as_deref(), Some("flood"));
         for bad in [
             &["--connect"][..],
             &["--connect", "tcp:1"],

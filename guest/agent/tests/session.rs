@@ -620,3 +620,75 @@ fn setup_problems_are_reported_and_the_command_still_runs() {
         std::path::Path::new("/run/aivmm/claude/.claude.json")
     );
 }
+
+/// Counts bytes.
+#[derive(Default)]
+struct Count(usize);
+
+impl Write for Count {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0 += b.len();
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// `aivmm-agent --hostile MODE` against the real session: every bad mode ends
+/// the session with an error the guest caused (and the hostile agent sees the
+/// host close); the flood is relayed whole and ends with its status.
+#[test]
+fn hostile_agents_are_refused_and_a_flood_is_relayed() {
+    for mode in [
+        "oversized",
+        "unknown",
+        "truncated",
+        "early-exit",
+        "double-ready",
+        "bad-exit",
+        "bad-utf8",
+        "flood",
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let session = Session::listen(&dir.path().join("vsock")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_aivmm-agent"))
+            .args([
+                "--connect",
+                &format!("unix:{}", session.path().display()),
+                "--connect-timeout",
+                "10",
+                "--hostile",
+                mode,
+            ])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (mut out, mut err) = (Count::default(), Count::default());
+        let r = session.run(
+            &Spec {
+                argv: vec!["true".into()],
+                ..Spec::default()
+            },
+            Io {
+                input: None,
+                terminal: None,
+                output: &mut out,
+                errors: &mut err,
+            },
+        );
+        let done = child.wait_with_output().unwrap();
+        let report = String::from_utf8_lossy(&done.stderr);
+        assert!(done.status.success(), "{mode}: {report}");
+        if mode == "flood" {
+            assert_eq!(r.unwrap(), 0, "{report}");
+            assert!(out.0 >= 255 << 20, "{}", out.0);
+        } else {
+            let e = r.unwrap_err();
+            assert!(e.is_guest_fault(), "{mode}: {e:?}");
+            assert!(report.contains("host closed"), "{mode}: {e:?} {report}");
+        }
+        assert!(report.contains(&format!("hostile {mode}: ")), "{report}");
+    }
+}

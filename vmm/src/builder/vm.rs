@@ -516,7 +516,7 @@ impl Vm {
         match ready {
             Ok(line) if line.starts_with("ready") => {
                 let _ = stream.set_read_timeout(None);
-                self.log.line(format_args!("guest: {}", line.trim()));
+                self.log.line(format_args!("guest: {}", line.trim().escape_debug()));
                 Ok(Running {
                     child,
                     control: stream,
@@ -589,7 +589,8 @@ impl<R: BufRead> TakeLine for R {
 
 /// The last `n` lines of the console log, as a note for a message.
 pub fn console_tail(path: &Path, n: usize) -> String {
-    let Ok(text) = std::fs::read_to_string(path) else {
+    // The guest writes the log without limit; only its end is read.
+    let Ok(text) = crate::state_fs::read_tail(path, 64 * 1024) else {
         return String::new();
     };
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
