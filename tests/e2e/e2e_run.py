@@ -46,6 +46,9 @@ SCENARIOS = {
     ".git/hooks/pre-commit, aivmm.toml and .envrc fail with EROFS; git commit works; L1's git status and "
     "commit run nothing the guest planted; a repo the guest git-inits gets no executable hook, and its "
     "core.fsmonitor is reported when the VM stops",
+    "agent-hostile": "the guest agent replaced by `aivmm-agent --hostile`: oversized, unknown and truncated "
+    "frames each end the run with one error line and a log line naming the problem, no panic, no aivmm left; "
+    "a 256 MiB output flood is relayed whole",
     "long-work": "four minutes of CPU-bound work in /work (xz over 200 files, round after round, then git "
     "init/add/commit): the run completes, L1 finds every output and the repository intact",
 }
@@ -53,7 +56,7 @@ SCENARIOS = {
 # Each uses the noclaude guest image disk.
 IMAGE_KIND = "noclaude"
 NOT_DEFAULT = {"long-work"}  # 5+ minutes: run it by name
-BUDGET = {"protected-paths": 300, "trust": 700, "long-work": 1000, "claude-auth": 120, "workdir": 150, "parallel": 200, "lock": 250, "env": 120, "stop": 400, "nested": 150,
+BUDGET = {"agent-hostile": 700, "protected-paths": 300, "trust": 700, "long-work": 1000, "claude-auth": 120, "workdir": 150, "parallel": 200, "lock": 250, "env": 120, "stop": 400, "nested": 150,
           "terminal": 200, "ssh": 300}
 
 # Checks that must be present, per run tag.
@@ -70,6 +73,10 @@ REQUIRED = {
     "protected-paths": ["config-append", "hook-create", "aivmm-toml", "config-rename-over", "toml-rename-over",
                         "envrc-create", "guest-commit", "l1-config-unchanged", "l1-no-hook", "l1-no-envrc",
                         "l1-guest-commit", "l1-nothing-ran", "l1-sub-hook-not-executable"],
+    "agent-hostile/oversized": ["no-aivmm-left"],
+    "agent-hostile/unknown": ["no-aivmm-left"],
+    "agent-hostile/truncated": ["no-aivmm-left"],
+    "agent-hostile/flood": ["no-aivmm-left"],
     "trust/refused": ["no-state"],
     "trust/pin": ["modes"],
     "long-work": ["l1-outputs", "l1-sums", "l1-git"],
@@ -339,7 +346,7 @@ def judge(sc):
                 problems.append(f"{tag}: exit {r.exit}, want a refusal")
             if len(errs) != 1 or keys not in errs[0] or "aivmm trust" not in errs[0]:
                 problems.append(f"{tag}: want one error line naming {keys} and `aivmm trust`, got {errs[:3]}")
-            if any("BOOTED" in l for l in _lines(r)) or r.out:
+            if any("BOOTED" in l for l in _lines(r)):
                 problems.append(f"{tag}: the guest booted")
             if r.wall_ms and r.wall_ms > 20000:
                 problems.append(f"{tag}: the refusal took {r.wall_ms} ms")
@@ -375,6 +382,28 @@ def judge(sc):
                             f"(stderr: {_lines_err(r)})")
         info.append(f"EROFS for config, hook, aivmm.toml, .envrc (renames over them too); git commit worked; "
                     f"L1's git ran nothing planted; reported: {warn[0].strip() if warn else 'nothing'}")
+    elif n == "agent-hostile":
+        seen = []
+        for m in ("oversized", "unknown", "truncated"):
+            tag = f"agent-hostile/{m}"
+            r = _exit_is(problems, sc, tag, None)
+            if r is None or r.exit is None:
+                continue
+            errs = [l for _, l in r.err if l.startswith("aivmm: error:")]
+            if r.exit == "0":
+                problems.append(f"{tag}: exit 0 after a hostile agent")
+            if len(errs) != 1:
+                problems.append(f"{tag}: want one `aivmm: error:` line, got {errs[:3]}")
+            log = [l for l in _lines(sc.runs.get(f"{tag}/vmlog")) if "closing the guest agent" in l]
+            if not log:
+                problems.append(f"{tag}: aivmm.log names no closed agent connection")
+            else:
+                seen.append(f"{m}: {log[0].split('closing', 1)[1].strip()[:90]}")
+        f = sc.runs.get("agent-hostile/flood")
+        res = f.results() if f else {}
+        if res.get("rc") != "0" or int(res.get("bytes", "0") or 0) < (256 << 20):
+            problems.append(f"agent-hostile/flood: rc={res.get('rc')} bytes={res.get('bytes')}, want 0 and 256 MiB")
+        info.append("; ".join(seen) + f"; flood: {res.get('bytes')} bytes relayed in {res.get('seconds')} s")
     elif n == "long-work":
         r = _exit_is(problems, sc, "long-work", ["0"])
         _has(problems, r, "long-work", "long-done")

@@ -284,7 +284,7 @@ scenario() {
 	fs-escape-hard | blk-durability | fs-durability | panic | seccomp | disk-full | fs-modes) hard_scenario "$1" ;; # tests/e2e/l1-hard.sh
 	builder | builder-bench) builder_scenario "$1" ;; # tests/e2e/l1-builder.sh
 	guest-custom-kernel) kernel_scenario ;; # tests/e2e/l1-kernel.sh
-	workdir | parallel | lock | env | claude-auth | stop | nested | terminal | ssh | long-work | trust | protected-paths) rn_scenario "$1" ;; # tests/e2e/l1-run.sh
+	workdir | parallel | lock | env | claude-auth | stop | nested | terminal | ssh | long-work | trust | protected-paths | agent-hostile) rn_scenario "$1" ;; # tests/e2e/l1-run.sh
 	bench) bench_scenario ;; # tests/e2e/l1-bench.sh
 	harness-selftest) harness_selftest ;;
 	*) echo "@@L1 unknown scenario $1" ;;

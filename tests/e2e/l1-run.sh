@@ -251,6 +251,9 @@ rn_scenario() {
 	protected-paths)
 		rn_protected
 		;;
+	agent-hostile)
+		rn_agent_hostile
+		;;
 	long-work)
 		# Four minutes of CPU-bound work in /work (xz over 200 source files, round after
 		# round, then git): L1 must carry a long, busy guest and its exit. The Debian
@@ -504,4 +507,33 @@ rn_protected() {
 	(cd $w && git status >/dev/null 2>&1 && git -c user.name=l1 -c user.email=l1@e2e commit -q --allow-empty -m l1-after >/dev/null 2>&1)
 	rn_ck protected-paths l1-nothing-ran sh -c "! ls /tmp/l1-pwned* 2>/dev/null"
 	rn_ck protected-paths l1-sub-hook-not-executable sh -c "[ -f $w/sub/.git/hooks/post-checkout ] && [ ! -x $w/sub/.git/hooks/post-checkout ]"
+}
+
+# agent-hostile: the guest's agent is replaced by `aivmm-agent --hostile MODE` (a
+# staged script that execs the real binary from /work): oversized, unknown and
+# truncated frames, and a 256 MiB output flood. Each bad one ends the run with one
+# error line, a log line naming the problem, no panic, and no aivmm left behind.
+rn_agent_hostile() {
+	w=/tmp/rn-ah
+	rm -rf $w /tmp/ah && mkdir -p $w /tmp/ah
+	cp /usr/local/aivmm/aivmm-agent $w/aivmm-agent
+	for m in oversized unknown truncated flood; do
+		printf '#!/bin/sh\nexec /work/aivmm-agent --hostile %s\n' $m >/tmp/ah/agent-$m
+		chmod 755 /tmp/ah/agent-$m
+	done
+	for m in oversized unknown truncated; do
+		AIVMM_AGENT=/tmp/ah/agent-$m rn_aivmm agent-hostile/$m 180 $w -- true
+		rn_vmlog agent-hostile/$m $w
+		rn_ck agent-hostile/$m no-aivmm-left sh -c '! pgrep -x aivmm'
+	done
+	# The flood goes to a file, not through vmmrun to the console.
+	t0=$(cut -d. -f1 /proc/uptime)
+	XDG_STATE_HOME=$RN_STATE AIVMM_AGENT=/tmp/ah/agent-flood timeout 400 aivmm run --workdir $w \
+		--kernel /guest/noclaude/vmlinuz --initrd /guest/noclaude/initrd.cpio --rootfs "$RN_DEV" \
+		--net none --cpus 1 --memory 512M --disk-size 1G -- true >/tmp/ah/flood.out 2>/tmp/ah/flood.err
+	rc=$?
+	echo "@@O agent-hostile/flood 0 E2E-RESULT rc=$rc bytes=$(wc -c </tmp/ah/flood.out) seconds=$(($(cut -d. -f1 /proc/uptime) - t0))"
+	sed 's|^|@@O agent-hostile/flood 0 stderr: |' /tmp/ah/flood.err | head -n 5
+	rn_ck agent-hostile/flood no-aivmm-left sh -c '! pgrep -x aivmm'
+	rm -f /tmp/ah/flood.out
 }
