@@ -1242,12 +1242,24 @@ def watch(proc, names, vmm_mode, runs, overall, logdir, t0, monitor, budgets, re
                 monitor_cmd(monitor, f"sendkey alt-sysrq-{key}", 0.5)
             # Did L1 come back? Its heartbeat (every HB_PERIOD s) must come on its own.
             recovered = collect(15) or collect(2 * HB_PERIOD + 5, until_hb=True)
+            woke = "the sysrq keyboard interrupts"
+            if not recovered:
+                # Not even the keyboard's interrupt got in: what do the local APICs hold
+                # (a vector stuck in service blocks all below it)? Then an NMI, which
+                # no APIC priority or cleared IF holds back.
+                with open(hang_log, "a") as f:
+                    for c in range(len(cpus)):
+                        f.write(f"=== cpu {c}: info lapic\n" + monitor_cmd(monitor, f"cpu {c}\ninfo lapic", 2.0))
+                    f.write("=== info pic\n" + monitor_cmd(monitor, "info pic", 2.0))
+                monitor_cmd(monitor, "nmi", 0.5)
+                recovered = collect(2 * HB_PERIOD + 5, until_hb=True)
+                woke = "an NMI (the keyboard interrupt did not get in)"
             if recovered:
                 EVENTS["stalls_recovered"].append(
                     f"{cur or 'between scenarios'}: L1 silent {silence:.0f} s with its vCPUs {', '.join(cpus)}; "
-                    f"it went on after the sysrq keyboard interrupts (see {hang_log})")
-                note(f"L1 was stuck for {silence:.0f} s ({'; '.join(cpus)}) and went on after a keyboard interrupt")
-                console.write(f"{time.monotonic() - start:9.3f} [watchdog] L1 went on after the sysrq keys\n")
+                    f"it went on after {woke} (see {hang_log})")
+                note(f"L1 was stuck for {silence:.0f} s ({'; '.join(cpus)}) and went on after {woke}")
+                console.write(f"{time.monotonic() - start:9.3f} [watchdog] L1 went on after {woke}\n")
                 last_line = time.monotonic()
                 next_sample = None
                 continue
