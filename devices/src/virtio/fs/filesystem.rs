@@ -107,6 +107,7 @@ use fuse_backend_rs::api::validate_path_component;
 use fuse_backend_rs::passthrough::{self, PassthroughFs};
 use log::error;
 
+use super::creds::{running_as_root, AsCaller};
 use super::protect::{is_hooks_dir, Id, Protection};
 use super::{CachePolicy, FsConfig};
 
@@ -320,6 +321,9 @@ pub struct ShareFs {
     root: Arc<ShareRoot>,
     /// What the guest may not change, resolved when the device was created.
     protection: Arc<Protection>,
+    /// Whether aivmm ran as root when the share was made, so each request is
+    /// carried out as its caller ([`AsCaller`]).
+    switch_ids: bool,
 }
 
 impl ShareFs {
@@ -337,6 +341,7 @@ impl ShareFs {
             posix_acls: cfg.posix_acls,
             root,
             protection,
+            switch_ids: running_as_root(),
         };
         fs.import(false)?;
         Ok(fs)
@@ -382,6 +387,22 @@ impl ShareFs {
     fn id(&self, ctx: &Context, inode: u64) -> io::Result<Id> {
         let (st, _) = self.inner.getattr(ctx, inode, None)?;
         Ok((st.st_dev, st.st_ino))
+    }
+
+    /// Acts as the request's caller on this thread until the guard is dropped
+    /// (when aivmm runs as root), and gives the context to hand `PassthroughFs`:
+    /// ids 0, so that it never does its own `setresuid` switch, which would undo
+    /// this one when it ends.
+    fn as_caller(&self, ctx: &Context) -> io::Result<(Option<AsCaller>, Context)> {
+        let guard = if self.switch_ids {
+            Some(AsCaller::new(ctx.uid, ctx.gid)?)
+        } else {
+            None
+        };
+        let mut inner = ctx.clone();
+        inner.uid = 0;
+        inner.gid = 0;
+        Ok((guard, inner))
     }
 
     /// Refuses (EROFS) a change to a protected object: one resolved at creation,
@@ -577,13 +598,18 @@ impl FileSystem for ShareFs {
     }
 
     fn id_remap(&self, ctx: &mut Context) -> io::Result<()> {
-        // The guest's ids mean nothing on the host: act as the user running aivmm.
-        ctx.uid = 0;
-        ctx.gid = 0;
+        // As a normal user, the guest's ids mean nothing on the host: act as the
+        // user running aivmm. As root, keep them for `as_caller`.
+        if !self.switch_ids {
+            ctx.uid = 0;
+            ctx.gid = 0;
+        }
         Ok(())
     }
 
     fn lookup(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
+        let (_caller, ctx) = self.as_caller(ctx)?;
+        let ctx = &ctx;
         let entry = self.inner.lookup(ctx, parent, name)?;
         if name.to_bytes() == b".." && parent != ROOT_ID && !self.under_root(entry.inode) {
             self.inner.forget(ctx, entry.inode, 1);
@@ -617,6 +643,8 @@ impl FileSystem for ShareFs {
         handle: Option<u64>,
         valid: SetattrValid,
     ) -> io::Result<(stat64, Duration)> {
+        let (_caller, ctx) = self.as_caller(ctx)?;
+        let ctx = &ctx;
         self.check_writable()?;
         self.check_unprotected(ctx, inode)?;
         let mut attr = attr;
@@ -640,6 +668,8 @@ impl FileSystem for ShareFs {
         parent: u64,
         name: &CStr,
     ) -> io::Result<Entry> {
+        let (_caller, ctx) = self.as_caller(ctx)?;
+        let ctx = &ctx;
         self.check_writable()?;
         validate_path_component(name)?;
         self.check_entry(ctx, parent, name)?;
@@ -655,6 +685,8 @@ impl FileSystem for ShareFs {
         rdev: u32,
         umask: u32,
     ) -> io::Result<Entry> {
+        let (_caller, ctx) = self.as_caller(ctx)?;
+        let ctx = &ctx;
         self.check_writable()?;
         validate_path_component(name)?;
         let kind = mode & libc::S_IFMT;
@@ -677,6 +709,8 @@ impl FileSystem for ShareFs {
         mode: u32,
         umask: u32,
     ) -> io::Result<Entry> {
+        let (_caller, ctx) = self.as_caller(ctx)?;
+        let ctx = &ctx;
         self.check_writable()?;
         validate_path_component(name)?;
         self.check_entry(ctx, parent, name)?;
@@ -685,6 +719,8 @@ impl FileSystem for ShareFs {
     }
 
     fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
+        let (_caller, ctx) = self.as_caller(ctx)?;
+        let ctx = &ctx;
         self.check_writable()?;
         validate_path_component(name)?;
         self.check_entry(ctx, parent, name)?;
@@ -692,6 +728,8 @@ impl FileSystem for ShareFs {
     }
 
     fn rmdir(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
+        let (_caller, ctx) = self.as_caller(ctx)?;
+        let ctx = &ctx;
         self.check_writable()?;
         validate_path_component(name)?;
         self.check_entry(ctx, parent, name)?;
@@ -707,6 +745,8 @@ impl FileSystem for ShareFs {
         newname: &CStr,
         flags: u32,
     ) -> io::Result<()> {
+        let (caller, ctx) = self.as_caller(ctx)?;
+        let ctx = &ctx;
         self.check_writable()?;
         validate_path_component(oldname)?;
         validate_path_component(newname)?;
@@ -714,6 +754,9 @@ impl FileSystem for ShareFs {
         self.check_entry(ctx, newdir, newname)?;
         self.inner
             .rename(ctx, olddir, oldname, newdir, newname, flags)?;
+        // Clearing execute bits in hooks is aivmm's rule, not the caller's
+        // action: it is done with aivmm's own credentials.
+        drop(caller);
         if self.is_hooks(newdir) {
             self.strip_exec(ctx, newdir, newname)?;
         }
@@ -721,6 +764,8 @@ impl FileSystem for ShareFs {
     }
 
     fn link(&self, ctx: &Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
+        let (caller, ctx) = self.as_caller(ctx)?;
+        let ctx = &ctx;
         self.check_writable()?;
         validate_path_component(newname)?;
         self.check_entry(ctx, newparent, newname)?;
@@ -732,6 +777,8 @@ impl FileSystem for ShareFs {
             }
             r => r,
         }?;
+        // As in `rename`: the fix-up below is aivmm's, not the caller's.
+        drop(caller);
         if self.is_hooks(newparent) {
             self.strip_exec(ctx, newparent, newname)?;
             return self.inner.lookup(ctx, newparent, newname).inspect(|_| {
@@ -748,6 +795,8 @@ impl FileSystem for ShareFs {
         flags: u32,
         fuse_flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
+        let (_caller, ctx) = self.as_caller(ctx)?;
+        let ctx = &ctx;
         self.check_open_flags(flags)?;
         self.check_regular(ctx, inode)?;
         if open_writes(flags) {
@@ -763,6 +812,8 @@ impl FileSystem for ShareFs {
         name: &CStr,
         args: CreateIn,
     ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
+        let (_caller, ctx) = self.as_caller(ctx)?;
+        let ctx = &ctx;
         self.check_writable()?;
         validate_path_component(name)?;
         self.check_entry(ctx, parent, name)?;
@@ -826,6 +877,8 @@ impl FileSystem for ShareFs {
         flags: u32,
         fuse_flags: u32,
     ) -> io::Result<usize> {
+        let (_caller, ctx) = self.as_caller(ctx)?;
+        let ctx = &ctx;
         self.check_writable()?;
         self.inner.write(
             ctx,
@@ -858,6 +911,8 @@ impl FileSystem for ShareFs {
         offset: u64,
         length: u64,
     ) -> io::Result<()> {
+        let (_caller, ctx) = self.as_caller(ctx)?;
+        let ctx = &ctx;
         self.check_writable()?;
         self.inner
             .fallocate(ctx, inode, handle, mode, offset, length)
@@ -893,6 +948,8 @@ impl FileSystem for ShareFs {
         value: &[u8],
         flags: u32,
     ) -> io::Result<()> {
+        let (_caller, ctx) = self.as_caller(ctx)?;
+        let ctx = &ctx;
         self.check_writable()?;
         self.check_xattr_name(name)?;
         self.check_unprotected(ctx, inode)?;
@@ -906,15 +963,21 @@ impl FileSystem for ShareFs {
         name: &CStr,
         size: u32,
     ) -> io::Result<GetxattrReply> {
+        let (_caller, ctx) = self.as_caller(ctx)?;
+        let ctx = &ctx;
         self.inner
             .getxattr(ctx, inode, name, size.min(XATTR_SIZE_MAX))
     }
 
     fn listxattr(&self, ctx: &Context, inode: u64, size: u32) -> io::Result<ListxattrReply> {
+        let (_caller, ctx) = self.as_caller(ctx)?;
+        let ctx = &ctx;
         self.inner.listxattr(ctx, inode, size.min(XATTR_SIZE_MAX))
     }
 
     fn removexattr(&self, ctx: &Context, inode: u64, name: &CStr) -> io::Result<()> {
+        let (_caller, ctx) = self.as_caller(ctx)?;
+        let ctx = &ctx;
         self.check_writable()?;
         self.check_xattr_name(name)?;
         self.check_unprotected(ctx, inode)?;
@@ -927,6 +990,8 @@ impl FileSystem for ShareFs {
         inode: u64,
         flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions)> {
+        let (_caller, ctx) = self.as_caller(ctx)?;
+        let ctx = &ctx;
         self.inner.opendir(ctx, inode, flags)
     }
 
@@ -971,6 +1036,8 @@ impl FileSystem for ShareFs {
             self.check_writable()?;
             self.check_unprotected(ctx, inode)?;
         }
+        // `PassthroughFs::access` checks the mode bits against `ctx`'s ids
+        // itself, without switching: it gets the caller's (0:0 for a normal user).
         self.inner.access(ctx, inode, mask)
     }
 

@@ -39,6 +39,8 @@
 //! belong to the host user running aivmm. `link` falls back to `linkat` through
 //! `/proc/self/fd` when `AT_EMPTY_PATH` is refused (it needs `CAP_DAC_READ_SEARCH`).
 
+#[cfg(target_os = "linux")]
+pub mod creds;
 pub mod device;
 #[cfg(target_os = "linux")]
 pub mod filesystem;

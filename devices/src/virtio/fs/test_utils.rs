@@ -345,7 +345,9 @@ pub struct Session<'a> {
     pub mq: MockSplitQueue<'a, GuestMemoryMmap>,
     /// The device side of the queue.
     pub queue: Queue,
-    /// The uid/gid put in request headers.
+    /// The uid/gid put in request headers: 0:0 unless a test sets them. A share
+    /// made by root acts as that caller, so 0:0 is the owner of the files a test
+    /// made; a share made by a normal user ignores them.
     pub ids: (u32, u32),
     unique: u64,
 }
@@ -359,7 +361,7 @@ impl<'a> Session<'a> {
             mem,
             mq,
             queue,
-            ids: (1000, 1000),
+            ids: (0, 0),
             unique: 0,
         }
     }
