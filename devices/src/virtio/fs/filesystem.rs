@@ -1620,6 +1620,113 @@ mod tests {
         fs::symlink_metadata(p).unwrap().mode()
     }
 
+    /// The (real, effective, saved, fs) uids and gids in a `/proc` status file.
+    fn status_ids(path: &str) -> (String, String) {
+        let s = fs::read_to_string(path).unwrap();
+        let line = |key: &str| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .unwrap()
+                .trim()
+                .to_owned()
+        };
+        (line("Uid:"), line("Gid:"))
+    }
+
+    /// As root, what a guest user makes is theirs on the host, that user cannot
+    /// remove, chmod or give away what is not theirs, and the switch to the
+    /// caller is undone after each request, on this thread and in the process.
+    #[test]
+    fn guest_users_own_what_they_make() {
+        if !running_as_root() {
+            println!("SKIPPED guest_users_own_what_they_make: needs root (ownership cannot change as a normal user)");
+            return;
+        }
+        let q = queue_fixture(false);
+        let root = q.root();
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o777)).unwrap();
+        fs::write(root.join("sub/roots"), b"x").unwrap();
+        let process = status_ids("/proc/self/status");
+        let thread = status_ids("/proc/thread-self/status");
+        assert_eq!(process.0, "0\t0\t0\t0", "the test runs as root");
+        q.with_session(|s, h| {
+            for (uid, gid) in [(65534, 65534), (0, 0), (65534, 100)] {
+                s.ids = (uid, gid);
+                let n = format!("{uid}.{gid}");
+                let made = [
+                    s.call(
+                        &fuse::create(ROOT_ID, &format!("f{n}"), libc::O_RDWR as u32, 0o644),
+                        h,
+                    ),
+                    s.call(&fuse::mkdir(ROOT_ID, &format!("d{n}"), 0o755), h),
+                    s.call(&fuse::symlink(ROOT_ID, &format!("l{n}"), "file"), h),
+                    s.call(
+                        &fuse::mknod(ROOT_ID, &format!("p{n}"), libc::S_IFIFO | 0o644),
+                        h,
+                    ),
+                ];
+                for (r, name) in made.iter().zip(["f", "d", "l", "p"]) {
+                    assert_eq!(r.errno(), 0, "{name}{n}");
+                    let md = fs::symlink_metadata(root.join(format!("{name}{n}"))).unwrap();
+                    assert_eq!((md.uid(), md.gid()), (uid, gid), "{name}{n}");
+                    let attr = r.entry().attr;
+                    assert_eq!(
+                        (attr.uid, attr.gid),
+                        (uid, gid),
+                        "{name}{n}, as the guest sees it"
+                    );
+                }
+            }
+
+            s.ids = (65534, 65534);
+            // Not in a root-owned 0755 directory, nor root's file, nor away.
+            let sub = s.call(&fuse::lookup(ROOT_ID, "sub"), h).entry().nodeid;
+            assert_eq!(s.call(&fuse::unlink(sub, "roots"), h).errno(), libc::EACCES);
+            assert!(root.join("sub/roots").exists());
+            assert_eq!(
+                s.call(&fuse::rename(sub, "roots", ROOT_ID, "stolen"), h)
+                    .errno(),
+                libc::EACCES
+            );
+            let file = s.call(&fuse::lookup(ROOT_ID, "file"), h).entry().nodeid;
+            assert_eq!(s.call(&fuse::chmod(file, 0o666), h).errno(), libc::EPERM);
+            assert_eq!(
+                s.call(&fuse::open(file, libc::O_WRONLY as u32), h).errno(),
+                libc::EACCES
+            );
+            let own = s
+                .call(&fuse::lookup(ROOT_ID, "f65534.65534"), h)
+                .entry()
+                .nodeid;
+            assert_eq!(s.call(&fuse::chown(own, 0, 0), h).errno(), libc::EPERM);
+            // Its own file: the mode changes, setuid is never set.
+            let r = s.call(&fuse::chmod(own, 0o4755), h);
+            assert_eq!(r.attr().attr.mode & 0o7777, 0o755);
+            assert_eq!(mode_of(&root.join("f65534.65534")) & 0o7777, 0o755);
+            // Guest root may give files away, as root may on Linux.
+            s.ids = (0, 0);
+            assert_eq!(s.call(&fuse::chown(own, 1234, 1235), h).errno(), 0);
+            let md = fs::metadata(root.join("f65534.65534")).unwrap();
+            assert_eq!((md.uid(), md.gid()), (1234, 1235));
+            // An id Linux reserves is refused, not carried out as root.
+            s.ids = (u32::MAX, 0);
+            assert_eq!(
+                s.call(&fuse::mkdir(ROOT_ID, "noid", 0o755), h).errno(),
+                libc::EPERM
+            );
+            assert!(!root.join("noid").exists());
+        });
+        assert_eq!(status_ids("/proc/self/status"), process);
+        assert_eq!(status_ids("/proc/thread-self/status"), thread);
+        let (mut r, mut e, mut sv) = (1, 1, 1);
+        // SAFETY: getresuid writes three uid_t through valid pointers.
+        assert_eq!(unsafe { libc::getresuid(&mut r, &mut e, &mut sv) }, 0);
+        assert_eq!((r, e, sv), (0, 0, 0));
+        // SAFETY: as above, for gids.
+        assert_eq!(unsafe { libc::getresgid(&mut r, &mut e, &mut sv) }, 0);
+        assert_eq!((r, e, sv), (0, 0, 0));
+    }
+
     /// chmod, create, mkdir and mknod from the guest with setuid or setgid: the host
     /// file never has either bit; the permission bits and the sticky bit stay.
     #[test]

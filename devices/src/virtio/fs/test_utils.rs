@@ -102,6 +102,16 @@ pub fn chmod(ino: u64, mode: u32) -> Request {
     })
 }
 
+/// `FUSE_SETATTR` of `ino` changing only the owner and group (chown).
+pub fn chown(ino: u64, uid: u32, gid: u32) -> Request {
+    Request::new(Opcode::Setattr, ino).obj(SetattrIn {
+        valid: 0x2 | 0x4, // FATTR_UID | FATTR_GID
+        uid,
+        gid,
+        ..SetattrIn::default()
+    })
+}
+
 /// `FUSE_SETATTR` of `ino` changing only the size (truncate).
 pub fn truncate(ino: u64, size: u64) -> Request {
     Request::new(Opcode::Setattr, ino).obj(SetattrIn {
