@@ -1,9 +1,20 @@
 //! [`ShareFs`]: the `FileSystem` the FUSE server calls. It wraps `PassthroughFs`
 //! and adds what aivmm needs on top:
 //!
-//! - **No privileges.** [`FileSystem::id_remap`] maps every request's uid/gid to 0, so
-//!   `PassthroughFs` never switches credentials (`setresuid` needs `CAP_SETUID`);
-//!   files are created as the user running aivmm. Hard links fall back to
+//! - **Ownership.** `PassthroughFs` is always handed uid/gid 0, so it never does its
+//!   own credential switch (`setresuid`, which needs `CAP_SETUID`, and only around
+//!   creates). As a normal user, [`FileSystem::id_remap`] maps every request's ids
+//!   to 0 and everything is done as that user: new files are theirs, and a chown
+//!   to another uid fails on the host (EPERM). As root (`geteuid() == 0` when the
+//!   share is made), each request that reaches the host (lookups, creates, links,
+//!   removals, renames, `setattr`, opens, writes, xattrs) runs inside an
+//!   [`AsCaller`] guard: the worker thread's fsuid/fsgid are the caller's from
+//!   the FUSE header, so new objects are the guest user's and the host kernel
+//!   checks permissions as Linux would for that user. A fsuid other than 0 drops
+//!   the thread's file capabilities, so only guest root may chown or override
+//!   modes. Supplementary groups stay the process's (see [`super::creds`]).
+//!   Clearing execute bits after a rename or link into `.git/hooks` is aivmm's own
+//!   rule and runs after the guard is dropped, as root. Hard links fall back to
 //!   `linkat` on `/proc/self/fd` when `AT_EMPTY_PATH` is refused.
 //! - **Read-only shares.** Every call that would change the tree or a file is
 //!   answered with EROFS before it reaches the host, and so is an `open` for writing.
@@ -25,8 +36,8 @@
 //! setuid and setgid, which are cleared in `setattr`, `create`, `mknod` and
 //! `mkdir`: aivmm may run as root, and even as a user a setgid file hands out the
 //! user's group. The sticky bit stays: on a directory it only limits who may
-//! remove entries (all of them belong to the user running aivmm), and Linux
-//! ignores it on files. New files, directories and nodes are also masked by the
+//! remove entries (the host kernel applies it to the caller when aivmm is root),
+//! and Linux ignores it on files. New files, directories and nodes are also masked by the
 //! umask aivmm started with ([`host_umask`]), explicitly, so a default ACL on a
 //! host directory cannot lift it; `chmod` is not masked, so `chmod 0777` gives
 //! 0777 as it would on the host.
