@@ -296,6 +296,10 @@ fn device_rules() -> Rules {
             libc::SYS_getgid,
             libc::SYS_geteuid,
             libc::SYS_getegid,
+            // virtio-fs as root: each request runs with the guest caller's fsuid
+            // and fsgid on this thread (devices/src/virtio/fs/creds.rs).
+            libc::SYS_setfsuid,
+            libc::SYS_setfsgid,
         ],
     );
     // Unix sockets (vsock connections, the net backends).

@@ -1,9 +1,20 @@
 //! [`ShareFs`]: the `FileSystem` the FUSE server calls. It wraps `PassthroughFs`
 //! and adds what aivmm needs on top:
 //!
-//! - **No privileges.** [`FileSystem::id_remap`] maps every request's uid/gid to 0, so
-//!   `PassthroughFs` never switches credentials (`setresuid` needs `CAP_SETUID`);
-//!   files are created as the user running aivmm. Hard links fall back to
+//! - **Ownership.** `PassthroughFs` is always handed uid/gid 0, so it never does its
+//!   own credential switch (`setresuid`, which needs `CAP_SETUID`, and only around
+//!   creates). As a normal user, [`FileSystem::id_remap`] maps every request's ids
+//!   to 0 and everything is done as that user: new files are theirs, and a chown
+//!   to another uid fails on the host (EPERM). As root (`geteuid() == 0` when the
+//!   share is made), each request that reaches the host (lookups, creates, links,
+//!   removals, renames, `setattr`, opens, writes, xattrs) runs inside an
+//!   [`AsCaller`] guard: the worker thread's fsuid/fsgid are the caller's from
+//!   the FUSE header, so new objects are the guest user's and the host kernel
+//!   checks permissions as Linux would for that user. A fsuid other than 0 drops
+//!   the thread's file capabilities, so only guest root may chown or override
+//!   modes. Supplementary groups stay the process's (see [`super::creds`]).
+//!   Clearing execute bits after a rename or link into `.git/hooks` is aivmm's own
+//!   rule and runs after the guard is dropped, as root. Hard links fall back to
 //!   `linkat` on `/proc/self/fd` when `AT_EMPTY_PATH` is refused.
 //! - **Read-only shares.** Every call that would change the tree or a file is
 //!   answered with EROFS before it reaches the host, and so is an `open` for writing.
@@ -25,8 +36,8 @@
 //! setuid and setgid, which are cleared in `setattr`, `create`, `mknod` and
 //! `mkdir`: aivmm may run as root, and even as a user a setgid file hands out the
 //! user's group. The sticky bit stays: on a directory it only limits who may
-//! remove entries (all of them belong to the user running aivmm), and Linux
-//! ignores it on files. New files, directories and nodes are also masked by the
+//! remove entries (the host kernel applies it to the caller when aivmm is root),
+//! and Linux ignores it on files. New files, directories and nodes are also masked by the
 //! umask aivmm started with ([`host_umask`]), explicitly, so a default ACL on a
 //! host directory cannot lift it; `chmod` is not masked, so `chmod 0777` gives
 //! 0777 as it would on the host.
@@ -107,6 +118,7 @@ use fuse_backend_rs::api::validate_path_component;
 use fuse_backend_rs::passthrough::{self, PassthroughFs};
 use log::error;
 
+use super::creds::{running_as_root, AsCaller};
 use super::protect::{is_hooks_dir, Id, Protection};
 use super::{CachePolicy, FsConfig};
 
@@ -320,6 +332,9 @@ pub struct ShareFs {
     root: Arc<ShareRoot>,
     /// What the guest may not change, resolved when the device was created.
     protection: Arc<Protection>,
+    /// Whether aivmm ran as root when the share was made, so each request is
+    /// carried out as its caller ([`AsCaller`]).
+    switch_ids: bool,
 }
 
 impl ShareFs {
@@ -337,6 +352,7 @@ impl ShareFs {
             posix_acls: cfg.posix_acls,
             root,
             protection,
+            switch_ids: running_as_root(),
         };
         fs.import(false)?;
         Ok(fs)
@@ -382,6 +398,22 @@ impl ShareFs {
     fn id(&self, ctx: &Context, inode: u64) -> io::Result<Id> {
         let (st, _) = self.inner.getattr(ctx, inode, None)?;
         Ok((st.st_dev, st.st_ino))
+    }
+
+    /// Acts as the request's caller on this thread until the guard is dropped
+    /// (when aivmm runs as root), and gives the context to hand `PassthroughFs`:
+    /// ids 0, so that it never does its own `setresuid` switch, which would undo
+    /// this one when it ends.
+    fn as_caller(&self, ctx: &Context) -> io::Result<(Option<AsCaller>, Context)> {
+        let guard = if self.switch_ids {
+            Some(AsCaller::new(ctx.uid, ctx.gid)?)
+        } else {
+            None
+        };
+        let mut inner = ctx.clone();
+        inner.uid = 0;
+        inner.gid = 0;
+        Ok((guard, inner))
     }
 
     /// Refuses (EROFS) a change to a protected object: one resolved at creation,
@@ -577,13 +609,18 @@ impl FileSystem for ShareFs {
     }
 
     fn id_remap(&self, ctx: &mut Context) -> io::Result<()> {
-        // The guest's ids mean nothing on the host: act as the user running aivmm.
-        ctx.uid = 0;
-        ctx.gid = 0;
+        // As a normal user, the guest's ids mean nothing on the host: act as the
+        // user running aivmm. As root, keep them for `as_caller`.
+        if !self.switch_ids {
+            ctx.uid = 0;
+            ctx.gid = 0;
+        }
         Ok(())
     }
 
     fn lookup(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
+        let (_caller, ctx) = self.as_caller(ctx)?;
+        let ctx = &ctx;
         let entry = self.inner.lookup(ctx, parent, name)?;
         if name.to_bytes() == b".." && parent != ROOT_ID && !self.under_root(entry.inode) {
             self.inner.forget(ctx, entry.inode, 1);
@@ -617,6 +654,8 @@ impl FileSystem for ShareFs {
         handle: Option<u64>,
         valid: SetattrValid,
     ) -> io::Result<(stat64, Duration)> {
+        let (_caller, ctx) = self.as_caller(ctx)?;
+        let ctx = &ctx;
         self.check_writable()?;
         self.check_unprotected(ctx, inode)?;
         let mut attr = attr;
@@ -640,6 +679,8 @@ impl FileSystem for ShareFs {
         parent: u64,
         name: &CStr,
     ) -> io::Result<Entry> {
+        let (_caller, ctx) = self.as_caller(ctx)?;
+        let ctx = &ctx;
         self.check_writable()?;
         validate_path_component(name)?;
         self.check_entry(ctx, parent, name)?;
@@ -655,6 +696,8 @@ impl FileSystem for ShareFs {
         rdev: u32,
         umask: u32,
     ) -> io::Result<Entry> {
+        let (_caller, ctx) = self.as_caller(ctx)?;
+        let ctx = &ctx;
         self.check_writable()?;
         validate_path_component(name)?;
         let kind = mode & libc::S_IFMT;
@@ -677,6 +720,8 @@ impl FileSystem for ShareFs {
         mode: u32,
         umask: u32,
     ) -> io::Result<Entry> {
+        let (_caller, ctx) = self.as_caller(ctx)?;
+        let ctx = &ctx;
         self.check_writable()?;
         validate_path_component(name)?;
         self.check_entry(ctx, parent, name)?;
@@ -685,6 +730,8 @@ impl FileSystem for ShareFs {
     }
 
     fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
+        let (_caller, ctx) = self.as_caller(ctx)?;
+        let ctx = &ctx;
         self.check_writable()?;
         validate_path_component(name)?;
         self.check_entry(ctx, parent, name)?;
@@ -692,6 +739,8 @@ impl FileSystem for ShareFs {
     }
 
     fn rmdir(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
+        let (_caller, ctx) = self.as_caller(ctx)?;
+        let ctx = &ctx;
         self.check_writable()?;
         validate_path_component(name)?;
         self.check_entry(ctx, parent, name)?;
@@ -707,6 +756,8 @@ impl FileSystem for ShareFs {
         newname: &CStr,
         flags: u32,
     ) -> io::Result<()> {
+        let (caller, ctx) = self.as_caller(ctx)?;
+        let ctx = &ctx;
         self.check_writable()?;
         validate_path_component(oldname)?;
         validate_path_component(newname)?;
@@ -714,6 +765,9 @@ impl FileSystem for ShareFs {
         self.check_entry(ctx, newdir, newname)?;
         self.inner
             .rename(ctx, olddir, oldname, newdir, newname, flags)?;
+        // Clearing execute bits in hooks is aivmm's rule, not the caller's
+        // action: it is done with aivmm's own credentials.
+        drop(caller);
         if self.is_hooks(newdir) {
             self.strip_exec(ctx, newdir, newname)?;
         }
@@ -721,6 +775,8 @@ impl FileSystem for ShareFs {
     }
 
     fn link(&self, ctx: &Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
+        let (caller, ctx) = self.as_caller(ctx)?;
+        let ctx = &ctx;
         self.check_writable()?;
         validate_path_component(newname)?;
         self.check_entry(ctx, newparent, newname)?;
@@ -732,6 +788,8 @@ impl FileSystem for ShareFs {
             }
             r => r,
         }?;
+        // As in `rename`: the fix-up below is aivmm's, not the caller's.
+        drop(caller);
         if self.is_hooks(newparent) {
             self.strip_exec(ctx, newparent, newname)?;
             return self.inner.lookup(ctx, newparent, newname).inspect(|_| {
@@ -748,6 +806,8 @@ impl FileSystem for ShareFs {
         flags: u32,
         fuse_flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
+        let (_caller, ctx) = self.as_caller(ctx)?;
+        let ctx = &ctx;
         self.check_open_flags(flags)?;
         self.check_regular(ctx, inode)?;
         if open_writes(flags) {
@@ -763,6 +823,8 @@ impl FileSystem for ShareFs {
         name: &CStr,
         args: CreateIn,
     ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
+        let (_caller, ctx) = self.as_caller(ctx)?;
+        let ctx = &ctx;
         self.check_writable()?;
         validate_path_component(name)?;
         self.check_entry(ctx, parent, name)?;
@@ -826,6 +888,8 @@ impl FileSystem for ShareFs {
         flags: u32,
         fuse_flags: u32,
     ) -> io::Result<usize> {
+        let (_caller, ctx) = self.as_caller(ctx)?;
+        let ctx = &ctx;
         self.check_writable()?;
         self.inner.write(
             ctx,
@@ -858,6 +922,8 @@ impl FileSystem for ShareFs {
         offset: u64,
         length: u64,
     ) -> io::Result<()> {
+        let (_caller, ctx) = self.as_caller(ctx)?;
+        let ctx = &ctx;
         self.check_writable()?;
         self.inner
             .fallocate(ctx, inode, handle, mode, offset, length)
@@ -893,6 +959,8 @@ impl FileSystem for ShareFs {
         value: &[u8],
         flags: u32,
     ) -> io::Result<()> {
+        let (_caller, ctx) = self.as_caller(ctx)?;
+        let ctx = &ctx;
         self.check_writable()?;
         self.check_xattr_name(name)?;
         self.check_unprotected(ctx, inode)?;
@@ -906,15 +974,21 @@ impl FileSystem for ShareFs {
         name: &CStr,
         size: u32,
     ) -> io::Result<GetxattrReply> {
+        let (_caller, ctx) = self.as_caller(ctx)?;
+        let ctx = &ctx;
         self.inner
             .getxattr(ctx, inode, name, size.min(XATTR_SIZE_MAX))
     }
 
     fn listxattr(&self, ctx: &Context, inode: u64, size: u32) -> io::Result<ListxattrReply> {
+        let (_caller, ctx) = self.as_caller(ctx)?;
+        let ctx = &ctx;
         self.inner.listxattr(ctx, inode, size.min(XATTR_SIZE_MAX))
     }
 
     fn removexattr(&self, ctx: &Context, inode: u64, name: &CStr) -> io::Result<()> {
+        let (_caller, ctx) = self.as_caller(ctx)?;
+        let ctx = &ctx;
         self.check_writable()?;
         self.check_xattr_name(name)?;
         self.check_unprotected(ctx, inode)?;
@@ -927,6 +1001,8 @@ impl FileSystem for ShareFs {
         inode: u64,
         flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions)> {
+        let (_caller, ctx) = self.as_caller(ctx)?;
+        let ctx = &ctx;
         self.inner.opendir(ctx, inode, flags)
     }
 
@@ -971,6 +1047,8 @@ impl FileSystem for ShareFs {
             self.check_writable()?;
             self.check_unprotected(ctx, inode)?;
         }
+        // `PassthroughFs::access` checks the mode bits against `ctx`'s ids
+        // itself, without switching: it gets the caller's (0:0 for a normal user).
         self.inner.access(ctx, inode, mask)
     }
 
@@ -1551,6 +1629,113 @@ mod tests {
 
     fn mode_of(p: &Path) -> u32 {
         fs::symlink_metadata(p).unwrap().mode()
+    }
+
+    /// The (real, effective, saved, fs) uids and gids in a `/proc` status file.
+    fn status_ids(path: &str) -> (String, String) {
+        let s = fs::read_to_string(path).unwrap();
+        let line = |key: &str| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .unwrap()
+                .trim()
+                .to_owned()
+        };
+        (line("Uid:"), line("Gid:"))
+    }
+
+    /// As root, what a guest user makes is theirs on the host, that user cannot
+    /// remove, chmod or give away what is not theirs, and the switch to the
+    /// caller is undone after each request, on this thread and in the process.
+    #[test]
+    fn guest_users_own_what_they_make() {
+        if !running_as_root() {
+            println!("SKIPPED guest_users_own_what_they_make: needs root (ownership cannot change as a normal user)");
+            return;
+        }
+        let q = queue_fixture(false);
+        let root = q.root();
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o777)).unwrap();
+        fs::write(root.join("sub/roots"), b"x").unwrap();
+        let process = status_ids("/proc/self/status");
+        let thread = status_ids("/proc/thread-self/status");
+        assert_eq!(process.0, "0\t0\t0\t0", "the test runs as root");
+        q.with_session(|s, h| {
+            for (uid, gid) in [(65534, 65534), (0, 0), (65534, 100)] {
+                s.ids = (uid, gid);
+                let n = format!("{uid}.{gid}");
+                let made = [
+                    s.call(
+                        &fuse::create(ROOT_ID, &format!("f{n}"), libc::O_RDWR as u32, 0o644),
+                        h,
+                    ),
+                    s.call(&fuse::mkdir(ROOT_ID, &format!("d{n}"), 0o755), h),
+                    s.call(&fuse::symlink(ROOT_ID, &format!("l{n}"), "file"), h),
+                    s.call(
+                        &fuse::mknod(ROOT_ID, &format!("p{n}"), libc::S_IFIFO | 0o644),
+                        h,
+                    ),
+                ];
+                for (r, name) in made.iter().zip(["f", "d", "l", "p"]) {
+                    assert_eq!(r.errno(), 0, "{name}{n}");
+                    let md = fs::symlink_metadata(root.join(format!("{name}{n}"))).unwrap();
+                    assert_eq!((md.uid(), md.gid()), (uid, gid), "{name}{n}");
+                    let attr = r.entry().attr;
+                    assert_eq!(
+                        (attr.uid, attr.gid),
+                        (uid, gid),
+                        "{name}{n}, as the guest sees it"
+                    );
+                }
+            }
+
+            s.ids = (65534, 65534);
+            // Not in a root-owned 0755 directory, nor root's file, nor away.
+            let sub = s.call(&fuse::lookup(ROOT_ID, "sub"), h).entry().nodeid;
+            assert_eq!(s.call(&fuse::unlink(sub, "roots"), h).errno(), libc::EACCES);
+            assert!(root.join("sub/roots").exists());
+            assert_eq!(
+                s.call(&fuse::rename(sub, "roots", ROOT_ID, "stolen"), h)
+                    .errno(),
+                libc::EACCES
+            );
+            let file = s.call(&fuse::lookup(ROOT_ID, "file"), h).entry().nodeid;
+            assert_eq!(s.call(&fuse::chmod(file, 0o666), h).errno(), libc::EPERM);
+            assert_eq!(
+                s.call(&fuse::open(file, libc::O_WRONLY as u32), h).errno(),
+                libc::EACCES
+            );
+            let own = s
+                .call(&fuse::lookup(ROOT_ID, "f65534.65534"), h)
+                .entry()
+                .nodeid;
+            assert_eq!(s.call(&fuse::chown(own, 0, 0), h).errno(), libc::EPERM);
+            // Its own file: the mode changes, setuid is never set.
+            let r = s.call(&fuse::chmod(own, 0o4755), h);
+            assert_eq!(r.attr().attr.mode & 0o7777, 0o755);
+            assert_eq!(mode_of(&root.join("f65534.65534")) & 0o7777, 0o755);
+            // Guest root may give files away, as root may on Linux.
+            s.ids = (0, 0);
+            assert_eq!(s.call(&fuse::chown(own, 1234, 1235), h).errno(), 0);
+            let md = fs::metadata(root.join("f65534.65534")).unwrap();
+            assert_eq!((md.uid(), md.gid()), (1234, 1235));
+            // An id Linux reserves is refused, not carried out as root.
+            s.ids = (u32::MAX, 0);
+            assert_eq!(
+                s.call(&fuse::mkdir(ROOT_ID, "noid", 0o755), h).errno(),
+                libc::EPERM
+            );
+            assert!(!root.join("noid").exists());
+        });
+        assert_eq!(status_ids("/proc/self/status"), process);
+        assert_eq!(status_ids("/proc/thread-self/status"), thread);
+        let (mut r, mut e, mut sv) = (1, 1, 1);
+        // SAFETY: getresuid writes three uid_t through valid pointers.
+        assert_eq!(unsafe { libc::getresuid(&mut r, &mut e, &mut sv) }, 0);
+        assert_eq!((r, e, sv), (0, 0, 0));
+        // SAFETY: as above, for gids.
+        assert_eq!(unsafe { libc::getresgid(&mut r, &mut e, &mut sv) }, 0);
+        assert_eq!((r, e, sv), (0, 0, 0));
     }
 
     /// chmod, create, mkdir and mknod from the guest with setuid or setgid: the host

@@ -14,6 +14,7 @@
 //! - [`device`]: [`Fs`], its config space and `impl VirtioDevice`;
 //! - [`worker`]: the queue threads and the per-chain request handler;
 //! - [`filesystem`]: the `FileSystem` wrapper around `PassthroughFs`;
+//! - [`creds`]: acting as the guest caller (fsuid/fsgid) when aivmm runs as root;
 //! - [`protect`]: the protected paths of a workdir, resolved to identities at creation;
 //! - [`gitconfig`]: a git config parser and the stop-time report of risky configs;
 //! - `test_utils`: FUSE request builders and a mock-queue session for tests and benches.
@@ -33,12 +34,15 @@
 //! # Privileges
 //! aivmm runs as a normal user. `PassthroughFs` is configured to need no
 //! capability: inodes are kept as `O_PATH` fds, not file handles (no
-//! `open_by_handle_at`, which needs `CAP_DAC_READ_SEARCH`), and every request's
-//! uid/gid is mapped to 0 before it reaches `PassthroughFs` so it never calls
-//! `setresuid`/`setresgid` (which needs `CAP_SETUID`): files the guest creates
-//! belong to the host user running aivmm. `link` falls back to `linkat` through
+//! `open_by_handle_at`, which needs `CAP_DAC_READ_SEARCH`), and it is always
+//! handed uid/gid 0 so it never calls `setresuid`/`setresgid` (which needs
+//! `CAP_SETUID`): files the guest creates belong to the host user running aivmm.
+//! When aivmm runs as root, [`filesystem::ShareFs`] instead carries out each
+//! request as its guest caller with a per-thread fsuid/fsgid switch ([`creds`]). `link` falls back to `linkat` through
 //! `/proc/self/fd` when `AT_EMPTY_PATH` is refused (it needs `CAP_DAC_READ_SEARCH`).
 
+#[cfg(target_os = "linux")]
+pub mod creds;
 pub mod device;
 #[cfg(target_os = "linux")]
 pub mod filesystem;

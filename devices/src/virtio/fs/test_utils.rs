@@ -102,6 +102,16 @@ pub fn chmod(ino: u64, mode: u32) -> Request {
     })
 }
 
+/// `FUSE_SETATTR` of `ino` changing only the owner and group (chown).
+pub fn chown(ino: u64, uid: u32, gid: u32) -> Request {
+    Request::new(Opcode::Setattr, ino).obj(SetattrIn {
+        valid: 0x2 | 0x4, // FATTR_UID | FATTR_GID
+        uid,
+        gid,
+        ..SetattrIn::default()
+    })
+}
+
 /// `FUSE_SETATTR` of `ino` changing only the size (truncate).
 pub fn truncate(ino: u64, size: u64) -> Request {
     Request::new(Opcode::Setattr, ino).obj(SetattrIn {
@@ -345,7 +355,9 @@ pub struct Session<'a> {
     pub mq: MockSplitQueue<'a, GuestMemoryMmap>,
     /// The device side of the queue.
     pub queue: Queue,
-    /// The uid/gid put in request headers.
+    /// The uid/gid put in request headers: 0:0 unless a test sets them. A share
+    /// made by root acts as that caller, so 0:0 is the owner of the files a test
+    /// made; a share made by a normal user ignores them.
     pub ids: (u32, u32),
     unique: u64,
 }
@@ -359,7 +371,7 @@ impl<'a> Session<'a> {
             mem,
             mq,
             queue,
-            ids: (1000, 1000),
+            ids: (0, 0),
             unique: 0,
         }
     }
