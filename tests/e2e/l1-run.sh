@@ -478,7 +478,8 @@ rn_trust() {
 rn_protected() {
 	w=/tmp/rn-prot
 	rm -rf $w /tmp/l1-pwned* && mkdir -p $w
-	(cd $w && git init -q . && echo base >README && git add README &&
+	# L1's git has no templates: make the hooks directory every `git init` makes.
+	(cd $w && git init -q . && mkdir -p .git/hooks && echo base >README && git add README &&
 		git -c user.name=l1 -c user.email=l1@e2e commit -q -m base) >/dev/null 2>&1
 	echo 'cpus = 1' >$w/aivmm.toml
 	before=$(cd $w && sha256sum .git/config aivmm.toml | tr '\n' ' ')
