@@ -29,6 +29,8 @@ SCENARIOS = {
     "ENOSPC (virtio-fs) and EIO (virtio-blk); both devices work afterwards; aivmm exits 0",
     "fs-modes": "in a virtio-fs share the guest's chmod 4755/2755, a create with 06755 and a mkdir with "
     "02775 leave no setuid/setgid bit on L1; security.capability and trusted.* setxattr fail",
+    "fs-owner": "aivmm as root: the guest's root and its user 65534 each make a file, a directory, a "
+    "symlink and a FIFO in a share; on L1 they are 0:0 and 65534:65534; the user's chmod 4755 sets no setuid",
     "seccomp": "aivmm with a disk, a share and rng, devices active: every thread in "
     "/proc/PID/task/*/status shows Seccomp: 2 with two filters, the process filter and its kind's "
     "(and, as a control, 0 with --seccomp off)",
@@ -41,7 +43,7 @@ SCENARIOS = {
 NOT_DEFAULT = set()
 
 # Seconds each takes at most (the L1 overall timeout is the sum).
-BUDGET = {"fs-modes": 120, "disk-full": 120, "fs-escape-hard": 150, "blk-durability": 120, "fs-durability": 120, "panic": 200, "seccomp": 260}
+BUDGET = {"fs-owner": 120, "fs-modes": 120, "disk-full": 120, "fs-escape-hard": 150, "blk-durability": 120, "fs-durability": 120, "panic": 200, "seccomp": 260}
 
 REQUIRED = {
     "fs-escape-hard": ["mount", "abs-symlink", "rel-symlink", "deep-rel-symlink", "procroot-symlink",
@@ -54,6 +56,9 @@ REQUIRED = {
     "fs-modes": ["mount", "create", "chmod-4755-answered", "setxattr-security-capability", "setxattr-trusted",
                  "guest-no-suid", "l1-no-suid", "l1-no-sgid", "l1-create-no-suid",
                  "l1-dir-no-sgid"],
+    "fs-owner": ["mount"] + [f"{w}-{k}" for w in ("root", "user") for k in ("create", "chmod", "mkdir", "symlink",
+                                                                           "mkfifo")]
+    + [f"l1-{w}-{k}" for w in ("root", "user") for k in ("file", "dir", "link", "fifo")] + ["l1-user-no-suid"],
     "disk-full": ["mount", "fs-enospc", "fs-after-full", "blk-eio", "blk-read-after", "l1-after-file"],
     "blk-durability": [],
     "fs-durability": ["mount"],
@@ -222,6 +227,12 @@ def judge(sc):
         return judge_panic(sc)
     if sc.name == "seccomp":
         return judge_seccomp(sc)
+    if sc.name == "fs-owner":
+        problems, info = check_run(sc, sc.name)
+        if problems:
+            return False, "; ".join(problems), info
+        return True, "guest root's file, dir, symlink and FIFO are 0:0 on L1, user 65534's are 65534:65534; " \
+                     "the user's chmod 4755 left 755", []
     if sc.name == "fs-modes":
         problems, info = check_run(sc, sc.name)
         if problems:

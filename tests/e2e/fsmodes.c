@@ -2,10 +2,18 @@
  * tries what must not reach the host: setuid and setgid bits by chmod, by create
  * and by mkdir, and security.* / trusted.* extended attributes; a user.* one must
  * still work. Prints `E2E-CHECK name ok|FAIL why` lines; L1 then checks the modes
- * on its side. Build: gcc -static -O2 -o fsmodes fsmodes.c.
+ * on its side.
+ *
+ * fsmodes --owner DIR UID (tests/e2e `fs-owner`): as UID (and gid UID), makes
+ * oUID-file, oUID-dir, oUID-link and oUID-fifo in DIR and chmods the file 4755;
+ * L1 then checks who owns them.
+ *
+ * Build: gcc -static -O2 -o fsmodes fsmodes.c.
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <grp.h>
+#include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -24,8 +32,42 @@ static void refused(const char *name, int rc)
 	check(name, rc != 0, why);
 }
 
+static int owner(const char *dir, const char *id)
+{
+	int uid = atoi(id);
+	char why[160], name[64];
+	if (chdir(dir) != 0 || setgroups(0, NULL) != 0 || setgid(uid) != 0 || setuid(uid) != 0) {
+		printf("E2E-CHECK as-%d FAIL %s\n", uid, strerror(errno));
+		return 1;
+	}
+	snprintf(name, sizeof name, "o%d-file", uid);
+	int fd = open(name, O_CREAT | O_WRONLY | O_EXCL, 0644);
+	snprintf(why, sizeof why, "create: %s", strerror(errno));
+	check(uid ? "user-create" : "root-create", fd >= 0, why);
+	if (fd >= 0)
+		close(fd);
+	int rc = chmod(name, 04755);
+	snprintf(why, sizeof why, "chmod: %s", strerror(errno));
+	check(uid ? "user-chmod" : "root-chmod", rc == 0, why);
+	snprintf(name, sizeof name, "o%d-dir", uid);
+	rc = mkdir(name, 0755);
+	snprintf(why, sizeof why, "mkdir: %s", strerror(errno));
+	check(uid ? "user-mkdir" : "root-mkdir", rc == 0, why);
+	snprintf(name, sizeof name, "o%d-link", uid);
+	rc = symlink("target", name);
+	snprintf(why, sizeof why, "symlink: %s", strerror(errno));
+	check(uid ? "user-symlink" : "root-symlink", rc == 0, why);
+	snprintf(name, sizeof name, "o%d-fifo", uid);
+	rc = mkfifo(name, 0644);
+	snprintf(why, sizeof why, "mkfifo: %s", strerror(errno));
+	check(uid ? "user-mkfifo" : "root-mkfifo", rc == 0, why);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
+	if (argc == 4 && !strcmp(argv[1], "--owner"))
+		return owner(argv[2], argv[3]);
 	if (argc != 2 || chdir(argv[1]) != 0) {
 		printf("E2E-CHECK fsmodes-start FAIL usage: fsmodes DIR\n");
 		return 2;

@@ -126,6 +126,18 @@ hard_scenario() {
 		hhck fs-modes dir-no-sgid sh -c '[ $(( 0$(stat -c %a /tmp/fm/sgid-dir) & 06000 )) = 0 ]'
 		hh fs-modes "E2E-RESULT l1_modes=$(stat -c %n:%a /tmp/fm/* | tr '\n' ,)"
 		;;
+	fs-owner)
+		# aivmm runs as root here: what each guest user makes is that user's.
+		rm -rf /tmp/fo && mkdir -p /tmp/fo && chmod 0777 /tmp/fo
+		cp /bin/fsmodes /tmp/fo/fsmodes
+		hard_vmm fs-owner 90 hard-fsowner --share /tmp/fo:e2e
+		for k in file dir link fifo; do
+			hhck fs-owner root-$k [ "$(stat -c %u:%g /tmp/fo/o0-$k)" = 0:0 ]
+			hhck fs-owner user-$k [ "$(stat -c %u:%g /tmp/fo/o65534-$k)" = 65534:65534 ]
+		done
+		hhck fs-owner user-no-suid [ "$(stat -c %a /tmp/fo/o65534-file)" = 755 ]
+		hh fs-owner "E2E-RESULT l1_owners=$(stat -c %n:%u:%g:%a /tmp/fo/o* | tr '\n' ,)"
+		;;
 	disk-full)
 		mkdir -p /tmp/full && mount -t tmpfs -o size=4m full /tmp/full
 		mkdir -p /tmp/full/share

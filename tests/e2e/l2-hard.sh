@@ -129,6 +129,12 @@ hard_main() {
 	hard-escape) hard_escape ;;
 	hard-seccomp) hard_seccomp ;;
 	hard-full) hard_full ;;
+	hard-fsowner)
+		hard_mount
+		/mnt/fsmodes --owner /mnt 0
+		/mnt/fsmodes --owner /mnt 65534
+		umount /mnt
+		;;
 	hard-fsmodes)
 		hard_mount
 		/mnt/fsmodes /mnt
