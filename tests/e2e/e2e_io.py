@@ -34,7 +34,11 @@ SCENARIOS = {
 # not in aivmm: bookworm's passt (2023-03) does not ACK a guest's SYN-ACK until the
 # host side sends data, and a SYN it sends before the guest has an address is never
 # retried; so L1 speaks first (as HTTP does) and retries idle connections.
-NOT_DEFAULT = set()
+# net: since passt runs with --no-map-gw, the guest's data to L1 goes through passt's NAT to
+# L1's own outside address, which bookworm's passt serves at 0.3-4 MiB/s inside L1 and now
+# and then resets or stalls, for QEMU's guest as for aivmm's (2026-12-06). virtio-net through
+# passt stays covered by host-loopback, forward and ssh, and at speed by net-tap. Run it by name.
+NOT_DEFAULT = {"net"}
 
 # Seconds each takes at most (the L1 overall timeout is the sum).
 BUDGET = {"fs-many": 120, "fs-ro": 120, "fs-escape": 120, "blk-ro": 120, "net": 300, "host-loopback": 200, "forward": 150, "vsock": 150,

@@ -56,6 +56,32 @@ fn status_text(st: &ExitStatus) -> String {
     }
 }
 
+/// Prints `@@E <tag> <ms> vmmrun: thread ...` lines for each thread of `pid`.
+fn threads_of(pid: u32, tag: &str) {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return;
+    };
+    for t in tasks.flatten() {
+        let d = t.path();
+        let read = |f: &str| std::fs::read_to_string(d.join(f)).unwrap_or_default();
+        let stat = read("stat");
+        // After the ")" that closes comm: state, then (fields 14, 15) utime and stime.
+        let rest: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+        let field = |i: usize| rest.get(i).copied().unwrap_or("?");
+        let stack: Vec<String> = read("stack").lines().take(6).map(|l| l.split_whitespace().last().unwrap_or("").to_string()).collect();
+        println!(
+            "@@E {tag} 0 vmmrun: thread {} {} state={} utime={} stime={} wchan={} stack={}",
+            t.file_name().to_string_lossy(),
+            read("comm").trim(),
+            field(0),
+            field(11),
+            field(12),
+            read("wchan").trim(),
+            stack.join("<")
+        );
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 5 || args[3] != "--" {
@@ -118,6 +144,9 @@ fn main() {
         }
         if start.elapsed() >= timeout {
             timed_out = true;
+            // Where the VMM was when its time ran out: every thread's name, state,
+            // CPU time and kernel wait channel and stack (hung means hung: say where).
+            threads_of(child.id(), &tag);
             let _ = child.kill();
             // A VMM stuck in the kernel (D state) ignores SIGKILL: don't hang with it.
             let kill_deadline = Instant::now() + Duration::from_secs(5);
