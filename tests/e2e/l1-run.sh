@@ -366,6 +366,7 @@ rn_ssh() {
 	rn_tool ssh/stop 60 aivmm stop $w
 	wait "$RN_BG"
 	rn_console ssh/a $w
+	rn_vmlog ssh/a $w # the press, the command's end and the VM's end, timed
 }
 
 # The terminal test: aivmm runs an interactive bash in the guest inside a tmux
