@@ -148,9 +148,7 @@ fn run(args: &mut RunArgs, started: Instant) -> Result<ExitCode, Box<dyn std::er
         let hv = KvmHypervisor::new()?;
         let code = aivmm::launch::run(&aivmm::machine::Kvm(&hv), args, workdir, started)?;
         let _ = std::io::stdout().flush();
-        // Exit at once: vCPU and device threads end with the process; guest RAM
-        // goes back first, in steps (see release_guest_memory).
-        aivmm::vmm::release_guest_memory();
+        // Exit at once: vCPU and device threads end with the process.
         std::process::exit(code);
     }
     let config = VmConfig::try_from(&*args)?;
@@ -160,7 +158,6 @@ fn run(args: &mut RunArgs, started: Instant) -> Result<ExitCode, Box<dyn std::er
     aivmm::console::spawn_stdin_pump(vmm.serial(), raw.is_raw());
     let exit = vmm.run();
     let _ = std::io::stdout().flush();
-    aivmm::vmm::release_guest_memory();
     drop(raw);
     match exit? {
         VmExit::PowerOff => tracing::info!("guest powered off"),

@@ -580,47 +580,6 @@ fn kick(t: &thread::JoinHandle<()>) {
 /// Alignment of guest RAM in the host's address space: the huge-page size.
 const RAM_ALIGN: usize = 2 << 20;
 
-/// Guest RAM mappings that [`allocate_guest_memory`] made: (address, length).
-static GUEST_RAM: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
-
-/// How much guest RAM one [`release_guest_memory`] step gives back: one huge
-/// page, so no step frees more than one (a 1 GiB guest takes 512 calls).
-const RELEASE_STEP: usize = RAM_ALIGN;
-
-/// Gives every guest RAM mapping back to the host kernel, [`RELEASE_STEP`] at a
-/// time, for a process that is about to exit with no VM running.
-///
-/// Why: an exiting process frees its memory in batches that the kernel does not
-/// interrupt, and a batch of huge pages (guest RAM is `MADV_HUGEPAGE`) can be all
-/// of guest RAM. Where page freeing is slow, that is one long stall of a host
-/// CPU: under `init_on_free=1` in the nested test harness, a 1 GiB guest's exit
-/// held an L1 CPU for 26 s (a soft lockup in `clear_page_erms` under
-/// `release_pages`, tests/e2e/README.md). `MADV_DONTNEED` in steps frees the same
-/// pages in short batches with a chance to reschedule between them. A VM that
-/// were still running would only see zero pages; nothing is unmapped.
-pub fn release_guest_memory() {
-    let ranges = match GUEST_RAM.lock() {
-        Ok(mut g) => std::mem::take(&mut *g),
-        Err(_) => return,
-    };
-    release(&ranges);
-}
-
-/// [`release_guest_memory`] of `ranges`.
-fn release(ranges: &[(usize, usize)]) {
-    for &(addr, len) in ranges {
-        let mut off = 0;
-        while off < len {
-            let step = RELEASE_STEP.min(len - off);
-            // SAFETY: `addr..addr+len` is a private anonymous mapping this module
-            // made and never unmaps; MADV_DONTNEED only drops its pages (later reads
-            // see zeros), so no reference into it becomes dangling.
-            unsafe { libc::madvise((addr + off) as *mut libc::c_void, step, libc::MADV_DONTNEED) };
-            off += step;
-        }
-    }
-}
-
 /// Maps anonymous guest RAM for `ranges`, each region 2 MiB-aligned in the host.
 ///
 /// The hypervisor can back guest memory with huge pages only where the guest
@@ -664,9 +623,6 @@ pub fn allocate_guest_memory(
                 libc::munmap((aligned + size) as *mut libc::c_void, tail);
             }
             libc::madvise(aligned as *mut libc::c_void, size, libc::MADV_HUGEPAGE);
-        }
-        if let Ok(mut g) = GUEST_RAM.lock() {
-            g.push((aligned, size));
         }
         // SAFETY: `aligned..aligned+size` is a live read-write mapping, owned by
         // guest memory from now on and never unmapped.
@@ -878,24 +834,5 @@ mod tests {
         mem.write_obj(7u8, GuestAddress(layout::HIGH_RAM_START + (2 << 30) - 1)).unwrap();
         assert_eq!(mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0xdead_beef);
         assert!(mem.write_obj(1u8, GuestAddress(layout::MMIO_HOLE_START)).is_err());
-    }
-
-    #[test]
-    fn released_guest_ram_stays_mapped_and_reads_zero() {
-        // 201 MiB: many release steps, the last one partial.
-        let mem = allocate_guest_memory(&[(GuestAddress(0), 201 << 20)]).unwrap();
-        let region = mem.iter().next().unwrap();
-        let (addr, len) = (region.as_ptr() as usize, region.len() as usize);
-        assert!(GUEST_RAM.lock().unwrap().contains(&(addr, len)));
-        for at in [0u64, 64 << 20, (201 << 20) - 4] {
-            mem.write_obj(0x5a5a_5a5a_u32, GuestAddress(at)).unwrap();
-        }
-        // Only this test's own mapping: other tests' guest RAM is in the registry too.
-        release(&[(addr, len)]);
-        for at in [0u64, 64 << 20, (201 << 20) - 4] {
-            assert_eq!(mem.read_obj::<u32>(GuestAddress(at)).unwrap(), 0);
-        }
-        mem.write_obj(1u8, GuestAddress(4096)).unwrap();
-        assert_eq!(mem.read_obj::<u8>(GuestAddress(4096)).unwrap(), 1);
     }
 }
