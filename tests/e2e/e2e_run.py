@@ -146,6 +146,14 @@ def _lines_err(r):
     return [l for _, l in r.err if l.strip()][:3] if r else []
 
 
+def _exit_outlasted(st):
+    """A note when `aivmm stop` saw the guest off (vm.json `ended`) but aivmm
+    still exiting at its --timeout: L1 freeing the guest's RAM, which stop waits for."""
+    if st is not None and any("is still exiting" in l for _, l in st.err):
+        return " (aivmm's exit outlasted --timeout: L1 freeing guest RAM; stop waited, vm.json said ended)"
+    return ""
+
+
 def _span_ms(lines, first, last):
     """ms between the first log line holding `first` and the next holding `last`
     (aivmm.log lines start with seconds.micros since the epoch)."""
@@ -311,7 +319,7 @@ def judge(sc):
             state = brow.split()[2] if len(brow.split()) > 2 else "?"
             info.append(f"stop while booting (ps state {state}): stop took {bs.wall_ms} ms "
                         f"(press to VM end {_span_ms(bvm, 'pressing the power button', 'the VM ended')} ms), "
-                        f"aivmm exit {ba.exit}; guest: {seen.strip()}")
+                        f"aivmm exit {ba.exit}{_exit_outlasted(bs)}; guest: {seen.strip()}")
     elif n == "nested":
         r = _exit_is(problems, sc, "nested", ["0"])
         line = next((l for l in _lines(r) if "E2E-KVM" in l), None)
@@ -334,7 +342,7 @@ def judge(sc):
             problems.append(f"ssh/ps: no forward to guest port 22 listed: {row!r}")
         info.append(f"guest answered over ssh ({attempts}): {uname}; by-hand -i/-p with strict host key ok, "
                     f"unknown host name and foreign key refused; ps: {' '.join(row.split())}; "
-                    f"stopped by the power button in {st.wall_ms if st else '?'} ms")
+                    f"stopped by the power button in {st.wall_ms if st else '?'} ms{_exit_outlasted(st)}")
     elif n == "trust":
         keys = "share_ro, env, claude_auth"
         for tag in ("trust/refused", "trust/revoked"):

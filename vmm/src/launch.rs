@@ -497,6 +497,9 @@ const PRESS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Set once a termination signal pressed the power button.
 static STOP_REQUESTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Set once the guest is off and `vm.json` says `ended`: a late signal must not
+/// turn it back into `stopping`.
+static VM_ENDED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Set by the SIGTERM/SIGHUP handler; read by the thread [`forward_termination`] starts.
 static TERMINATE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
@@ -598,6 +601,8 @@ fn forward_termination(
                 if sig != 0 && stopper.since.is_none() {
                     tracing::info!("signal {sig}: pressing the power button; the guest shuts down");
                     STOP_REQUESTED.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                if sig != 0 && stopper.since.is_none() && !VM_ENDED.load(std::sync::atomic::Ordering::SeqCst) {
                     let _ = workdir::write_meta_at(
                         &state_dir,
                         &Meta {
@@ -801,6 +806,14 @@ pub fn run(builder: &dyn MachineBuilder, args: &RunArgs, workdir: &Path, started
         pb.finish_and_clear();
     }
     let outcome = finish(result, &done_rx, &log_path);
+    // The guest is off: what is left is this process's exit, and the host
+    // kernel freeing the guest's memory, which `aivmm stop` must not take for a
+    // guest that ignored its power button.
+    VM_ENDED.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = state.write_meta(&Meta {
+        phase: Phase::Ended,
+        ..meta
+    });
     if let Some(c) = &extras.claude {
         hand_back_claude_login(c);
     }

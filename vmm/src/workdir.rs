@@ -266,6 +266,9 @@ pub enum Phase {
     Running,
     /// `aivmm stop` (or a closed terminal) asked the guest to power off.
     Stopping,
+    /// The guest has powered off (or stopped); aivmm is releasing the VM, which
+    /// takes as long as the host kernel needs to free the guest's memory.
+    Ended,
 }
 
 impl Phase {
@@ -276,6 +279,7 @@ impl Phase {
             Self::Booting => "booting",
             Self::Running => "running",
             Self::Stopping => "stopping",
+            Self::Ended => "ended",
         }
     }
 
@@ -284,6 +288,7 @@ impl Phase {
             "first-boot" => Self::FirstBoot,
             "booting" => Self::Booting,
             "stopping" => Self::Stopping,
+            "ended" => Self::Ended,
             _ => Self::Running,
         }
     }
@@ -470,7 +475,7 @@ mod tests {
         let old = "{\"workdir\":\"/w\",\"pid\":7,\"started\":1,\"forwards\":[]}";
         let o = Meta::from_json(old).unwrap();
         assert_eq!((o.phase, o.cpus, o.memory, o.ssh), (Phase::Running, 0, 0, None));
-        for p in [Phase::Booting, Phase::Running, Phase::Stopping] {
+        for p in [Phase::Booting, Phase::Running, Phase::Stopping, Phase::Ended] {
             let x = Meta { phase: p, ..m.clone() };
             assert_eq!(Meta::from_json(&x.to_json()).unwrap().phase, p);
         }

@@ -410,7 +410,7 @@ impl ShareFs {
         } else {
             None
         };
-        let mut inner = ctx.clone();
+        let mut inner = *ctx;
         inner.uid = 0;
         inner.gid = 0;
         Ok((guard, inner))
