@@ -156,6 +156,26 @@ fn command(spec: &Spec) -> io::Result<Command> {
     Ok(cmd)
 }
 
+/// Between fork and exec: every signal back to its default action. An ignored
+/// signal stays ignored across exec, so a SIGHUP or SIGTERM that whatever started
+/// the agent ignored (`nohup`, an init) would let the command outlive a stop.
+/// (exec resets caught signals itself; std resets the mask and SIGPIPE.)
+fn default_signals() {
+    for sig in 1..65 {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: sigaction with a zeroed action (SIG_DFL, empty mask) is
+        // async-signal-safe and touches only the struct we pass; an error (a
+        // signal number the kernel reserves) changes nothing.
+        unsafe {
+            let mut act: libc::sigaction = std::mem::zeroed();
+            act.sa_sigaction = libc::SIG_DFL;
+            libc::sigaction(sig, &act, std::ptr::null_mut());
+        }
+    }
+}
+
 /// Starts `spec`'s command in a new session.
 pub fn spawn(spec: &Spec) -> io::Result<Running> {
     let mut cmd = command(spec)?;
@@ -168,6 +188,7 @@ pub fn spawn(spec: &Spec) -> io::Result<Running> {
         // async-signal-safe system calls.
         unsafe {
             cmd.pre_exec(|| {
+                default_signals();
                 cvt(libc::setsid())?;
                 // fd 0 is the pty slave; make it the session's controlling terminal.
                 cvt(libc::ioctl(0, libc::TIOCSCTTY, 0))?;
@@ -187,10 +208,11 @@ pub fn spawn(spec: &Spec) -> io::Result<Running> {
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        // SAFETY: the closure runs between fork and exec and only calls setsid,
-        // which is async-signal-safe.
+        // SAFETY: the closure runs between fork and exec and only calls
+        // sigaction and setsid, which are async-signal-safe.
         unsafe {
             cmd.pre_exec(|| {
+                default_signals();
                 cvt(libc::setsid())?;
                 Ok(())
             });

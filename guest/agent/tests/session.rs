@@ -50,16 +50,25 @@ impl Shared {
     }
 }
 
+/// The agent, started as `nohup` would start it: with SIGHUP ignored, which its
+/// commands must not inherit (the shutdown tests count on SIGHUP ending them).
 fn spawn_agent(path: &std::path::Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_aivmm-agent"))
-        .args([
-            "--connect",
-            &format!("unix:{}", path.display()),
-            "--connect-timeout",
-            "10",
-        ])
-        .spawn()
-        .unwrap()
+    use std::os::unix::process::CommandExt;
+    let mut c = Command::new(env!("CARGO_BIN_EXE_aivmm-agent"));
+    c.args([
+        "--connect",
+        &format!("unix:{}", path.display()),
+        "--connect-timeout",
+        "10",
+    ]);
+    // SAFETY: between fork and exec, only signal(2), which is async-signal-safe.
+    unsafe {
+        c.pre_exec(|| {
+            libc::signal(libc::SIGHUP, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    c.spawn().unwrap()
 }
 
 /// A session running in a thread, with its agent.
