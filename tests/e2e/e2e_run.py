@@ -47,7 +47,8 @@ SCENARIOS = {
     "commit run nothing the guest planted; a repo the guest git-inits gets no executable hook, and its "
     "core.fsmonitor is reported when the VM stops",
     "agent-hostile": "the guest agent replaced by `aivmm-agent --hostile`: oversized, unknown and truncated "
-    "frames each end the run with one error line and a log line naming the problem, no panic, no aivmm left; "
+    "frames each close the agent's channel with a log line naming the problem; the guest goes on (its agent "
+    "sees the close), powers off cleanly, then the run ends with one error line, no panic, no aivmm left; "
     "a 256 MiB output flood is relayed whole",
     "long-work": "four minutes of CPU-bound work in /work (xz over 200 files, round after round, then git "
     "init/add/commit): the run completes, L1 finds every output and the repository intact",
@@ -402,16 +403,26 @@ def judge(sc):
                 problems.append(f"{tag}: exit 0 after a hostile agent")
             if len(errs) != 1:
                 problems.append(f"{tag}: want one `aivmm: error:` line, got {errs[:3]}")
-            log = [l for l in _lines(sc.runs.get(f"{tag}/vmlog")) if "closing the guest agent" in l]
+            vmlog = _lines(sc.runs.get(f"{tag}/vmlog"))
+            log = [l for l in vmlog if "closing the guest agent" in l]
             if not log:
                 problems.append(f"{tag}: aivmm.log names no closed agent connection")
             else:
                 seen.append(f"{m}: {log[0].split('closing', 1)[1].strip()[:90]}")
+            # The VM went on after the close and stopped cleanly.
+            if not any("the VM ended after its agent's connection was closed: PowerOff" in l for l in vmlog):
+                problems.append(f"{tag}: aivmm.log shows no clean power-off after the close: {vmlog[-2:]}")
+            con = _lines(sc.runs.get(f"{tag}/console"))
+            if not any(f"hostile {m}:" in l and "host closed" in l for l in con):
+                problems.append(f"{tag}: the guest's console does not show its agent seeing the close: {con[-4:]}")
+            if not any("aivmm-init: powering off" in l for l in con):
+                problems.append(f"{tag}: the guest's init did not power off cleanly: {con[-4:]}")
         f = sc.runs.get("agent-hostile/flood")
         res = f.results() if f else {}
         if res.get("rc") != "0" or int(res.get("bytes", "0") or 0) < (256 << 20):
             problems.append(f"agent-hostile/flood: rc={res.get('rc')} bytes={res.get('bytes')}, want 0 and 256 MiB")
-        info.append("; ".join(seen) + f"; flood: {res.get('bytes')} bytes relayed in {res.get('seconds')} s")
+        info.append("; ".join(seen) + "; each time the guest saw the close and powered off cleanly"
+                    + f"; flood: {res.get('bytes')} bytes relayed in {res.get('seconds')} s")
     elif n == "long-work":
         r = _exit_is(problems, sc, "long-work", ["0"])
         _has(problems, r, "long-work", "long-done")

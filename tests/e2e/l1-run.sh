@@ -53,7 +53,7 @@ rn_aivmm() {
 # rn_console TAG WORKDIR: the tail of that workdir's guest console log.
 rn_console() {
 	for f in ${RN_STATE_HOME:-$RN_STATE}/aivmm/vms/"$(basename "$2")"-*/console.log; do
-		[ -f "$f" ] && tail -n 12 "$f" | sed "s|^|@@O $1/console 0 |"
+		[ -f "$f" ] && tail -n "${3:-12}" "$f" | sed "s|^|@@O $1/console 0 |"
 	done
 }
 # rn_tool TAG TIMEOUT aivmm ARGS...: another aivmm command (ps, stop, exec), timed.
@@ -513,8 +513,10 @@ rn_protected() {
 
 # agent-hostile: the guest's agent is replaced by `aivmm-agent --hostile MODE` (a
 # staged script that execs the real binary from /work): oversized, unknown and
-# truncated frames, and a 256 MiB output flood. Each bad one ends the run with one
-# error line, a log line naming the problem, no panic, and no aivmm left behind.
+# truncated frames, and a 256 MiB output flood. Each bad one closes the agent's
+# channel with a log line naming the problem; the guest goes on (the hostile agent
+# sees the close and says so on the console), powers off cleanly, and only then
+# does the run end with one error line, no panic, and no aivmm left behind.
 rn_agent_hostile() {
 	w=/tmp/rn-ah
 	rm -rf $w /tmp/ah && mkdir -p $w /tmp/ah
@@ -526,6 +528,7 @@ rn_agent_hostile() {
 	for m in oversized unknown truncated; do
 		AIVMM_AGENT=/tmp/ah/agent-$m rn_aivmm agent-hostile/$m 180 $w -- true
 		rn_vmlog agent-hostile/$m $w
+		rn_console agent-hostile/$m $w 40
 		rn_ck agent-hostile/$m no-aivmm-left sh -c '! pgrep -x aivmm'
 	done
 	# The flood goes to a file, not through vmmrun to the console.

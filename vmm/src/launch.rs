@@ -772,8 +772,9 @@ pub fn run(builder: &dyn MachineBuilder, args: &RunArgs, workdir: &Path, started
     }
 
     let tty = is_tty(libc::STDIN_FILENO) && is_tty(libc::STDOUT_FILENO);
+    let button = vmm.power_button();
     forward_termination(
-        vmm.power_button(),
+        button.clone(),
         sess.control(),
         ready,
         state.dir.clone(),
@@ -805,7 +806,7 @@ pub fn run(builder: &dyn MachineBuilder, args: &RunArgs, workdir: &Path, started
     if let Some(pb) = &spinner {
         pb.finish_and_clear();
     }
-    let outcome = finish(result, &done_rx, &log_path);
+    let outcome = finish(result, &done_rx, &log_path, &*button);
     // The guest is off: what is left is this process's exit, and the host
     // kernel freeing the guest's memory, which `aivmm stop` must not take for a
     // guest that ignored its power button.
@@ -855,6 +856,7 @@ fn finish<T: std::fmt::Debug, E: std::fmt::Display>(
     result: std::result::Result<i32, session::Error>,
     done_rx: &mpsc::Receiver<std::result::Result<T, E>>,
     log_path: &Path,
+    button: &dyn PowerButton,
 ) -> Result<i32> {
     match result {
         Ok(code) => {
@@ -905,6 +907,25 @@ fn finish<T: std::fmt::Debug, E: std::fmt::Display>(
                 console_tail(log_path, 15)
             )))
         }
+        // The guest broke the agent protocol: the session closed that channel
+        // (and logged why). The VM goes on: its init stops it as after any
+        // agent's end (ends what is left, unmounts /work, powers off), and the
+        // button asks for that too. The error is reported once the guest is off,
+        // so its disks are left clean; one that stays up is stopped after
+        // POWEROFF_WAIT, as after a command's exit.
+        Err(e) if e.is_guest_fault() => {
+            if let Err(b) = button.press() {
+                tracing::warn!("cannot press the power button: {b}");
+            }
+            match done_rx.recv_timeout(POWEROFF_WAIT) {
+                Ok(Ok(exit)) => tracing::info!("the VM ended after its agent's connection was closed: {exit:?}"),
+                Ok(Err(v)) => tracing::warn!("the VM stopped with an error: {v}"),
+                Err(_) => tracing::warn!(
+                    "the guest did not power off within {POWEROFF_WAIT:?} of its agent's connection closing; stopping it"
+                ),
+            }
+            Err(Error::Session(e, console_tail(log_path, 15)))
+        }
         Err(e) => Err(Error::Session(e, console_tail(log_path, 15))),
     }
 }
@@ -923,6 +944,43 @@ mod tests {
             crate::cli::Command::Run(r) => r,
             _ => unreachable!(),
         }
+    }
+
+    /// Counts presses.
+    #[derive(Default)]
+    struct Button(std::sync::atomic::AtomicU32);
+    impl PowerButton for Button {
+        fn press(&self) -> std::io::Result<()> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_hostile_agent_ends_the_session_not_the_vm() {
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let button = Button::default();
+        let (tx, rx) = mpsc::channel::<std::result::Result<&str, String>>();
+        // The guest powers off a moment after its agent's channel was closed.
+        let vm = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            tx.send(Ok("PowerOff")).unwrap();
+        });
+        let t = Instant::now();
+        let fault = session::Error::Protocol(aivmm_protocol::Error::UnknownType(0x42));
+        assert!(fault.is_guest_fault());
+        let r = finish(Err(fault), &rx, log.path(), &button);
+        assert!(matches!(r, Err(Error::Session(session::Error::Protocol(_), _))), "{r:?}");
+        assert!(t.elapsed() >= Duration::from_millis(300), "the error came before the VM was off");
+        assert_eq!(button.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+        vm.join().unwrap();
+        // A host-side failure is reported at once, with no press.
+        let (_tx, rx) = mpsc::channel::<std::result::Result<&str, String>>();
+        let t = Instant::now();
+        let r = finish(Err(session::Error::Timeout(Duration::from_secs(60))), &rx, log.path(), &button);
+        assert!(matches!(r, Err(Error::Session(session::Error::Timeout(_), _))), "{r:?}");
+        assert!(t.elapsed() < Duration::from_secs(1));
+        assert_eq!(button.0.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     #[test]
