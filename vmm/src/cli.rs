@@ -284,56 +284,11 @@ fn parse_disk_size_arg(s: &str) -> Result<u64, String> {
 impl TryFrom<&RunArgs> for VmConfig {
     type Error = config::Error;
 
-    /// The VM of `aivmm run --kernel …` (without --workdir).
+    /// The VM of `aivmm run --kernel …` (without --workdir): the command line's
+    /// settings over that mode's defaults, through [`crate::plan::Mode`].
     fn try_from(a: &RunArgs) -> Result<Self, Self::Error> {
-        let kernel = a.kernel.clone().ok_or(config::Error::NoKernel)?;
-        // Without --workdir these would be dropped without a word.
-        let workdir_only = [
-            (!a.env.is_empty(), "--env"),
-            (!a.share_ro.is_empty(), "--share-ro"),
-            (!a.share_rw.is_empty(), "--share-rw"),
-            (a.claude_auth, "--claude-auth"),
-            (a.ssh, "--ssh"),
-            (a.rootfs.is_some(), "--rootfs"),
-            (a.size.disk_size.is_some(), "--disk-size"),
-            (!a.command.is_empty(), "a command (after --)"),
-        ];
-        if let Some(&(_, flag)) = workdir_only.iter().find(|(given, _)| *given) {
-            return Err(config::Error::NeedsWorkdir(flag));
-        }
-        let c = VmConfig {
-            kernel,
-            initrd: a.initrd.clone(),
-            cmdline: a
-                .cmdline
-                .clone()
-                .unwrap_or_else(|| config::DEFAULT_CMDLINE.to_string()),
-            cpus: a.size.cpus.unwrap_or(1),
-            memory: a.size.memory.unwrap_or(512 << 20),
-            acpi: !a.no_acpi,
-            rng: !a.no_rng,
-            disks: a
-                .disk
-                .iter()
-                .map(|d| config::parse_disk(d))
-                .collect::<Result<_, _>>()?,
-            shares: a
-                .share
-                .iter()
-                .map(|s| config::parse_share(s, a.fs_cache))
-                .collect::<Result<_, _>>()?,
-            net: a.net.clone().unwrap_or_default(),
-            forwards: a.forward.clone(),
-            vsock: a.vsock.as_ref().map(|p| config::VsockConfig {
-                guest_cid: a.vsock_cid,
-                uds_path: p.clone(),
-            }),
-            seccomp: a.seccomp,
-            landlock: a.landlock,
-            kernel_cache: config::kernel_cache_dir(!a.no_kernel_cache),
-        };
-        c.validate()?;
-        Ok(c)
+        let settings = crate::settings::RunConfig::kernel(a);
+        VmConfig::try_from(crate::plan::Mode::Kernel { args: a, settings: &settings })
     }
 }
 

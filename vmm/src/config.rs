@@ -134,9 +134,9 @@ pub struct VmConfig {
     /// Attach a virtio-rng device.
     pub rng: bool,
     /// Block devices, in the order the guest sees them (vda, vdb, …).
-    pub disks: Vec<DiskConfig>,
+    pub disks: Vec<BlockConfig>,
     /// Shared host directories (virtio-fs).
-    pub shares: Vec<ShareConfig>,
+    pub shares: Vec<FsConfig>,
     /// The network card, if any.
     pub net: NetMode,
     /// Host ports forwarded into the guest (user-mode networking).
@@ -210,27 +210,13 @@ pub fn parse_forward(s: &str) -> Result<Forward> {
     })
 }
 
-/// The vsock device: guest CID and the host unix socket it maps to.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VsockConfig {
-    /// The guest's context id.
-    pub guest_cid: u64,
-    /// Host→guest connections come in here (`CONNECT port`); guest→host
-    /// connections to port P go to `PATH_P`.
-    pub uds_path: PathBuf,
-}
+// The devices' own configurations: a VmConfig holds them as the devices take them.
+pub use aivmm_devices::virtio::block::BlockConfig;
+pub use aivmm_devices::virtio::fs::FsConfig;
+pub use aivmm_devices::virtio::vsock::VsockConfig;
 
 /// The guest CID aivmm uses unless told otherwise.
 pub const DEFAULT_GUEST_CID: u64 = 3;
-
-/// A raw disk image attached as virtio-blk.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DiskConfig {
-    /// The image file.
-    pub path: PathBuf,
-    /// Refuse guest writes.
-    pub read_only: bool,
-}
 
 /// How much the guest kernel may cache of a shared directory.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -244,30 +230,44 @@ pub enum FsCache {
     Always,
 }
 
-/// A host directory shared with the guest over virtio-fs.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ShareConfig {
-    /// The host directory.
-    pub path: PathBuf,
-    /// The tag the guest mounts (`mount -t virtiofs TAG /mnt`).
-    pub tag: String,
-    /// Refuse guest writes (EROFS).
-    pub read_only: bool,
-    /// Guest caching.
-    pub cache: FsCache,
-    /// Keep what the host runs or reads as config (`.git/config`, `.git/hooks`,
-    /// `aivmm.toml`, `.envrc`) read-only to the guest: the workdir share's.
-    pub protect_workdir: bool,
+impl From<FsCache> for aivmm_devices::virtio::fs::CachePolicy {
+    fn from(c: FsCache) -> Self {
+        match c {
+            FsCache::None => Self::None,
+            FsCache::Auto => Self::Auto,
+            FsCache::Always => Self::Always,
+        }
+    }
+}
+
+/// A share of host directory `root` under `tag`: read-only or not, with the
+/// guest's `cache`, and the device's defaults for the rest (`protect_workdir`
+/// only for the workdir's own share).
+pub fn share(root: impl Into<PathBuf>, tag: impl Into<String>, read_only: bool, cache: FsCache) -> FsConfig {
+    FsConfig {
+        read_only,
+        cache: cache.into(),
+        ..FsConfig::new(root, tag)
+    }
+}
+
+/// A disk image, read-only or not.
+pub fn disk(path: impl Into<PathBuf>, read_only: bool) -> BlockConfig {
+    BlockConfig {
+        path: path.into(),
+        read_only,
+        id: None,
+    }
 }
 
 /// Refuses a share at or under a read-write share's directory: the guest can put
 /// anything at that path (a symlink to the user's home, say), and the next run
 /// would share what it names. Paths are compared resolved; one that does not
 /// resolve is left to the device, which reports it.
-fn check_nesting(shares: &[ShareConfig]) -> Result<()> {
+fn check_nesting(shares: &[FsConfig]) -> Result<()> {
     let resolved: Vec<_> = shares
         .iter()
-        .map(|s| (s, std::fs::canonicalize(&s.path).ok()))
+        .map(|s| (s, std::fs::canonicalize(&s.root).ok()))
         .collect();
     for (i, (outer, outer_path)) in resolved.iter().enumerate() {
         let Some(outer_path) = outer_path.as_ref().filter(|_| !outer.read_only) else {
@@ -280,8 +280,8 @@ fn check_nesting(shares: &[ShareConfig]) -> Result<()> {
                     .is_some_and(|p| p.starts_with(outer_path))
             {
                 return Err(Error::NestedShare {
-                    inner: inner.path.clone(),
-                    outer: outer.path.clone(),
+                    inner: inner.root.clone(),
+                    outer: outer.root.clone(),
                 });
             }
         }
@@ -304,19 +304,16 @@ fn split_mode(s: &str) -> (&str, bool) {
 }
 
 /// Parses `PATH[:ro]`.
-pub fn parse_disk(s: &str) -> Result<DiskConfig> {
+pub fn parse_disk(s: &str) -> Result<BlockConfig> {
     let (path, read_only) = split_mode(s);
     if path.is_empty() {
         return Err(Error::Disk(s.to_string()));
     }
-    Ok(DiskConfig {
-        path: path.into(),
-        read_only,
-    })
+    Ok(disk(path, read_only))
 }
 
 /// Parses `HOST_DIR:TAG[:ro]`.
-pub fn parse_share(s: &str, cache: FsCache) -> Result<ShareConfig> {
+pub fn parse_share(s: &str, cache: FsCache) -> Result<FsConfig> {
     let (rest, read_only) = split_mode(s);
     let (path, tag) = rest
         .rsplit_once(':')
@@ -324,13 +321,7 @@ pub fn parse_share(s: &str, cache: FsCache) -> Result<ShareConfig> {
     if path.is_empty() || tag.is_empty() || tag.len() > MAX_TAG_LEN || tag.contains('\0') {
         return Err(Error::Share(s.to_string()));
     }
-    Ok(ShareConfig {
-        path: path.into(),
-        tag: tag.to_string(),
-        read_only,
-        cache,
-        protect_workdir: false,
-    })
+    Ok(share(path, tag, read_only, cache))
 }
 
 /// The command line used when none is given.
@@ -566,14 +557,8 @@ mod tests {
         std::fs::create_dir_all(work.join("sub/deeper")).unwrap();
         std::fs::create_dir(&other).unwrap();
         std::os::unix::fs::symlink(work.join("sub"), other.join("link")).unwrap();
-        let share = |path: &std::path::Path, tag: &str, read_only: bool| ShareConfig {
-            path: path.to_path_buf(),
-            tag: tag.into(),
-            read_only,
-            cache: FsCache::Auto,
-            protect_workdir: false,
-        };
-        let check = |shares: Vec<ShareConfig>| VmConfig { shares, ..cfg() }.validate();
+        let share = |path: &std::path::Path, tag: &str, read_only: bool| share(path, tag, read_only, FsCache::Auto);
+        let check = |shares: Vec<FsConfig>| VmConfig { shares, ..cfg() }.validate();
         let nested = |inner: &std::path::Path, outer: &std::path::Path| {
             Err(Error::NestedShare {
                 inner: inner.to_path_buf(),
@@ -627,28 +612,30 @@ mod tests {
     fn disks_and_shares() {
         assert_eq!(
             parse_disk("a.img"),
-            Ok(DiskConfig {
+            Ok(BlockConfig {
                 path: "a.img".into(),
-                read_only: false
+                read_only: false,
+                id: None
             })
         );
         assert_eq!(
             parse_disk("/x/a:b.img:ro"),
-            Ok(DiskConfig {
+            Ok(BlockConfig {
                 path: "/x/a:b.img".into(),
-                read_only: true
+                read_only: true,
+                id: None
             })
         );
         assert!(parse_disk(":ro").is_err());
         let s = parse_share("/src:work", FsCache::Auto).unwrap();
         assert_eq!(
-            (s.path, s.tag.as_str(), s.read_only),
+            (s.root, s.tag.as_str(), s.read_only),
             ("/src".into(), "work", false)
         );
         let s = parse_share("/a:b:tag:ro", FsCache::None).unwrap();
         assert_eq!(
-            (s.path, s.tag.as_str(), s.read_only, s.cache),
-            ("/a:b".into(), "tag", true, FsCache::None)
+            (s.root, s.tag.as_str(), s.read_only, s.cache),
+            ("/a:b".into(), "tag", true, aivmm_devices::virtio::fs::CachePolicy::None)
         );
         for bad in [
             "/src",

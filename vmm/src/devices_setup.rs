@@ -9,7 +9,7 @@ use aivmm_devices::virtio::VirtioDevice;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
-use crate::config::{DiskConfig, VmConfig};
+use crate::config::{BlockConfig, VmConfig};
 
 /// Errors of device creation.
 #[derive(Debug, thiserror::Error)]
@@ -59,8 +59,8 @@ fn device_err(name: &str, e: impl std::fmt::Display) -> Error {
 /// and two writers would corrupt it. Files are compared by device and inode
 /// from `stat` (which never blocks, unlike opening a FIFO); a path that cannot
 /// be stat'ed is left for the device to report.
-fn distinct_disks(disks: &[DiskConfig]) -> Result<()> {
-    let mut seen: Vec<((u64, u64), &DiskConfig)> = Vec::new();
+fn distinct_disks(disks: &[BlockConfig]) -> Result<()> {
+    let mut seen: Vec<((u64, u64), &BlockConfig)> = Vec::new();
     for d in disks {
         let Ok(m) = std::fs::metadata(&d.path) else {
             continue;
@@ -88,30 +88,14 @@ pub fn virtio_devices(config: &VmConfig) -> Result<Vec<(String, Box<dyn VirtioDe
     distinct_disks(&config.disks)?;
     for d in &config.disks {
         let name = format!("virtio-blk {}", d.path.display());
-        let dev = block::Block::new(block::BlockConfig {
-            path: d.path.clone(),
-            read_only: d.read_only,
-            id: None,
-        })
-        .map_err(|e| device_err(&name, e))?;
+        let dev = block::Block::new(d.clone()).map_err(|e| device_err(&name, e))?;
         out.push((name, Box::new(dev)));
     }
     for s in &config.shares {
-        let name = format!("virtio-fs {}", s.path.display());
-        let cache = match s.cache {
-            crate::config::FsCache::None => fs::CachePolicy::None,
-            crate::config::FsCache::Auto => fs::CachePolicy::Auto,
-            crate::config::FsCache::Always => fs::CachePolicy::Always,
-        };
-        let cfg = fs::FsConfig {
-            read_only: s.read_only,
-            cache,
-            protect_workdir: s.protect_workdir,
-            ..fs::FsConfig::new(&s.path, &s.tag)
-        };
+        let name = format!("virtio-fs {}", s.root.display());
         out.push((
             name.clone(),
-            Box::new(fs::Fs::new(cfg).map_err(|e| device_err(&name, e))?),
+            Box::new(fs::Fs::new(s.clone()).map_err(|e| device_err(&name, e))?),
         ));
     }
     if config.net != crate::config::NetMode::None {
@@ -139,11 +123,7 @@ pub fn virtio_devices(config: &VmConfig) -> Result<Vec<(String, Box<dyn VirtioDe
     }
     if let Some(v) = &config.vsock {
         use aivmm_devices::virtio::vsock;
-        let dev = vsock::Vsock::new(vsock::VsockConfig {
-            guest_cid: v.guest_cid,
-            uds_path: v.uds_path.clone(),
-        })
-        .map_err(|e| device_err("virtio-vsock", e))?;
+        let dev = vsock::Vsock::new(v.clone()).map_err(|e| device_err("virtio-vsock", e))?;
         out.push(("virtio-vsock".into(), Box::new(dev)));
     }
     if config.rng {
@@ -158,11 +138,8 @@ mod tests {
 
     use super::*;
 
-    fn disk(path: &std::path::Path, read_only: bool) -> DiskConfig {
-        DiskConfig {
-            path: path.to_path_buf(),
-            read_only,
-        }
+    fn disk(path: &std::path::Path, read_only: bool) -> BlockConfig {
+        crate::config::disk(path, read_only)
     }
 
     /// `--disk a.img --disk a.img`, or the same file by another name, is said to

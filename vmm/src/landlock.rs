@@ -138,7 +138,7 @@ mod linux {
                 } else {
                     Grant::ReadWrite
                 };
-                paths.push((s.path.clone(), grant));
+                paths.push((s.root.clone(), grant));
             }
             if !config.shares.is_empty() {
                 paths.push((PathBuf::from(MOUNTINFO), Grant::ReadOnly));

@@ -34,9 +34,11 @@ use std::time::{Duration, Instant};
 use aivmm_devices::virtio::fs::gitconfig;
 
 use crate::cli::RunArgs;
-use crate::config::{self, DiskConfig, Forward, NetMode, ShareConfig, VmConfig, VsockConfig};
+use crate::config::{self, FsConfig, Forward, NetMode, VmConfig};
 use crate::image::{self, GuestImage};
+use crate::plan::{self, Mode};
 use crate::session::{self, Io, Mount, Session, Setup, Spec};
+use crate::settings::RunConfig;
 use crate::machine::{self, MachineBuilder, PowerButton};
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 use crate::vmm as vm;
@@ -241,7 +243,7 @@ fn share_path(flag: &'static str, path: &Path) -> Result<PathBuf> {
 #[derive(Debug, Default)]
 pub struct Extras {
     /// Extra virtio-fs shares (after `work` and `aivmm`).
-    pub shares: Vec<ShareConfig>,
+    pub shares: Vec<FsConfig>,
     /// What the agent does before the command.
     pub setup: Setup,
     /// All port forwards (`--forward` and `--ssh`'s).
@@ -314,6 +316,7 @@ pub fn ssh_files(dir: &Path, port: u16, user: &str) -> Result<(String, PathBuf)>
 /// `state_dir` and aivmm's state root `state_root`.
 pub fn plan_extras(
     args: &RunArgs,
+    settings: &RunConfig,
     ids: (u32, u32),
     state_dir: &Path,
     state_root: &Path,
@@ -326,18 +329,12 @@ pub fn plan_extras(
             home: home.to_string(),
             ..Setup::default()
         },
-        forwards: args.forward.clone(),
+        forwards: settings.forward.iter().map(|f| f.value).collect(),
         ..Extras::default()
     };
     let add = |x: &mut Extras, host: PathBuf, guest: String, read_only: bool, cache| {
         let tag = format!("share{}", x.shares.len());
-        x.shares.push(ShareConfig {
-            path: host,
-            tag: tag.clone(),
-            read_only,
-            cache,
-            protect_workdir: false,
-        });
+        x.shares.push(config::share(host, tag.clone(), read_only, cache));
         x.setup.mounts.push(Mount {
             tag,
             path: guest,
@@ -345,8 +342,8 @@ pub fn plan_extras(
         });
     };
     let mut seen = Vec::new();
-    for (flag, paths, ro) in [("share-ro", &args.share_ro, true), ("share-rw", &args.share_rw, false)] {
-        for p in paths {
+    for (flag, paths, ro) in [("share-ro", &settings.share_ro, true), ("share-rw", &settings.share_rw, false)] {
+        for p in paths.iter().map(|p| &p.value) {
             let canon = share_path(flag, p)?;
             if seen.contains(&canon) {
                 return Err(Error::Share {
@@ -360,7 +357,7 @@ pub fn plan_extras(
             add(&mut x, canon, guest, ro, args.fs_cache);
         }
     }
-    if args.claude_auth {
+    if settings.claude_auth.value {
         let host_home = std::env::var_os("HOME")
             .filter(|h| !h.is_empty())
             .map(PathBuf::from)
@@ -375,8 +372,8 @@ pub fn plan_extras(
         ));
         x.claude = Some(c);
     }
-    if args.ssh {
-        match args.net.clone().unwrap_or_else(machine::default_net) {
+    if settings.ssh.value {
+        match settings.net.value {
             NetMode::User => {}
             _ => {
                 return Err(Error::Ssh(machine::user_net_needed(std::env::consts::OS).into()))
@@ -397,73 +394,6 @@ pub fn plan_extras(
         x.ssh = Some((port, config));
     }
     Ok(x)
-}
-
-/// The VM of a workdir run.
-pub fn vm_config(
-    args: &RunArgs,
-    image: &GuestImage,
-    state: &WorkdirState,
-    state_disk: &Path,
-    agent_dir: &Path,
-    ids: (u32, u32),
-    extras: &Extras,
-) -> Result<VmConfig> {
-    let mut shares = vec![
-        ShareConfig {
-            path: state.workdir.clone(),
-            tag: WORK_TAG.to_string(),
-            read_only: false,
-            cache: args.fs_cache,
-            protect_workdir: true,
-        },
-        ShareConfig {
-            path: agent_dir.to_path_buf(),
-            tag: AGENT_TAG.to_string(),
-            read_only: true,
-            cache: config::FsCache::Always,
-            protect_workdir: false,
-        },
-    ];
-    shares.extend(extras.shares.iter().cloned());
-    for s in &args.share {
-        shares.push(config::parse_share(s, args.fs_cache)?);
-    }
-    let mut disks = vec![
-        DiskConfig {
-            path: image.rootfs.clone(),
-            read_only: true,
-        },
-        DiskConfig {
-            path: state_disk.to_path_buf(),
-            read_only: false,
-        },
-    ];
-    for d in &args.disk {
-        disks.push(config::parse_disk(d)?);
-    }
-    let c = VmConfig {
-        kernel: image.kernel.clone(),
-        initrd: (!image.initrd.as_os_str().is_empty()).then(|| image.initrd.clone()),
-        cmdline: format!("{} aivmm.uid={} aivmm.gid={}", image.cmdline, ids.0, ids.1),
-        cpus: args.size.cpus.unwrap_or(DEFAULT_CPUS),
-        memory: args.size.memory.unwrap_or(DEFAULT_MEMORY),
-        acpi: !args.no_acpi,
-        rng: !args.no_rng,
-        disks,
-        shares,
-        net: args.net.clone().unwrap_or_else(machine::default_net),
-        forwards: extras.forwards.clone(),
-        vsock: Some(VsockConfig {
-            guest_cid: args.vsock_cid,
-            uds_path: state.vsock_path(),
-        }),
-        seccomp: args.seccomp,
-        landlock: args.landlock,
-        kernel_cache: config::kernel_cache_dir(!args.no_kernel_cache),
-    };
-    c.validate()?;
-    Ok(c)
 }
 
 /// The most bytes of the console log read back for an error message.
@@ -678,7 +608,15 @@ fn boot_spinner(first_boot: bool) -> Option<indicatif::ProgressBar> {
 }
 
 /// Runs the command of `args` in a VM on its workdir; returns its exit status.
-pub fn run(builder: &dyn MachineBuilder, args: &RunArgs, workdir: &Path, started: Instant) -> Result<i32> {
+/// `aivmm run --workdir`: `settings` are the merged settings of `args` and the
+/// config files ([`crate::settings::apply`]).
+pub fn run(
+    builder: &dyn MachineBuilder,
+    args: &RunArgs,
+    settings: &RunConfig,
+    workdir: &Path,
+    started: Instant,
+) -> Result<i32> {
     let root = workdir::state_root()?;
     let state = WorkdirState::open(&root, workdir)?;
     if let Err(e) = crate::logging::to_file(&state.log_path()) {
@@ -690,15 +628,12 @@ pub fn run(builder: &dyn MachineBuilder, args: &RunArgs, workdir: &Path, started
         state.workdir.display(),
         state.dir.display()
     );
-    let env = command_env(&args.env)?;
+    let env = command_env(&settings.env.iter().map(|e| e.value.clone()).collect::<Vec<_>>())?;
     // SAFETY: getuid and getgid cannot fail.
     let ids = unsafe { (libc::getuid(), libc::getgid()) };
-    let extras = plan_extras(args, ids, &state.dir, &root)?;
+    let extras = plan_extras(args, settings, ids, &state.dir, &root)?;
     // A bad size is refused now, not after a first image build of minutes.
-    config::check_size(
-        args.size.cpus.unwrap_or(DEFAULT_CPUS),
-        args.size.memory.unwrap_or(DEFAULT_MEMORY),
-    )?;
+    config::check_size(settings.cpus.value, settings.memory.value)?;
     let image = resolve_image(args)?;
     tracing::info!(
         "guest image: kernel {}, rootfs {}",
@@ -710,9 +645,18 @@ pub fn run(builder: &dyn MachineBuilder, args: &RunArgs, workdir: &Path, started
         // A new state disk means new guest host keys (see ssh_files).
         let _ = std::fs::remove_file(state.dir.join("ssh").join("known_hosts"));
     }
-    let state_disk = state.state_disk(args.size.disk_size.unwrap_or(DEFAULT_DISK_SIZE))?;
+    let state_disk = state.state_disk(settings.disk_size.value)?;
     let agent_dir = state.stage_agent(&agent_binary()?)?;
-    let config = vm_config(args, &image, &state, &state_disk, &agent_dir, ids, &extras)?;
+    let config = VmConfig::try_from(Mode::Workdir(plan::Workdir {
+        args,
+        settings,
+        image: &image,
+        state: &state,
+        state_disk: &state_disk,
+        agent_dir: &agent_dir,
+        ids,
+        extras: &extras,
+    }))?;
     tracing::info!(
         "VM: {} vCPUs, {} MiB, {} shares, net {:?}, forwards {:?}",
         config.cpus,
@@ -937,6 +881,36 @@ mod tests {
     use super::*;
     use clap::Parser;
 
+    /// The settings of `a` alone (no config files), as `settings::load` merges them.
+    fn settings_of(a: &RunArgs) -> RunConfig {
+        crate::settings::merge(None, None, &crate::settings::Layer::from_args(a))
+    }
+
+    fn extras_of(a: &RunArgs, ids: (u32, u32), dir: &Path, root: &Path) -> Result<Extras> {
+        plan_extras(a, &settings_of(a), ids, dir, root)
+    }
+
+    fn vm_of(
+        a: &RunArgs,
+        image: &GuestImage,
+        state: &WorkdirState,
+        state_disk: &Path,
+        agent_dir: &Path,
+        ids: (u32, u32),
+        extras: &Extras,
+    ) -> std::result::Result<VmConfig, config::Error> {
+        VmConfig::try_from(Mode::Workdir(plan::Workdir {
+            args: a,
+            settings: &settings_of(a),
+            image,
+            state,
+            state_disk,
+            agent_dir,
+            ids,
+            extras,
+        }))
+    }
+
     fn args(extra: &[&str]) -> RunArgs {
         let mut v = vec!["aivmm", "run"];
         v.extend_from_slice(extra);
@@ -1027,31 +1001,25 @@ mod tests {
             rootfs: "/r.ext4".into(),
             cmdline: "console=ttyS0".into(),
         };
-        let x = plan_extras(&a, (1000, 100), &state.dir, root.path()).unwrap();
-        let c = vm_config(&a, &img, &state, Path::new("/s.img"), Path::new("/ag"), (1000, 100), &x).unwrap();
+        let x = extras_of(&a, (1000, 100), &state.dir, root.path()).unwrap();
+        let c = vm_of(&a, &img, &state, Path::new("/s.img"), Path::new("/ag"), (1000, 100), &x).unwrap();
         assert_eq!(c.cmdline, "console=ttyS0 aivmm.uid=1000 aivmm.gid=100");
         assert_eq!((c.cpus, c.memory), (DEFAULT_CPUS, DEFAULT_MEMORY));
         assert_eq!(
             c.disks[0],
-            DiskConfig {
-                path: "/r.ext4".into(),
-                read_only: true
-            }
+            config::disk("/r.ext4", true)
         );
         assert_eq!(
             c.disks[1],
-            DiskConfig {
-                path: "/s.img".into(),
-                read_only: false
-            }
+            config::disk("/s.img", false)
         );
         assert_eq!(
             (c.shares[0].tag.as_str(), c.shares[0].read_only),
             (WORK_TAG, false)
         );
-        assert_eq!(c.shares[0].path, state.workdir);
+        assert_eq!(c.shares[0].root, state.workdir);
         assert_eq!((c.shares[1].tag.as_str(), c.shares[1].read_only), (AGENT_TAG, true));
-        assert_eq!(c.shares[1].path, PathBuf::from("/ag"));
+        assert_eq!(c.shares[1].root, PathBuf::from("/ag"));
         // Only the workdir share protects its git config, hooks and config files.
         let protect: Vec<bool> = c.shares.iter().map(|s| s.protect_workdir).collect();
         assert_eq!(protect, vec![true, false, false]);
@@ -1064,8 +1032,8 @@ mod tests {
         assert_eq!(a.command, vec!["echo".to_string(), "hi".to_string()]);
         let dup = args(&["--workdir", ".", "--share", "/tmp:work"]);
         assert!(matches!(
-            vm_config(&dup, &img, &state, Path::new("/s"), Path::new("/ag"), (0, 0), &Extras::default()),
-            Err(Error::Config(_))
+            vm_of(&dup, &img, &state, Path::new("/s"), Path::new("/ag"), (0, 0), &Extras::default()),
+            Err(config::Error::DuplicateTag(_))
         ));
     }
 
@@ -1076,11 +1044,11 @@ mod tests {
         let b_dir = tempfile::tempdir().unwrap();
         let (a_p, b_p) = (a_dir.path().to_str().unwrap(), b_dir.path().to_str().unwrap());
         let a = args(&["--workdir", ".", "--share-ro", a_p, "--share-rw", b_p]);
-        let x = plan_extras(&a, (1000, 100), root.path(), root.path()).unwrap();
+        let x = extras_of(&a, (1000, 100), root.path(), root.path()).unwrap();
         let canon = |p: &Path| std::fs::canonicalize(p).unwrap();
         assert_eq!(x.shares.len(), 2);
         assert_eq!((x.shares[0].tag.as_str(), x.shares[0].read_only), ("share0", true));
-        assert_eq!(x.shares[0].path, canon(a_dir.path()));
+        assert_eq!(x.shares[0].root, canon(a_dir.path()));
         assert_eq!((x.shares[1].tag.as_str(), x.shares[1].read_only), ("share1", false));
         assert_eq!(
             x.setup.mounts,
@@ -1111,12 +1079,12 @@ mod tests {
             ("--share-ro", "/tmp", "the guest needs"),
         ] {
             let a = args(&["--workdir", ".", flag, p]);
-            let e = plan_extras(&a, (1000, 100), root.path(), root.path()).unwrap_err().to_string();
+            let e = extras_of(&a, (1000, 100), root.path(), root.path()).unwrap_err().to_string();
             assert!(e.starts_with(&flag[2..]) || e.starts_with(flag), "{e}");
             assert!(e.contains(want) && !e.contains('\n'), "{p}: {e}");
         }
         let a = args(&["--workdir", ".", "--share-ro", a_p, "--share-rw", a_p]);
-        assert!(plan_extras(&a, (1000, 100), root.path(), root.path()).unwrap_err().to_string().contains("twice"));
+        assert!(extras_of(&a, (1000, 100), root.path(), root.path()).unwrap_err().to_string().contains("twice"));
     }
 
     #[test]
@@ -1218,12 +1186,12 @@ mod tests {
         assert_eq!(again, key, "the key is kept");
         // --ssh needs user networking and a free guest port 22.
         let a = args(&["--workdir", ".", "--ssh", "--net", "none"]);
-        let e = plan_extras(&a, (1000, 100), d.path(), d.path()).unwrap_err().to_string();
+        let e = extras_of(&a, (1000, 100), d.path(), d.path()).unwrap_err().to_string();
         assert!(e.contains("--net user"), "{e}");
         let a = args(&["--workdir", ".", "--ssh", "--forward", "2222:22"]);
-        assert!(plan_extras(&a, (1000, 100), d.path(), d.path()).is_err());
+        assert!(extras_of(&a, (1000, 100), d.path(), d.path()).is_err());
         let a = args(&["--workdir", ".", "--ssh"]);
-        let x = plan_extras(&a, (0, 0), d.path(), d.path()).unwrap();
+        let x = extras_of(&a, (0, 0), d.path(), d.path()).unwrap();
         let (port, _) = x.ssh.unwrap();
         assert_eq!(x.forwards.last().map(|f| (f.host, f.guest)), Some((port, 22)));
         assert!(x.setup.ssh_key.is_some());

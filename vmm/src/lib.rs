@@ -23,6 +23,8 @@ pub mod machine;
 pub mod manage;
 // The workdir configs the user approved (`aivmm trust`).
 pub mod pins;
+// From the merged settings to the VmConfig (`aivmm run`'s two modes).
+pub mod plan;
 pub mod seccomp;
 pub mod session;
 pub mod settings;

@@ -143,10 +143,9 @@ fn run(args: &mut RunArgs, started: Instant) -> Result<ExitCode, Box<dyn std::er
     if let Some(workdir) = args.workdir.clone() {
         // Before anything is built: a workdir file that widens the sandbox
         // without the user's approval stops here.
-        aivmm::settings::apply(args, &workdir)?;
-        let workdir = &workdir;
+        let settings = aivmm::settings::apply(args, &workdir)?;
         let hv = KvmHypervisor::new()?;
-        let code = aivmm::launch::run(&aivmm::machine::Kvm(&hv), args, workdir, started)?;
+        let code = aivmm::launch::run(&aivmm::machine::Kvm(&hv), args, &settings, &workdir, started)?;
         let _ = std::io::stdout().flush();
         // Exit at once: vCPU and device threads end with the process.
         std::process::exit(code);

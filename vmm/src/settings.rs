@@ -5,7 +5,8 @@
 //! ```text
 //! ~/.config/aivmm/config.toml ─ read_file ─┐ (trusted)
 //! DIR/aivmm.toml ── read_file (O_NOFOLLOW) ─┼─ check_trust ─┐ (untrusted unless pinned)
-//! the command line ── Layer::from_args ─────┴───────────────┴─ merge ─► RunConfig ─► RunArgs
+//! the command line ── Layer::from_args ─────┴───────────────┴─ merge ─► RunConfig
+//!                                                   RunConfig + RunArgs ─► plan::Mode ─► VmConfig
 //! ```
 //!
 //! Both files apply: the user's config (`$XDG_CONFIG_HOME/aivmm/config.toml`,
@@ -322,22 +323,16 @@ impl Default for RunConfig {
 }
 
 impl RunConfig {
-    /// Puts the merged values into `a`, which the rest of `aivmm run` reads.
-    pub fn apply(&self, a: &mut RunArgs) {
-        fn values<T: Clone>(v: &[Sourced<T>]) -> Vec<T> {
-            v.iter().map(|s| s.value.clone()).collect()
-        }
-        a.size.cpus = Some(self.cpus.value);
-        a.size.memory = Some(self.memory.value);
-        a.size.disk_size = Some(self.disk_size.value);
-        a.net = Some(self.net.value.clone());
-        a.forward = values(&self.forward);
-        a.env = values(&self.env);
-        a.share = values(&self.share);
-        a.share_ro = values(&self.share_ro);
-        a.share_rw = values(&self.share_rw);
-        a.claude_auth = self.claude_auth.value;
-        a.ssh = self.ssh.value;
+    /// The settings of `aivmm run --kernel` (no --workdir): the command line
+    /// over that mode's defaults (1 vCPU, 512 MiB, no network); no file applies.
+    pub fn kernel(a: &RunArgs) -> Self {
+        let base = Self {
+            cpus: Sourced::default(1),
+            memory: Sourced::default(512 << 20),
+            net: Sourced::default(NetMode::default()),
+            ..Self::default()
+        };
+        merge_onto(base, None, None, &Layer::from_args(a))
     }
 
     /// One line per value that is not a default, with its source.
@@ -632,6 +627,16 @@ pub fn check_trust(file: &ConfigFile, workdir: &Path, pins: &Pins, limits: &Limi
 /// over the defaults: a later source's value replaces an earlier one's, lists
 /// are joined. Trust is checked before ([`check_trust`]).
 pub fn merge(user: Option<&ConfigFile>, workdir: Option<&ConfigFile>, cli: &Layer) -> RunConfig {
+    merge_onto(RunConfig::default(), user, workdir, cli)
+}
+
+/// [`merge`] over `base`'s values instead of a workdir run's defaults.
+fn merge_onto(
+    base: RunConfig,
+    user: Option<&ConfigFile>,
+    workdir: Option<&ConfigFile>,
+    cli: &Layer,
+) -> RunConfig {
     fn set<T: Clone>(slot: &mut Sourced<T>, v: &Option<T>, source: &Source) {
         if let Some(v) = v {
             *slot = Sourced {
@@ -654,7 +659,7 @@ pub fn merge(user: Option<&ConfigFile>, workdir: Option<&ConfigFile>, cli: &Laye
         layers.push((Source::WorkdirConfig(w.path.clone()), &w.layer));
     }
     layers.push((Source::Cli, cli));
-    let mut c = RunConfig::default();
+    let mut c = base;
     for (src, l) in layers {
         let Layer {
             cpus,
@@ -714,13 +719,14 @@ impl Applied {
 
 /// Reads the user's config and `workdir`'s `aivmm.toml`, refuses a workdir file
 /// that widens the sandbox without the user's approval (pins at `pins_path`),
-/// and merges both with the command line into `args`.
+/// and merges both with the command line `args`: the run's settings, and the
+/// files that applied.
 pub fn load(
-    args: &mut RunArgs,
+    args: &RunArgs,
     workdir: &Path,
     user_config: Option<&Path>,
     pins_path: &Path,
-) -> Result<Applied> {
+) -> Result<(RunConfig, Applied)> {
     // A workdir that does not exist has no file; the run reports it.
     let canon = std::fs::canonicalize(workdir).unwrap_or_else(|_| workdir.to_path_buf());
     let limits = Limits::host();
@@ -762,8 +768,7 @@ pub fn load(
     for line in merged.describe() {
         tracing::info!("setting {line}");
     }
-    merged.apply(args);
-    Ok(applied)
+    Ok((merged, applied))
 }
 
 /// Whether the guest of a run on canonical `dir` can write or replace `path`.
@@ -775,9 +780,9 @@ fn inside(path: &Path, dir: &Path) -> bool {
 }
 
 /// [`load`] for `aivmm run --workdir`, with the user's files, printing the
-/// files that applied on stderr (unless `-q`).
-pub fn apply(args: &mut RunArgs, workdir: &Path) -> Result<Applied> {
-    let applied = load(
+/// files that applied on stderr (unless `-q`); returns the run's settings.
+pub fn apply(args: &RunArgs, workdir: &Path) -> Result<RunConfig> {
+    let (settings, applied) = load(
         args,
         workdir,
         user_config_path().as_deref(),
@@ -789,7 +794,7 @@ pub fn apply(args: &mut RunArgs, workdir: &Path) -> Result<Applied> {
         }
         tracing::info!("{line}");
     }
-    Ok(applied)
+    Ok(settings)
 }
 
 #[cfg(test)]
@@ -806,6 +811,17 @@ mod tests {
             crate::cli::Command::Run(r) => r,
             _ => unreachable!(),
         }
+    }
+
+    #[test]
+    fn the_kernel_mode_has_its_own_defaults() {
+        let c = RunConfig::kernel(&args(&[]));
+        assert_eq!((c.cpus.value, c.memory.value, c.net.value.clone()), (1, 512 << 20, NetMode::None));
+        assert_eq!(c.cpus.source, Source::Default);
+        let c = RunConfig::kernel(&args(&["--cpus", "2", "--net", "user"]));
+        assert_eq!((c.cpus.value, c.net.value.clone()), (2, NetMode::User));
+        assert_eq!((c.cpus.source, c.net.source), (Source::Cli, Source::Cli));
+        assert_eq!(c.memory.source, Source::Default);
     }
 
     fn file(text: &str, path: &str) -> ConfigFile {
@@ -1083,15 +1099,16 @@ mod tests {
             ]
         );
 
-        // The merged values reach the run's arguments.
-        let mut a = args(&["--cpus", "5"]);
-        c.apply(&mut a);
+        // The command line's value replaces the files'.
+        let c5 = merge(Some(&user), Some(&work), &Layer::from_args(&args(&["--cpus", "5"])));
         assert_eq!(
-            (a.size.cpus, a.size.memory, a.net.clone()),
-            (Some(5), Some(2 << 30), Some(NetMode::None))
+            (c5.cpus.value, c5.memory.value, c5.net.value.clone()),
+            (5, 2 << 30, NetMode::None)
         );
-        assert!(!a.claude_auth && a.ssh);
-        assert_eq!(a.env, vec!["U", "W", "C"]);
+        assert_eq!(c5.cpus.source, Source::Cli);
+        assert!(!c5.claude_auth.value && c5.ssh.value);
+        let env: Vec<_> = c5.env.iter().map(|e| e.value.as_str()).collect();
+        assert_eq!(env, vec!["U", "W"]);
         // The command line's switch turns it back on.
         let c = merge(
             Some(&user),
@@ -1188,30 +1205,27 @@ mod tests {
     #[test]
     fn a_widening_workdir_file_runs_only_while_pinned() {
         let (_d, w, pins) = workdir(HOSTILE);
-        let mut a = args(&[]);
-        let e = load(&mut a, &w, None, &pins).unwrap_err().to_string();
+        let a = args(&[]);
+        let e = load(&a, &w, None, &pins).unwrap_err().to_string();
         let want = format!(
             "{}/aivmm.toml asks for share, env, claude_auth, which widen the sandbox; it is not trusted (run `aivmm trust {}` after reading it)",
             w.display(),
             w.display()
         );
         assert_eq!(e, want);
-        assert!(
-            a.share.is_empty() && a.env.is_empty() && !a.claude_auth,
-            "nothing applied"
-        );
 
         // Pinned: it runs, and its values arrive.
         let f = read_file(&w.join(WORKDIR_FILE), false).unwrap().unwrap();
         let mut p = Pins::default();
         p.set(&w, f.sha256).unwrap();
         p.save(&pins).unwrap();
-        let mut a = args(&[]);
-        let applied = load(&mut a, &w, None, &pins).unwrap();
+        let (c, applied) = load(&args(&[]), &w, None, &pins).unwrap();
         assert_eq!(applied.workdir, Some((w.join(WORKDIR_FILE), true)));
         assert!(applied.line().unwrap().contains("aivmm.toml (trusted)"));
-        assert_eq!(a.share, vec!["/:hostroot"]);
-        assert!(a.claude_auth);
+        let share: Vec<_> = c.share.iter().map(|x| x.value.as_str()).collect();
+        assert_eq!(share, vec!["/:hostroot"]);
+        assert_eq!(c.share[0].source, Source::WorkdirConfig(w.join(WORKDIR_FILE)));
+        assert!(c.claude_auth.value);
 
         // One byte changed: refused again, saying it changed.
         std::fs::write(
@@ -1219,7 +1233,7 @@ mod tests {
             HOSTILE.replace("hostroot", "hostrooT"),
         )
         .unwrap();
-        let e = load(&mut args(&[]), &w, None, &pins)
+        let e = load(&args(&[]), &w, None, &pins)
             .unwrap_err()
             .to_string();
         assert!(
@@ -1229,11 +1243,11 @@ mod tests {
 
         // Revoked: refused as never trusted.
         std::fs::write(w.join(WORKDIR_FILE), HOSTILE).unwrap();
-        assert!(load(&mut args(&[]), &w, None, &pins).is_ok());
+        assert!(load(&args(&[]), &w, None, &pins).is_ok());
         let mut p = Pins::load(&pins).unwrap();
         assert!(p.remove(&w));
         p.save(&pins).unwrap();
-        let e = load(&mut args(&[]), &w, None, &pins)
+        let e = load(&args(&[]), &w, None, &pins)
             .unwrap_err()
             .to_string();
         assert!(e.contains("it is not trusted"), "{e}");
@@ -1242,7 +1256,7 @@ mod tests {
         let mut p = Pins::default();
         p.set(&w.join("sub"), f.sha256).unwrap();
         p.save(&pins).unwrap();
-        assert!(load(&mut args(&[]), &w, None, &pins).is_err());
+        assert!(load(&args(&[]), &w, None, &pins).is_err());
     }
 
     #[test]
@@ -1254,7 +1268,7 @@ mod tests {
         let mut p = Pins::default();
         p.set(&w, f.sha256).unwrap();
         p.save(&pins).unwrap();
-        let e = load(&mut args(&[]), &w, None, &pins)
+        let e = load(&args(&[]), &w, None, &pins)
             .unwrap_err()
             .to_string();
         assert!(
@@ -1266,7 +1280,7 @@ mod tests {
         let user = w.join(".config/aivmm/config.toml");
         std::fs::create_dir_all(user.parent().unwrap()).unwrap();
         std::fs::write(&user, "share_rw = [\"/\"]\n").unwrap();
-        let e = load(&mut args(&[]), &w, Some(&user), &pins)
+        let e = load(&args(&[]), &w, Some(&user), &pins)
             .unwrap_err()
             .to_string();
         assert!(
@@ -1274,11 +1288,10 @@ mod tests {
             "{e}"
         );
         std::fs::write(&user, "memory = \"2G\"\n").unwrap();
-        let mut a = args(&[]);
-        load(&mut a, &w, Some(&user), &pins).unwrap();
+        let (c, _) = load(&args(&[]), &w, Some(&user), &pins).unwrap();
         assert_eq!(
-            (a.size.cpus, a.size.memory),
-            (Some(2), Some(2 << 30)),
+            (c.cpus.value, c.memory.value),
+            (2, 2 << 30),
             "sizes still apply"
         );
 
@@ -1305,8 +1318,7 @@ mod tests {
             "memory = \"3G\"\nclaude_auth = true\nenv = [\"TOKEN\"]\nshare_ro = [\"/docs\"]\n",
         )
         .unwrap();
-        let mut a = args(&["--forward", "8080:80"]);
-        let applied = load(&mut a, &w, Some(&user), &pins).unwrap();
+        let (c, applied) = load(&args(&["--forward", "8080:80"]), &w, Some(&user), &pins).unwrap();
         assert_eq!(applied.user, Some(user.clone()));
         assert_eq!(applied.workdir, Some((w.join(WORKDIR_FILE), false)));
         let line = applied.line().unwrap();
@@ -1316,22 +1328,24 @@ mod tests {
                 && line.contains("(untrusted"),
             "{line}"
         );
-        assert_eq!((a.size.cpus, a.size.memory), (Some(2), Some(3 << 30)));
-        assert_eq!(a.net, Some(NetMode::None));
-        assert!(!a.claude_auth, "the workdir turned it off");
-        assert_eq!(a.env, vec!["TOKEN"], "the user's widening keys need no pin");
-        assert_eq!(a.forward.len(), 1);
+        assert_eq!((c.cpus.value, c.memory.value), (2, 3 << 30));
+        assert_eq!(c.net.value, NetMode::None);
+        assert!(!c.claude_auth.value, "the workdir turned it off");
+        let env: Vec<_> = c.env.iter().map(|e| e.value.as_str()).collect();
+        assert_eq!(env, vec!["TOKEN"], "the user's widening keys need no pin");
+        assert_eq!(c.forward.len(), 1);
+        assert_eq!(c.forward[0].source, Source::Cli);
         assert!(!pins.exists(), "a run writes no state");
 
         // No files at all: the command line and defaults.
         let (_e, w2, pins2) = workdir("");
         std::fs::remove_file(w2.join(WORKDIR_FILE)).unwrap();
-        let mut a = args(&["--cpus", "3"]);
-        let applied = load(&mut a, &w2, None, &pins2).unwrap();
+        let (c, applied) = load(&args(&["--cpus", "3"]), &w2, None, &pins2).unwrap();
         assert_eq!(applied.line(), None);
         assert_eq!(
-            (a.size.cpus, a.size.memory),
-            (Some(3), Some(crate::launch::DEFAULT_MEMORY))
+            (c.cpus.value, c.memory.value),
+            (3, crate::launch::DEFAULT_MEMORY)
         );
+        assert_eq!(c.memory.source, Source::Default);
     }
 }

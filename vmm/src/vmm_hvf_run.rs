@@ -190,8 +190,8 @@ pub fn run_cli<A: HvfApi>(
 ) -> Result<Outcome> {
     if let Some(workdir) = args.workdir.clone() {
         // Before anything is built (see `settings`).
-        crate::settings::apply(args, &workdir)?;
-        return crate::launch::run(hyp, args, &workdir, started)
+        let settings = crate::settings::apply(args, &workdir)?;
+        return crate::launch::run(hyp, args, &settings, &workdir, started)
             .map(Outcome::Command)
             .map_err(|e| Error::Launch(Box::new(e)));
     }
@@ -327,11 +327,21 @@ mod tests {
             rootfs: p("rootfs.ext4"),
             cmdline: "console=ttyS0 reboot=acpi quiet".into(),
         };
-        let extras = launch::plan_extras(&args, (501, 20), &state.dir, &p("root")).unwrap();
-        let config = launch::vm_config(
-            &args, &image, &state, &p("state.img"), &p("agent"), (501, 20), &extras,
-        )
-        .unwrap();
+        let settings = |a| crate::settings::merge(None, None, &crate::settings::Layer::from_args(a));
+        let workdir_vm = |args, extras| {
+            VmConfig::try_from(crate::plan::Mode::Workdir(crate::plan::Workdir {
+                args,
+                settings: &settings(args),
+                image: &image,
+                state: &state,
+                state_disk: &p("state.img"),
+                agent_dir: &p("agent"),
+                ids: (501, 20),
+                extras,
+            }))
+        };
+        let extras = launch::plan_extras(&args, &settings(&args), (501, 20), &state.dir, &p("root")).unwrap();
+        let config = workdir_vm(&args, &extras).unwrap();
         let shape = hvf_config(&config).unwrap();
         assert_eq!(shape.cmdline, "console=ttyS0 quiet aivmm.uid=501 aivmm.gid=20");
 
@@ -357,10 +367,7 @@ mod tests {
         // The same run with launch.rs's default network (user, on this Linux
         // host) is refused on HVF in one line.
         let args = run_args(&["--workdir", p("work").to_str().unwrap()]);
-        let config = launch::vm_config(
-            &args, &image, &state, &p("state.img"), &p("agent"), (501, 20), &extras,
-        )
-        .unwrap();
+        let config = workdir_vm(&args, &extras).unwrap();
         let e = hyp
             .build(&config, Instant::now(), Box::new(std::io::sink()))
             .err()
