@@ -93,6 +93,8 @@ impl Drop for AsCaller {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     /// (uid, gid) fields of `/proc/thread-self/status`: real, effective, saved, fs.
