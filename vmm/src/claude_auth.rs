@@ -22,7 +22,6 @@
 //! could still log the host in as that account; only a refresh of a login the
 //! host already has is written back (no host login, no write).
 
-use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -221,26 +220,9 @@ fn replace_in_guest_dir(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, &dest).map_err(io_err(&dest))
 }
 
-/// Writes `bytes` to host file `path` atomically: a fresh 0600 temp file beside
-/// it, fsync, rename over `path`, fsync of the directory.
+/// Writes `bytes` to host file `path` atomically ([`crate::state_fs::write_atomic`]).
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!("{CREDENTIALS}.aivmm-{}", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&tmp)
-        .map_err(io_err(&tmp))?;
-    let written = f.write_all(bytes).and_then(|()| f.sync_all());
-    drop(f);
-    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io_err(path)(e));
-    }
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+    crate::state_fs::write_atomic(path, bytes).map_err(io_err(path))
 }
 
 /// Prepares `--claude-auth` for host home `home`, aivmm's state root

@@ -28,11 +28,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         // macOS: Hypervisor.framework (vmm_hvf_run); Linux: KVM.
         #[cfg(target_os = "macos")]
-        Command::Run(mut args) => aivmm::vmm_hvf_darwin::run_cli(&mut args, started)
+        Command::Run(args) => aivmm::vmm_hvf_darwin::run_cli(&args, started)
             .map(|c| ExitCode::from(c.clamp(0, 255) as u8))
             .map_err(Into::into),
         #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
-        Command::Run(mut args) => run(&mut args, started),
+        Command::Run(args) => run(&args, started),
         // No backend (arm64 Linux has no KVM VMM yet): one clear error.
         #[cfg(not(any(target_os = "macos", all(target_os = "linux", target_arch = "x86_64"))))]
         Command::Run(_) => Err(aivmm::vmm_hvf_run::Error::Host {
@@ -139,7 +139,7 @@ fn raise_fd_limit() {
 }
 
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
-fn run(args: &mut RunArgs, started: Instant) -> Result<ExitCode, Box<dyn std::error::Error>> {
+fn run(args: &RunArgs, started: Instant) -> Result<ExitCode, Box<dyn std::error::Error>> {
     if let Some(workdir) = args.workdir.clone() {
         // Before anything is built: a workdir file that widens the sandbox
         // without the user's approval stops here.
@@ -150,7 +150,7 @@ fn run(args: &mut RunArgs, started: Instant) -> Result<ExitCode, Box<dyn std::er
         // Exit at once: vCPU and device threads end with the process.
         std::process::exit(code);
     }
-    let config = VmConfig::try_from(&*args)?;
+    let config = VmConfig::try_from(args)?;
     let hv = KvmHypervisor::new()?;
     let vmm = Vmm::build(&hv, &config, started, Box::new(std::io::stdout()))?;
     let raw = aivmm::console::RawTerminal::enter();

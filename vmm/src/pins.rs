@@ -13,10 +13,10 @@
 //! ```
 
 use std::ffi::OsStr;
-use std::fs::{self, OpenOptions};
-use std::io::{Read, Write};
+use std::fs::OpenOptions;
+use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// Errors of the pin file.
@@ -213,49 +213,17 @@ impl Pins {
         self.pins.len() != before
     }
 
-    /// Writes the pins to `path` atomically: mode 0600, its directory 0700.
+    /// Writes the pins to `path` atomically: mode 0600, its directory 0700 and
+    /// the user's own ([`crate::state_fs`]).
     pub fn save(&self, path: &Path) -> Result<()> {
         let io = |p: &Path| {
             let p = p.to_path_buf();
             move |source| Error::Io { path: p, source }
         };
         let dir = path.parent().unwrap_or(Path::new("."));
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(io(dir))?;
-        // An older aivmm made the directory with the umask's mode.
-        let meta = fs::metadata(dir).map_err(io(dir))?;
-        // SAFETY: getuid cannot fail.
-        if meta.uid() != unsafe { libc::getuid() } {
-            return Err(Error::Unsafe(dir.to_path_buf()));
-        }
-        if meta.mode() & 0o777 != 0o700 {
-            fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
-        }
+        crate::state_fs::dir(dir).map_err(io(dir))?;
         let bytes = self.render()?;
-        let tmp = dir.join(format!(".trusted.{}.tmp", std::process::id()));
-        let _ = fs::remove_file(&tmp);
-        let write = || -> std::io::Result<()> {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                .open(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            fs::rename(&tmp, path)?;
-            fs::File::open(dir)?.sync_all()
-        };
-        write().map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            Error::Io {
-                path: path.to_path_buf(),
-                source: e,
-            }
-        })
+        crate::state_fs::write_atomic(path, &bytes).map_err(io(path))
     }
 }
 
@@ -264,6 +232,8 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn pins_round_trip_through_a_private_file() {

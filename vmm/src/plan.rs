@@ -17,7 +17,7 @@ use crate::cli::RunArgs;
 use crate::config::{self, BlockConfig, FsConfig, Forward, VmConfig, VsockConfig};
 use crate::image::GuestImage;
 use crate::launch::{Extras, AGENT_TAG, WORK_TAG};
-use crate::settings::RunConfig;
+use crate::settings::{RunConfig, Source};
 use crate::workdir::WorkdirState;
 
 /// What `aivmm run` boots.
@@ -62,14 +62,16 @@ impl TryFrom<Mode<'_>> for VmConfig {
             Mode::Kernel { args: a, settings } => {
                 let kernel = a.kernel.clone().ok_or(config::Error::NoKernel)?;
                 // Without --workdir these would be dropped without a word.
+                // Read from the settings, whatever their source, so that none is
+                // dropped; the rest are the command line's own.
                 let workdir_only = [
-                    (!a.env.is_empty(), "--env"),
-                    (!a.share_ro.is_empty(), "--share-ro"),
-                    (!a.share_rw.is_empty(), "--share-rw"),
-                    (a.claude_auth, "--claude-auth"),
-                    (a.ssh, "--ssh"),
+                    (!settings.env.is_empty(), "--env"),
+                    (!settings.share_ro.is_empty(), "--share-ro"),
+                    (!settings.share_rw.is_empty(), "--share-rw"),
+                    (settings.claude_auth.value, "--claude-auth"),
+                    (settings.ssh.value, "--ssh"),
                     (a.rootfs.is_some(), "--rootfs"),
-                    (a.size.disk_size.is_some(), "--disk-size"),
+                    (settings.disk_size.source != Source::Default, "--disk-size"),
                     (!a.command.is_empty(), "a command (after --)"),
                 ];
                 if let Some(&(_, flag)) = workdir_only.iter().find(|(given, _)| *given) {

@@ -142,6 +142,32 @@ pub fn create(path: &Path) -> io::Result<File> {
     Ok(f)
 }
 
+/// Writes `bytes` to `path` atomically: a fresh 0600 temporary file beside it
+/// (created exclusively, no symlink followed), fsync, renamed over `path`, then
+/// the directory fsynced. On an error the temporary file is removed and `path`
+/// is as it was.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path.file_name().map_or_else(Default::default, |n| n.to_string_lossy());
+    let tmp = dir.join(format!(".{name}.aivmm-{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let written = options()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    File::open(dir).and_then(|d| d.sync_all())
+}
+
 /// Removes group and other permissions from open state file `f`.
 pub fn tighten(f: &File) -> io::Result<()> {
     let mode = f.metadata()?.mode();

@@ -23,7 +23,7 @@ pub fn run(parts: Parts<'_>) -> Result<VmExit> {
 
 /// `aivmm run` on the framework: a workdir session, or the command line's VM
 /// with its console on this terminal. Returns the exit status.
-pub fn run_cli(args: &mut RunArgs, started: Instant) -> crate::vmm_hvf_run::Result<i32> {
+pub fn run_cli(args: &RunArgs, started: Instant) -> crate::vmm_hvf_run::Result<i32> {
     use std::io::Write;
 
     use crate::vmm_hvf_run::Outcome;

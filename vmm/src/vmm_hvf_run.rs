@@ -183,7 +183,7 @@ pub enum Outcome {
 /// escapes).
 pub fn run_cli<A: HvfApi>(
     hyp: &HvfHypervisor<A>,
-    args: &mut RunArgs,
+    args: &RunArgs,
     console: Box<dyn Write + Send>,
     stdin_tty: Option<bool>,
     started: Instant,
@@ -195,7 +195,7 @@ pub fn run_cli<A: HvfApi>(
             .map(Outcome::Command)
             .map_err(|e| Error::Launch(Box::new(e)));
     }
-    let config = VmConfig::try_from(&*args)?;
+    let config = VmConfig::try_from(args)?;
     let machine = build(hyp, &config, console, started)?;
     if let Some(tty) = stdin_tty {
         crate::console::spawn_stdin_pump(machine.serial(), tty);
