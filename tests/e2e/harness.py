@@ -1023,6 +1023,29 @@ def monitor_cmd(path, command, wait=2.0):
         return f"(monitor: {e})"
 
 
+def l1_panic(console_path):
+    """L1's own kernel panic, from the end of its console log (lines without an
+    @@ tag are L1's kernel): the BUG or Oops line, the task, and the panic line;
+    None if L1 did not panic."""
+    try:
+        with open(console_path, errors="replace") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 65536))
+            lines = [l.rstrip() for l in f.read().splitlines() if "@@" not in l]
+    except OSError:
+        return None
+    strip = lambda l: re.sub(r"^\s*[\d.]+\s+(\[\s*[\d.]+\]\s*)?", "", l)
+    panic = next((strip(l) for l in reversed(lines) if "Kernel panic - not syncing" in l), None)
+    if not panic:
+        return None
+    bug = next((strip(l) for l in reversed(lines) if re.search(r"\bBUG: |Oops: |general protection", l)), "")
+    comm = next((m.group(1) for l in reversed(lines) for m in [re.search(r"\bComm: (\S+)", l)] if m), "?")
+    why = f"{bug} in task {comm}; " if bug else ""
+    hint = (" (an interrupt let into L1's KVM right after VMRUN, before the host GS base is back: "
+            "QEMU TCG's nested SVM, see tests/e2e/README.md)") if "stack guard page" in bug else ""
+    return f"L1 kernel panic: {why}{panic}{hint}"
+
+
 def l1_end_reason(logdir, console_name):
     """Why L1's QEMU ended, from its -d cpu_reset / trace log (see run_l1)."""
     path = os.path.join(logdir, console_name.replace("console", "qemu"))
@@ -1031,6 +1054,9 @@ def l1_end_reason(logdir, console_name):
             text = f.read()
     except OSError:
         return "no QEMU log"
+    panic = l1_panic(os.path.join(logdir, console_name))
+    if panic:
+        return panic
     if "Triple fault" in text:
         return f"L1 triple-faulted (QEMU TCG's nested SVM; {os.path.basename(path)} has its registers)"
     m = re.findall(r"qemu_system_shutdown_request reason=(\d+)", text)
