@@ -5,10 +5,10 @@
 //! host addresses of each guest memory region a buffer touches, so no request
 //! needs a host-side buffer of its size.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use log::debug;
@@ -393,7 +393,9 @@ fn fallocate(_file: &File, _mode: FallocMode, _offset: u64, _len: u64) -> io::Re
 /// zeroing is taken as missing (write-zeroes then punches or writes zeros).
 #[cfg(target_os = "linux")]
 fn probe_fallocate(image: &File, path: &Path, size: u64) -> (bool, bool) {
+    use std::fs::OpenOptions;
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
