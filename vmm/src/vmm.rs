@@ -486,6 +486,8 @@ impl Vmm {
                 },
             }
         };
+        // The bench's exit latency starts here (guest power-off or reset to exit).
+        log::debug!("the guest stopped: {exit:?}; stopping the vCPUs");
         // Stop the other vCPUs (a halted one sits in KVM_RUN until kicked out by a
         // signal) and take back the references of their threads, so the devices are
         // dropped here, on this thread, when `self` goes. The kick is repeated: one
