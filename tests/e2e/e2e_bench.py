@@ -28,9 +28,14 @@ Method (the same for every VMM):
 - net: TCP over one tap in L1, 32 MiB each way (the net-tap guest and l1-io.sh's
   socat servers), QEMU with virtio-net-device and vhost=off.
 
+Checked against goals (GOALS), what the VMM controls: the setup ratio (exec to
+guest start, aivmm's `setup took` line against QEMU's `runstate_set` to running,
+both as vmmrun saw them), the memory overhead ratio, and aivmm's exit latency
+(its `the guest stopped` line to its exit). The same-kernel boot ratio is set by
+the guest's own work and is printed only.
+
 Environment: E2E_BENCH_RUNS (timed boots per VMM, default 10), E2E_BENCH_IO_RUNS
-(device runs per VMM, default 1), E2E_BENCH_MAX_RATIO (the boot ratio
-aivmm/qemu-microvm the scenario must stay under, default 0.7).
+(device runs per VMM, default 1).
 """
 
 import datetime
@@ -48,12 +53,19 @@ RESULTS = os.path.join(ROOT, "benches", "results")
 
 RUNS = int(os.environ.get("E2E_BENCH_RUNS", "10"))
 IO_RUNS = int(os.environ.get("E2E_BENCH_IO_RUNS", "1"))
-MAX_RATIO = float(os.environ.get("E2E_BENCH_MAX_RATIO", "0.7"))
 KINDS = ("aivmm", "qemu-microvm", "qemu-pc")
+# What the VMM controls, and each goal (at most): the same-kernel boot ratio is
+# set by the guest's own work and is printed for information only.
+GOALS = {
+    "setup ratio aivmm/qemu-microvm": 0.3,
+    "memory overhead ratio aivmm/qemu-microvm": 0.1,
+    "exit latency ms": 5.0,
+}
 
 SCENARIOS = {
-    "bench": f"aivmm vs QEMU microvm/pc in one L1: boot (median of E2E_BENCH_RUNS={RUNS}, ratio must be "
-    f"< {MAX_RATIO}), setup, memory overhead, fs/blk/net figures; writes benches/results/",
+    "bench": f"aivmm vs QEMU microvm/pc in one L1, median of E2E_BENCH_RUNS={RUNS} boots each: setup, "
+    "memory overhead and exit latency checked against their goals, the boot ratio, fs/blk/net figures; "
+    "writes benches/results/",
 }
 # ~40 boots and the device runs: far too long for the default set (CI has 90 minutes).
 NOT_DEFAULT = {"bench"}
@@ -97,6 +109,10 @@ def fmt(v, nd=0):
     return "n/a" if v is None else f"{v:.{nd}f}"
 
 
+def fmt_list(v):
+    return ",".join(fmt(x) for x in v) or "none"
+
+
 def ratio(a, b):
     return a / b if a is not None and b else None
 
@@ -120,6 +136,7 @@ def collect(sc):
         "overhead": {k: [] for k in KINDS}, "rss": {k: [] for k in KINDS},
         "ram_rss": {k: [] for k in KINDS}, "ram_map": {k: set() for k in KINDS},
         "setup": [], "setup_seen": [], "boot_timer": [], "warmup": {}, "phases": {},
+        "started": {k: [] for k in KINDS}, "exit": {k: [] for k in KINDS},
         "io": {"aivmm": {}, "qemu-microvm": {}}, "broken": [], "io_problems": [],
     }
     for tag in sc.order:
@@ -157,6 +174,11 @@ def collect(sc):
                     d["rss"][kind].append(rss / MIB)
                     d["ram_rss"][kind].append(ram_rss / MIB)
                     d["ram_map"][kind].add(f"{name} {ram_map // 1024} MiB")
+            started, ended = vm_span(r, kind)
+            if started is not None:
+                d["started"][kind].append(started)
+            if ended is not None:
+                d["exit"][kind].append(ended)
             if kind == "aivmm":
                 if r.setup_ms() is not None:
                     d["setup"].append(r.setup_ms())
@@ -175,6 +197,22 @@ def collect(sc):
                 if v > 0:  # a rate of 0 is a failed step (its check says why), not a figure
                     d["io"][kind].setdefault(k, []).append(v)
     return d
+
+
+def vm_span(r, kind):
+    """(exec -> guest start, guest stop -> process exit) in ms, both as vmmrun saw
+    the VMM's stderr lines, the same way for each VMM: aivmm's debug lines `setup
+    took` (first vCPU entry) and `the guest stopped`; QEMU's traces `runstate_set`
+    to running and `qemu_system_shutdown_request`. None where a line is missing."""
+    if kind.startswith("aivmm"):
+        start = next((ms for ms, l in r.err if "setup took" in l), None)
+        stop = next((ms for ms, l in r.err if "the guest stopped:" in l), None)
+    else:
+        start = next((ms for ms, l in r.err if re.search(r"runstate_set .*new_state \d+ \(running\)", l)), None)
+        stop = next((ms for ms, l in r.err if "qemu_system_shutdown_request" in l), None)
+    exited = r.wall_ms if r.exit == "0" or kind.startswith("aivmm") else None
+    span = exited - stop if exited is not None and stop is not None and exited >= stop else None
+    return start, span
 
 
 def setup_phases(r):
@@ -213,7 +251,35 @@ def judge(sc, vmm_mode="aivmm"):
              "  warm-up boots ms (untimed): " + " ".join(f"{k}={fmt(d['warmup'].get(k))}" for k in KINDS)]
     boot_ratio = {q: ratio(m["aivmm"], m[q]) for q in ("qemu-microvm", "qemu-pc")}
     for q in ("qemu-microvm", "qemu-pc"):
-        lines.append(f"boot ratio aivmm/{q}: {fmt(boot_ratio[q], 2)}")
+        lines.append(f"boot ratio aivmm/{q}: {fmt(boot_ratio[q], 2)} (information: the same kernel's own "
+                     "work sets it)")
+    st = {k: med(d["started"][k]) for k in KINDS}
+    ex = {k: med(d["exit"][k]) for k in KINDS}
+    ov0 = {k: med(d["overhead"][k]) for k in KINDS}
+    figures = {
+        "setup ratio aivmm/qemu-microvm": ratio(st["aivmm"], st["qemu-microvm"]),
+        "memory overhead ratio aivmm/qemu-microvm": ratio(ov0["aivmm"], ov0["qemu-microvm"]),
+        "exit latency ms": ex["aivmm"],
+    }
+    detail = {
+        "setup ratio aivmm/qemu-microvm": f"exec -> guest start as vmmrun saw it, median ms: aivmm "
+        f"{fmt(st['aivmm'])} (`setup took`), qemu-microvm {fmt(st['qemu-microvm'])} (runstate running), "
+        f"qemu-pc {fmt(st['qemu-pc'])}",
+        "memory overhead ratio aivmm/qemu-microvm": f"aivmm {fmt(ov0['aivmm'], 1)} MiB, qemu-microvm "
+        f"{fmt(ov0['qemu-microvm'], 1)} MiB",
+        "exit latency ms": "aivmm's `the guest stopped` line to its exit, median; the same span for "
+        f"qemu-microvm (shutdown request to exit) {fmt(ex['qemu-microvm'])} ms, qemu-pc {fmt(ex['qemu-pc'])} "
+        f"ms; aivmm runs {fmt_list(d['exit']['aivmm'])}",
+    }
+    missed = []
+    for name, goal in GOALS.items():
+        v = figures[name]
+        nd = 0 if name.endswith("ms") else 2
+        lines.append(f"{name}: {fmt(v, nd)} (goal: <= {goal:g}; {detail[name]})")
+        if v is None:
+            missed.append(f"{name}: not measured")
+        elif v > goal:
+            missed.append(f"{name} {fmt(v, nd)} > goal {goal:g}")
     lines.append(f"  aivmm setup (exec -> first vCPU entry, its `setup took` line) median ms: "
                  f"{fmt(med(d['setup']), 1)} (line seen by vmmrun at {fmt(med(d['setup_seen']))} ms); "
                  f"aivmm boot-timer median ms: {fmt(med(d['boot_timer']))}")
@@ -259,12 +325,11 @@ def judge(sc, vmm_mode="aivmm"):
         for k in ("aivmm", "qemu-microvm"):
             if not d["io"][k].get(key):
                 problems.append(f"{devname} {metric}: no {k} figure")
-    r = boot_ratio["qemu-microvm"]
-    if vmm_mode == "aivmm" and r is not None and r >= MAX_RATIO:
-        problems.insert(0, f"boot ratio aivmm/qemu-microvm {r:.2f}, want < {MAX_RATIO}")
+    if vmm_mode == "aivmm":
+        problems[:0] = missed
     if problems:
         return False, "; ".join(problems)[:1500], lines
-    return True, (f"boot ratio aivmm/qemu-microvm {fmt(r, 2)} (< {MAX_RATIO}); figures below"), lines
+    return True, "setup, memory and exit latency within their goals; figures below", lines
 
 
 # ---------------------------------------------------------------- results files
