@@ -137,7 +137,7 @@ pub mod vmm_hvf_run {
     /// `aivmm run` on `hyp`.
     pub fn run_cli<A: HvfApi>(
         _hyp: &HvfHypervisor<A>,
-        _args: &mut RunArgs,
+        _args: &RunArgs,
         _console: Box<dyn Write + Send>,
         _stdin_tty: Option<bool>,
         _started: Instant,
