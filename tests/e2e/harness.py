@@ -31,6 +31,8 @@ Environment:
                     that the console storm stays small
   E2E_L1_CMDLINE    extra words for L1's kernel command line (default "init_on_free=1",
                     see run_l1; "" to boot L1 without it)
+  E2E_L0_QEMU       the QEMU that runs L1 (default qemu-system-x86_64 on PATH; e.g. an
+                    unpacked bookworm-backports QEMU 10). QEMU inside L1 stays the PATH one
   E2E_L2_KERNEL     another L2 kernel (a bzImage with its virtio drivers built in, e.g.
                     aivmm's guest kernel from guest-image/kernel.config); L2 then loads no
                     modules
@@ -969,7 +971,7 @@ def run_l1(kernel, l1, names, vmm_mode, runs, vto, overall, logdir, t0, guest_im
     l1_extra = os.environ.get("E2E_L1_CMDLINE", "init_on_free=1")
     append = (f"console=ttyS0 quiet panic=-1 mitigations=off nokaslr {l1_extra} e2e.scenarios={','.join(names)} "
               f"e2e.vmm={vmm_mode} e2e.runs={runs} e2e.timeout={vto} e2e.guest_timeout={GUEST_TIMEOUT}")
-    cmd = ["qemu-system-x86_64", "-accel", "tcg,thread=multi", "-M", "pc", "-cpu", "max",
+    cmd = [os.environ.get("E2E_L0_QEMU") or "qemu-system-x86_64", "-accel", "tcg,thread=multi", "-M", "pc", "-cpu", "max",
            "-m", L1_MEM, "-smp", "2", "-nographic", "-no-reboot", "-net", "none",
            "-kernel", kernel, "-initrd", l1, "-append", append]
     cmd += guest_image_drives(guest_images)
