@@ -976,7 +976,7 @@ def run_l1(kernel, l1, names, vmm_mode, runs, vto, overall, logdir, t0, guest_im
            "-kernel", kernel, "-initrd", l1, "-append", append]
     cmd += guest_image_drives(guest_images)
     # Why L1 ends, for an L1 that ends early: QEMU logs a TCG triple fault ("Triple
-    # fault", -d cpu_reset) and every shutdown request with its reason (3 = the guest
+    # fault", -d cpu_reset) and every shutdown request with its reason (6 = the guest
     # powered off; a reset under -no-reboot has none) into l1-qemu*.log.
     qlog = os.path.join(logdir, console_name.replace("console", "qemu"))
     cmd += ["-d", "cpu_reset", "-D", qlog, "-trace", "qemu_system_shutdown_request"]
@@ -1063,7 +1063,7 @@ def l1_end_reason(logdir, console_name):
         return f"L1 triple-faulted (QEMU TCG's nested SVM; {os.path.basename(path)} has its registers)"
     m = re.findall(r"qemu_system_shutdown_request reason=(\d+)", text)
     if m:
-        return f"a shutdown request, reason {m[-1]} (3 = L1 powered off)"
+        return f"a shutdown request, reason {m[-1]} (6 = guest-shutdown: L1 powered off; 7 = guest-reset)"
     return "a reset with no triple fault logged and no shutdown request (L1 reset itself)"
 
 

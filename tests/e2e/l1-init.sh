@@ -171,7 +171,7 @@ run_vmm_kind() {
 }
 
 # QEMU's trace of how a run ended (stderr, @@E lines): a power-off shows
-# `qemu_system_shutdown_request reason=3` (guest-shutdown) before the runstate turns
+# `qemu_system_shutdown_request reason=6` (guest-shutdown) before the runstate turns
 # to shutdown; a guest reset under -no-reboot turns it with no such request. The
 # judge (harness.py Run.broke) names the reset instead of a bare "exit 0".
 QEMU_DIAG="-trace qemu_system_shutdown_request -trace runstate_set"
