@@ -1032,7 +1032,7 @@ def l1_panic(console_path):
     try:
         with open(console_path, errors="replace") as f:
             f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 65536))
+            f.seek(max(0, f.tell() - (1 << 20)))  # a recursive-fault trace runs long
             lines = [l.rstrip() for l in f.read().splitlines() if "@@" not in l]
     except OSError:
         return None
