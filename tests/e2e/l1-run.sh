@@ -287,7 +287,8 @@ rn_scenario() {
 		rn_ck long-work l1-outputs sh -c "cd $w && for f in src/*.txt; do xzcat out/\${f#src/}.xz | cmp - \$f || exit 1; done"
 		rn_ck long-work l1-sums sh -c "cd $w && sha256sum -c sums.txt >/dev/null"
 		rn_ck long-work l1-git sh -c "cd $w && git fsck --strict && [ \$(git rev-list --count HEAD) = 2 ] && git diff --quiet HEAD"
-		rn_console long-work $w
+		rn_console long-work $w 40
+		rn_vmlog long-work $w
 		;;
 	terminal)
 		rn_terminal

@@ -870,6 +870,21 @@ fn finish<T: std::fmt::Debug, E: std::fmt::Display>(
             }
             Err(Error::Session(e, console_tail(log_path, 15)))
         }
+        // The agent's connection ended without its command's status: the agent
+        // died or the guest is in trouble. The guest's init says how the agent
+        // ended when it powers off (`aivmm-init: powering off (status N)`, 128+N
+        // for signal N), so wait for that power-off (as after a command's exit)
+        // before quoting the console.
+        Err(session::Error::Disconnected) => {
+            match done_rx.recv_timeout(POWEROFF_WAIT) {
+                Ok(Ok(exit)) => tracing::info!("the VM ended after its agent disconnected: {exit:?}"),
+                Ok(Err(v)) => tracing::warn!("the VM stopped with an error: {v}"),
+                Err(_) => tracing::warn!(
+                    "the guest did not power off within {POWEROFF_WAIT:?} of its agent disconnecting; stopping it"
+                ),
+            }
+            Err(Error::Session(session::Error::Disconnected, console_tail(log_path, 15)))
+        }
         Err(e) => Err(Error::Session(e, console_tail(log_path, 15))),
     }
 }
@@ -946,6 +961,19 @@ mod tests {
         let r = finish(Err(fault), &rx, log.path(), &button);
         assert!(matches!(r, Err(Error::Session(session::Error::Protocol(_), _))), "{r:?}");
         assert!(t.elapsed() >= Duration::from_millis(300), "the error came before the VM was off");
+        assert_eq!(button.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+        vm.join().unwrap();
+        // A disconnected agent: the guest's own power-off is waited for (its init
+        // says on the console how the agent ended), with no press.
+        let (tx, rx) = mpsc::channel::<std::result::Result<&str, String>>();
+        let vm = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            tx.send(Ok("PowerOff")).unwrap();
+        });
+        let t = Instant::now();
+        let r = finish(Err(session::Error::Disconnected), &rx, log.path(), &button);
+        assert!(matches!(r, Err(Error::Session(session::Error::Disconnected, _))), "{r:?}");
+        assert!(t.elapsed() >= Duration::from_millis(200), "reported before the guest was off");
         assert_eq!(button.0.load(std::sync::atomic::Ordering::SeqCst), 1);
         vm.join().unwrap();
         // A host-side failure is reported at once, with no press.
