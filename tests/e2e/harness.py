@@ -18,7 +18,8 @@ Environment:
   E2E_VERBOSE=1     echo L1's console to stderr while it runs
   E2E_STALL         seconds of console silence after which the watchdog looks at L1's vCPUs
                     (default 60; L1's real-time heartbeat prints every 10 s): registers
-                    changing = busy, wait (up to E2E_BUSY_MAX, default 900 s of silence);
+                    changing (general-purpose registers; RIP, RSP and flags alone are a
+                    loop) = busy, wait (up to E2E_BUSY_MAX, default 900 s of silence);
                     all halted or frozen = stuck: sysrq dumps (keyboard interrupts, which
                     also wake a CPU whose timer was lost), then, if no heartbeat follows,
                     L1 is hung and a fresh L1 runs what it left
@@ -1092,7 +1093,10 @@ def sample_vcpus(monitor, path, label, samples=3):
         out = []
         for block in re.split(r"(?m)^CPU#\d+", regs)[1:]:
             rip = re.search(r"RIP=([0-9a-f]+)", block)
-            gprs = " ".join(re.findall(r"\b(?:R[A-Z0-9]{1,2}|E?FL)=[0-9a-f]+", block))
+            # The general-purpose registers only: a CPU looping through the same
+            # entry code (an interrupt storm, a livelock) moves RIP, RSP and the
+            # flags but none of these; `rep stosb` clearing a page moves RCX/RDI.
+            gprs = " ".join(re.findall(r"\b(?:RAX|RBX|RCX|RDX|RSI|RDI|RBP|R8|R9|R1[0-5]) ?=[0-9a-f]+", block))
             out.append((rip.group(1) if rip else "?", "HLT=1" in block, gprs))
         return out
 
@@ -1103,11 +1107,13 @@ def sample_vcpus(monitor, path, label, samples=3):
     for n in range(ncpu):
         seen = [c[n] for c in cpus]
         # Idle CPUs wake for the odd interrupt: a CPU counts as working only if it was
-        # running in most samples and its registers changed.
+        # running in most samples and its general-purpose registers changed (RIP, RSP
+        # and flags alone moving is a loop that makes no progress: stuck).
         halted = sum(1 for _, h, _ in seen if h) * 2 > len(seen)
         moving = not halted and len({g for _, _, g in seen}) > 1
         busy = busy or moving
-        state = "halted" if halted else "moving" if moving else "frozen"
+        looping = not halted and not moving and len({r for r, _, _ in seen}) > 1
+        state = "halted" if halted else "moving" if moving else "looping" if looping else "frozen"
         summary.append(f"CPU#{n} RIP={','.join(dict.fromkeys(r for r, _, _ in seen))} ({state})")
     return ("busy" if busy else "stuck"), summary
 
