@@ -794,6 +794,20 @@ fn warn_git_configs(workdir: &Path, before: &gitconfig::Snapshot) {
     }
 }
 
+/// Waits up to [`POWEROFF_WAIT`] for the VM thread's report on `done_rx` and logs
+/// it (`the VM ended{after}: PowerOff`); a guest still up then is stopped by the
+/// exit that follows.
+fn wait_for_vm_end<T: std::fmt::Debug, E: std::fmt::Display>(
+    done_rx: &mpsc::Receiver<std::result::Result<T, E>>,
+    after: &str,
+) {
+    match done_rx.recv_timeout(POWEROFF_WAIT) {
+        Ok(Ok(exit)) => tracing::info!("the VM ended{after}: {exit:?}"),
+        Ok(Err(e)) => tracing::warn!("the VM stopped with an error{after}: {e}"),
+        Err(_) => tracing::warn!("the guest did not power off within {POWEROFF_WAIT:?}{after}; stopping it"),
+    }
+}
+
 /// The exit status of a run whose session ended with `result`, once the VM
 /// thread (reporting on `done_rx`) has ended too.
 fn finish<T: std::fmt::Debug, E: std::fmt::Display>(
@@ -806,15 +820,7 @@ fn finish<T: std::fmt::Debug, E: std::fmt::Display>(
         Ok(code) => {
             tracing::info!("the command exited with status {code}");
             // The agent has exited; the guest's init powers off now.
-            match done_rx.recv_timeout(POWEROFF_WAIT) {
-                Ok(Ok(exit)) => tracing::info!("the VM ended: {exit:?}"),
-                Ok(Err(e)) => {
-                    tracing::warn!("the VM stopped with an error after the command exited: {e}")
-                }
-                Err(_) => {
-                    tracing::warn!("the guest did not power off within {POWEROFF_WAIT:?}; stopping it")
-                }
-            }
+            wait_for_vm_end(done_rx, "");
             Ok(code)
         }
         Err(session::Error::StoppedEarly) => {
@@ -834,11 +840,7 @@ fn finish<T: std::fmt::Debug, E: std::fmt::Display>(
         // The power button ended the guest before its command ran.
         Err(e) if STOP_REQUESTED.load(std::sync::atomic::Ordering::SeqCst) => {
             tracing::info!("stopped while the guest was starting ({e})");
-            match done_rx.recv_timeout(POWEROFF_WAIT) {
-                Ok(Ok(exit)) => tracing::info!("the VM ended: {exit:?}"),
-                Ok(Err(e)) => tracing::warn!("the VM stopped with an error: {e}"),
-                Err(_) => tracing::warn!("the guest did not power off within {POWEROFF_WAIT:?}"),
-            }
+            wait_for_vm_end(done_rx, "");
             Ok(128 + LAST_SIGNAL.load(std::sync::atomic::Ordering::SeqCst))
         }
         Err(session::Error::Cancelled) => {
@@ -861,13 +863,7 @@ fn finish<T: std::fmt::Debug, E: std::fmt::Display>(
             if let Err(b) = button.press() {
                 tracing::warn!("cannot press the power button: {b}");
             }
-            match done_rx.recv_timeout(POWEROFF_WAIT) {
-                Ok(Ok(exit)) => tracing::info!("the VM ended after its agent's connection was closed: {exit:?}"),
-                Ok(Err(v)) => tracing::warn!("the VM stopped with an error: {v}"),
-                Err(_) => tracing::warn!(
-                    "the guest did not power off within {POWEROFF_WAIT:?} of its agent's connection closing; stopping it"
-                ),
-            }
+            wait_for_vm_end(done_rx, " after its agent's connection was closed");
             Err(Error::Session(e, console_tail(log_path, 15)))
         }
         // The agent's connection ended without its command's status: the agent
@@ -876,13 +872,7 @@ fn finish<T: std::fmt::Debug, E: std::fmt::Display>(
         // for signal N), so wait for that power-off (as after a command's exit)
         // before quoting the console.
         Err(session::Error::Disconnected) => {
-            match done_rx.recv_timeout(POWEROFF_WAIT) {
-                Ok(Ok(exit)) => tracing::info!("the VM ended after its agent disconnected: {exit:?}"),
-                Ok(Err(v)) => tracing::warn!("the VM stopped with an error: {v}"),
-                Err(_) => tracing::warn!(
-                    "the guest did not power off within {POWEROFF_WAIT:?} of its agent disconnecting; stopping it"
-                ),
-            }
+            wait_for_vm_end(done_rx, " after its agent disconnected");
             Err(Error::Session(session::Error::Disconnected, console_tail(log_path, 15)))
         }
         Err(e) => Err(Error::Session(e, console_tail(log_path, 15))),
