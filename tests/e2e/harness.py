@@ -32,6 +32,8 @@ Environment:
                     that the console storm stays small
   E2E_L1_CMDLINE    extra words for L1's kernel command line (default "init_on_free=1",
                     see run_l1; "" to boot L1 without it)
+  E2E_L1_ACCEL      L0's -accel for L1 (default "tcg,thread=multi")
+  E2E_L1_SMP        L1's vCPUs (default 2)
   E2E_L0_QEMU       the QEMU that runs L1 (default qemu-system-x86_64 on PATH; e.g. an
                     unpacked bookworm-backports QEMU 10). QEMU inside L1 stays the PATH one
   E2E_L2_KERNEL     another L2 kernel (a bzImage with its virtio drivers built in, e.g.
@@ -122,6 +124,8 @@ NOT_DEFAULT.update(e2e_bench.NOT_DEFAULT)
 
 L2_CMDLINE_NOTE = "console=ttyS0 quiet panic=-1 aivmm.scenario=<name>"
 L1_MEM = "3072"
+L1_ACCEL = os.environ.get("E2E_L1_ACCEL", "tcg,thread=multi")
+L1_SMP = os.environ.get("E2E_L1_SMP", "2")
 # Seconds allowed for one `aivmm run --workdir` with the Debian guest inside L1.
 GUEST_TIMEOUT = int(os.environ.get("E2E_GUEST_TIMEOUT", "240"))
 TAIL = 20
@@ -972,8 +976,8 @@ def run_l1(kernel, l1, names, vmm_mode, runs, vto, overall, logdir, t0, guest_im
     l1_extra = os.environ.get("E2E_L1_CMDLINE", "init_on_free=1")
     append = (f"console=ttyS0 quiet panic=-1 mitigations=off nokaslr {l1_extra} e2e.scenarios={','.join(names)} "
               f"e2e.vmm={vmm_mode} e2e.runs={runs} e2e.timeout={vto} e2e.guest_timeout={GUEST_TIMEOUT}")
-    cmd = [os.environ.get("E2E_L0_QEMU") or "qemu-system-x86_64", "-accel", "tcg,thread=multi", "-M", "pc", "-cpu", "max",
-           "-m", L1_MEM, "-smp", "2", "-nographic", "-no-reboot", "-net", "none",
+    cmd = [os.environ.get("E2E_L0_QEMU") or "qemu-system-x86_64", "-accel", L1_ACCEL, "-M", "pc", "-cpu", "max",
+           "-m", L1_MEM, "-smp", L1_SMP, "-nographic", "-no-reboot", "-net", "none",
            "-kernel", kernel, "-initrd", l1, "-append", append]
     cmd += guest_image_drives(guest_images)
     # Why L1 ends, for an L1 that ends early: QEMU logs a TCG triple fault ("Triple
