@@ -100,12 +100,13 @@
 //! - **`..` stays inside.** A `..` lookup whose result is no longer under the share
 //!   root (a directory the host moved out while the guest held it) is refused (EACCES).
 
+use std::collections::HashMap;
 use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn};
@@ -335,6 +336,16 @@ pub struct ShareFs {
     /// Whether aivmm ran as root when the share was made, so each request is
     /// carried out as its caller ([`AsCaller`]).
     switch_ids: bool,
+    /// The open flags of each handle, as the handle was opened. READ and WRITE
+    /// pass these to fuse-backend-rs, never the guest's per-request flags: given
+    /// other flags it `fcntl(F_SETFL)`s the handle's fd, and if that fails (an
+    /// O_NOATIME the caller may not set, an O_DIRECT the file system lacks) it
+    /// returns early through a path that closes the fd while the handle still
+    /// holds it. The fd number is then free for the next open (any file aivmm
+    /// opens), and the stale handle reads and writes that file, until its
+    /// release closes it a second time. (fuse-backend-rs 0.14, sync_io.rs
+    /// `read`/`write`: the borrowed `File` is dropped on the `?`.)
+    handle_flags: Mutex<HashMap<u64, u32>>,
 }
 
 impl ShareFs {
@@ -353,6 +364,7 @@ impl ShareFs {
             root,
             protection,
             switch_ids: running_as_root(),
+            handle_flags: Mutex::new(HashMap::new()),
         };
         fs.import(false)?;
         Ok(fs)
@@ -364,6 +376,7 @@ impl ShareFs {
         with_private_umask(|| {
             if destroy {
                 // Empties the tables and imports again (logging a failure).
+                self.handle_flags_table().clear();
                 self.inner.destroy();
                 Ok(())
             } else {
@@ -371,6 +384,24 @@ impl ShareFs {
             }
         })?;
         self.check_root()
+    }
+
+    fn handle_flags_table(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u32>> {
+        self.handle_flags.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn remember_flags(&self, handle: u64, flags: u32) {
+        self.handle_flags_table().insert(handle, flags);
+    }
+
+    /// The flags `handle` was opened with; for a handle aivmm does not know,
+    /// `fallback`, the flags fuse-backend-rs opens a handle-less file with (so no
+    /// `fcntl` happens either way).
+    fn flags_of(&self, handle: u64, fallback: i32) -> u32 {
+        self.handle_flags_table()
+            .get(&handle)
+            .copied()
+            .unwrap_or(fallback as u32)
     }
 
     /// Whether the root inode is still the directory opened at creation (EIO if not).
@@ -813,7 +844,11 @@ impl FileSystem for ShareFs {
         if open_writes(flags) {
             self.check_unprotected(ctx, inode)?;
         }
-        self.inner.open(ctx, inode, flags, fuse_flags)
+        let opened = self.inner.open(ctx, inode, flags, fuse_flags)?;
+        if let Some(h) = opened.0 {
+            self.remember_flags(h, flags);
+        }
+        Ok(opened)
     }
 
     fn create(
@@ -857,6 +892,9 @@ impl FileSystem for ShareFs {
             self.inner.forget(ctx, entry.inode, 1);
             return Err(io::Error::from_raw_os_error(libc::EPERM));
         }
+        if let Some(h) = handle {
+            self.remember_flags(h, args.flags);
+        }
         Ok((entry, handle, opts, passthrough))
     }
 
@@ -871,6 +909,8 @@ impl FileSystem for ShareFs {
         lock_owner: Option<u64>,
         flags: u32,
     ) -> io::Result<usize> {
+        let _ = flags; // see `handle_flags`
+        let flags = self.flags_of(handle, libc::O_RDONLY);
         self.inner
             .read(ctx, inode, handle, w, size, offset, lock_owner, flags)
     }
@@ -891,6 +931,8 @@ impl FileSystem for ShareFs {
         let (_caller, ctx) = self.as_caller(ctx)?;
         let ctx = &ctx;
         self.check_writable()?;
+        let _ = flags; // see `handle_flags`
+        let flags = self.flags_of(handle, libc::O_RDWR);
         self.inner.write(
             ctx,
             inode,
@@ -939,6 +981,7 @@ impl FileSystem for ShareFs {
         flock_release: bool,
         lock_owner: Option<u64>,
     ) -> io::Result<()> {
+        self.handle_flags_table().remove(&handle);
         self.inner
             .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
     }

@@ -233,6 +233,31 @@ pub fn read(ino: u64, fh: u64, offset: u64, size: u32) -> Request {
     })
 }
 
+/// `FUSE_WRITE` of `data` at `offset` through handle `fh`, with the per-request
+/// file `flags` a driver may put there.
+pub fn write_with_flags(ino: u64, fh: u64, offset: u64, data: &[u8], flags: u32) -> Request {
+    Request::new(Opcode::Write, ino)
+        .obj(WriteIn {
+            fh,
+            offset,
+            size: u32::try_from(data.len()).unwrap(),
+            flags,
+            ..Default::default()
+        })
+        .bytes(data)
+}
+
+/// `FUSE_READ` with the per-request file `flags`.
+pub fn read_with_flags(ino: u64, fh: u64, offset: u64, size: u32, flags: u32) -> Request {
+    Request::new(Opcode::Read, ino).obj(ReadIn {
+        fh,
+        offset,
+        size,
+        flags,
+        ..Default::default()
+    })
+}
+
 /// `FUSE_READDIR` of `size` bytes from `offset` through handle `fh`.
 pub fn readdir(ino: u64, fh: u64, offset: u64, size: u32) -> Request {
     Request::new(Opcode::Readdir, ino).obj(ReadIn {

@@ -152,6 +152,42 @@ mod tests {
         (tmp, server)
     }
 
+    /// A READ or WRITE whose per-request flags the host cannot set on the handle's
+    /// fd (here O_NOATIME from a caller who does not own the file) must fail or be
+    /// ignored without closing that fd: fuse-backend-rs closes it on that path,
+    /// and the handle then reads and writes whatever file takes the number next.
+    #[test]
+    fn per_request_flags_never_close_a_handles_fd() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root (a share made by root acts as its caller)");
+            return;
+        }
+        let (tmp, server) = setup(false);
+        let mem = guest_memory(SESSION_MEM);
+        let mut s = Session::new(&mem);
+        let mut h = |c: DescriptorChain<&GuestMemoryMmap>| handle_chain(&server, &mem, c);
+        assert_eq!(s.call(&fuse::init(), &mut h).errno(), 0);
+        let flags = (libc::O_RDWR | libc::O_CREAT) as u32;
+        let r = s.call(&fuse::create(ROOT_ID, "mine.txt", flags, 0o666), &mut h);
+        let (ino, fh) = (r.entry().nodeid, r.create_open().fh);
+        assert_eq!(s.call(&fuse::write(ino, fh, 0, b"root's data"), &mut h).write().size, 11);
+
+        // Another guest user, through the same open handle, with O_NOATIME.
+        s.ids = (1000, 1000);
+        let noatime = (libc::O_RDWR | libc::O_NOATIME) as u32;
+        for _ in 0..3 {
+            let _ = s.call(&fuse::write_with_flags(ino, fh, 0, b"ROOT", noatime), &mut h);
+            let _ = s.call(&fuse::read_with_flags(ino, fh, 0, 4, noatime), &mut h);
+        }
+        s.ids = (0, 0);
+        let r = s.call(&fuse::read(ino, fh, 0, 64), &mut h);
+        assert_eq!(r.errno(), 0, "the handle's fd was closed under it");
+        assert!(r.body.ends_with(b"'s data"), "read {:?}", String::from_utf8_lossy(&r.body));
+        assert_eq!(s.call(&fuse::release(ino, fh), &mut h).errno(), 0);
+        drop(tmp);
+    }
+
     #[test]
     fn fuse_round_trip_reaches_the_host() {
         let (tmp, server) = setup(false);
