@@ -22,6 +22,7 @@
 //! The backend outlives a device reset: the worker hands it back when it stops.
 
 pub mod backend;
+pub mod usernet;
 pub mod device;
 #[cfg(test)]
 mod proptests;
