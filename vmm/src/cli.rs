@@ -23,6 +23,8 @@ pub struct Cli {
 }
 
 /// The subcommands.
+// `run`'s arguments are the big variant; the enum is parsed once per process.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a command (by default `claude`) in a VM on a work directory, or boot a
@@ -232,13 +234,26 @@ pub struct RunArgs {
     /// `mount -t virtiofs TAG DIR`. `:ro` makes it read-only.
     #[arg(long, value_name = "HOST_DIR:TAG[:ro]")]
     pub share: Vec<String>,
-    /// Network: none, user (passt: DHCP, DNS and NAT, no root), tap:NAME, or unix:PATH
-    /// (a unix datagram socket such as gvproxy's).
+    /// Network: none; user (aivmm's own user-mode network: DHCP, DNS and NAT under
+    /// an egress policy, no root); passt (the passt program, Linux); tap:NAME; or
+    /// unix:PATH (a unix datagram socket such as gvproxy's).
     #[arg(long, value_name = "MODE", value_parser = parse_net_arg)]
     pub net: Option<config::NetMode>,
     /// Forward 127.0.0.1:HOSTPORT to the guest's GUESTPORT (with --net user); add /udp for UDP.
     #[arg(long, value_name = "HOSTPORT:GUESTPORT[/udp]", value_parser = parse_forward_arg)]
     pub forward: Vec<config::Forward>,
+    /// Open a destination the egress policy of --net user closes (the host's
+    /// loopback through the gateway 10.0.2.2, link-local and private ranges):
+    /// an address, a CIDR or a host name, with an optional port, e.g.
+    /// 127.0.0.1:11434 or 192.168.1.0/24. May be repeated.
+    #[arg(long, value_name = "HOST|CIDR[:PORT]", value_parser = parse_policy_arg)]
+    pub net_allow: Vec<String>,
+    /// Let the guest reach only these (comma-separated, may be repeated): DNS
+    /// names (`*.example.com` for subdomains), matched through the DNS answers
+    /// aivmm gave the guest, and public addresses or CIDRs, each with an optional
+    /// port, e.g. api.anthropic.com,registry.npmjs.org,github.com.
+    #[arg(long, value_name = "NAME|CIDR[:PORT],...", value_parser = parse_policy_arg)]
+    pub net_allow_only: Vec<String>,
     /// Attach virtio-vsock with its host side at this unix socket: host programs connect
     /// to PATH and send `CONNECT <port>\n`; guest connections to CID 2 port P go to PATH_P.
     #[arg(long, value_name = "PATH")]
@@ -265,6 +280,11 @@ pub struct RunArgs {
 
 fn parse_net_arg(s: &str) -> Result<config::NetMode, String> {
     config::parse_net(s).map_err(|e| e.to_string())
+}
+
+fn parse_policy_arg(s: &str) -> Result<String, String> {
+    aivmm_devices::virtio::net::usernet::policy::validate_spec(s).map_err(|e| e.to_string())?;
+    Ok(s.to_string())
 }
 
 fn parse_forward_arg(s: &str) -> Result<config::Forward, String> {

@@ -41,14 +41,20 @@ pub enum Error {
     )]
     Share(String),
     /// A `--net` value could not be parsed.
-    #[error("bad --net '{0}': use none, user, tap:NAME or unix:PATH")]
+    #[error("bad --net '{0}': use none, user, passt, tap:NAME or unix:PATH")]
     Net(String),
     /// A `--forward` value could not be parsed.
     #[error("bad --forward '{0}': use HOSTPORT:GUESTPORT, optionally with /udp (ports 1-65535)")]
     Forward(String),
     /// Port forwards need user-mode networking.
-    #[error("--forward needs user-mode networking (--net user)")]
+    #[error("--forward needs user-mode networking (--net user or --net passt)")]
     ForwardNeedsUser,
+    /// An egress rule was given without aivmm's own user-mode network.
+    #[error("--net-allow and --net-allow-only need aivmm's user-mode network (--net user)")]
+    PolicyNeedsUser,
+    /// An egress rule is malformed.
+    #[error("{0}")]
+    Policy(String),
     /// The vsock guest CID is reserved or does not fit.
     #[error("the vsock guest CID must be between 3 and 4294967294, not {0}")]
     VsockCid(u64),
@@ -139,6 +145,8 @@ pub struct VmConfig {
     pub shares: Vec<FsConfig>,
     /// The network card, if any.
     pub net: NetMode,
+    /// The egress policy of `--net user`.
+    pub net_policy: aivmm_devices::virtio::net::usernet::PolicyConfig,
     /// Host ports forwarded into the guest (user-mode networking).
     pub forwards: Vec<Forward>,
     /// The vsock device, if any.
@@ -158,8 +166,11 @@ pub enum NetMode {
     /// No network card.
     #[default]
     None,
-    /// User-mode networking through passt: DHCP, DNS, outbound NAT, no root.
+    /// aivmm's own user-mode network (in-process): DHCP, DNS, outbound NAT
+    /// under an egress policy, no root, no helper process.
     User,
+    /// User-mode networking through a passt child process (Linux).
+    Passt,
     /// A TAP interface (needs CAP_NET_ADMIN or a TAP owned by the user).
     Tap(String),
     /// A unix datagram socket, one frame per datagram (gvproxy, vmnet-helper).
@@ -170,7 +181,8 @@ pub enum NetMode {
 pub fn parse_net(s: &str) -> Result<NetMode> {
     match s {
         "none" => Ok(NetMode::None),
-        "user" | "passt" => Ok(NetMode::User),
+        "user" => Ok(NetMode::User),
+        "passt" => Ok(NetMode::Passt),
         _ => match s.split_once(':') {
             Some(("tap", name)) if !name.is_empty() && name.len() < 16 => {
                 Ok(NetMode::Tap(name.into()))
@@ -363,8 +375,12 @@ impl VmConfig {
         if devices > MAX_VIRTIO_DEVICES {
             return Err(Error::TooManyDevices(MAX_VIRTIO_DEVICES));
         }
-        if !self.forwards.is_empty() && self.net != NetMode::User {
+        if !self.forwards.is_empty() && !matches!(self.net, NetMode::User | NetMode::Passt) {
             return Err(Error::ForwardNeedsUser);
+        }
+        let policy = &self.net_policy;
+        if (!policy.allow.is_empty() || policy.allow_only.is_some()) && self.net != NetMode::User {
+            return Err(Error::PolicyNeedsUser);
         }
         // The helper would refuse the second bind and leave the guest without network.
         let mut ports: Vec<(u16, bool)> = self.forwards.iter().map(|f| (f.host, f.udp)).collect();
@@ -442,6 +458,7 @@ mod tests {
             disks: vec![],
             shares: vec![],
             net: NetMode::None,
+            net_policy: Default::default(),
             forwards: vec![],
             vsock: None,
             seccomp: crate::seccomp::SeccompMode::On,

@@ -100,21 +100,30 @@ pub fn virtio_devices(config: &VmConfig) -> Result<Vec<(String, Box<dyn VirtioDe
     }
     if config.net != crate::config::NetMode::None {
         use aivmm_devices::virtio::net;
+        let forwards: Vec<net::PortForward> = config
+            .forwards
+            .iter()
+            .map(|f| net::PortForward {
+                host_port: f.host,
+                guest_port: f.guest,
+                udp: f.udp,
+            })
+            .collect();
         let backend = match &config.net {
             crate::config::NetMode::Tap(name) => net::BackendConfig::Tap { name: name.clone() },
             crate::config::NetMode::Unix(path) => {
                 net::BackendConfig::UnixDgram { path: path.clone() }
             }
-            _ => net::BackendConfig::Passt {
-                forwards: config
-                    .forwards
-                    .iter()
-                    .map(|f| net::PortForward {
-                        host_port: f.host,
-                        guest_port: f.guest,
-                        udp: f.udp,
-                    })
-                    .collect(),
+            crate::config::NetMode::Passt => net::BackendConfig::Passt { forwards },
+            _ => net::BackendConfig::User {
+                config: net::usernet::UserNetConfig {
+                    forwards,
+                    policy: config.net_policy.clone(),
+                    limits: Default::default(),
+                },
+                // Under seccomp the gateway thread waits for its filter (vmm::run).
+                gated: config.seccomp == crate::seccomp::SeccompMode::On
+                    && cfg!(target_os = "linux"),
             },
         };
         let dev = net::Net::new(net::NetConfig { backend, mac: None })

@@ -374,7 +374,7 @@ pub fn plan_extras(
     }
     if settings.ssh.value {
         match settings.net.value {
-            NetMode::User => {}
+            NetMode::User | NetMode::Passt => {}
             _ => {
                 return Err(Error::Ssh(machine::user_net_needed(std::env::consts::OS).into()))
             }

@@ -148,12 +148,11 @@ impl<A: HvfApi> MachineBuilder for HvfHypervisor<A> {
 }
 
 /// The network of a run whose command line names none, on host `os`
-/// (`std::env::consts::OS`): user-mode networking (passt) where passt runs
-/// (Linux), none elsewhere (macOS: passt is Linux-only, and `--net unix:PATH`
-/// needs a gvproxy or vmnet-helper the user starts).
+/// (`std::env::consts::OS`): aivmm's own user-mode network on the hosts it
+/// runs on (Linux and macOS), none elsewhere.
 pub fn default_net_for(os: &str) -> NetMode {
     match os {
-        "linux" => NetMode::User,
+        "linux" | "macos" => NetMode::User,
         _ => NetMode::None,
     }
 }
@@ -171,7 +170,7 @@ pub fn default_net_arg(os: &str) -> &'static str {
 pub fn user_net_needed(os: &str) -> &'static str {
     match default_net_for(os) {
         NetMode::User => "needs user-mode networking (--net user, the default)",
-        _ => "needs user-mode networking (--net user), which is Linux-only (passt)",
+        _ => "needs user-mode networking (--net user), which this host does not have",
     }
 }
 
@@ -189,20 +188,24 @@ mod tests {
     #[test]
     fn hvf_default_net_is_none_on_macos_and_user_on_linux() {
         assert_eq!(default_net_for("linux"), NetMode::User);
-        assert_eq!(default_net_for("macos"), NetMode::None);
+        assert_eq!(default_net_for("macos"), NetMode::User);
         assert_eq!(default_net(), NetMode::User, "this test host is Linux");
-        assert_eq!(default_net_arg("macos"), "none");
+        assert_eq!(default_net_for("freebsd"), NetMode::None);
+        assert_eq!(default_net_arg("macos"), "user");
         assert_eq!(default_net_arg("linux"), "user");
+        assert_eq!(default_net_arg("freebsd"), "none");
         assert!(user_net_needed("linux").contains("the default"));
-        let mac = user_net_needed("macos");
+        assert!(user_net_needed("macos").contains("the default"));
+        let other = user_net_needed("freebsd");
         assert!(
-            mac.contains("--net user") && !mac.contains("default"),
-            "{mac}"
+            other.contains("--net user") && !other.contains("default"),
+            "{other}"
         );
     }
 
-    /// `aivmm builder` on a Mac boots its VM with no network by default, and that
-    /// VM's `aivmm run` arguments are accepted by the HVF path.
+    /// `aivmm builder` on a Mac boots its VM with aivmm's own network by default,
+    /// and that VM's `aivmm run` arguments are accepted by the HVF path; passt's
+    /// are not.
     #[test]
     fn hvf_builder_default_net_on_macos_is_accepted_by_hvf() {
         use clap::Parser;
@@ -224,10 +227,10 @@ mod tests {
             VmConfig::try_from(&args).unwrap()
         };
         let mac = config(default_net_arg("macos"));
-        assert_eq!(mac.net, NetMode::None);
+        assert_eq!(mac.net, NetMode::User);
         assert!(crate::vmm_hvf_run::hvf_config(&mac).is_ok());
-        let linux = config(default_net_arg("linux"));
-        assert_eq!(linux.net, NetMode::User);
-        assert!(crate::vmm_hvf_run::hvf_config(&linux).is_err());
+        let passt = config("passt");
+        assert_eq!(passt.net, NetMode::Passt);
+        assert!(crate::vmm_hvf_run::hvf_config(&passt).is_err());
     }
 }

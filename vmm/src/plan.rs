@@ -148,6 +148,10 @@ fn vm(
         disks,
         shares,
         net: s.net.value.clone(),
+        net_policy: aivmm_devices::virtio::net::usernet::PolicyConfig {
+            allow: s.net_allow.iter().map(|a| a.value.clone()).collect(),
+            allow_only: s.net_allow_only.as_ref().map(|o| o.value.clone()),
+        },
         forwards,
         vsock,
         seccomp: a.seccomp,

@@ -13,7 +13,10 @@
 //! `~/.config/aivmm/config.toml`), then the workdir's, then the command line.
 //! A later source's value replaces an earlier one's (`claude_auth = false` in
 //! the workdir turns off the user's `true`); lists (`forward`, `env`, `share`,
-//! `share_ro`, `share_rw`) are joined in that order.
+//! `share_ro`, `share_rw`, `net_allow`) are joined in that order.
+//! `net_allow_only` is the exception: the user's file and the command line set
+//! it, and a workdir's file only narrows it (what both lists allow; see
+//! [`PolicyConfig::narrowed_by`]), so a workdir can never widen the egress policy.
 //!
 //! The user's file and the command line are trusted. The workdir's file is not
 //! (the guest can write it, and so can any repository the user clones): on its
@@ -29,6 +32,8 @@
 //! disk_size = "32G"
 //! net = "user"
 //! forward = ["3000:3000"]
+//! net_allow = ["127.0.0.1:11434"]
+//! net_allow_only = ["api.anthropic.com", "registry.npmjs.org", "*.github.com"]
 //! env = ["ANTHROPIC_API_KEY"]
 //! share = ["/home/me/notes:notes:ro"]
 //! share_ro = ["/home/me/docs"]
@@ -48,6 +53,7 @@ use sha2::{Digest, Sha256};
 
 use crate::cli::RunArgs;
 use crate::config::{self, Forward, NetMode};
+use aivmm_devices::virtio::net::usernet::policy::{self, PolicyConfig};
 use crate::pins::{self, Pins};
 
 /// Errors in a settings file.
@@ -130,6 +136,11 @@ pub struct Settings {
     /// Port forwards, as `--forward`.
     #[serde(default)]
     pub forward: Vec<String>,
+    /// Destinations the egress policy opens, as `--net-allow`.
+    #[serde(default)]
+    pub net_allow: Vec<String>,
+    /// The strict egress allowlist, as `--net-allow-only`.
+    pub net_allow_only: Option<Vec<String>>,
     /// Environment passthrough, as `--env`.
     #[serde(default)]
     pub env: Vec<String>,
@@ -162,6 +173,10 @@ pub struct Layer {
     pub net: Option<NetMode>,
     /// Port forwards.
     pub forward: Vec<Forward>,
+    /// `--net-allow` entries.
+    pub net_allow: Vec<String>,
+    /// `--net-allow-only` entries (`None`: not set here).
+    pub net_allow_only: Option<Vec<String>>,
     /// Environment passthrough (`NAME` or `NAME=VALUE`).
     pub env: Vec<String>,
     /// `--share` entries (`HOST_DIR:TAG[:ro]`).
@@ -174,6 +189,17 @@ pub struct Layer {
     pub claude_auth: Option<bool>,
     /// Start sshd in the guest.
     pub ssh: Option<bool>,
+}
+
+/// Checks each egress rule's syntax (`net_allow`, `net_allow_only`).
+fn check_specs(specs: &[String], key: &str, path: &Path) -> Result<Vec<String>> {
+    for s in specs {
+        policy::validate_spec(s).map_err(|e| Error::Parse {
+            path: path.to_path_buf(),
+            reason: format!("{key}: {e}"),
+        })?;
+    }
+    Ok(specs.to_vec())
 }
 
 impl Layer {
@@ -208,6 +234,12 @@ impl Layer {
                 .iter()
                 .map(|f| config::parse_forward(f).map_err(|e| bad("forward", e)))
                 .collect::<Result<_>>()?,
+            net_allow: check_specs(&s.net_allow, "net_allow", path)?,
+            net_allow_only: s
+                .net_allow_only
+                .as_ref()
+                .map(|l| check_specs(l, "net_allow_only", path))
+                .transpose()?,
             env: s.env.clone(),
             share: s.share.clone(),
             share_ro: s.share_ro.clone(),
@@ -225,6 +257,8 @@ impl Layer {
             disk_size: a.size.disk_size,
             net: a.net.clone(),
             forward: a.forward.clone(),
+            net_allow: a.net_allow.clone(),
+            net_allow_only: (!a.net_allow_only.is_empty()).then(|| a.net_allow_only.clone()),
             env: a.env.clone(),
             share: a.share.clone(),
             share_ro: a.share_ro.clone(),
@@ -289,6 +323,10 @@ pub struct RunConfig {
     pub net: Sourced<NetMode>,
     /// Port forwards.
     pub forward: Vec<Sourced<Forward>>,
+    /// Destinations the egress policy opens.
+    pub net_allow: Vec<Sourced<String>>,
+    /// The strict egress allowlist, if any.
+    pub net_allow_only: Option<Sourced<Vec<String>>>,
     /// Environment passthrough.
     pub env: Vec<Sourced<String>>,
     /// `--share` entries.
@@ -312,6 +350,8 @@ impl Default for RunConfig {
             disk_size: Sourced::default(crate::launch::DEFAULT_DISK_SIZE),
             net: Sourced::default(crate::machine::default_net()),
             forward: Vec::new(),
+            net_allow: Vec::new(),
+            net_allow_only: None,
             env: Vec::new(),
             share: Vec::new(),
             share_ro: Vec::new(),
@@ -366,6 +406,12 @@ impl RunConfig {
                 ),
                 &f.source,
             );
+        }
+        for a in &self.net_allow {
+            one("net_allow", a.value.clone(), &a.source);
+        }
+        if let Some(o) = &self.net_allow_only {
+            one("net_allow_only", o.value.join(","), &o.source);
         }
         for e in &self.env {
             // Only the name: a value given here may be a secret.
@@ -491,7 +537,12 @@ pub const WIDENING_KEYS: &[&str] = &[
     "ssh",
     "net",
     "forward",
+    "net_allow",
 ];
+
+/// The keys a workdir file may set on its own because they can only narrow the
+/// sandbox (merged as an intersection, never a replacement).
+pub const NARROWING_KEYS: &[&str] = &["net_allow_only"];
 
 /// The keys a workdir file may set on its own, up to the [`Limits`].
 pub const SIZING_KEYS: &[&str] = &["cpus", "memory", "disk_size"];
@@ -550,6 +601,9 @@ pub fn widening(file: &ConfigFile, limits: &Limits) -> Vec<Widening> {
         disk_size,
         net,
         forward,
+        net_allow,
+        // Narrows only: merged as the intersection with what came before.
+        net_allow_only: _,
         env,
         share,
         share_ro,
@@ -585,6 +639,9 @@ pub fn widening(file: &ConfigFile, limits: &Limits) -> Vec<Widening> {
     }
     if !forward.is_empty() {
         add("forward", format!("{forward:?}"));
+    }
+    if !net_allow.is_empty() {
+        add("net_allow", format!("{net_allow:?}"));
     }
     let over = |max: u64| format!(" (over the {} MiB a workdir file may ask for)", max >> 20);
     if let Some(c) = cpus.filter(|c| *c > limits.cpus) {
@@ -667,6 +724,8 @@ fn merge_onto(
             disk_size,
             net,
             forward,
+            net_allow,
+            net_allow_only,
             env,
             share,
             share_ro,
@@ -679,6 +738,27 @@ fn merge_onto(
         set(&mut c.disk_size, disk_size, &src);
         set(&mut c.net, net, &src);
         join(&mut c.forward, forward, &src);
+        join(&mut c.net_allow, net_allow, &src);
+        if let Some(only) = net_allow_only {
+            let narrowed = match (&src, &c.net_allow_only) {
+                // A workdir's list narrows what came before it, never widens it.
+                (Source::WorkdirConfig(_), Some(before)) => PolicyConfig {
+                    allow: Vec::new(),
+                    allow_only: Some(before.value.clone()),
+                }
+                .narrowed_by(&PolicyConfig {
+                    allow: Vec::new(),
+                    allow_only: Some(only.clone()),
+                })
+                .allow_only
+                .unwrap_or_default(),
+                _ => only.clone(),
+            };
+            c.net_allow_only = Some(Sourced {
+                value: narrowed,
+                source: src.clone(),
+            });
+        }
         join(&mut c.env, env, &src);
         join(&mut c.share, share, &src);
         join(&mut c.share_ro, share_ro, &src);
@@ -828,6 +908,40 @@ mod tests {
         ConfigFile::from_bytes(text.as_bytes(), Path::new(path)).unwrap()
     }
 
+    /// A workdir's `net_allow_only` narrows the user's list (what both allow) and
+    /// is taken as it is when nothing came before; the command line replaces.
+    #[test]
+    fn a_workdir_allowlist_only_narrows() {
+        let user = file(
+            "net_allow_only = [\"a.example\", \"b.example:443\"]\n",
+            "/home/u/.config/aivmm/config.toml",
+        );
+        let work = file("net_allow_only = [\"b.example:443,c.example\"]\n", "/w/aivmm.toml");
+        let c = merge(Some(&user), Some(&work), &Layer::default());
+        let only = c.net_allow_only.unwrap();
+        assert_eq!(only.value, vec!["b.example:443".to_string()]);
+        assert_eq!(only.source, Source::WorkdirConfig(PathBuf::from("/w/aivmm.toml")));
+        // Nothing before it: the workdir's list is narrower than the open default.
+        let c = merge(None, Some(&work), &Layer::default());
+        assert_eq!(c.net_allow_only.unwrap().value, vec!["b.example:443,c.example".to_string()]);
+        // The workdir's list alone needs no trust; its net_allow does.
+        assert!(widening(&work, &LIMITS).is_empty());
+        let wide = file("net_allow = [\"10.0.0.0/8\"]\n", "/w/aivmm.toml");
+        assert_eq!(widening(&wide, &LIMITS)[0].key, "net_allow");
+        // The command line is the user's own word: it replaces.
+        let cli = Layer {
+            net_allow_only: Some(vec!["d.example".into()]),
+            ..Layer::default()
+        };
+        let c = merge(Some(&user), Some(&work), &cli);
+        assert_eq!(c.net_allow_only.unwrap().value, vec!["d.example".to_string()]);
+        // A malformed rule is a parse error naming the key.
+        let e = Layer::from_settings(&parse("net_allow = [\"10.0.0.1/8\"]", Path::new("/w/aivmm.toml")).unwrap(), Path::new("/w/aivmm.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("net_allow") && e.contains("10.0.0.1/8"), "{e}");
+    }
+
     const LIMITS: Limits = Limits {
         cpus: 8,
         memory: 8 << 30,
@@ -836,7 +950,8 @@ mod tests {
 
     /// Every key once, each value different from the default.
     const EVERY_KEY: &str = "cpus = 6\nmemory = \"6G\"\ndisk_size = \"20G\"\nnet = \"user\"\n\
-        forward = [\"3000:3000\"]\nenv = [\"A=1\"]\nshare = [\"/s:tag\"]\nshare_ro = [\"/r\"]\n\
+        forward = [\"3000:3000\"]\nnet_allow = [\"127.0.0.1:11434\"]\n\
+        net_allow_only = [\"api.anthropic.com\"]\nenv = [\"A=1\"]\nshare = [\"/s:tag\"]\nshare_ro = [\"/r\"]\n\
         share_rw = [\"/w\"]\nclaude_auth = true\nssh = true\n";
 
     #[test]
@@ -849,10 +964,11 @@ mod tests {
         );
         // Every key of the file is in exactly one of the two sets.
         let table: toml::Table = toml::from_str(EVERY_KEY).unwrap();
-        assert_eq!(table.len(), WIDENING_KEYS.len() + SIZING_KEYS.len());
+        assert_eq!(table.len(), WIDENING_KEYS.len() + SIZING_KEYS.len() + NARROWING_KEYS.len());
         for k in table.keys() {
-            let n =
-                WIDENING_KEYS.contains(&k.as_str()) as u8 + SIZING_KEYS.contains(&k.as_str()) as u8;
+            let n = WIDENING_KEYS.contains(&k.as_str()) as u8
+                + SIZING_KEYS.contains(&k.as_str()) as u8
+                + NARROWING_KEYS.contains(&k.as_str()) as u8;
             assert_eq!(n, 1, "{k}");
         }
         // One key at a time: the widening ones alone need trust; off-values narrow.
@@ -1026,7 +1142,21 @@ mod tests {
                     source: src.clone()
                 }
             );
-            assert_eq!(c.describe().len(), 11, "{src}");
+            assert_eq!(
+                c.net_allow,
+                vec![Sourced {
+                    value: "127.0.0.1:11434".to_string(),
+                    source: src.clone()
+                }]
+            );
+            assert_eq!(
+                c.net_allow_only,
+                Some(Sourced {
+                    value: vec!["api.anthropic.com".to_string()],
+                    source: src.clone()
+                })
+            );
+            assert_eq!(c.describe().len(), 13, "{src}");
         }
 
         // All three: scalars from the last source that sets them, lists joined in order.

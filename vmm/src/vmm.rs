@@ -73,6 +73,9 @@ pub enum Error {
     /// The seccomp filters could not be built or installed.
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::Error),
+    /// The user-mode network's thread could not take its seccomp filter.
+    #[error("the user-mode network: {0}")]
+    UserNet(std::io::Error),
     /// The guest kernel panicked (seen on its serial console) and then reset or stopped.
     #[error("guest kernel panic: {0}")]
     GuestPanic(String),
@@ -427,6 +430,14 @@ impl Vmm {
         log::debug!("setup took {:?} since exec", self.started.elapsed());
         if let Some(filters) = &self.seccomp {
             filters.install_process()?;
+            // The user-mode network's thread waited for this: it now takes the
+            // network filter, before the API filter goes to every thread left.
+            let f = filters.clone();
+            aivmm_devices::virtio::net::usernet::release_gated(std::sync::Arc::new(move || {
+                f.apply(crate::seccomp::ThreadKind::Net)
+                    .map_err(std::io::Error::other)
+            }))
+            .map_err(Error::UserNet)?;
         }
         // Read once here: the workers' Landlock domain does not reach /proc.
         let _ = aivmm_devices::virtio::fs::filesystem::host_umask();

@@ -110,13 +110,13 @@ pub fn hvf_config(config: &VmConfig) -> Result<HvfConfig> {
                 "macOS has no TAP devices; use --net unix:PATH (gvproxy or vmnet-helper)",
             ))
         }
-        NetMode::User => {
+        NetMode::Passt => {
             return Err(Error::Unsupported(
-                "--net user",
-                "passt is Linux-only; use --net unix:PATH (gvproxy or vmnet-helper)",
+                "--net passt",
+                "passt is Linux-only; use --net user (aivmm's own) or --net unix:PATH",
             ))
         }
-        NetMode::None | NetMode::Unix(_) => {}
+        NetMode::None | NetMode::User | NetMode::Unix(_) => {}
     }
     let cmdline = config
         .cmdline
@@ -257,7 +257,7 @@ mod tests {
         assert!(h.cmdline.contains("console=ttyS0"), "{}", h.cmdline);
         for (argv, flag) in [
             (&["--net", "tap:tap0"][..], "--net tap"),
-            (&["--net", "user"][..], "--net user"),
+            (&["--net", "passt"][..], "--net passt"),
         ] {
             let mut a = vec!["--kernel", k];
             a.extend_from_slice(argv);
@@ -314,7 +314,7 @@ mod tests {
         }
         let state = WorkdirState::open(&p("root"), &p("work")).unwrap();
         // No --net: on a Mac the workdir run has no network (no passt there).
-        assert_eq!(default_net_for("macos"), NetMode::None);
+        assert_eq!(default_net_for("macos"), NetMode::User);
         let args = run_args(&[
             "--workdir", p("work").to_str().unwrap(),
             "--net", "none",
@@ -364,16 +364,15 @@ mod tests {
         assert_eq!(fake.reg(H0, Reg::X(8)), 0x61, "a PL061 at GPIO_ADDR");
         assert_eq!(fake.reg(H0, Reg::X(9)), 1 << 3, "the button's line moved");
 
-        // The same run with launch.rs's default network (user, on this Linux
-        // host) is refused on HVF in one line.
-        let args = run_args(&["--workdir", p("work").to_str().unwrap()]);
+        // The same run with passt is refused on HVF in one line.
+        let args = run_args(&["--workdir", p("work").to_str().unwrap(), "--net", "passt"]);
         let config = workdir_vm(&args, &extras).unwrap();
         let e = hyp
             .build(&config, Instant::now(), Box::new(std::io::sink()))
             .err()
             .unwrap()
             .to_string();
-        assert!(e.starts_with("--net user is not available on macOS"), "{e}");
+        assert!(e.starts_with("--net passt is not available on macOS"), "{e}");
     }
 
     /// Host input reaches the guest through the machine's UART.
@@ -451,12 +450,14 @@ mod tests {
         assert_eq!(machine.plan.virtio.len(), 5);
         assert!(config.rng);
         assert_eq!(machine.plan.vcpus, 2);
-        spec.net = "user".into();
+        spec.net = "passt".into();
         let e = hvf_config(&parse(&spec)).unwrap_err().to_string();
         assert!(
-            e.starts_with("--net user") && e.contains("unix:PATH"),
+            e.starts_with("--net passt") && e.contains("--net user"),
             "{e}"
         );
+        spec.net = "user".into();
+        assert!(hvf_config(&parse(&spec)).is_ok());
     }
 
     #[test]

@@ -51,6 +51,8 @@ pub enum ThreadKind {
     Vcpu,
     /// A device worker thread.
     Device,
+    /// The user-mode network's gateway thread and its DNS resolver threads.
+    Net,
 }
 
 impl ThreadKind {
@@ -59,6 +61,7 @@ impl ThreadKind {
             ThreadKind::Api => "API",
             ThreadKind::Vcpu => "vCPU",
             ThreadKind::Device => "device",
+            ThreadKind::Net => "network",
         }
     }
 }
@@ -401,6 +404,37 @@ fn api_rules() -> Rules {
     r
 }
 
+/// The user-mode network (`--net user`): what a control thread may do, plus
+/// network sockets, since it re-originates the guest's connections from host
+/// sockets and resolves names with the host's resolver (getaddrinfo: files
+/// under /etc, a DNS server over UDP or TCP, nscd's unix socket, NSS modules
+/// loaded on first use). No `KVM_RUN`, none of the shares' or disks' calls.
+fn net_rules() -> Rules {
+    let mut r = api_rules();
+    allow(
+        &mut r,
+        &[
+            libc::SYS_connect,
+            libc::SYS_accept4,
+            libc::SYS_sendmmsg,
+            libc::SYS_recvmmsg,
+        ],
+    );
+    allow_arg(
+        &mut r,
+        libc::SYS_socket,
+        0,
+        &[
+            libc::AF_UNIX as u64,
+            libc::AF_INET as u64,
+            libc::AF_INET6 as u64,
+            libc::AF_NETLINK as u64,
+        ],
+    );
+    allow_arg(&mut r, libc::SYS_ioctl, 1, &[FIONBIO, FIOCLEX, libc::FIONREAD]);
+    r
+}
+
 /// Merges `part` into `r`: a call is allowed if either allows it.
 fn union(r: &mut Rules, part: Rules) {
     for (nr, rules) in part {
@@ -420,6 +454,7 @@ fn process_rules() -> Rules {
     let mut r = api_rules();
     union(&mut r, vcpu_rules());
     union(&mut r, device_rules());
+    union(&mut r, net_rules());
     allow(&mut r, &[libc::SYS_seccomp]);
     allow_arg(&mut r, libc::SYS_prctl, 0, &[libc::PR_SET_NO_NEW_PRIVS as u64]);
     // The spawner enters its Landlock domain under the process filter alone;
@@ -517,6 +552,7 @@ pub struct Filters {
     api: BpfProgram,
     vcpu: BpfProgram,
     device: BpfProgram,
+    net: BpfProgram,
     /// How many vCPU threads have tried to install their filter.
     vcpu_applies: AtomicUsize,
 }
@@ -548,13 +584,14 @@ fn restrict_signal() -> libc::c_int {
 }
 
 impl Filters {
-    /// Compiles the four filters.
+    /// Compiles the five filters.
     pub fn build() -> Result<Self> {
         Ok(Self {
             process: compile("process", process_rules())?,
             api: compile(ThreadKind::Api.as_str(), api_rules())?,
             vcpu: compile(ThreadKind::Vcpu.as_str(), vcpu_rules())?,
             device: compile(ThreadKind::Device.as_str(), device_rules())?,
+            net: compile(ThreadKind::Net.as_str(), net_rules())?,
             vcpu_applies: AtomicUsize::new(0),
         })
     }
@@ -572,6 +609,7 @@ impl Filters {
             ThreadKind::Api => &self.api,
             ThreadKind::Vcpu => &self.vcpu,
             ThreadKind::Device => &self.device,
+            ThreadKind::Net => &self.net,
         };
         let r = seccompiler::apply_filter(prog).map_err(|e| Error::Apply(kind.as_str(), e));
         if kind == ThreadKind::Vcpu {

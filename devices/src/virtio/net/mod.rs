@@ -166,6 +166,10 @@ pub enum Error {
     /// The backend exists only on Linux.
     #[error("{0} is Linux-only; use a unix datagram socket (gvproxy, vmnet-helper)")]
     Unsupported(&'static str),
+    /// The user-mode network could not start (a `--forward` port is taken, a
+    /// `--net-allow` name does not resolve, ...).
+    #[error("the user-mode network: {0}")]
+    UserNet(std::io::Error),
 }
 
 /// `Result` of virtio-net.

@@ -44,6 +44,13 @@ pub struct PortForward {
 /// Which backend a network device uses: plain data, parsed once from the CLI.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BackendConfig {
+    /// aivmm's own user-mode network, in a thread of this process.
+    User {
+        /// Forwards, egress policy and limits.
+        config: crate::virtio::net::usernet::UserNetConfig,
+        /// Whether the gateway thread waits for `usernet::release_gated`.
+        gated: bool,
+    },
     /// User-mode networking through a passt child process (rootless, NAT).
     Passt {
         /// Host ports forwarded into the guest.
@@ -114,6 +121,9 @@ pub trait Backend: Send {
 /// Opens the backend `config` describes.
 pub fn open(config: &BackendConfig) -> Result<Box<dyn Backend>> {
     Ok(match config {
+        BackendConfig::User { config, gated } => {
+            Box::new(crate::virtio::net::usernet::start(config, *gated).map_err(super::Error::UserNet)?)
+        }
         #[cfg(target_os = "linux")]
         BackendConfig::Passt { forwards } => Box::new(Passt::spawn(forwards)?),
         #[cfg(target_os = "linux")]

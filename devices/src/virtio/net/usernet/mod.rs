@@ -1,7 +1,176 @@
 //! aivmm's own user-mode network: a NAT gateway for one guest, inside aivmm.
 //!
-//! (in progress)
+//! `--net user` (the default) gives the guest this network, with no helper
+//! process: a thread in aivmm runs [`stack::Stack`], which speaks Ethernet
+//! frames to the virtio-net worker over a socket pair and re-originates the
+//! guest's connections from host sockets. The guest sees:
+//!
+//! | what | address |
+//! |---|---|
+//! | the guest (DHCP) | 10.0.2.15/24 |
+//! | gateway, DNS server | 10.0.2.2 |
+//! | MTU | 65520 |
+//!
+//! TCP is smoltcp's (terminated in aivmm, re-originated from a host socket);
+//! UDP is carried datagram by datagram from one host socket per guest source
+//! port; DNS queries to the gateway are answered by the host's own resolver
+//! (getaddrinfo: /etc/hosts and, on macOS, the system resolver apply); pings go
+//! only to the gateway. IPv4 only: there is no IPv6 on this network (AAAA
+//! queries get an empty answer), so nothing waits for a v6 route that is not there.
+//!
+//! Every destination passes the [`policy::EgressPolicy`] first, on the host
+//! side: by default the public internet is open and the host's loopback,
+//! link-local and private ranges are not. A refused TCP connection gets a RST,
+//! a refused UDP datagram an ICMP "administratively prohibited", at once, and
+//! aivmm's log names it. The gateway address is the host's loopback, reachable
+//! only where `--net-allow 127.0.0.1:PORT` opens it.
 
 pub mod dhcp;
 pub mod dns;
+mod frames;
 pub mod policy;
+mod stack;
+#[cfg(test)]
+mod tests;
+
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::unix::net::UnixStream;
+use std::sync::{mpsc, Arc, Mutex};
+
+pub use super::backend::PortForward;
+use super::backend::Stream;
+pub use policy::PolicyConfig;
+
+/// The gateway's address (also the DNS server, and the host's loopback).
+pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+/// The address DHCP gives the guest.
+pub const GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+/// The network's prefix length.
+pub const PREFIX_LEN: u8 = 24;
+/// The gateway's MAC address (locally administered).
+pub const GATEWAY_MAC: [u8; 6] = [0x52, 0x56, 0x0a, 0x00, 0x02, 0x02];
+/// The link MTU DHCP announces: large frames, few of them (passt does the same).
+pub const MTU: u16 = 65520;
+/// The TTL of DNS answers, in seconds.
+pub const DNS_TTL: u32 = 60;
+
+/// What the network may use of the host, at most.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Open TCP connections (guest-initiated and forwarded together).
+    pub tcp_connections: usize,
+    /// Each TCP connection's buffer, in each direction.
+    pub tcp_buffer: usize,
+    /// UDP flows (one per guest source port); the one idle longest makes room.
+    pub udp_flows: usize,
+    /// DNS lookups in flight.
+    pub dns_pending: usize,
+    /// Frames waiting for the guest to take them, in bytes.
+    pub guest_queue_bytes: usize,
+}
+
+impl Default for Limits {
+    /// 512 TCP connections of 64 KiB each way (64 MiB at most, and only what is
+    /// in flight is touched), 256 UDP flows, 64 DNS lookups, 4 MiB of frames
+    /// queued for the guest.
+    fn default() -> Self {
+        Self {
+            tcp_connections: 512,
+            tcp_buffer: 64 * 1024,
+            udp_flows: 256,
+            dns_pending: 64,
+            guest_queue_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// The user-mode network's settings.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UserNetConfig {
+    /// Host ports (on 127.0.0.1) forwarded into the guest.
+    pub forwards: Vec<PortForward>,
+    /// The egress policy.
+    pub policy: PolicyConfig,
+    /// Resource limits.
+    pub limits: Limits,
+}
+
+/// A gateway thread held before its first system call beyond setup: see
+/// [`release_gated`].
+struct Gate {
+    go: mpsc::Sender<(Prepare, mpsc::Sender<io::Result<()>>)>,
+}
+
+/// What a gated thread runs on itself before it starts (aivmm: install its
+/// seccomp filter).
+pub type Prepare = Arc<dyn Fn() -> io::Result<()> + Send + Sync>;
+
+/// Gated threads not yet released.
+static GATED: Mutex<Vec<Gate>> = Mutex::new(Vec::new());
+
+/// Starts the gateway thread; returns the device's end of its frame socket. The
+/// thread ends when that end is dropped. The `--forward` ports are bound here,
+/// so a taken port is an error before the VM starts.
+///
+/// With `gated`, the thread waits, having made no thread and no socket of its
+/// own, until [`release_gated`] hands it what to run on itself first: aivmm's
+/// seccomp set-up installs the process filter on every thread at once, which a
+/// thread with a filter of its own would break, and then gives this thread (and
+/// so the resolver threads it starts) the network filter.
+pub fn start(config: &UserNetConfig, gated: bool) -> io::Result<Stream> {
+    let policy = policy::EgressPolicy::new(&config.policy, |name| match dns::resolve(name) {
+        dns::Outcome::Addresses(a) => a,
+        _ => Vec::new(),
+    })
+    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    log::info!("usernet: egress policy: {}", policy.describe());
+    let (device_end, stack_end) = UnixStream::pair()?;
+    let mut stack = stack::Stack::new(Stream::new(stack_end)?, config, policy)?;
+    let gate = if gated {
+        let (tx, rx) = mpsc::channel();
+        GATED
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Gate { go: tx });
+        Some(rx)
+    } else {
+        None
+    };
+    std::thread::Builder::new()
+        .name("aivmm-usernet".into())
+        .spawn(move || {
+            if let Some(rx) = gate {
+                // The VM never ran: nothing to do.
+                let Ok((prepare, done)) = rx.recv() else { return };
+                let r = prepare();
+                let failed = r.is_err();
+                let _ = done.send(r);
+                if failed {
+                    return;
+                }
+            }
+            if let Err(e) = stack.run() {
+                log::error!("usernet: the network stopped: {e}");
+            }
+        })?;
+    Stream::new(device_end)
+}
+
+/// Releases every gated gateway thread: each runs `prepare` on itself and
+/// starts. Returns once each has run it, with the first error; how many there were.
+pub fn release_gated(prepare: Prepare) -> io::Result<usize> {
+    let gates = std::mem::take(&mut *GATED.lock().unwrap_or_else(|p| p.into_inner()));
+    let n = gates.len();
+    for g in gates {
+        let (tx, rx) = mpsc::channel();
+        if g.go.send((prepare.clone(), tx)).is_err() {
+            continue; // its device is gone
+        }
+        match rx.recv_timeout(std::time::Duration::from_secs(10)) {
+            Ok(r) => r?,
+            Err(_) => return Err(io::Error::other("the user-mode network thread did not start")),
+        }
+    }
+    Ok(n)
+}
