@@ -20,11 +20,17 @@ SCENARIOS = {
     "fs-escape": "symlinks (absolute, relative) and .. from the share toward an L1 secret outside it: "
     "the secret's marker never reaches the guest; nothing outside the share changes",
     "blk-ro": "--disk IMG:ro: blockdev --getro = 1, writes fail, reads work, image unchanged",
-    "net": "--net user (passt): DHCP, then 32 MiB each way with an L1 TCP server at L1's outside address (10.0.96.1), "
-    "sha256-checked; MiB/s",
-    "host-loopback": "--net user (passt): a service on L1's 127.0.0.1 is unreachable through the gateway "
-    "address, while L1's outside address answers (the control)",
+    "net": "--net user (aivmm's own): DHCP, then 32 MiB each way with an L1 TCP server at L1's public-looking "
+    "address (198.51.100.1), sha256-checked; MiB/s; the same under QEMU microvm with passt",
+    "host-loopback": "--net user: a service on L1's 127.0.0.1 is refused through the gateway address (a RST "
+    "within 2 s, named in aivmm's log), while L1's public-looking address answers (the control)",
     "forward": "--net user --forward 18080:8080: L1 fetches 1 MiB from a guest TCP server, sha256-checked",
+    "net-policy": "--net user --net-allow 192.168.77.0/24 --net-allow 127.0.0.1:5004: the allowed private "
+    "address and loopback port answer; another private address and loopback port are refused at once; "
+    "the public address answers; DNS of an L1 /etc/hosts name through the gateway",
+    "net-allow-only": "--net user --net-allow-only e2e-allowed.test:5003: the name resolves and its address "
+    "answers on 5003 only; an address the guest did not learn by DNS and another name are refused",
+    "forward-passt": "--net passt --forward 18080:8080: as forward, through the passt program",
     "vsock": "--vsock: 16 MiB guest->L1 (CID 2 port 5000 -> PATH_5000) and L1->guest (CONNECT 5001), "
     "sha256-checked; MiB/s",
     "net-tap": "--net tap:tap0: static 10.0.99.2, ping L1's 10.0.99.1, 32 MiB each way over TCP; MiB/s",
@@ -42,7 +48,7 @@ NOT_DEFAULT = {"net"}
 
 # Seconds each takes at most (the L1 overall timeout is the sum).
 BUDGET = {"fs-many": 120, "fs-ro": 120, "fs-escape": 120, "blk-ro": 120, "net": 300, "host-loopback": 200, "forward": 150, "vsock": 150,
-          "net-tap": 300}
+          "net-tap": 300, "net-policy": 150, "net-allow-only": 150, "forward-passt": 150}
 # Extra seconds for the extended fs and blk scenarios (blk boots a second time).
 EXTRA_BUDGET = {"fs": 60, "blk": 120}
 
@@ -59,8 +65,13 @@ REQUIRED = {
     "blk/ext4": ["mke2fs", "mount-ext4", "ext-write", "umount", "l1-e2fsck", "l1-ext-hello", "l1-ext-symlink"],
     "blk-ro": ["getro", "ro-read", "write-fails", "ro-read-after", "l1-image-unchanged"],
     "net": ["dhcp", "tcp-up", "tcp-down"],
-    "host-loopback": ["dhcp", "outside", "gateway-loopback"],
+    "host-loopback": ["dhcp", "outside", "gateway-loopback", "gateway-refused-fast"],
     "forward": ["dhcp", "serve-8080"],
+    "forward-passt": ["dhcp", "serve-8080"],
+    "net-policy": ["dhcp", "dns-hosts", "private-allowed", "private-refused", "loopback-allowed",
+                   "loopback-refused", "public"],
+    "net-allow-only": ["dhcp", "dns-allowed", "allowed", "allowed-other-port-refused",
+                       "unlearned-refused", "dns-other-refused"],
     "vsock": ["vsock-up", "vsock-down", "l1-host-connect"],
     "net-tap": ["static-ip", "ping", "tcp-up", "tcp-down"],
 }
@@ -68,6 +79,7 @@ REQUIRED["net/qemu"] = REQUIRED["net"]
 REQUIRED["net-tap/qemu"] = REQUIRED["net-tap"]
 # g_/h_ pairs that must be present (and equal).
 PAIRS = {"fs": ["big_sha"], "blk/ext4": ["ext_sha"], "net": ["up_sha", "down_sha"], "forward": ["fwd_sha"],
+         "forward-passt": ["fwd_sha"],
          "vsock": ["vup_sha", "vdown_sha"], "net-tap": ["up_sha", "down_sha"]}
 PAIRS["net/qemu"] = PAIRS["net"]
 PAIRS["net-tap/qemu"] = PAIRS["net-tap"]
@@ -156,6 +168,14 @@ def judge(sc):
             info.append("fs-escape: secret marker absent from all guest output")
     if sc.name in ("net", "net-tap"):
         info += compare_qemu(sc)
+    if sc.name in ("host-loopback", "net-policy", "net-allow-only"):
+        # A refusal is named in aivmm's own log (its stderr), not only seen by the guest.
+        r = sc.runs.get(sc.name)
+        named = [l for _, l in (r.err if r else []) if "usernet: refused" in l]
+        if named:
+            info.append(f"{sc.name}: aivmm's log: {named[0].strip()[:160]}")
+        else:
+            problems.append(f"{sc.name}: aivmm's log names no refused connection")
     if problems:
         return False, "; ".join(problems), info
     return True, "; ".join(info), []

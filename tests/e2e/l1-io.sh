@@ -71,6 +71,13 @@ l1_net() {
 	# L1's own address that a guest behind passt reaches as an outside host: passt runs
 	# with --no-map-gw, so the gateway address no longer leads to L1's loopback.
 	ip addr add 10.0.96.1/32 dev d0
+	# Addresses a guest reaches as outside hosts: two public-looking ones (TEST-NET-2,
+	# open under aivmm's default egress policy) and a private one (closed by default),
+	# with names for the guest's DNS (aivmm answers from L1's resolver: /etc/hosts).
+	ip addr add 198.51.100.1/32 dev d0
+	ip addr add 198.51.100.2/32 dev d0
+	ip addr add 192.168.77.1/32 dev d0
+	printf '%s\n' '127.0.0.1 localhost' '198.51.100.1 e2e-allowed.test' '198.51.100.2 e2e-other.test' >/etc/hosts
 	# passt makes a user namespace (refused to a chrooted process) and pivot_root()s
 	# (refused when the root is the initramfs: rootfs has no parent mount). So aivmm
 	# (and so passt) runs in its own mount namespace whose root is a recursive bind
@@ -192,10 +199,32 @@ io_scenario() {
 			-device virtio-net-device,netdev=n0
 		tcp_collect
 		;;
+	net-policy)
+		l1_net
+		socat TCP-LISTEN:5005,reuseaddr,fork SYSTEM:"echo E2E-PRIVATE-OK" &
+		P1=$!
+		socat TCP-LISTEN:5004,bind=127.0.0.1,reuseaddr,fork SYSTEM:"echo L1-LOOPBACK-ALLOWED" &
+		P2=$!
+		socat TCP-LISTEN:5007,bind=127.0.0.1,reuseaddr,fork SYSTEM:"echo L1-LOOPBACK-SECRET" &
+		P3=$!
+		socat TCP-LISTEN:5003,reuseaddr,fork SYSTEM:"echo L1-OUTSIDE-OK" &
+		P4=$!
+		run_io net-policy 120 net-policy --net user --net-allow 192.168.77.0/24 --net-allow 127.0.0.1:5004
+		kill $P1 $P2 $P3 $P4 2>/dev/null
+		;;
+	net-allow-only)
+		l1_net
+		socat TCP-LISTEN:5003,reuseaddr,fork SYSTEM:"echo L1-OUTSIDE-OK" &
+		P1=$!
+		socat TCP-LISTEN:5006,reuseaddr,fork SYSTEM:"echo L1-OTHER-PORT" &
+		P2=$!
+		run_io net-allow-only 120 net-allow-only --net user --net-allow-only e2e-allowed.test:5003
+		kill $P1 $P2 2>/dev/null
+		;;
 	host-loopback)
 		# A secret on L1's loopback only, a control on all addresses: the guest must
-		# get the control through L1's outside address and never the secret through
-		# the gateway (passt --no-map-gw).
+		# get the control through L1's public-looking address and never the secret
+		# through the gateway (aivmm's egress policy closes the host's loopback).
 		l1_net
 		socat TCP-LISTEN:5004,bind=127.0.0.1,reuseaddr,fork SYSTEM:"echo L1-LOOPBACK-SECRET" &
 		LP1=$!
@@ -204,8 +233,10 @@ io_scenario() {
 		IO_CHROOT="unshare -m /bin/sh /tmp/io-nsroot.sh" run_io host-loopback 150 host-loopback --net user
 		kill $LP1 $LP2 2>/dev/null
 		;;
-	forward)
+	forward | forward-passt)
 		l1_net
+		FWDNET=user
+		[ "$1" = forward-passt ] && FWDNET=passt
 		rm -f /tmp/fwd-got
 		(
 			i=0
@@ -223,7 +254,7 @@ io_scenario() {
 			done
 		) &
 		FP=$!
-		IO_CHROOT="unshare -m /bin/sh /tmp/io-nsroot.sh" run_io forward 150 forward --net user --forward 18080:8080
+		IO_CHROOT="unshare -m /bin/sh /tmp/io-nsroot.sh" run_io "$1" 150 forward --net $FWDNET --forward 18080:8080
 		kill $FP 2>/dev/null
 		h "E2E-RESULT h_fwd_sha=$(sha /tmp/fwd-got 2>&1)"
 		rm -f /tmp/fwd-got

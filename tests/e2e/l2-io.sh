@@ -19,6 +19,22 @@ rate() { # rate BYTES CS -> MiB/s with one decimal
 	echo "$((v / 10)).$((v % 10))"
 }
 
+refused() { # refused NAME HOST:PORT: the connection is refused (a RST) within 2 s
+	t0=$(now_cs)
+	got=$(timeout 20 socat -u TCP:$2,connect-timeout=10 - 2>&1 | head -c 200 | tr '\n' ' ')
+	t1=$(now_cs)
+	case "$got" in
+	*"Connection refused"*)
+		if [ $((t1 - t0)) -lt 200 ]; then
+			echo "E2E-CHECK $1 ok ($2 refused in $((t1 - t0))0 ms)"
+		else
+			echo "E2E-CHECK $1 FAIL $2 refused only after $((t1 - t0))0 ms"
+		fi
+		;;
+	*) echo "E2E-CHECK $1 FAIL $2: ${got:-nothing}" ;;
+	esac
+}
+
 ck() { # ck NAME CMD...: one check line
 	n=$1
 	shift
@@ -205,17 +221,41 @@ io_main() {
 	net)
 		load_mods net
 		dhcp
-		tcp_xfer 10.0.96.1 net_ # L1's outside address (l1_net); the gateway is not L1
+		tcp_xfer 198.51.100.1 net_ # L1's public-looking address (l1_net); the gateway is not L1
 		;;
 	host-loopback)
 		load_mods net
 		dhcp
-		ck outside sh -c 'timeout 20 socat -u TCP:10.0.96.1:5003,connect-timeout=10 - | grep -q L1-OUTSIDE-OK'
+		ck outside sh -c 'timeout 20 socat -u TCP:198.51.100.1:5003,connect-timeout=10 - | grep -q L1-OUTSIDE-OK'
+		t0=$(now_cs)
 		got=$(timeout 20 socat -u TCP:$GW:5004,connect-timeout=10 - 2>&1 | head -c 200 | tr '\n' ' ')
+		t1=$(now_cs)
+		# A refusal is a RST at once, not a connect that hangs until it times out.
+		ck gateway-refused-fast [ $((t1 - t0)) -lt 200 ]
 		case "$got" in
 		*L1-LOOPBACK-SECRET*) echo "E2E-CHECK gateway-loopback FAIL the guest read L1's loopback service via $GW: $got" ;;
 		*) echo "E2E-CHECK gateway-loopback ok ($GW:5004: ${got:-nothing})" ;;
 		esac
+		;;
+	net-policy)
+		load_mods net
+		dhcp
+		ck dns-hosts sh -c 'nslookup e2e-allowed.test 10.0.2.2 | grep -q 198.51.100.1'
+		ck private-allowed sh -c 'timeout 20 socat -u TCP:192.168.77.1:5005,connect-timeout=10 - | grep -q E2E-PRIVATE-OK'
+		refused private-refused 192.168.78.1:5005 # private, outside the allowed /24
+		ck loopback-allowed sh -c "timeout 20 socat -u TCP:$GW:5004,connect-timeout=10 - | grep -q L1-LOOPBACK-ALLOWED"
+		refused loopback-refused $GW:5007
+		ck public sh -c 'timeout 20 socat -u TCP:198.51.100.1:5003,connect-timeout=10 - | grep -q L1-OUTSIDE-OK'
+		;;
+	net-allow-only)
+		load_mods net
+		dhcp
+		refused unlearned-refused 198.51.100.1:5003 # not yet learned through DNS
+		ck dns-allowed sh -c 'nslookup e2e-allowed.test 10.0.2.2 | grep -q 198.51.100.1'
+		ck allowed sh -c 'timeout 20 socat -u TCP:198.51.100.1:5003,connect-timeout=10 - | grep -q L1-OUTSIDE-OK'
+		refused allowed-other-port-refused 198.51.100.1:5006
+		ck dns-other-refused sh -c '! nslookup e2e-other.test 10.0.2.2 | grep -q 198.51.100.2'
+		refused unlearned-refused-2 198.51.100.2:5003
 		;;
 	forward)
 		load_mods net

@@ -122,10 +122,11 @@ impl<'a> MakeWriter<'a> for VmFile {
 pub fn init(verbose: u8, quiet: bool) {
     QUIET.store(quiet, Ordering::Relaxed);
     let filter = || {
-        EnvFilter::builder()
-            .with_env_var("AIVMM_LOG")
-            .try_from_env()
-            .unwrap_or_else(|_| EnvFilter::new(default_filter(verbose, quiet)))
+        // An empty AIVMM_LOG (`AIVMM_LOG= aivmm …`) means the default, not "errors only".
+        let set = std::env::var("AIVMM_LOG").is_ok_and(|v| !v.trim().is_empty());
+        set.then(|| EnvFilter::builder().with_env_var("AIVMM_LOG").try_from_env().ok())
+            .flatten()
+            .unwrap_or_else(|| EnvFilter::new(default_filter(verbose, quiet)))
     };
     let stderr_filter = filter();
     let file_level = file_level(verbose, &stderr_filter);

@@ -38,7 +38,7 @@ use std::time::Duration;
 
 use simple_dns::header_buffer;
 use simple_dns::rdata::{RData, A};
-use simple_dns::{Packet, PacketFlag, ResourceRecord, CLASS, OPCODE, QCLASS, QTYPE, RCODE, TYPE};
+use simple_dns::{Packet, PacketFlag, ResourceRecord, CLASS, OPCODE, QCLASS, QTYPE, RCODE};
 
 use crate::sys::{EventFd, EFD_NONBLOCK};
 
@@ -532,7 +532,7 @@ fn worker(shared: &Shared) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use simple_dns::{Name, Question};
+    use simple_dns::{Name, Question, TYPE};
     use std::time::Instant;
 
     fn query(id: u16, name: &str, qtype: TYPE, rd: bool) -> Vec<u8> {
