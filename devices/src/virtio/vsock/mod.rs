@@ -61,8 +61,12 @@ pub const MAX_PKT_PAYLOAD: usize = 64 * 1024;
 /// The buffer each connection advertises to the guest (`buf_alloc`): the most
 /// guest data aivmm holds for a unix stream that is not being read.
 pub const CONN_BUF_SIZE: u32 = 256 * 1024;
-/// The most connections (and host handshakes in progress) at once.
-pub const MAX_CONNECTIONS: usize = 1024;
+/// The most connections (and host handshakes in progress) at once. With
+/// [`CONN_BUF_SIZE`] each, a guest that fills every one while no host program
+/// reads holds at most 64 MiB of aivmm's memory (the user-mode network's bound
+/// too). An agent session, `aivmm exec`s, ssh sessions and a builder's
+/// connections are a few dozen.
+pub const MAX_CONNECTIONS: usize = 256;
 /// The most RSTs for unknown connections queued for the guest; past this, tx
 /// processing waits for the guest to give rx buffers.
 pub const MAX_PENDING_RST: usize = 256;
