@@ -378,3 +378,41 @@ fn the_connection_limit_refuses_instead_of_growing() {
     let open = states.iter().filter(|s| **s == tcp::State::Established).count();
     assert_eq!(open, 4, "{states:?}");
 }
+
+#[test]
+fn a_udp_forward_carries_datagrams_both_ways() {
+    let port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut g = Guest::new(&UserNetConfig {
+        forwards: vec![PortForward {
+            host_port: port,
+            guest_port: 7000,
+            udp: true,
+        }],
+        ..Default::default()
+    });
+    let s = udp::Socket::new(
+        udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 8], vec![0; 4096]),
+        udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 8], vec![0; 4096]),
+    );
+    let h = g.sockets.add(s);
+    g.sockets.get_mut::<udp::Socket>(h).bind(7000).unwrap();
+    let host = UdpSocket::bind("127.0.0.1:0").unwrap();
+    host.send_to(b"hi guest", ("127.0.0.1", port)).unwrap();
+    let mut got = None;
+    assert!(g.run_until(Duration::from_secs(5), |g| {
+        if let Ok((d, m)) = g.sockets.get_mut::<udp::Socket>(h).recv() {
+            got = Some((d.to_vec(), m.endpoint));
+        }
+        got.is_some()
+    }));
+    let (data, from) = got.unwrap();
+    assert_eq!(data, b"hi guest");
+    // The host peer appears on the gateway, at its own port.
+    assert_eq!(from, IpEndpoint::new(IpAddress::Ipv4(GATEWAY), host.local_addr().unwrap().port()));
+    g.sockets.get_mut::<udp::Socket>(h).send_slice(b"hi host", from).unwrap();
+    g.run_until(Duration::from_millis(200), |_| false);
+    host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut b = [0u8; 32];
+    let (n, peer) = host.recv_from(&mut b).unwrap();
+    assert_eq!((&b[..n], peer.port()), (&b"hi host"[..], port));
+}
