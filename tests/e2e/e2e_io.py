@@ -27,7 +27,8 @@ SCENARIOS = {
     "forward": "--net user --forward 18080:8080: L1 fetches 1 MiB from a guest TCP server, sha256-checked",
     "net-policy": "--net user --net-allow 192.168.77.0/24 --net-allow 127.0.0.1:5004: the allowed private "
     "address and loopback port answer; another private address and loopback port are refused at once; "
-    "the public address answers; DNS of an L1 /etc/hosts name through the gateway",
+    "the public address answers; DNS of an L1 /etc/hosts name through the gateway; pings reach the gateway "
+    "and the public address (through aivmm's ICMP socket), not the closed private one",
     "net-allow-only": "--net user --net-allow-only e2e-allowed.test:5003: the name resolves and its address "
     "answers on 5003 only; an address the guest did not learn by DNS and another name are refused",
     "forward-passt": "--net passt --forward 18080:8080: as forward, through the passt program",
@@ -69,7 +70,7 @@ REQUIRED = {
     "forward": ["dhcp", "serve-8080"],
     "forward-passt": ["dhcp", "serve-8080"],
     "net-policy": ["dhcp", "dns-hosts", "private-allowed", "private-refused", "loopback-allowed",
-                   "loopback-refused", "public"],
+                   "loopback-refused", "public", "ping-gateway", "ping-public", "ping-private-refused"],
     "net-allow-only": ["dhcp", "dns-allowed", "allowed", "allowed-other-port-refused",
                        "unlearned-refused", "dns-other-refused"],
     "vsock": ["vsock-up", "vsock-down", "l1-host-connect"],

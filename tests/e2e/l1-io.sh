@@ -209,6 +209,9 @@ io_scenario() {
 		P3=$!
 		socat TCP-LISTEN:5003,reuseaddr,fork SYSTEM:"echo L1-OUTSIDE-OK" &
 		P4=$!
+		# Pings leave through aivmm's unprivileged ICMP socket, which Linux allows only
+		# to the groups in this range (systemd opens it to all; the initramfs has not).
+		echo "0 2147483647" >/proc/sys/net/ipv4/ping_group_range
 		run_io net-policy 120 net-policy --net user --net-allow 192.168.77.0/24 --net-allow 127.0.0.1:5004
 		kill $P1 $P2 $P3 $P4 2>/dev/null
 		;;

@@ -246,6 +246,9 @@ io_main() {
 		ck loopback-allowed sh -c "timeout 20 socat -u TCP:$GW:5004,connect-timeout=10 - | grep -q L1-LOOPBACK-ALLOWED"
 		refused loopback-refused $GW:5007
 		ck public sh -c 'timeout 20 socat -u TCP:198.51.100.1:5003,connect-timeout=10 - | grep -q L1-OUTSIDE-OK'
+		ck ping-gateway ping -c 1 -W 5 10.0.2.2
+		ck ping-public ping -c 1 -W 5 198.51.100.1
+		ck ping-private-refused sh -c '! ping -c 1 -W 3 192.168.78.1'
 		;;
 	net-allow-only)
 		load_mods net

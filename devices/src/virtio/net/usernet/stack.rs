@@ -32,9 +32,10 @@ use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant as SmolInstant;
 use smoltcp::wire::{
-    EthernetAddress, EthernetFrame, EthernetProtocol, HardwareAddress, IpCidr, IpListenEndpoint,
-    IpProtocol, TcpPacket,
+    EthernetAddress, EthernetFrame, EthernetProtocol, HardwareAddress, Icmpv4Packet, Icmpv4Repr,
+    IpCidr, IpListenEndpoint, IpProtocol, TcpPacket,
 };
+use smoltcp::phy::ChecksumCapabilities;
 
 use super::dhcp;
 use super::dns::{self, Outcome, Resolver};
@@ -47,6 +48,9 @@ use crate::virtio::net::MAX_FRAME_LEN;
 
 const TOKEN_GUEST: u64 = 0;
 const TOKEN_RESOLVER: u64 = 1;
+const TOKEN_PING: u64 = 2;
+/// Pings awaiting a reply (the oldest is forgotten past this).
+const PINGS_IN_FLIGHT: usize = 64;
 const KIND_SHIFT: u32 = 56;
 const KIND_TCP: u64 = 1;
 const KIND_UDP: u64 = 2;
@@ -199,6 +203,11 @@ pub struct Stack {
     udp: HashMap<u64, UdpFlow>,
     udp_by_port: HashMap<u16, u64>,
     listeners: Vec<(TcpListener, u16)>,
+    /// The host's unprivileged ICMP socket, made at the first ping.
+    ping: Option<socket2::Socket>,
+    ping_unavailable: bool,
+    /// (destination, sequence number, the guest's identifier) of pings in flight.
+    pings: VecDeque<(Ipv4Addr, u16, u16)>,
     udp_forwards: Vec<UdpForward>,
     next_id: u64,
     next_local_port: u16,
@@ -299,6 +308,9 @@ impl Stack {
             udp: HashMap::new(),
             udp_by_port: HashMap::new(),
             listeners,
+            ping: None,
+            ping_unavailable: false,
+            pings: VecDeque::new(),
             udp_forwards,
             next_id: 0,
             next_local_port: 49152,
@@ -329,6 +341,7 @@ impl Stack {
                 match (kind, ev.data()) {
                     (0, TOKEN_GUEST) => {}
                     (0, TOKEN_RESOLVER) => self.dns_results(),
+                    (0, TOKEN_PING) => self.ping_replies(),
                     (KIND_TCP, _) => self.tcp_host_event(id),
                     (KIND_UDP, _) => self.udp_host_event(id),
                     (KIND_LISTEN, _) => self.accept(id as usize),
@@ -480,9 +493,93 @@ impl Stack {
             self.phy.rx.push_back(frame);
             return;
         }
-        // Pings elsewhere are not carried (yet): say so rather than time out.
-        if let Some(reply) = frames::prohibited(GATEWAY, EthernetAddress(GATEWAY_MAC), &frame, info) {
-            self.phy.push_tx(reply);
+        let gw_mac = EthernetAddress(GATEWAY_MAC);
+        let Some(bytes) = frame.get(info.payload_at..info.payload_at + info.payload_len) else { return };
+        let Ok(packet) = Icmpv4Packet::new_checked(bytes) else { return };
+        let Ok(Icmpv4Repr::EchoRequest { ident, seq_no, data }) =
+            Icmpv4Repr::parse(&packet, &ChecksumCapabilities::default())
+        else {
+            return; // only echo requests are carried
+        };
+        let refuse = |stack: &mut Self, reason: &str| {
+            stack.refused(&format!("ping {} -> {}", info.src, info.dst), reason);
+            if let Some(reply) = frames::prohibited(GATEWAY, gw_mac, &frame, info) {
+                stack.phy.push_tx(reply);
+            }
+        };
+        if let Verdict::Deny(reason) = self.policy.check(info.dst, 0) {
+            refuse(self, &reason);
+            return;
+        }
+        if self.ping.is_none() && !self.ping_unavailable {
+            match ping_socket() {
+                Ok(s) => {
+                    let r = self.epoll.ctl(
+                        ControlOperation::Add,
+                        s.as_raw_fd(),
+                        EpollEvent::new(EventSet::IN, TOKEN_PING),
+                    );
+                    if r.is_ok() {
+                        self.ping = Some(s);
+                    }
+                }
+                Err(e) => {
+                    // Linux: net.ipv4.ping_group_range does not hold our group.
+                    debug!("usernet: no unprivileged ICMP socket ({e}): pings are refused");
+                    self.ping_unavailable = true;
+                }
+            }
+        }
+        let Some(sock) = &self.ping else {
+            refuse(self, "this host allows no unprivileged ICMP sockets");
+            return;
+        };
+        // The host's kernel picks the identifier; replies are matched by
+        // destination and sequence number.
+        let mut msg = vec![0u8; 8 + data.len()];
+        let repr = Icmpv4Repr::EchoRequest { ident: 0, seq_no, data };
+        repr.emit(&mut Icmpv4Packet::new_unchecked(&mut msg[..]), &ChecksumCapabilities::default());
+        if let Err(e) = sock.send_to(&msg, &SocketAddr::V4(SocketAddrV4::new(info.dst, 0)).into()) {
+            debug!("usernet: ping {}: {e}", info.dst);
+            return;
+        }
+        if self.pings.len() >= PINGS_IN_FLIGHT {
+            self.pings.pop_front();
+        }
+        self.pings.push_back((info.dst, seq_no, ident));
+    }
+
+    fn ping_replies(&mut self) {
+        let Some(mac) = self.guest_mac else { return };
+        for _ in 0..HOST_BUDGET {
+            let Some(sock) = &self.ping else { return };
+            let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 2048];
+            let (n, from) = match sock.recv_from(&mut buf) {
+                Ok(x) => x,
+                Err(e) if is_would_block(&e) => return,
+                Err(_) => return,
+            };
+            // SAFETY: recv_from initialised the first n bytes.
+            let bytes: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
+            let Some(SocketAddr::V4(from)) = from.as_socket() else { continue };
+            // macOS hands over the IP header too; Linux only the ICMP message.
+            let icmp = match bytes.first() {
+                Some(b) if b >> 4 == 4 && bytes.len() >= 20 => &bytes[usize::from(b & 0xf) * 4..],
+                _ => &bytes[..],
+            };
+            let Ok(packet) = Icmpv4Packet::new_checked(icmp) else { continue };
+            let Ok(Icmpv4Repr::EchoReply { seq_no, data, .. }) =
+                Icmpv4Repr::parse(&packet, &ChecksumCapabilities::ignored())
+            else {
+                continue;
+            };
+            let Some(i) = self.pings.iter().position(|(d, s, _)| *d == *from.ip() && *s == seq_no) else {
+                continue;
+            };
+            let Some((dst, seq_no, ident)) = self.pings.remove(i) else { continue };
+            let repr = Icmpv4Repr::EchoReply { ident, seq_no, data };
+            let f = frames::icmp(EthernetAddress(GATEWAY_MAC), mac, dst, GUEST, &repr);
+            self.phy.push_tx(f);
         }
     }
 
@@ -1063,6 +1160,14 @@ fn new_tcp_socket(limits: &Limits) -> tcp::Socket<'static> {
     let mut s = tcp::Socket::new(rx, tx);
     s.set_nagle_enabled(false);
     s
+}
+
+/// An unprivileged ICMP ("ping") socket: Linux allows it to the groups in
+/// `net.ipv4.ping_group_range`, macOS to everyone.
+fn ping_socket() -> io::Result<socket2::Socket> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, Some(socket2::Protocol::ICMPV4))?;
+    s.set_nonblocking(true)?;
+    Ok(s)
 }
 
 /// Starts a non-blocking connect; the socket becomes writable when it is done.

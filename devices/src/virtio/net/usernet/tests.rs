@@ -12,7 +12,9 @@ use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
 use smoltcp::socket::{dhcpv4, tcp, udp};
 use smoltcp::time::Instant as SmolInstant;
-use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpEndpoint};
+use smoltcp::wire::{
+    EthernetAddress, HardwareAddress, Icmpv4Packet, Icmpv4Repr, IpAddress, IpCidr, IpEndpoint, IpProtocol,
+};
 
 use super::*;
 use crate::virtio::net::backend::Backend;
@@ -415,4 +417,57 @@ fn a_udp_forward_carries_datagrams_both_ways() {
     let mut b = [0u8; 32];
     let (n, peer) = host.recv_from(&mut b).unwrap();
     assert_eq!((&b[..n], peer.port()), (&b"hi host"[..], port));
+}
+
+/// A ping leaves through the host's unprivileged ICMP socket and its reply comes
+/// back to the guest; where the host allows no such socket (Linux's
+/// net.ipv4.ping_group_range), the guest is told "prohibited" at once.
+#[test]
+fn pings_go_through_the_hosts_icmp_socket_or_are_refused_at_once() {
+    let mut g = Guest::new(&UserNetConfig {
+        policy: PolicyConfig {
+            allow: vec!["127.0.0.1".into()],
+            allow_only: None,
+        },
+        ..Default::default()
+    });
+    let guest_mac = EthernetAddress([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+    let request = Icmpv4Repr::EchoRequest {
+        ident: 0x1234,
+        seq_no: 7,
+        data: b"aivmm ping",
+    };
+    let f = frames::icmp(guest_mac, EthernetAddress(GATEWAY_MAC), GUEST, Ipv4Addr::LOCALHOST, &request);
+    assert!(g.link.stream.send(&f).unwrap());
+    let host_can_ping = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::ICMPV4),
+    )
+    .is_ok();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut buf = vec![0u8; 70000];
+    let answer = loop {
+        assert!(Instant::now() < deadline, "no answer to the ping");
+        let Some(n) = g.link.stream.recv(&mut buf).unwrap() else {
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        };
+        let Some(info) = frames::parse_ipv4(&buf[..n]) else { continue };
+        if info.protocol != IpProtocol::Icmp {
+            continue;
+        }
+        let p = Icmpv4Packet::new_checked(&buf[info.payload_at..info.payload_at + info.payload_len]).unwrap();
+        assert!(p.verify_checksum());
+        break (info.src, p.msg_type(), p.msg_code(), p.echo_ident(), p.echo_seq_no(), p.data().to_vec());
+    };
+    if host_can_ping {
+        assert_eq!(answer.0, Ipv4Addr::LOCALHOST, "the reply comes from where the ping went");
+        assert_eq!(answer.1, smoltcp::wire::Icmpv4Message::EchoReply);
+        assert_eq!((answer.3, answer.4, &answer.5[..]), (0x1234, 7, &b"aivmm ping"[..]));
+    } else {
+        assert_eq!(answer.0, GATEWAY);
+        assert_eq!((answer.1, answer.2), (smoltcp::wire::Icmpv4Message::DstUnreachable, 13));
+        eprintln!("(this host allows no unprivileged ICMP socket: the refusal was checked)");
+    }
 }
