@@ -77,6 +77,10 @@ l1_net() {
 	ip addr add 198.51.100.1/32 dev d0
 	ip addr add 198.51.100.2/32 dev d0
 	ip addr add 192.168.77.1/32 dev d0
+	# The stand-ins: a public address, a private one and the metadata address.
+	ip addr add 203.0.113.1/32 dev d0
+	ip addr add 10.0.98.1/32 dev d0
+	ip addr add 169.254.169.254/32 dev d0
 	printf '%s\n' '127.0.0.1 localhost' '198.51.100.1 e2e-allowed.test' '198.51.100.2 e2e-other.test' >/etc/hosts
 	# passt makes a user namespace (refused to a chrooted process) and pivot_root()s
 	# (refused when the root is the initramfs: rootfs has no parent mount). So aivmm
@@ -185,21 +189,76 @@ io_scenario() {
 	net)
 		l1_net
 		tcp_servers
-		IO_CHROOT="unshare -m /bin/sh /tmp/io-nsroot.sh" run_io net 150 net --net user
+		# While aivmm runs: is there a passt process? (There must not be: the
+		# network is a thread of aivmm.) Seen counts prove the sampler saw aivmm.
+		rm -f /tmp/net-ps && (
+			a=0 p=0
+			for _ in $(seq 1 600); do
+				ps >/tmp/ps.out 2>/dev/null
+				grep -q '[a]ivmm run' /tmp/ps.out && a=$((a + 1))
+				grep -q '[p]asst' /tmp/ps.out && p=$((p + 1))
+				echo "$a $p" >/tmp/net-ps
+				[ -e /tmp/net-ps-stop ] && break
+				sleep 0.5
+			done
+		) &
+		rm -f /tmp/net-ps-stop
+		run_io net 150 net --net user
+		: >/tmp/net-ps-stop
+		sleep 1
 		tcp_collect
-		# The same guest and servers under QEMU microvm with the same passt (a socket
-		# QEMU connects to, where aivmm hands passt one end of a socketpair).
-		IOTAG=net/qemu
-		tcp_servers
-		rm -f /tmp/qpasst.sock
-		unshare -m /bin/sh /tmp/io-nsroot.sh passt -f -q -1 -s /tmp/qpasst.sock >/dev/null 2>&1 &
-		i=0
-		while [ ! -S /tmp/qpasst.sock ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
-		run_qemu_io net/qemu 150 net -netdev stream,id=n0,server=off,addr.type=unix,addr.path=/tmp/qpasst.sock \
-			-device virtio-net-device,netdev=n0
-		tcp_collect
+		read -r seen_aivmm seen_passt </tmp/net-ps
+		hck no-passt [ "$seen_aivmm" -gt 0 ] && [ "$seen_passt" = 0 ]
+		h "E2E-RESULT ps_samples_with_aivmm=$seen_aivmm with_passt=$seen_passt"
 		;;
 	net-policy)
+		# The default policy: one listener on every address, so a refusal is the policy's.
+		l1_net
+		socat TCP-LISTEN:5003,reuseaddr,fork SYSTEM:"echo L1-OUTSIDE-OK" &
+		P1=$!
+		run_io net-policy 120 net-policy --net user
+		kill $P1 2>/dev/null
+		;;
+	net-dns)
+		# A name only L1's own DNS server knows: aivmm must answer from L1's resolver.
+		l1_net
+		tinydns e2e-dns-only.test=203.0.113.7 &
+		P1=$!
+		echo "nameserver 127.0.0.1" >/etc/resolv.conf
+		run_io net-dns 120 net-dns --net user
+		rm -f /etc/resolv.conf
+		kill $P1 2>/dev/null
+		;;
+	net-many)
+		l1_net
+		tinydns --hold 5010 &
+		P1=$!
+		socat TCP-LISTEN:5003,reuseaddr,fork SYSTEM:"echo L1-OUTSIDE-OK" &
+		P2=$!
+		# aivmm's own memory (every mapping but the 512 MiB of guest RAM), sampled
+		# while the guest holds 2,000 connections: the peak, in KiB.
+		rm -f /tmp/many-rss /tmp/many-stop && (
+			peak=0
+			while [ ! -e /tmp/many-stop ]; do
+				for d in /proc/[0-9]*; do
+					grep -q '^aivmm' $d/comm 2>/dev/null || continue
+					r=$(awk '/^Size:/{s=$2} /^Rss:/{if (s != 524288) t += $2} END{print t+0}' $d/smaps 2>/dev/null)
+					[ "${r:-0}" -gt "$peak" ] && peak=$r
+				done
+				echo $peak >/tmp/many-rss
+				sleep 0.5
+			done
+		) &
+		run_io net-many 180 net-many --net user
+		: >/tmp/many-stop
+		sleep 1
+		kill $P1 $P2 2>/dev/null
+		peak=$(cat /tmp/many-rss)
+		h "E2E-RESULT many_aivmm_rss_peak_kib=$peak"
+		# The documented bound: 64 MiB of network buffers at most, plus aivmm itself.
+		hck rss-bound [ "$peak" -gt 0 ] && [ "$peak" -lt 98304 ]
+		;;
+	net-allow)
 		l1_net
 		socat TCP-LISTEN:5005,reuseaddr,fork SYSTEM:"echo E2E-PRIVATE-OK" &
 		P1=$!
@@ -212,7 +271,7 @@ io_scenario() {
 		# Pings leave through aivmm's unprivileged ICMP socket, which Linux allows only
 		# to the groups in this range (systemd opens it to all; the initramfs has not).
 		echo "0 2147483647" >/proc/sys/net/ipv4/ping_group_range
-		run_io net-policy 120 net-policy --net user --net-allow 192.168.77.0/24 --net-allow 127.0.0.1:5004
+		run_io net-allow 120 net-allow --net user --net-allow 192.168.77.0/24 --net-allow 127.0.0.1:5004
 		kill $P1 $P2 $P3 $P4 2>/dev/null
 		;;
 	net-allow-only)
@@ -236,10 +295,10 @@ io_scenario() {
 		IO_CHROOT="unshare -m /bin/sh /tmp/io-nsroot.sh" run_io host-loopback 150 host-loopback --net user
 		kill $LP1 $LP2 2>/dev/null
 		;;
-	forward | forward-passt)
+	forward | net-passt)
 		l1_net
 		FWDNET=user
-		[ "$1" = forward-passt ] && FWDNET=passt
+		[ "$1" = net-passt ] && FWDNET=passt
 		rm -f /tmp/fwd-got
 		(
 			i=0

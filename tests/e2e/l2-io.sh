@@ -240,6 +240,26 @@ io_main() {
 	net-policy)
 		load_mods net
 		dhcp
+		ck public sh -c 'timeout 20 socat -u TCP:203.0.113.1:5003,connect-timeout=10 - | grep -q L1-OUTSIDE-OK'
+		refused private-refused 10.0.98.1:5003
+		refused metadata-refused 169.254.169.254:5003
+		refused loopback-refused $GW:5003
+		ck ping-private-refused sh -c '! ping -c 1 -W 3 10.0.98.1'
+		;;
+	net-dns)
+		load_mods net
+		dhcp
+		ck dns-l1-only sh -c 'nslookup e2e-dns-only.test 10.0.2.2 | grep -q 203.0.113.7'
+		ck dns-nxdomain sh -c 'nslookup nope.test 10.0.2.2 2>&1 | grep -q NXDOMAIN'
+		;;
+	net-many)
+		load_mods net
+		dhcp
+		net-many 203.0.113.1 5010 2000 10 5003
+		;;
+	net-allow)
+		load_mods net
+		dhcp
 		ck dns-hosts sh -c 'nslookup e2e-allowed.test 10.0.2.2 | grep -q 198.51.100.1'
 		ck private-allowed sh -c 'timeout 20 socat -u TCP:192.168.77.1:5005,connect-timeout=10 - | grep -q E2E-PRIVATE-OK'
 		refused private-refused 192.168.78.1:5005 # private, outside the allowed /24
