@@ -29,6 +29,8 @@ pub mod dhcp;
 pub mod dns;
 mod frames;
 pub mod policy;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod fuzz;
 mod stack;
 #[cfg(test)]
 mod tests;

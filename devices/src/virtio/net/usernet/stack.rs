@@ -327,6 +327,16 @@ impl Stack {
 
     /// Runs until the frame socket closes (the device is gone).
     pub fn run(&mut self) -> io::Result<()> {
+        self.start_resolver()?;
+        let mut events = vec![EpollEvent::default(); 256];
+        while self.guest_open {
+            let timeout = self.timeout();
+            self.iteration(timeout, &mut events)?;
+        }
+        Ok(())
+    }
+
+    fn start_resolver(&mut self) -> io::Result<()> {
         let resolver = Resolver::new()?;
         self.epoll.ctl(
             ControlOperation::Add,
@@ -334,33 +344,71 @@ impl Stack {
             EpollEvent::new(EventSet::IN, TOKEN_RESOLVER),
         )?;
         self.resolver = Some(resolver);
-        let mut events = vec![EpollEvent::default(); 256];
-        while self.guest_open {
-            let timeout = self.timeout();
-            let n = match self.epoll.wait(timeout, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
-                Err(e) => return Err(e),
-            };
-            for ev in &events[..n] {
-                let (kind, id) = (ev.data() >> KIND_SHIFT, ev.data() & ((1 << KIND_SHIFT) - 1));
-                match (kind, ev.data()) {
-                    (0, TOKEN_GUEST) => {}
-                    (0, TOKEN_RESOLVER) => self.dns_results(),
-                    (0, TOKEN_PING) => self.ping_replies(),
-                    (KIND_TCP, _) => self.tcp_host_event(id),
-                    (KIND_UDP, _) => self.udp_host_event(id),
-                    (KIND_LISTEN, _) => self.accept(id as usize),
-                    (KIND_UDP_FORWARD, _) => self.udp_forward_event(id as usize),
-                    _ => {}
-                }
+        Ok(())
+    }
+
+    /// One wake-up: waits up to `timeout` ms, handles what is ready, takes the
+    /// guest's frames, runs smoltcp and the connections, and writes frames out.
+    fn iteration(&mut self, timeout: i32, events: &mut [EpollEvent]) -> io::Result<()> {
+        let n = match self.epoll.wait(timeout, events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+            Err(e) => return Err(e),
+        };
+        for ev in &events[..n] {
+            let (kind, id) = (ev.data() >> KIND_SHIFT, ev.data() & ((1 << KIND_SHIFT) - 1));
+            match (kind, ev.data()) {
+                (0, TOKEN_GUEST) => {}
+                (0, TOKEN_RESOLVER) => self.dns_results(),
+                (0, TOKEN_PING) => self.ping_replies(),
+                (KIND_TCP, _) => self.tcp_host_event(id),
+                (KIND_UDP, _) => self.udp_host_event(id),
+                (KIND_LISTEN, _) => self.accept(id as usize),
+                (KIND_UDP_FORWARD, _) => self.udp_forward_event(id as usize),
+                _ => {}
             }
-            self.read_guest()?;
-            self.poll_iface();
-            self.pump_all();
-            self.poll_iface();
-            self.expire();
-            self.write_guest()?;
+        }
+        self.read_guest()?;
+        self.poll_iface();
+        self.pump_all();
+        self.poll_iface();
+        self.expire();
+        self.write_guest()
+    }
+
+    /// For property tests and fuzzing: starts the resolver without a thread loop.
+    #[cfg(any(test, feature = "test-utils"))]
+    pub fn start_for_test(&mut self) -> io::Result<()> {
+        self.start_resolver()
+    }
+
+    /// For property tests and fuzzing: one [`Self::iteration`] that does not wait.
+    #[cfg(any(test, feature = "test-utils"))]
+    pub fn step(&mut self) -> io::Result<()> {
+        let mut events = vec![EpollEvent::default(); 64];
+        self.iteration(0, &mut events)
+    }
+
+    /// For property tests and fuzzing: what the gateway holds, checked against
+    /// its limits. `Err` names the first one exceeded.
+    #[cfg(any(test, feature = "test-utils"))]
+    pub fn check_bounds(&self) -> Result<(), String> {
+        let l = &self.limits;
+        let checks = [
+            ("TCP connections", self.tcp.len(), l.tcp_connections),
+            ("TCP tuples", self.tcp_by_tuple.len(), l.tcp_connections),
+            ("UDP flows", self.udp.len(), l.udp_flows),
+            ("DNS lookups", self.dns_pending.len(), l.dns_pending),
+            ("queued bytes", self.phy.tx_bytes, l.guest_queue_bytes + crate::virtio::net::MAX_FRAME_LEN),
+            ("pings", self.pings.len(), PINGS_IN_FLIGHT),
+        ];
+        for (what, have, max) in checks {
+            if have > max {
+                return Err(format!("{what}: {have} > {max}"));
+            }
+        }
+        if self.tcp.len() != self.tcp_by_tuple.len() {
+            return Err(format!("{} connections but {} tuples", self.tcp.len(), self.tcp_by_tuple.len()));
         }
         Ok(())
     }
