@@ -67,10 +67,23 @@ SCENARIOS = {
     "memory overhead and exit latency checked against their goals, the boot ratio, fs/blk/net figures; "
     "writes benches/results/",
 }
+SCENARIOS["bench-net"] = (f"the bench's net rows alone, E2E_BENCH_IO_RUNS={IO_RUNS} each: 32 MiB each way and "
+                          "200 sequential connects through aivmm's own network (--net user), passt (--net passt) "
+                          "and a tap (aivmm and QEMU microvm), with the ratios against their goals")
 # ~40 boots and the device runs: far too long for the default set (CI has 90 minutes).
-NOT_DEFAULT = {"bench"}
+NOT_DEFAULT = {"bench", "bench-net"}
 # A boot takes 5-15 s under nested TCG; 60 s each is the same slack qemu-compare has.
-BUDGET = {"bench": 3 * (RUNS + 1) * 60 + IO_RUNS * (2 * 180 + 2 * 150) + 300}
+BUDGET = {"bench": 3 * (RUNS + 1) * 60 + IO_RUNS * (2 * 180 + 4 * 150) + 300,
+          "bench-net": IO_RUNS * 4 * 150 + 120}
+# The net rows' goals (at least): aivmm's own network against passt and a tap, in
+# the same L1, each way; connection setup at least passt's.
+NET_GOALS = {
+    "net up ratio user/passt": 2.0,
+    "net down ratio user/passt": 2.0,
+    "net up ratio user/tap": 0.8,
+    "net down ratio user/tap": 0.8,
+    "connects/s ratio user/passt": 1.0,
+}
 
 MIB = 1024.0
 
@@ -137,7 +150,8 @@ def collect(sc):
         "ram_rss": {k: [] for k in KINDS}, "ram_map": {k: set() for k in KINDS},
         "setup": [], "setup_seen": [], "boot_timer": [], "warmup": {}, "phases": {},
         "started": {k: [] for k in KINDS}, "exit": {k: [] for k in KINDS},
-        "io": {"aivmm": {}, "qemu-microvm": {}}, "broken": [], "io_problems": [],
+        "io": {"aivmm": {}, "qemu-microvm": {}, "aivmm-user": {}, "aivmm-passt": {}}, "broken": [],
+        "io_problems": [],
     }
     for tag in sc.order:
         parts = tag.split("/")
@@ -240,8 +254,45 @@ DEVICE_FIGS = [
 ]
 
 
+def net_rows(d):
+    """(lines, missed goals) of the net rows: aivmm's own network against passt and a tap."""
+    io = d["io"]
+    user, passt, tap = io["aivmm-user"], io["aivmm-passt"], io["aivmm"]
+    fig = {
+        "net up ratio user/passt": (med(user.get("net_up_MiBps", [])), med(passt.get("net_up_MiBps", [])), "MiB/s"),
+        "net down ratio user/passt": (med(user.get("net_down_MiBps", [])), med(passt.get("net_down_MiBps", [])),
+                                      "MiB/s"),
+        "net up ratio user/tap": (med(user.get("net_up_MiBps", [])), med(tap.get("tap_up_MiBps", [])), "MiB/s"),
+        "net down ratio user/tap": (med(user.get("net_down_MiBps", [])), med(tap.get("tap_down_MiBps", [])), "MiB/s"),
+        "connects/s ratio user/passt": (med(user.get("net_connects_per_s", [])),
+                                        med(passt.get("net_connects_per_s", [])), "connects/s"),
+    }
+    lines, missed = [], []
+    for name, goal in NET_GOALS.items():
+        a, b, unit = fig[name]
+        v = ratio(a, b)
+        lines.append(f"{name}: {fmt(v, 2)} (goal: >= {goal:g}; {fmt(a, 1)} against {fmt(b, 1)} {unit})")
+        if v is None:
+            missed.append(f"{name}: not measured")
+        elif v < goal:
+            missed.append(f"{name} {fmt(v, 2)} < goal {goal:g}")
+    return lines, missed
+
+
+def judge_net(sc):
+    """bench-net: the net rows alone."""
+    d = collect(sc)
+    lines, missed = net_rows(d)
+    problems = d["io_problems"] + missed
+    if problems:
+        return False, "; ".join(problems)[:1500], lines
+    return True, "the net rows meet their goals; figures below", lines
+
+
 def judge(sc, vmm_mode="aivmm"):
     """(ok, message, extra lines); writes benches/results/ when it has boot figures."""
+    if sc.name == "bench-net":
+        return judge_net(sc)
     d = collect(sc)
     m = {k: med(d["marker"][k]) for k in KINDS}
     lines = [f"  boot median ms (exec -> E2E-MARKER console line, {RUNS} timed boots each, round robin, "
@@ -302,6 +353,9 @@ def judge(sc, vmm_mode="aivmm"):
         dev.append((devname, metric, unit, a, b))
         lines.append(f"{devname} {metric} ratio aivmm/qemu-microvm: {fmt(ratio(a, b), 2)} "
                      f"(aivmm {fmt(a, 1)} {unit}, qemu-microvm {fmt(b, 1)} {unit})")
+    net_lines, net_missed = net_rows(d)
+    lines += net_lines
+    missed += net_missed
     lines.append("  (fs: virtio-fs on both sides, QEMU through QEMU 7.2's C virtiofsd from Debian; "
                  "virtio-9p is out because the L2 kernel has no 9p, and building the Rust virtiofsd "
                  "would cost CI minutes)")

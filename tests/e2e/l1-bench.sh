@@ -121,8 +121,17 @@ bench_scenario() {
 	done
 	rm -rf /tmp/bench-share /tmp/bench.img
 
-	# net: TCP over a tap, 32 MiB each way (l1-io.sh's servers, l2-io.sh's net-tap guest).
+	bench_net
+}
+
+# The net rows: TCP over a tap, 32 MiB each way (l1-io.sh's servers, l2-io.sh's
+# net-tap guest), aivmm against QEMU microvm; then aivmm's user-mode networks,
+# its own (`--net user`) and passt (`--net passt`), the same 32 MiB each way to
+# L1's public-looking address and 200 connects one after another (l2-io.sh's
+# net-bench guest, tinydns --hold as the server).
+bench_net() {
 	io_mods
+	l1_net
 	if ! ip link show tap0 >/dev/null 2>&1; then
 		tunctl -t tap0 >/dev/null
 		ip addr add 10.0.99.1/24 dev tap0
@@ -140,6 +149,22 @@ bench_scenario() {
 			-device virtio-net-device,netdev=n0
 		IOTAG="bench/net/qemu-microvm/$i"
 		tcp_collect
+		tinydns --hold 5010 &
+		hp=$!
+		IOTAG="bench/net/aivmm-user/$i"
+		tcp_servers
+		run_io "$IOTAG" 150 net-bench --net user
+		tcp_collect
+		IOTAG="bench/net/aivmm-passt/$i"
+		tcp_servers
+		IO_CHROOT="unshare -m /bin/sh /tmp/io-nsroot.sh" run_io "$IOTAG" 150 net-bench --net passt
+		tcp_collect
+		kill $hp 2>/dev/null
 		i=$((i + 1))
 	done
+}
+
+bench_net_scenario() {
+	echo "@@O bench/setup 0 E2E-RESULT bench_io_runs=$BENCH_IO_RUNS"
+	bench_net
 }

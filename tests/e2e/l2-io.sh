@@ -252,6 +252,13 @@ io_main() {
 		ck dns-l1-only sh -c 'nslookup e2e-dns-only.test 10.0.2.2 | grep -q 203.0.113.7'
 		ck dns-nxdomain sh -c 'nslookup nope.test 10.0.2.2 2>&1 | grep -q NXDOMAIN'
 		;;
+	net-bench)
+		# The bench's net rows (l1-bench.sh): aivmm --net user or --net passt.
+		load_mods net
+		dhcp
+		tcp_xfer 198.51.100.1 net_
+		net-many --rate 198.51.100.1 5010 200 net_connects_per_s
+		;;
 	net-many)
 		load_mods net
 		dhcp

@@ -1,6 +1,7 @@
 /* net-many: the guest side of the e2e `net-many` scenario.
  *
  *   net-many IP PORT N HOLD_S AFTER_PORT
+ *   net-many --rate IP PORT N   (connects/s: N connections one after the other)
  *
  * Opens N non-blocking TCP connections to IP:PORT at once, waits until each has
  * connected or failed (or 60 s), holds them open HOLD_S seconds (L1 samples
@@ -25,7 +26,31 @@ static double now(void) {
 	return t.tv_sec + t.tv_nsec / 1e9;
 }
 
+/* N sequential connects (each closed at once), as E2E-FIG KEY=connects/s. */
+static int rate(const char *ip, int port, int n, const char *key) {
+	struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port)};
+	if (inet_aton(ip, &a.sin_addr) == 0 || n <= 0)
+		return 2;
+	int ok = 0;
+	double t0 = now();
+	for (int i = 0; i < n; i++) {
+		int s = socket(AF_INET, SOCK_STREAM, 0);
+		if (s >= 0 && connect(s, (struct sockaddr *)&a, sizeof a) == 0)
+			ok++;
+		if (s >= 0)
+			close(s);
+	}
+	double dt = now() - t0;
+	if (ok == n)
+		printf("E2E-FIG %s=%.0f\n", key, n / dt);
+	else
+		printf("E2E-CHECK connect-rate FAIL %d of %d connected\n", ok, n);
+	return 0;
+}
+
 int main(int argc, char **argv) {
+	if (argc == 6 && strcmp(argv[1], "--rate") == 0)
+		return rate(argv[2], atoi(argv[3]), atoi(argv[4]), argv[5]);
 	if (argc != 6)
 		return 2;
 	int n = atoi(argv[3]), hold = atoi(argv[4]);

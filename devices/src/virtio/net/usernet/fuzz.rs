@@ -48,6 +48,8 @@ impl FuzzGateway {
             limits: Limits {
                 tcp_connections: 16,
                 tcp_buffer: 4096,
+                tcp_buffer_min: 1024,
+                tcp_buffer_budget: 16 * 1024,
                 udp_flows: 8,
                 dns_pending: 4,
                 guest_queue_bytes: 256 << 10,

@@ -62,8 +62,14 @@ pub const DNS_TTL: u32 = 60;
 pub struct Limits {
     /// Open TCP connections (guest-initiated and forwarded together).
     pub tcp_connections: usize,
-    /// Each TCP connection's buffer, in each direction.
+    /// A TCP connection's buffer in each direction, while the large buffers
+    /// in use stay within `tcp_buffer_budget`: room for several of the guest's
+    /// 64 KiB segments in flight (a buffer of one segment is stop-and-wait).
     pub tcp_buffer: usize,
+    /// A TCP connection's buffer in each direction once that budget is spent.
+    pub tcp_buffer_min: usize,
+    /// The most bytes of large buffers (both directions) at once.
+    pub tcp_buffer_budget: usize,
     /// UDP flows (one per guest source port); the one idle longest makes room.
     pub udp_flows: usize,
     /// DNS lookups in flight.
@@ -73,13 +79,16 @@ pub struct Limits {
 }
 
 impl Default for Limits {
-    /// 512 TCP connections of 64 KiB each way (64 MiB at most, and only what is
-    /// in flight is touched), 256 UDP flows, 64 DNS lookups, 4 MiB of frames
-    /// queued for the guest.
+    /// 512 TCP connections; 512 KiB each way for as many as fit in 48 MiB (48
+    /// connections), 16 KiB each way for the rest: 64 MiB of TCP buffers at
+    /// most, of which only what has carried data is touched. 256 UDP flows, 64
+    /// DNS lookups, 4 MiB of frames queued for the guest.
     fn default() -> Self {
         Self {
             tcp_connections: 512,
-            tcp_buffer: 64 * 1024,
+            tcp_buffer: 512 * 1024,
+            tcp_buffer_min: 16 * 1024,
+            tcp_buffer_budget: 48 * 1024 * 1024,
             udp_flows: 256,
             dns_pending: 64,
             guest_queue_bytes: 4 * 1024 * 1024,

@@ -165,6 +165,8 @@ struct TcpConn {
     host_write_shut: bool,
     /// Registered interest (empty: not registered).
     interest: EventSet,
+    /// Its smoltcp buffer in each direction (0 before it has a socket).
+    buffer: usize,
 }
 
 struct UdpFlow {
@@ -209,6 +211,8 @@ pub struct Stack {
     udp: HashMap<u64, UdpFlow>,
     udp_by_port: HashMap<u16, u64>,
     listeners: Vec<(TcpListener, u16)>,
+    /// Bytes of smoltcp buffers the open connections hold (both directions).
+    buffers_in_use: usize,
     /// The host's unprivileged ICMP socket, made at the first ping.
     ping: Option<socket2::Socket>,
     ping_unavailable: bool,
@@ -314,6 +318,7 @@ impl Stack {
             udp: HashMap::new(),
             udp_by_port: HashMap::new(),
             listeners,
+            buffers_in_use: 0,
             ping: None,
             ping_unavailable: false,
             pings: VecDeque::new(),
@@ -401,6 +406,11 @@ impl Stack {
             ("DNS lookups", self.dns_pending.len(), l.dns_pending),
             ("queued bytes", self.phy.tx_bytes, l.guest_queue_bytes + crate::virtio::net::MAX_FRAME_LEN),
             ("pings", self.pings.len(), PINGS_IN_FLIGHT),
+            (
+                "TCP buffers",
+                self.buffers_in_use,
+                l.tcp_buffer_budget + 2 * l.tcp_buffer_min * l.tcp_connections,
+            ),
         ];
         for (what, have, max) in checks {
             if have > max {
@@ -692,10 +702,14 @@ impl Stack {
             host_eof: false,
             host_write_shut: false,
             interest: EventSet::empty(),
+            buffer: 0,
         };
         self.tcp.insert(id, conn);
         self.tcp_by_tuple.insert(tuple, id);
         self.set_tcp_interest(id, EventSet::OUT);
+        // A local peer often has the connection up already: answer the SYN in this
+        // wake-up rather than the next.
+        self.tcp_host_event(id);
     }
 
     fn next_id(&mut self) -> u64 {
@@ -755,7 +769,10 @@ impl Stack {
         };
         let _ = conn.host.set_nodelay(true);
         let dst = conn.tuple.1;
-        let mut sock = new_tcp_socket(&self.limits);
+        let size = buffer_size(&self.limits, self.buffers_in_use);
+        conn.buffer = size;
+        self.buffers_in_use += 2 * size;
+        let mut sock = new_tcp_socket(size);
         if sock
             .listen(IpListenEndpoint {
                 addr: Some((*dst.ip()).into()),
@@ -797,12 +814,14 @@ impl Stack {
             let _ = stream.set_nodelay(true);
             let local = SocketAddrV4::new(GATEWAY, self.local_port());
             let remote = SocketAddrV4::new(GUEST, guest_port);
-            let mut sock = new_tcp_socket(&self.limits);
+            let size = buffer_size(&self.limits, self.buffers_in_use);
+            let mut sock = new_tcp_socket(size);
             if let Err(e) = sock.connect(self.iface.context(), remote, local) {
                 warn!("usernet: forward to guest port {guest_port}: {e}");
                 continue;
             }
             let handle = self.sockets.add(sock);
+            self.buffers_in_use += 2 * size;
             let id = self.next_id();
             let tuple = (remote, local);
             self.tcp.insert(
@@ -814,6 +833,7 @@ impl Stack {
                     host_eof: false,
                     host_write_shut: false,
                     interest: EventSet::empty(),
+                    buffer: size,
                 },
             );
             self.tcp_by_tuple.insert(tuple, id);
@@ -936,6 +956,7 @@ impl Stack {
         self.set_tcp_interest(id, EventSet::empty());
         let Some(conn) = self.tcp.remove(&id) else { return };
         self.tcp_by_tuple.remove(&conn.tuple);
+        self.buffers_in_use -= 2 * conn.buffer;
         if let Phase::Open(h) = conn.phase {
             self.sockets.remove(h);
         }
@@ -1208,9 +1229,18 @@ impl Stack {
     }
 }
 
-fn new_tcp_socket(limits: &Limits) -> tcp::Socket<'static> {
-    let rx = tcp::SocketBuffer::new(vec![0u8; limits.tcp_buffer]);
-    let tx = tcp::SocketBuffer::new(vec![0u8; limits.tcp_buffer]);
+/// The buffer (each way) for a new connection when `in_use` bytes of buffers exist.
+fn buffer_size(limits: &Limits, in_use: usize) -> usize {
+    if in_use + 2 * limits.tcp_buffer <= limits.tcp_buffer_budget {
+        limits.tcp_buffer
+    } else {
+        limits.tcp_buffer_min
+    }
+}
+
+fn new_tcp_socket(size: usize) -> tcp::Socket<'static> {
+    let rx = tcp::SocketBuffer::new(vec![0u8; size]);
+    let tx = tcp::SocketBuffer::new(vec![0u8; size]);
     let mut s = tcp::Socket::new(rx, tx);
     s.set_nagle_enabled(false);
     // ACK at once: the link is a local queue, and a delayed ACK (smoltcp's
