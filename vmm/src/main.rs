@@ -131,6 +131,12 @@ fn raise_fd_limit() {
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
             lim.rlim_cur = lim.rlim_max;
+            // macOS refuses RLIM_INFINITY (its usual hard limit) for open files:
+            // OPEN_MAX is the most it takes.
+            #[cfg(target_os = "macos")]
+            {
+                lim.rlim_cur = lim.rlim_cur.min(10240);
+            }
             if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
                 tracing::debug!("cannot raise the open-file limit");
             }

@@ -90,6 +90,11 @@ impl FuzzGateway {
         out
     }
 
+    /// How many TCP connections the gateway holds.
+    pub fn connections(&self) -> usize {
+        self.stack.connection_count()
+    }
+
     /// Whether every table is within its limit.
     pub fn check(&self) -> Result<(), String> {
         self.stack.check_bounds()
@@ -111,7 +116,8 @@ fn eth(buf: &mut [u8], proto: EthernetProtocol) {
     .emit(&mut EthernetFrame::new_unchecked(buf));
 }
 
-fn tcp(dst: SocketAddrV4, src_port: u16, control: TcpControl, seq: u32, ack: Option<u32>, payload: &[u8]) -> Vec<u8> {
+/// A TCP segment from the guest (options on a SYN as Linux sends them).
+pub fn tcp(dst: SocketAddrV4, src_port: u16, control: TcpControl, seq: u32, ack: Option<u32>, payload: &[u8]) -> Vec<u8> {
     let repr = TcpRepr {
         src_port,
         dst_port: dst.port(),
@@ -272,6 +278,59 @@ mod tests {
 
     /// Cases per run (debug build, CI), as for the other devices.
     const CASES: u32 = 100_000;
+
+    /// A guest that resets its half-open connections (SYN, then RST: what a port
+    /// scanner does) never runs the connection table full: each RST sends smoltcp's
+    /// socket back to LISTEN, and such a connection is closed.
+    #[test]
+    fn syn_then_rst_gives_the_slot_back() {
+        let mut gw = FuzzGateway::new();
+        // A host server that keeps every connection open (its peer never sees EOF).
+        let held = TcpListener::bind("127.0.0.1:0").unwrap();
+        let dst = SocketAddrV4::new(GATEWAY, held.local_addr().unwrap().port());
+        std::thread::spawn(move || {
+            let mut keep = Vec::new();
+            while let Ok((s, _)) = held.accept() {
+                keep.push(s);
+            }
+        });
+        gw.frame(&template(0, 0, 0)); // the guest's ARP for the gateway: smoltcp learns its MAC
+        let synack_seq = |out: &[Vec<u8>], port: u16| {
+            out.iter().find_map(|f| {
+                let i = frames::parse_ipv4(f)?;
+                let t = TcpPacket::new_checked(&f[i.payload_at..i.payload_at + i.payload_len]).ok()?;
+                (t.syn() && t.ack() && t.dst_port() == port).then(|| t.seq_number())
+            })
+        };
+        for i in 0..40u16 {
+            let mut out = gw.frame(&tcp(dst, 2000 + i, TcpControl::Syn, 1000, None, &[]));
+            for _ in 0..20 {
+                if synack_seq(&out, 2000 + i).is_some() {
+                    break;
+                }
+                out = gw.frame(&[]);
+            }
+            let isn = synack_seq(&out, 2000 + i).expect("a SYN-ACK");
+            gw.frame(&tcp(dst, 2000 + i, TcpControl::Rst, 1001, Some((isn + 1).0 as u32), &[]));
+            gw.check().unwrap();
+            assert_eq!(gw.connections(), 0, "round {i}: the reset connection still holds its slot");
+        }
+        let mut out = gw.frame(&tcp(dst, 3000, TcpControl::Syn, 5000, None, &[]));
+        for _ in 0..20 {
+            if !out.is_empty() {
+                break;
+            }
+            out = gw.frame(&[]);
+        }
+        let synack = out.iter().any(|f| {
+            frames::parse_ipv4(f).is_some_and(|i| {
+                i.protocol == IpProtocol::Tcp
+                    && TcpPacket::new_checked(&f[i.payload_at..i.payload_at + i.payload_len])
+                        .is_ok_and(|t| t.syn() && t.ack() && t.dst_port() == 3000)
+            })
+        });
+        assert!(synack, "a new connection after 40 reset ones got no SYN-ACK");
+    }
 
     #[test]
     fn hostile_frames_never_panic_or_outgrow_the_limits() {

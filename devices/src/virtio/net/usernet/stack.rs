@@ -213,6 +213,8 @@ pub struct Stack {
     listeners: Vec<(TcpListener, u16)>,
     /// Bytes of smoltcp buffers the open connections hold (both directions).
     buffers_in_use: usize,
+    /// `--forward` listeners taken off the poll after an accept error, and since when.
+    paused_listeners: Vec<(usize, Instant)>,
     /// The host's unprivileged ICMP socket, made at the first ping.
     ping: Option<socket2::Socket>,
     ping_unavailable: bool,
@@ -319,6 +321,7 @@ impl Stack {
             udp_by_port: HashMap::new(),
             listeners,
             buffers_in_use: 0,
+            paused_listeners: Vec::new(),
             ping: None,
             ping_unavailable: false,
             pings: VecDeque::new(),
@@ -394,6 +397,12 @@ impl Stack {
         self.iteration(0, &mut events)
     }
 
+    /// For tests: how many TCP connections the gateway holds.
+    #[cfg(any(test, feature = "test-utils"))]
+    pub fn connection_count(&self) -> usize {
+        self.tcp.len()
+    }
+
     /// For property tests and fuzzing: what the gateway holds, checked against
     /// its limits. `Err` names the first one exceeded.
     #[cfg(any(test, feature = "test-utils"))]
@@ -426,6 +435,11 @@ impl Stack {
     fn timeout(&mut self) -> i32 {
         if !self.phy.rx.is_empty() {
             return 0;
+        }
+        if !self.phy.tx_room() {
+            // smoltcp wants to send but the guest takes nothing: wait for the frame
+            // socket to drain (its OUT interest is set), not for smoltcp's timer.
+            return 1000;
         }
         let now = now_smol(self.start);
         let mut ms: i64 = 1000;
@@ -657,10 +671,19 @@ impl Stack {
             SocketAddrV4::new(info.dst, tcp.dst_port()),
         );
         let new_syn = tcp.syn() && !tcp.ack() && !tcp.rst();
-        if let Some(id) = self.tcp_by_tuple.get(&tuple) {
-            // (A SYN resent while the host connect is under way waits with the first.)
-            if let Some(Phase::Open(_)) = self.tcp.get(id).map(|c| &c.phase) {
-                self.phy.rx.push_back(frame);
+        if let Some(&id) = self.tcp_by_tuple.get(&tuple) {
+            match self.tcp.get(&id).map(|c| &c.phase) {
+                Some(Phase::Open(_)) => self.phy.rx.push_back(frame),
+                // The guest gave up on the connection while the host connect was
+                // under way: drop it (and its slot) without an answer.
+                Some(Phase::Connecting { .. }) if tcp.rst() => {
+                    self.set_tcp_interest(id, EventSet::empty());
+                    if let Some(conn) = self.tcp.remove(&id) {
+                        self.tcp_by_tuple.remove(&conn.tuple);
+                    }
+                }
+                // A SYN resent while the host connect is under way waits with the first.
+                _ => {}
             }
             return;
         }
@@ -801,6 +824,11 @@ impl Stack {
                 Err(e) if is_would_block(&e) => return,
                 Err(e) => {
                     warn!("usernet: accepting on a --forward port: {e}");
+                    // Out of descriptors: the listener stays readable, so it rests
+                    // (unpolled) for a second rather than spin.
+                    let fd = listener.as_raw_fd();
+                    let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+                    self.paused_listeners.push((idx, Instant::now()));
                     return;
                 }
             };
@@ -938,16 +966,25 @@ impl Stack {
         let state = sock.state();
         if reset {
             sock.abort();
+            // Let smoltcp send the guest its RST before the socket goes.
+            self.poll_iface();
             self.close_conn(id, true);
             return;
         }
         match state {
+            // What the guest sent before it closed still goes to the host first.
+            tcp::State::Closed | tcp::State::TimeWait if sock.recv_queue() > 0 => {
+                self.set_tcp_interest(id, EventSet::OUT);
+            }
             // The guest reset it, or both sides are done.
             tcp::State::Closed => {
                 let graceful = conn.host_eof && conn.host_write_shut;
                 self.close_conn(id, !graceful);
             }
             tcp::State::TimeWait => self.close_conn(id, false),
+            // Back to LISTEN: the guest reset its half-open connection (or smoltcp
+            // refused its SYN); nothing will use this socket again.
+            tcp::State::Listen => self.close_conn(id, true),
             _ => self.set_tcp_interest(id, want),
         }
     }
@@ -1153,6 +1190,19 @@ impl Stack {
 
     fn expire(&mut self) {
         let now = Instant::now();
+        let (ready, resting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.paused_listeners)
+            .into_iter()
+            .partition(|(_, since)| now.duration_since(*since) >= Duration::from_secs(1));
+        self.paused_listeners = resting;
+        for (idx, _) in ready {
+            if let Some((l, _)) = self.listeners.get(idx) {
+                let _ = self.epoll.ctl(
+                    ControlOperation::Add,
+                    l.as_raw_fd(),
+                    EpollEvent::new(EventSet::IN, token(KIND_LISTEN, idx as u64)),
+                );
+            }
+        }
         let idle: Vec<u64> = self
             .udp
             .iter()
@@ -1246,6 +1296,9 @@ fn new_tcp_socket(size: usize) -> tcp::Socket<'static> {
     // ACK at once: the link is a local queue, and a delayed ACK (smoltcp's
     // default is 10 ms) caps what the guest may send per window.
     s.set_ack_delay(None);
+    // A handshake, or data the guest never acknowledges, ends the connection
+    // after a minute instead of holding its slot for ever.
+    s.set_timeout(Some(smoltcp::time::Duration::from_secs(60)));
     s
 }
 

@@ -202,6 +202,35 @@ fn tcp_flows_both_ways_with_half_close_through_an_allowed_loopback_port() {
     server.join().unwrap();
 }
 
+/// A host peer that resets its connection: the guest's socket is reset too, not
+/// left waiting.
+#[test]
+fn a_host_reset_reaches_the_guest() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
+        drop(s); // RST
+    });
+    let mut g = Guest::new(&UserNetConfig {
+        policy: PolicyConfig {
+            allow: vec![format!("127.0.0.1:{port}")],
+            allow_only: None,
+        },
+        ..Default::default()
+    });
+    let h = g.tcp((GATEWAY, port), 43000);
+    assert!(g.run_until(Duration::from_secs(5), |g| g.sockets.get_mut::<tcp::Socket>(h).state() == tcp::State::Established));
+    assert!(
+        g.run_until(Duration::from_secs(5), |g| g.sockets.get_mut::<tcp::Socket>(h).state() == tcp::State::Closed),
+        "the guest's socket is still {}",
+        g.sockets.get_mut::<tcp::Socket>(h).state()
+    );
+    server.join().unwrap();
+}
+
 #[test]
 fn refused_destinations_get_a_reset_at_once() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
