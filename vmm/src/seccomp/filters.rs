@@ -404,20 +404,50 @@ fn api_rules() -> Rules {
     r
 }
 
-/// The user-mode network (`--net user`): what a control thread may do, plus
-/// network sockets, since it re-originates the guest's connections from host
-/// sockets and resolves names with the host's resolver (getaddrinfo: files
-/// under /etc, a DNS server over UDP or TCP, nscd's unix socket, NSS modules
-/// loaded on first use). No `KVM_RUN`, none of the shares' or disks' calls.
+/// The user-mode network (`--net user`): its gateway thread and DNS resolver
+/// threads, which parse the guest's frames and re-originate its connections:
+/// network sockets, its event loop, threads, and what glibc's resolver
+/// (getaddrinfo) does: read /etc files, talk to a DNS server over UDP or TCP or
+/// to nscd over a unix socket, and load an NSS module on first use (executable
+/// mappings). Nothing else: no file changes (unlink, rename, mkdir, chmod), no
+/// signals to other processes, no `KVM_RUN`, none of the shares' or disks' calls.
 fn net_rules() -> Rules {
-    let mut r = api_rules();
+    let mut r = Rules::new();
+    common(&mut r);
+    threads(&mut r);
+    allow(&mut r, WAITING);
+    allow(&mut r, UNIX_SOCKET_IO);
     allow(
         &mut r,
         &[
-            libc::SYS_connect,
-            libc::SYS_accept4,
+            // The event loop (the devices' Epoll; the resolver's eventfd).
+            libc::SYS_eventfd2,
+            libc::SYS_epoll_create1,
+            libc::SYS_epoll_ctl,
+            libc::SYS_pipe2,
+            // Sockets beyond UNIX_SOCKET_IO.
+            libc::SYS_bind,
+            libc::SYS_listen,
             libc::SYS_sendmmsg,
             libc::SYS_recvmmsg,
+            // The resolver reading /etc/hosts, resolv.conf, nsswitch.conf, gai.conf.
+            libc::SYS_openat,
+            libc::SYS_newfstatat,
+            libc::SYS_fstat,
+            libc::SYS_statx,
+            libc::SYS_lseek,
+            libc::SYS_readv,
+            libc::SYS_fcntl,
+            libc::SYS_uname,
+            libc::SYS_getuid,
+            libc::SYS_geteuid,
+            libc::SYS_getgid,
+            libc::SYS_getegid,
+            // An NSS module loaded on the first lookup, and a panic's abort.
+            libc::SYS_mmap,
+            libc::SYS_mprotect,
+            libc::SYS_rt_sigaction,
+            libc::SYS_tgkill,
         ],
     );
     allow_arg(
