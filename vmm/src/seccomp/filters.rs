@@ -114,6 +114,15 @@ const UNIX_SOCKET_IO: &[i64] = &[
     libc::SYS_getpeername,
 ];
 
+/// Making event loops and notifiers (epoll sets, eventfds, pipes): control threads
+/// and the user-mode network's.
+const EVENT_LOOPS: &[i64] = &[
+    libc::SYS_eventfd2,
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_pipe2,
+];
+
 /// Waiting in an event loop or sleeping: device workers and API threads alike.
 const WAITING: &[i64] = &[
     libc::SYS_epoll_wait,
@@ -327,14 +336,10 @@ fn api_rules() -> Rules {
     threads(&mut r);
     allow(&mut r, UNIX_SOCKET_IO);
     allow(&mut r, WAITING);
+    allow(&mut r, EVENT_LOOPS);
     allow(
         &mut r,
         &[
-            // Event loops and timers.
-            libc::SYS_eventfd2,
-            libc::SYS_epoll_create1,
-            libc::SYS_epoll_ctl,
-            libc::SYS_pipe2,
             // Workdir state: the record (`vm.json`, written and renamed), the log,
             // the lock, removing the lock and socket at exit.
             libc::SYS_openat,
@@ -417,14 +422,10 @@ fn net_rules() -> Rules {
     threads(&mut r);
     allow(&mut r, WAITING);
     allow(&mut r, UNIX_SOCKET_IO);
+    allow(&mut r, EVENT_LOOPS);
     allow(
         &mut r,
         &[
-            // The event loop (the devices' Epoll; the resolver's eventfd).
-            libc::SYS_eventfd2,
-            libc::SYS_epoll_create1,
-            libc::SYS_epoll_ctl,
-            libc::SYS_pipe2,
             // Sockets beyond UNIX_SOCKET_IO.
             libc::SYS_bind,
             libc::SYS_listen,
