@@ -180,7 +180,7 @@ struct UdpForward {
     sock: UdpSocket,
     guest_port: u16,
     /// Host peers seen, by port on 127.0.0.1 (the guest sees them on the gateway).
-    peers: Vec<u16>,
+    peers: Vec<(u16, Instant)>,
 }
 
 struct DnsQuery {
@@ -1039,7 +1039,7 @@ impl Stack {
             if let Some(fwd) = self
                 .udp_forwards
                 .iter()
-                .find(|f| f.guest_port == sport && f.peers.contains(&dport))
+                .find(|f| f.guest_port == sport && f.peers.iter().any(|(p, _)| *p == dport))
             {
                 let _ = fwd.sock.send_to(payload, SocketAddrV4::new(Ipv4Addr::LOCALHOST, dport));
                 return;
@@ -1167,12 +1167,13 @@ impl Stack {
                 }
             };
             let SocketAddr::V4(from) = from else { continue };
-            if !fwd.peers.contains(&from.port()) {
-                if fwd.peers.len() >= UDP_PEERS {
-                    fwd.peers.remove(0);
-                }
-                fwd.peers.push(from.port());
+            // A host peer stays reachable for UDP_IDLE after it last wrote: after
+            // that its port may belong to another program.
+            fwd.peers.retain(|(p, _)| *p != from.port());
+            if fwd.peers.len() >= UDP_PEERS {
+                fwd.peers.remove(0);
             }
+            fwd.peers.push((from.port(), Instant::now()));
             let Some(mac) = self.guest_mac else { continue };
             if n + 28 > usize::from(MTU) {
                 continue;
@@ -1211,6 +1212,9 @@ impl Stack {
             .collect();
         for id in idle {
             self.close_udp(id);
+        }
+        for f in &mut self.udp_forwards {
+            f.peers.retain(|(_, seen)| now.duration_since(*seen) <= UDP_IDLE);
         }
     }
 
