@@ -14,8 +14,9 @@
 //! TCP is smoltcp's (terminated in aivmm, re-originated from a host socket);
 //! UDP is carried datagram by datagram from one host socket per guest source
 //! port; DNS queries to the gateway are answered by the host's own resolver
-//! (getaddrinfo: /etc/hosts and, on macOS, the system resolver apply); pings go
-//! only to the gateway. IPv4 only: there is no IPv6 on this network (AAAA
+//! (getaddrinfo: /etc/hosts and, on macOS, the system resolver apply); smoltcp
+//! answers pings to the gateway, and other pings leave through the host's
+//! unprivileged ICMP socket where it has one (refused at once where not). IPv4 only: there is no IPv6 on this network (AAAA
 //! queries get an empty answer), so nothing waits for a v6 route that is not there.
 //!
 //! Every destination passes the [`policy::EgressPolicy`] first, on the host
