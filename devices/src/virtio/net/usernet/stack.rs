@@ -676,12 +676,7 @@ impl Stack {
                 Some(Phase::Open(_)) => self.phy.rx.push_back(frame),
                 // The guest gave up on the connection while the host connect was
                 // under way: drop it (and its slot) without an answer.
-                Some(Phase::Connecting { .. }) if tcp.rst() => {
-                    self.set_tcp_interest(id, EventSet::empty());
-                    if let Some(conn) = self.tcp.remove(&id) {
-                        self.tcp_by_tuple.remove(&conn.tuple);
-                    }
-                }
+                Some(Phase::Connecting { .. }) if tcp.rst() => self.close_conn(id, false),
                 // A SYN resent while the host connect is under way waits with the first.
                 _ => {}
             }
