@@ -62,7 +62,7 @@ fuzz_target!(|data: &[u8]| {
             let (a, b) = UnixDatagram::pair().unwrap();
             Loop { sock: a, _peer: b }
         }),
-        mrg,
+        if mrg { 1 << 15 } else { 0 }, // VIRTIO_NET_F_MRG_RXBUF
     )
     .unwrap();
     w.process();

@@ -213,6 +213,9 @@ in
       systemd.network.networks."10-eth0" = {
         matchConfig.Name = "eth0";
         networkConfig.DHCP = "ipv4";
+        # The 65520-byte MTU aivmm's network (and passt) offer: 64 KiB segments
+        # instead of 1500-byte ones, several times the throughput.
+        dhcpV4Config.UseMTU = true;
       };
       # Nothing waits for the network: `--net none` must not cost a timeout, and
       # the agent's command copes with a link that comes up a moment later.

@@ -126,16 +126,18 @@ dhcp() {
 #!/bin/sh
 case "$1" in
 bound | renew)
+	# The MTU as the guest image applies it (passt and aivmm offer 65520).
+	[ -z "$mtu" ] || ip link set dev "$interface" mtu "$mtu"
 	ifconfig "$interface" "$ip" netmask "$subnet" up
 	for r in $router; do route add default gw "$r" dev "$interface"; break; done
-	echo "E2E-RESULT dhcp_ip=$ip dhcp_router=$router dhcp_dns=$(echo $dns | tr ' ' ,)"
+	echo "E2E-RESULT dhcp_ip=$ip dhcp_router=$router dhcp_dns=$(echo $dns | tr ' ' ,) dhcp_mtu=$mtu"
 	;;
 esac
 EOF
 	chmod 755 /tmp/udhcpc.sh
 	ip link set lo up
 	ip link set eth0 up
-	ck dhcp udhcpc -i eth0 -s /tmp/udhcpc.sh -n -q -t 10 -T 2
+	ck dhcp udhcpc -i eth0 -s /tmp/udhcpc.sh -n -q -t 10 -T 2 -O mtu
 	grep -q 'eth0:' /proc/net/dev || echo "E2E-CHECK eth0 FAIL no eth0"
 	GW=$(ip route | sed -n 's/^default via \([0-9.]*\).*/\1/p')
 	echo "E2E-RESULT gw=$GW"

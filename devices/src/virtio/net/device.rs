@@ -158,7 +158,7 @@ impl Net {
             kill.try_clone().map_err(Error::Event)?,
             interrupt,
             backend,
-            self.acked_features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0,
+            self.acked_features,
             self.link_up.clone(),
             self.wakeups.clone(),
         );

@@ -78,7 +78,7 @@ fn case(input: &[u8], payloads: &[Vec<u8>]) -> Result<(), String> {
         tx.queue(),
         irq,
         Box::new(backend),
-        mrg_rxbuf,
+        if mrg_rxbuf { 1 << virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF } else { 0 },
     )
     .unwrap();
     bounded("process", || w.process())?;

@@ -18,7 +18,9 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 
 use super::backend::Backend;
-use super::{Error, MAX_FRAME_LEN, NUM_BUFFERS_OFFSET, VNET_HDR_LEN};
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MRG_RXBUF};
+
+use super::{complete_partial_csum, Error, MAX_FRAME_LEN, NUM_BUFFERS_OFFSET, VNET_HDR_LEN};
 use crate::sys::{ControlOperation, Epoll, EpollEvent, EventFd, EventSet};
 use crate::virtio::{VirtioInterrupt, VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 
@@ -130,6 +132,8 @@ pub(super) struct NetWorker {
     link_up: Arc<AtomicBool>,
     wakeups: Arc<AtomicU64>,
     mrg_rxbuf: bool,
+    /// The driver takes frames with partial checksums (`VIRTIO_NET_F_GUEST_CSUM`).
+    guest_csum: bool,
     /// Header bytes the device adds in front of received frames (0 for a backend
     /// that carries its own header).
     hdr_pad: usize,
@@ -156,10 +160,12 @@ impl NetWorker {
         kill: EventFd,
         interrupt: Arc<dyn VirtioInterrupt>,
         backend: Box<dyn Backend>,
-        mrg_rxbuf: bool,
+        acked_features: u64,
         link_up: Arc<AtomicBool>,
         wakeups: Arc<AtomicU64>,
     ) -> std::result::Result<Self, (Error, Box<dyn Backend>)> {
+        let mrg_rxbuf = acked_features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
+        let guest_csum = acked_features & (1 << VIRTIO_NET_F_GUEST_CSUM) != 0;
         let epoll = match Epoll::new() {
             Ok(e) => e,
             Err(e) => return Err((Error::Event(e), backend)),
@@ -198,6 +204,7 @@ impl NetWorker {
             link_up,
             wakeups,
             mrg_rxbuf,
+            guest_csum,
             hdr_pad,
             rx_buf: vec![0; VNET_HDR_LEN + MAX_FRAME_LEN],
             rx_len: 0,
@@ -446,6 +453,13 @@ impl NetWorker {
                         // Header-less backends: no offload information, so all zero.
                         self.rx_buf[..pad].fill(0);
                         self.rx_len = pad + n;
+                        // A partial checksum the driver did not agree to take is
+                        // finished here.
+                        if !self.guest_csum && !complete_partial_csum(&mut self.rx_buf[..self.rx_len]) {
+                            debug!("virtio-net: a frame from the backend with a bad checksum offset dropped");
+                            self.rx_len = 0;
+                            continue;
+                        }
                     }
                     Ok(None) => return false,
                     Err(e) => {
@@ -578,7 +592,7 @@ impl SyncWorker {
         tx: Queue,
         interrupt: Arc<dyn VirtioInterrupt>,
         backend: Box<dyn Backend>,
-        mrg_rxbuf: bool,
+        acked_features: u64,
     ) -> io::Result<Self> {
         let evt = || EventFd::new(crate::sys::EFD_NONBLOCK);
         NetWorker::new(
@@ -588,7 +602,7 @@ impl SyncWorker {
             evt()?,
             interrupt,
             backend,
-            mrg_rxbuf,
+            acked_features,
             Arc::new(AtomicBool::new(true)),
             Arc::new(AtomicU64::new(0)),
         )

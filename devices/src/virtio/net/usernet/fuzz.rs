@@ -17,6 +17,7 @@ use smoltcp::wire::{
 };
 
 use crate::virtio::net::backend::Stream;
+use crate::virtio::net::VNET_HDR_LEN;
 use super::stack::Stack;
 use super::{frames, policy, Limits, UserNetConfig, GATEWAY, GATEWAY_MAC, GUEST};
 use crate::virtio::net::backend::Backend;
@@ -76,8 +77,11 @@ impl FuzzGateway {
     /// Hands `frame` to the gateway, runs it once, accepts (and drops at once)
     /// what reached the listener, and returns the frames it sent the guest.
     pub fn frame(&mut self, frame: &[u8]) -> Vec<Vec<u8>> {
-        if !frame.is_empty() && frame.len() <= crate::virtio::net::MAX_FRAME_LEN {
-            let _ = self.device.send(frame);
+        if !frame.is_empty() && VNET_HDR_LEN + frame.len() <= crate::virtio::net::MAX_FRAME_LEN {
+            // Behind a vnet header, as the device sends it; the gateway ignores its flags.
+            let mut pkt = vec![0u8; VNET_HDR_LEN];
+            pkt.extend_from_slice(frame);
+            let _ = self.device.send(&pkt);
             let _ = self.device.flush();
         }
         let _ = self.stack.step();
@@ -85,7 +89,7 @@ impl FuzzGateway {
         let _ = self.stack.step();
         let mut out = Vec::new();
         while let Ok(Some(n)) = self.device.recv(&mut self.buf) {
-            out.push(self.buf[..n].to_vec());
+            out.push(self.buf.get(VNET_HDR_LEN..n).unwrap_or_default().to_vec());
         }
         out
     }

@@ -38,11 +38,15 @@ mod tests;
 
 use std::io;
 use std::net::Ipv4Addr;
+use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::{mpsc, Arc, Mutex};
 
 pub use super::backend::PortForward;
-use super::backend::Stream;
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM};
+
+use super::backend::{Backend, Stream};
+use super::VNET_HDR_LEN;
 pub use policy::PolicyConfig;
 
 /// The gateway's address (also the DNS server, and the host's loopback).
@@ -121,6 +125,42 @@ pub type Prepare = Arc<dyn Fn() -> io::Result<()> + Send + Sync>;
 /// Gated threads not yet released.
 static GATED: Mutex<Vec<Gate>> = Mutex::new(Vec::new());
 
+/// The device's end of the gateway's frame socket: QEMU's stream framing, each
+/// frame behind a `virtio_net_hdr_v1`. The gateway sends TCP segments with only
+/// the pseudo-header in their checksum (`NEEDS_CSUM`), so neither it nor a guest
+/// that accepted `VIRTIO_NET_F_GUEST_CSUM` sums 64 KiB segments (the worker
+/// finishes them for a guest that did not); it never checks the checksums of
+/// what the guest sends, so the guest may leave them partial too
+/// (`VIRTIO_NET_F_CSUM`).
+pub struct Link(Stream);
+
+impl Backend for Link {
+    fn name(&self) -> &'static str {
+        "user"
+    }
+    fn vnet_hdr_len(&self) -> usize {
+        VNET_HDR_LEN
+    }
+    fn offload_features(&self) -> u64 {
+        (1 << VIRTIO_NET_F_CSUM) | (1 << VIRTIO_NET_F_GUEST_CSUM)
+    }
+    fn send(&mut self, frame: &[u8]) -> io::Result<bool> {
+        self.0.send(frame)
+    }
+    fn has_pending_output(&self) -> bool {
+        self.0.has_pending_output()
+    }
+    fn flush(&mut self) -> io::Result<bool> {
+        self.0.flush()
+    }
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        self.0.recv(buf)
+    }
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
 /// Starts the gateway thread; returns the device's end of its frame socket. The
 /// thread ends when that end is dropped. The `--forward` ports are bound here,
 /// so a taken port is an error before the VM starts.
@@ -130,7 +170,7 @@ static GATED: Mutex<Vec<Gate>> = Mutex::new(Vec::new());
 /// seccomp set-up installs the process filter on every thread at once, which a
 /// thread with a filter of its own would break, and then gives this thread (and
 /// so the resolver threads it starts) the network filter.
-pub fn start(config: &UserNetConfig, gated: bool) -> io::Result<Stream> {
+pub fn start(config: &UserNetConfig, gated: bool) -> io::Result<Link> {
     let policy = policy::EgressPolicy::new(&config.policy, |name| match dns::resolve(name) {
         dns::Outcome::Addresses(a) => a,
         _ => Vec::new(),
@@ -166,7 +206,7 @@ pub fn start(config: &UserNetConfig, gated: bool) -> io::Result<Stream> {
                 log::error!("usernet: the network stopped: {e}");
             }
         })?;
-    Stream::new(device_end)
+    Ok(Link(Stream::new(device_end)?))
 }
 
 /// Releases every gated gateway thread: each runs `prepare` on itself and
