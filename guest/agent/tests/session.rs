@@ -542,10 +542,14 @@ fn exec_runs_a_second_command_beside_the_first() {
         .spawn()
         .unwrap();
     let control = session.control();
+    // The main command says when it runs: a shutdown before that is a different
+    // outcome (StoppedEarly), which a slow machine would otherwise reach.
+    let ready = dir.path().join("main-ready");
+    let main_cmd = format!("touch {}; exec sleep 100", ready.display());
     let main = std::thread::spawn(move || {
         let (mut o, mut e) = (Vec::new(), Vec::new());
         session.run(
-            &cmd(&["sleep", "100"]),
+            &cmd(&["sh", "-c", &main_cmd]),
             Io {
                 input: None,
                 terminal: None,
@@ -571,6 +575,11 @@ fn exec_runs_a_second_command_beside_the_first() {
         .unwrap();
     assert_eq!((code, o.as_slice()), (5, &b"from-exec\n"[..]));
     assert_eq!(proxy.join().unwrap(), "CONNECT 1025");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ready.exists() {
+        assert!(Instant::now() < deadline, "the main command never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     control.shutdown(1000);
     assert_eq!(main.join().unwrap().unwrap(), 128 + 1);
     agent.wait().unwrap();
