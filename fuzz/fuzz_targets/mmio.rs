@@ -13,7 +13,7 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let mem = hostile_memory();
     let irq = Arc::new(RecordingInterrupt::default());
-    let mut t = MmioTransport::new(Box::new(Rng::new()), mem, irq).unwrap();
+    let mut t = MmioTransport::new(Box::new(Rng::new()), mem, irq, Default::default()).unwrap();
     let mut src = ByteSource::new(data);
     for _ in 0..256 {
         if src.is_empty() {

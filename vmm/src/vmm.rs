@@ -18,6 +18,7 @@ use aivmm_devices::legacy::{
     acpi_pm::AcpiPm, boot_timer::BootTimer, ged::Ged, i8042::I8042, serial::Serial, ExitHandler,
 };
 use aivmm_devices::virtio::mmio::MmioTransport;
+use aivmm_devices::virtio::queue_thread::Spawner;
 use aivmm_devices::{EventFdInterrupt, ExitReason, Interrupt};
 use vm_memory::{GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -116,6 +117,8 @@ pub struct Vmm {
     seccomp: Option<Arc<crate::seccomp::Filters>>,
     /// What the device workers may reach (Landlock), unless `--landlock=off`.
     landlock: Option<crate::landlock::Rules>,
+    /// Where the devices start their workers (routed in [`Vmm::run`]).
+    spawner: Spawner,
     /// The first kernel panic line the guest printed on its console, and when.
     panic_line: Arc<Mutex<Option<(String, Instant)>>>,
 }
@@ -322,6 +325,7 @@ impl Vmm {
             .map_err(|e| device_err("boot-timer", e))?;
 
         let virtio = virtio_devices(config)?;
+        let spawner = Spawner::default();
         let mut placed = Vec::new();
         for (i, (name, dev)) in virtio.into_iter().enumerate() {
             let name = name.as_str();
@@ -330,7 +334,7 @@ impl Vmm {
             if irq > layout::VIRTIO_IRQ_MAX {
                 return Err(Error::OutOfIrqs);
             }
-            let transport = MmioTransport::new(dev, mem.clone(), irqfd(&*vm, irq, name)?)
+            let transport = MmioTransport::new(dev, mem.clone(), irqfd(&*vm, irq, name)?, spawner.clone())
                 .map_err(|e| device_err(name, e))?;
             for (q, evt) in transport.queue_evts().iter().enumerate() {
                 vm.register_ioevent(
@@ -396,6 +400,7 @@ impl Vmm {
             stopping,
             started,
             seccomp,
+            spawner,
             landlock: (config.landlock == crate::landlock::LandlockMode::On)
                 .then(|| crate::landlock::Rules::for_vm(config)),
             panic_line,
@@ -442,7 +447,7 @@ impl Vmm {
         // Read once here: the workers' Landlock domain does not reach /proc.
         let _ = aivmm_devices::virtio::fs::filesystem::host_umask();
         if self.seccomp.is_some() || self.landlock.is_some() {
-            crate::seccomp::start_worker_spawner(self.seccomp.clone(), self.landlock.clone())?;
+            crate::seccomp::start_worker_spawner(&self.spawner, self.seccomp.clone(), self.landlock.clone())?;
         }
         // A vCPU thread that ends hands its bus references back instead of dropping
         // them: whoever drops the last reference runs the devices' Drop (passt

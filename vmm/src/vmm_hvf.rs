@@ -381,7 +381,9 @@ impl<A: HvfApi> HvfMachine<A> {
         )
         .map_err(|e| device_err("boot-timer", e))?;
         for ((name, dev), place) in parts.virtio.into_iter().zip(&plan.virtio) {
-            let transport = MmioTransport::new(dev, mem.clone(), vm.interrupt(place.spi))
+            // Workers start from the vCPU thread that activates them: no device
+            // filter to route them to here.
+            let transport = MmioTransport::new(dev, mem.clone(), vm.interrupt(place.spi), Default::default())
                 .map_err(|e| device_err(&name, e))?;
             bus.insert(Arc::new(Mutex::new(transport)), place.addr, place.size)
                 .map_err(|e| device_err(&name, e))?;

@@ -22,6 +22,7 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
+use super::queue_thread::Spawner;
 use super::{ActivateArgs, VirtioDevice, VirtioInterrupt, VIRTIO_MMIO_INT_CONFIG};
 use crate::bus::BusDevice;
 use crate::sys::{EventFd, EFD_NONBLOCK};
@@ -173,14 +174,18 @@ pub struct MmioTransport {
     activated: bool,
     /// The device refused a reset: it stays in DEVICE_NEEDS_RESET for good.
     broken: bool,
+    /// Where the device starts its workers (handed over on activation).
+    spawner: Spawner,
 }
 
 impl MmioTransport {
-    /// Wraps `device`, which will work on `mem` and raise `interrupt`.
+    /// Wraps `device`, which will work on `mem`, raise `interrupt` and start its
+    /// workers through `spawner`.
     pub fn new(
         device: Box<dyn VirtioDevice>,
         mem: GuestMemoryMmap,
         interrupt: Arc<dyn Interrupt>,
+        spawner: Spawner,
     ) -> Result<Self> {
         let max_sizes = device.queue_max_sizes();
         if max_sizes.is_empty() || max_sizes.len() > usize::from(u16::MAX) {
@@ -212,6 +217,7 @@ impl MmioTransport {
             config_generation: 0,
             activated: false,
             broken: false,
+            spawner,
         })
     }
 
@@ -433,6 +439,7 @@ impl MmioTransport {
             queues,
             queue_evts,
             interrupt: self.interrupt.clone(),
+            spawner: self.spawner.clone(),
         };
         match self.device.activate(args) {
             Ok(()) => self.activated = true,
@@ -625,7 +632,7 @@ mod tests {
         }));
         let irq = Arc::new(RecordingInterrupt::default());
         let t =
-            MmioTransport::new(Box::new(Mock(state.clone())), mem.clone(), irq.clone()).unwrap();
+            MmioTransport::new(Box::new(Mock(state.clone())), mem.clone(), irq.clone(), Default::default()).unwrap();
         Fixture { mem, state, irq, t }
     }
 
@@ -973,7 +980,7 @@ mod tests {
         let mem = guest_memory(0x1000);
         let irq = Arc::new(RecordingInterrupt::default());
         for sizes in [vec![], vec![0], vec![3], vec![16, 65535]] {
-            let r = MmioTransport::new(Box::new(Bad(sizes)), mem.clone(), irq.clone());
+            let r = MmioTransport::new(Box::new(Bad(sizes)), mem.clone(), irq.clone(), Default::default());
             assert!(r.is_err());
         }
     }

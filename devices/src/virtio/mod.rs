@@ -52,6 +52,8 @@ pub struct ActivateArgs {
     pub queue_evts: Vec<EventFd>,
     /// Raises the device's interrupt, with its status bits set.
     pub interrupt: Arc<dyn VirtioInterrupt>,
+    /// Where the device starts its worker threads.
+    pub spawner: queue_thread::Spawner,
 }
 
 /// The interrupt as a virtio device sees it: it sets INTERRUPT_STATUS bits, then

@@ -117,7 +117,7 @@ fn case(input: &[u8]) -> Result<(), String> {
         ..Default::default()
     }));
     let irq = Arc::new(RecordingInterrupt::default());
-    let mut t = MmioTransport::new(Box::new(Mock(state.clone())), mem.clone(), irq).unwrap();
+    let mut t = MmioTransport::new(Box::new(Mock(state.clone())), mem.clone(), irq, Default::default()).unwrap();
     let mut src = ByteSource::new(input);
     {
         let mut s = state.lock().unwrap();

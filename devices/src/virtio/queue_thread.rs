@@ -8,11 +8,12 @@
 //! an epoll set from [`worker_epoll`], also serves devices with a worker per queue
 //! (virtio-fs).
 //!
-//! Every device worker thread (blk, rng, fs, net, vsock) starts through
-//! [`spawn_worker`]. A device is activated by a guest register write, on a vCPU
-//! thread, and a thread inherits its parent's seccomp filter; so the VMM can
-//! install a spawner ([`set_worker_spawner`]) that creates workers on a thread of
-//! its own, which carries the device filter rather than the vCPU one.
+//! Every device worker thread (blk, rng, fs, net, vsock) starts through the
+//! [`Spawner`] its transport hands it with the activation arguments. A device is
+//! activated by a guest register write, on a vCPU thread, and a thread inherits
+//! its parent's seccomp filter; so the VMM routes its spawner ([`Spawner::route`])
+//! to a thread of its own, which carries the device filter rather than the vCPU
+//! one. Until then (and in tests) workers start from the calling thread.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -39,24 +40,64 @@ pub enum Error {
     Spawn(#[source] io::Error),
 }
 
-/// A job for the worker spawner: the thread's name and what it runs.
+/// A job for a routed spawner: the thread's name and what it runs.
 pub type WorkerJob = (String, Box<dyn FnOnce() + Send>);
-/// Starts a worker thread for a job (see [`set_worker_spawner`]).
+/// Starts a worker thread for a job (see [`Spawner::route`]).
 pub type WorkerSpawner = dyn Fn(WorkerJob) -> io::Result<JoinHandle<()>> + Send + Sync;
 
-/// The spawner workers start through; `None` spawns them from the calling thread.
-static SPAWNER: RwLock<Option<Arc<WorkerSpawner>>> = RwLock::new(None);
+/// Where a VM's device workers start: a handle the VMM shares with every
+/// transport, which passes it to its device on activation. Clones share the
+/// route.
+#[derive(Clone, Default)]
+pub struct Spawner(Arc<RwLock<Option<Arc<WorkerSpawner>>>>);
 
-/// Makes every later [`spawn_worker`] start its thread through `spawner` (`None`:
-/// from the calling thread again).
-pub fn set_worker_spawner(spawner: Option<Arc<WorkerSpawner>>) {
-    match SPAWNER.write() {
-        Ok(mut s) => *s = spawner,
-        Err(p) => *p.into_inner() = spawner,
+impl std::fmt::Debug for Spawner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let routed = self.0.read().map(|s| s.is_some()).unwrap_or(true);
+        f.debug_struct("Spawner").field("routed", &routed).finish()
     }
 }
 
-/// A device worker thread started by [`spawn_worker`]; `join` gives what it returned.
+impl Spawner {
+    /// Makes every later [`Spawner::spawn`] through this handle (and its
+    /// clones) start its thread through `spawner`.
+    pub fn route(&self, spawner: Arc<WorkerSpawner>) {
+        match self.0.write() {
+            Ok(mut s) => *s = Some(spawner),
+            Err(p) => *p.into_inner() = Some(spawner),
+        }
+    }
+
+    /// Starts device worker thread `name` running `f`, through the route if
+    /// there is one, else from the calling thread.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        name: impl Into<String>,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> io::Result<WorkerHandle<T>> {
+        let name = name.into();
+        let result = Arc::new(Mutex::new(None));
+        let slot = result.clone();
+        let job: Box<dyn FnOnce() + Send> = Box::new(move || {
+            let r = f();
+            match slot.lock() {
+                Ok(mut s) => *s = Some(r),
+                Err(p) => *p.into_inner() = Some(r),
+            }
+        });
+        let route = match self.0.read() {
+            Ok(s) => s.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        let handle = match route {
+            Some(spawn) => spawn((name, job))?,
+            None => std::thread::Builder::new().name(name).spawn(job)?,
+        };
+        Ok(WorkerHandle { handle, result })
+    }
+}
+
+/// A device worker thread started by [`Spawner::spawn`]; `join` gives what it returned.
 #[derive(Debug)]
 pub struct WorkerHandle<T> {
     handle: JoinHandle<()>,
@@ -75,30 +116,6 @@ impl<T> WorkerHandle<T> {
     }
 }
 
-/// Starts device worker thread `name` running `f`, through the installed spawner
-/// if there is one.
-pub fn spawn_worker<T: Send + 'static>(
-    name: impl Into<String>,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> io::Result<WorkerHandle<T>> {
-    let name = name.into();
-    let result = Arc::new(Mutex::new(None));
-    let slot = result.clone();
-    let job: Box<dyn FnOnce() + Send> = Box::new(move || {
-        let r = f();
-        match slot.lock() {
-            Ok(mut s) => *s = Some(r),
-            Err(p) => *p.into_inner() = Some(r),
-        }
-    });
-    let spawner = SPAWNER.read().map(|s| s.clone()).unwrap_or(None);
-    let handle = match spawner {
-        Some(spawn) => spawn((name, job))?,
-        None => std::thread::Builder::new().name(name).spawn(job)?,
-    };
-    Ok(WorkerHandle { handle, result })
-}
-
 /// A running worker: the thread and the `EventFd` that stops it.
 #[derive(Debug)]
 pub struct QueueThread {
@@ -110,13 +127,15 @@ pub struct QueueThread {
 impl QueueThread {
     /// Starts thread `name` serving `queue_evt` with `process`.
     pub fn spawn(
+        spawner: &Spawner,
         name: &'static str,
         queue_evt: EventFd,
         mut process: impl FnMut() + Send + 'static,
     ) -> Result<Self, Error> {
         let kill = EventFd::new(EFD_NONBLOCK).map_err(Error::Event)?;
         let epoll = worker_epoll(&queue_evt, &kill).map_err(Error::Event)?;
-        let handle = spawn_worker(name, move || run_worker(name, &epoll, &queue_evt, &mut process))
+        let handle = spawner
+            .spawn(name, move || run_worker(name, &epoll, &queue_evt, &mut process))
             .map_err(Error::Spawn)?;
         Ok(Self { name, kill, handle })
     }

@@ -797,15 +797,15 @@ type SpawnRequest = (
     mpsc::Sender<io::Result<std::thread::JoinHandle<()>>>,
 );
 
-/// Starts the thread that starts device workers and routes `spawn_worker` to it.
+/// Starts the thread that starts device workers and routes `spawner` to it.
 /// The thread first enters the Landlock domain of `landlock` (if given; see
 /// [`crate::landlock`]), then adds the device filter (if `filters` is given), so
 /// its workers inherit both. Returns once both are in place.
 pub fn start_worker_spawner(
+    spawner: &aivmm_devices::virtio::queue_thread::Spawner,
     filters: Option<Arc<Filters>>,
     landlock: Option<crate::landlock::Rules>,
 ) -> Result<()> {
-    use aivmm_devices::virtio::queue_thread::set_worker_spawner;
     let (job_tx, job_rx) = mpsc::channel::<SpawnRequest>();
     let (ready_tx, ready_rx) = mpsc::channel();
     std::thread::Builder::new()
@@ -844,7 +844,7 @@ pub fn start_worker_spawner(
         .recv()
         .map_err(|_| Error::Spawner(io::Error::other("the spawner thread ended")))??;
     let job_tx = Mutex::new(job_tx);
-    set_worker_spawner(Some(Arc::new(move |job| {
+    spawner.route(Arc::new(move |job| {
         let gone = || io::Error::other("the device worker spawner has stopped");
         let (reply_tx, reply_rx) = mpsc::channel();
         job_tx
@@ -853,7 +853,7 @@ pub fn start_worker_spawner(
             .send((job, reply_tx))
             .map_err(|_| gone())?;
         reply_rx.recv().map_err(|_| gone())?
-    })));
+    }));
     Ok(())
 }
 
@@ -997,7 +997,8 @@ mod tests {
         };
         let filters = Arc::new(Filters::build().unwrap());
         filters.install_process().unwrap();
-        start_worker_spawner(Some(filters.clone()), None).unwrap();
+        let spawner = aivmm_devices::virtio::queue_thread::Spawner::default();
+        start_worker_spawner(&spawner, Some(filters.clone()), None).unwrap();
         let f = filters.clone();
         let t = std::thread::spawn(move || {
             match what.as_str() {
@@ -1040,7 +1041,7 @@ mod tests {
                     let _ep = vmm_sys_util::epoll::Epoll::new().unwrap();
                     eprintln!("vcpu-allowed ok {}", v[100]);
                     // A worker started from here runs under the device filter.
-                    let h = aivmm_devices::virtio::queue_thread::spawn_worker("w", || {
+                    let h = spawner.spawn("w", || {
                         std::fs::read("/proc/self/status")
                             .map(|s| s.len())
                             .unwrap_or(0)
@@ -1213,9 +1214,10 @@ mod tests {
                 (dir.join("sock"), Grant::Connect),
             ],
         };
-        start_worker_spawner(Some(filters), Some(rules)).unwrap();
+        let spawner = aivmm_devices::virtio::queue_thread::Spawner::default();
+        start_worker_spawner(&spawner, Some(filters), Some(rules)).unwrap();
         let d = dir.clone();
-        let h = aivmm_devices::virtio::queue_thread::spawn_worker("w", move || {
+        let h = spawner.spawn("w", move || {
             let errno = |r: io::Result<std::fs::File>| match r {
                 Ok(_) => 0,
                 Err(e) => e.raw_os_error().unwrap_or(-1),

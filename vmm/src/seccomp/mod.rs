@@ -32,8 +32,9 @@
 //!    threads' Landlock domain ([`crate::landlock`]; the process filter allows the
 //!    three Landlock calls for it) and then adds the device filter.
 //!    Devices are activated by a guest register write, on a vCPU thread; they start
-//!    their workers through `aivmm_devices::virtio::queue_thread::spawn_worker`,
-//!    which hands the job to the spawner, so a worker inherits the device filter.
+//!    their workers through the `Spawner` their transport passes them on
+//!    activation, which hands the job to that thread, so a worker inherits the
+//!    device filter.
 //!    Then [`Filters::restrict_api_threads`] waits until every vCPU thread has its
 //!    filter and gives the API filter to every other thread that still has only the
 //!    process filter: it signals each one (`tgkill`), and the handler installs the

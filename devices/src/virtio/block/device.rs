@@ -113,6 +113,7 @@ impl Block {
             queues,
             queue_evts,
             interrupt,
+            spawner,
         } = args;
         let (Some(queue), Some(queue_evt)) =
             (queues.into_iter().next(), queue_evts.into_iter().next())
@@ -132,7 +133,7 @@ impl Block {
             },
             segs: Vec::with_capacity(SEG_MAX as usize),
         };
-        let worker = QueueThread::spawn("aivmm-blk", queue_evt, move || handler.process_queue())
+        let worker = QueueThread::spawn(&spawner, "aivmm-blk", queue_evt, move || handler.process_queue())
             .map_err(|e| match e {
                 queue_thread::Error::Event(e) => Error::Event(e),
                 queue_thread::Error::Spawn(e) => Error::Spawn(e),
@@ -611,6 +612,7 @@ mod tests {
                 queues: vec![q.create_queue::<Queue>().unwrap()],
                 queue_evts: vec![evt.try_clone().unwrap()],
                 interrupt: irq.clone(),
+                spawner: Default::default(),
             })
             .unwrap();
             Self {
@@ -1181,7 +1183,7 @@ mod tests {
         let irq = Arc::new(RecordingInterrupt::default());
         let blk = Block::new(config(&p, false)).unwrap();
         let features = blk.features();
-        let mut t = MmioTransport::new(Box::new(blk), mem.clone(), irq.clone()).unwrap();
+        let mut t = MmioTransport::new(Box::new(blk), mem.clone(), irq.clone(), Default::default()).unwrap();
         assert_eq!(read32(&mut t, 0x08), VIRTIO_ID_BLOCK);
         let cap = u64::from(read32(&mut t, CONFIG_SPACE_OFFSET))
             | (u64::from(read32(&mut t, CONFIG_SPACE_OFFSET + 4)) << 32);
@@ -1233,6 +1235,7 @@ mod tests {
             queues: vec![q.create_queue::<Queue>().unwrap()],
             queue_evts: vec![EventFd::new(EFD_NONBLOCK).unwrap()],
             interrupt: Arc::new(RecordingVirtioInterrupt::default()),
+            spawner: Default::default(),
         });
         assert!(second.is_err(), "already active");
         assert!(blk.reset());

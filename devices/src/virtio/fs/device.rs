@@ -30,7 +30,7 @@ use super::{
     NUM_HIPRIO_QUEUES, QUEUE_SIZE, TAG_LEN, VIRTIO_ID_FS,
 };
 use crate::sys::{EventFd, EFD_NONBLOCK};
-use crate::virtio::queue_thread::{run_worker, spawn_worker, worker_epoll, WorkerHandle};
+use crate::virtio::queue_thread::{run_worker, worker_epoll, WorkerHandle};
 use crate::virtio::{self, ActivateArgs, VirtioDevice};
 
 /// A configuration that passed [`check_config`], with the root resolved.
@@ -200,6 +200,7 @@ impl Fs {
             queues,
             queue_evts,
             interrupt,
+            spawner,
         } = args;
         let expected = self.queue_sizes.len();
         let ready_requests = queues.iter().skip(NUM_HIPRIO_QUEUES).any(|q| q.ready());
@@ -215,7 +216,7 @@ impl Fs {
             // runs on a vCPU thread, whose seccomp filter does not open files.
             None => {
                 let checked = self.checked.clone();
-                spawn_worker("aivmm-fs-init", move || build_server(&checked))
+                spawner.spawn("aivmm-fs-init", move || build_server(&checked))
                     .map_err(Error::Spawn)?
                     .join()
                     .map_err(|_| Error::Passthrough(std::io::Error::other("setup panicked")))??
@@ -241,7 +242,7 @@ impl Fs {
                         interrupt: interrupt.clone(),
                     };
                     let name = format!("aivmm-fs-q{index}");
-                    spawn_worker(name.clone(), move || {
+                    spawner.spawn(name.clone(), move || {
                         run_worker(&name, &epoll, &queue_evt, &mut || worker.process_queue())
                     })
                     .map_err(Error::Spawn)
@@ -457,7 +458,7 @@ mod tests {
         let mem = guest_memory(0x80_0000);
         let irq = Arc::new(RecordingInterrupt::default());
         let fs = Fs::new(FsConfig::new(tmp.as_path(), "work")).unwrap();
-        let mut t = MmioTransport::new(Box::new(fs), mem.clone(), irq.clone()).unwrap();
+        let mut t = MmioTransport::new(Box::new(fs), mem.clone(), irq.clone(), Default::default()).unwrap();
         assert_eq!(read32(&mut t, 0x08), VIRTIO_ID_FS);
         let mut tag = [0u8; 4];
         t.read(CONFIG_SPACE_OFFSET, &mut tag);
@@ -519,6 +520,7 @@ mod tests {
                     .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
                     .collect(),
                 interrupt: Arc::new(RecordingVirtioInterrupt::default()),
+                spawner: Default::default(),
             }
         };
         assert!(fs.activate(args(vec![])).is_err());

@@ -190,7 +190,7 @@ fn the_swap_race_never_stalls_the_device_or_leaks() {
     let mem = guest_memory(0x80_0000);
     let irq = Arc::new(RecordingInterrupt::default());
     let fs_dev = Fs::new(FsConfig::new(&root, "work")).unwrap();
-    let mut t = MmioTransport::new(Box::new(fs_dev), mem.clone(), irq.clone()).unwrap();
+    let mut t = MmioTransport::new(Box::new(fs_dev), mem.clone(), irq.clone(), Default::default()).unwrap();
     let mut hi = Driver::new(&mem, 0, 0);
     let mut rq = Driver::new(&mem, 1, u64::from(QUEUE_LEN / 2));
     let features = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX);

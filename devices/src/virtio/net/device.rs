@@ -132,6 +132,7 @@ impl Net {
             queues,
             queue_evts,
             interrupt,
+            spawner,
         } = args;
         if queues.len() < NUM_QUEUES
             || queue_evts.len() < NUM_QUEUES
@@ -169,7 +170,7 @@ impl Net {
                 return Err(e);
             }
         };
-        let handle = crate::virtio::queue_thread::spawn_worker("aivmm-net", move || worker.run())
+        let handle = spawner.spawn("aivmm-net", move || worker.run())
             .map_err(Error::Spawn)?;
         self.worker = Some(Worker { kill, handle });
         Ok(())
@@ -303,6 +304,7 @@ mod tests {
                 ],
                 queue_evts: vec![rx_evt.try_clone().unwrap(), tx_evt.try_clone().unwrap()],
                 interrupt: irq.clone(),
+                spawner: Default::default(),
             })
             .unwrap();
             Self {
@@ -610,6 +612,7 @@ mod tests {
             queues: vec![],
             queue_evts: vec![],
             interrupt: rig.irq.clone(),
+            spawner: Default::default(),
         });
         assert!(again.is_err());
         assert!(net.reset());
@@ -619,6 +622,7 @@ mod tests {
             queues: vec![mock_queue(&mem, 16).create_queue::<Queue>().unwrap()],
             queue_evts: vec![EventFd::new(EFD_NONBLOCK).unwrap()],
             interrupt: rig.irq.clone(),
+            spawner: Default::default(),
         });
         assert!(r.is_err());
         assert!(net.backend.is_some());
@@ -762,7 +766,7 @@ mod tests {
         let rxq = mock_queue(&mem, 256);
         let txq = mock_queue_at(&mem, TXQ_ADDR, 256);
         let irq = Arc::new(RecordingInterrupt::default());
-        let mut t = MmioTransport::new(Box::new(net), mem.clone(), irq.clone()).unwrap();
+        let mut t = MmioTransport::new(Box::new(net), mem.clone(), irq.clone(), Default::default()).unwrap();
         assert_eq!(read32(&mut t, 0x08), VIRTIO_ID_NET);
         let lo = read32(&mut t, CONFIG_SPACE_OFFSET).to_le_bytes();
         let hi = read32(&mut t, CONFIG_SPACE_OFFSET + 4).to_le_bytes();

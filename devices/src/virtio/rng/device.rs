@@ -54,6 +54,7 @@ impl Rng {
             queues,
             queue_evts,
             interrupt,
+            spawner,
         } = args;
         let (Some(queue), Some(queue_evt)) =
             (queues.into_iter().next(), queue_evts.into_iter().next())
@@ -69,7 +70,7 @@ impl Rng {
             interrupt,
             buf: vec![0; MAX_BYTES_PER_REQUEST],
         };
-        let worker = QueueThread::spawn("aivmm-rng", queue_evt, move || handler.process_queue())
+        let worker = QueueThread::spawn(&spawner, "aivmm-rng", queue_evt, move || handler.process_queue())
             .map_err(|e| match e {
                 queue_thread::Error::Event(e) => Error::Event(e),
                 queue_thread::Error::Spawn(e) => Error::Spawn(e),
@@ -292,6 +293,7 @@ mod tests {
             queues: vec![q.create_queue::<Queue>().unwrap()],
             queue_evts: vec![evt.try_clone().unwrap()],
             interrupt: irq.clone(),
+            spawner: Default::default(),
         })
         .unwrap();
         (evt, irq)
@@ -406,6 +408,7 @@ mod tests {
             queues: vec![q.create_queue::<Queue>().unwrap()],
             queue_evts: vec![EventFd::new(EFD_NONBLOCK).unwrap()],
             interrupt: Arc::new(RecordingVirtioInterrupt::default()),
+            spawner: Default::default(),
         });
         assert!(second.is_err(), "already active");
         assert!(rng.reset());
@@ -426,6 +429,7 @@ mod tests {
             queues: vec![],
             queue_evts: vec![],
             interrupt: Arc::new(RecordingVirtioInterrupt::default()),
+            spawner: Default::default(),
         });
         assert!(r.is_err());
     }
@@ -435,7 +439,7 @@ mod tests {
         let mem = guest_memory(0x40_0000);
         let q = mock_queue(&mem, 256);
         let irq = Arc::new(RecordingInterrupt::default());
-        let mut t = MmioTransport::new(Box::new(Rng::new()), mem.clone(), irq.clone()).unwrap();
+        let mut t = MmioTransport::new(Box::new(Rng::new()), mem.clone(), irq.clone(), Default::default()).unwrap();
         assert_eq!(read32(&mut t, 0x08), VIRTIO_ID_RNG);
         let features = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX);
         assert_eq!(mmio_init(&mut t, features, &[&q]), 0xf);

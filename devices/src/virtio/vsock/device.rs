@@ -158,6 +158,7 @@ impl Vsock {
             queues,
             queue_evts,
             interrupt,
+            spawner,
         } = args;
         if queues.len() < NUM_QUEUES || queue_evts.len() < NUM_QUEUES {
             return Err(Error::NoQueue);
@@ -211,7 +212,7 @@ impl Vsock {
             payload: Vec::new(),
             rxbufs: RxBuffers::default(),
         };
-        let handle = crate::virtio::queue_thread::spawn_worker("aivmm-vsock", move || w.run())
+        let handle = spawner.spawn("aivmm-vsock", move || w.run())
             .map_err(Error::Spawn)?;
         self.worker = Some(Worker { kill, handle });
         Ok(())

@@ -149,6 +149,7 @@ impl<'a> Guest<'a> {
             queues: vec![rx.queue(), tx.queue(), ev.queue()],
             queue_evts: evts.iter().map(|e| e.try_clone().unwrap()).collect(),
             interrupt: irq.clone(),
+            spawner: Default::default(),
         })
         .unwrap();
         let mut g = Self {
@@ -1065,6 +1066,7 @@ fn reset_closes_connections_and_activates_again() {
         queues: vec![],
         queue_evts: vec![],
         interrupt: Arc::new(RecordingVirtioInterrupt::default()),
+        spawner: Default::default(),
     });
     assert!(second.is_err(), "already active");
     assert!(dev.reset());
@@ -1078,6 +1080,7 @@ fn missing_queues_are_an_error() {
         queues: vec![],
         queue_evts: vec![],
         interrupt: Arc::new(RecordingVirtioInterrupt::default()),
+        spawner: Default::default(),
     });
     assert!(r.is_err());
 }
@@ -1090,7 +1093,7 @@ fn through_the_mmio_transport() {
     let l = UnixListener::bind(port_path(&uds, 21)).unwrap();
     let irq = Arc::new(RecordingInterrupt::default());
     let features = dev.features();
-    let mut t = MmioTransport::new(Box::new(dev), mem.clone(), irq.clone()).unwrap();
+    let mut t = MmioTransport::new(Box::new(dev), mem.clone(), irq.clone(), Default::default()).unwrap();
     assert_eq!(read32(&mut t, 0x08), VIRTIO_ID_VSOCK);
     assert_eq!(read32(&mut t, CONFIG_SPACE_OFFSET), CID as u32);
     assert_eq!(read32(&mut t, CONFIG_SPACE_OFFSET + 4), 0);

@@ -115,7 +115,7 @@ mod tests {
         fn new(mem: &'m GuestMemoryMmap, cfg: FsConfig) -> Self {
             let irq = std::sync::Arc::new(RecordingInterrupt::default());
             let fs = Fs::new(cfg).unwrap();
-            let mut t = MmioTransport::new(Box::new(fs), mem.clone(), irq).unwrap();
+            let mut t = MmioTransport::new(Box::new(fs), mem.clone(), irq, Default::default()).unwrap();
             assert_eq!(read32(&mut t, 0x08), VIRTIO_ID_FS);
             let hiprio = mock_queue_at(mem, QUEUE_ADDR, 64);
             let requests = mock_queue_at(mem, QUEUE_ADDR + 0x1_0000, 64);
