@@ -6,6 +6,7 @@
 //! does its work on guest memory from its own event handling.
 
 pub mod block;
+pub mod event_loop;
 pub mod fs;
 pub mod mmio;
 pub mod net;

@@ -20,14 +20,13 @@ use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 
-use log::{error, warn};
+use log::error;
 
+use super::event_loop;
 use crate::sys::{ControlOperation, Epoll, EpollEvent, EventFd, EventSet, EFD_NONBLOCK};
 
 /// Epoll token of the queue's notification `EventFd`.
 const PROCESS_QUEUE: u64 = 0;
-/// Epoll token of the kill `EventFd`.
-const PROCESS_KILL: u64 = 1;
 
 /// Why a worker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -154,41 +153,53 @@ impl QueueThread {
 /// The epoll set of a worker: `queue_evt` (a notification) and `kill` (stop).
 pub fn worker_epoll(queue_evt: &EventFd, kill: &EventFd) -> io::Result<Epoll> {
     let epoll = Epoll::new()?;
-    for (fd, token) in [(queue_evt, PROCESS_QUEUE), (kill, PROCESS_KILL)] {
-        epoll.ctl(ControlOperation::Add, fd.as_raw_fd(), EpollEvent::new(EventSet::IN, token))?;
-    }
+    epoll.ctl(
+        ControlOperation::Add,
+        queue_evt.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, PROCESS_QUEUE),
+    )?;
+    event_loop::add_stop(&epoll, kill)?;
     Ok(epoll)
+}
+
+/// One queue's worker, as the event loop drives it.
+struct QueueHandler<'a> {
+    epoll: &'a Epoll,
+    queue_evt: &'a EventFd,
+    process: &'a mut dyn FnMut(),
+    notified: bool,
+}
+
+impl event_loop::EventHandler for QueueHandler<'_> {
+    fn epoll(&self) -> &Epoll {
+        self.epoll
+    }
+
+    fn handle(&mut self, _token: u64, _events: EventSet) {
+        // A notification count of zero (EAGAIN) is harmless: process anyway.
+        let _ = self.queue_evt.read();
+        self.notified = true;
+    }
+
+    fn after_wake(&mut self) {
+        if std::mem::take(&mut self.notified) {
+            (self.process)();
+        }
+    }
 }
 
 /// A worker thread's loop over an epoll set from [`worker_epoll`]: `process` once at
 /// start (buffers posted before the worker started), then after every notification,
-/// until the kill `EventFd` is readable. The kill signal wins over a notification
-/// in the same wake. It is never read, so one kill `EventFd` can stop many workers
-/// (virtio-fs has one per queue).
+/// until the kill `EventFd` is readable (see [`event_loop::run`]: the kill wins over
+/// a notification in the same wake).
 pub fn run_worker(name: &str, epoll: &Epoll, queue_evt: &EventFd, process: &mut dyn FnMut()) {
-    process();
-    let mut events = [EpollEvent::default(); 2];
-    loop {
-        let n = match epoll.wait(-1, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                error!("{name}: epoll_wait failed, worker exits: {e}");
-                return;
-            }
-        };
-        if events[..n].iter().any(|ev| ev.data() == PROCESS_KILL) {
-            return;
-        }
-        for ev in &events[..n] {
-            match ev.data() {
-                PROCESS_QUEUE => {
-                    // A notification count of zero (EAGAIN) is harmless: process anyway.
-                    let _ = queue_evt.read();
-                    process();
-                }
-                other => warn!("{name}: unexpected epoll token {other}"),
-            }
-        }
+    let mut handler = QueueHandler {
+        epoll,
+        queue_evt,
+        process,
+        notified: true,
+    };
+    if let Err(e) = event_loop::run(&mut handler, 2) {
+        error!("{name}: epoll_wait failed, worker exits: {e}");
     }
 }

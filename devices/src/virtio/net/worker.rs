@@ -1,5 +1,5 @@
-//! The virtio-net worker thread: one epoll over the rx and tx queue `EventFd`s,
-//! the backend's fd and a kill `EventFd`, dispatched in one `match`.
+//! The virtio-net worker thread: the devices' event loop over the rx and tx queue
+//! `EventFd`s, the backend's fd and a kill `EventFd`.
 //!
 //! Interest in the backend fd follows what the worker can do: readable only while
 //! no received frame is waiting for guest buffers, writable only while a frame is
@@ -22,6 +22,7 @@ use virtio_bindings::virtio_net::{VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MRG_RXBU
 
 use super::{complete_partial_csum, Error, MAX_FRAME_LEN, NUM_BUFFERS_OFFSET, VNET_HDR_LEN};
 use crate::sys::{ControlOperation, Epoll, EpollEvent, EventFd, EventSet};
+use crate::virtio::event_loop;
 use crate::virtio::{VirtioInterrupt, VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 
 /// Epoll token: the driver added rx buffers.
@@ -30,8 +31,6 @@ const PROCESS_RX_QUEUE: u64 = 0;
 const PROCESS_TX_QUEUE: u64 = 1;
 /// Epoll token: the backend is readable or writable.
 const PROCESS_BACKEND: u64 = 2;
-/// Epoll token: stop.
-const PROCESS_KILL: u64 = 3;
 
 /// Frames moved in each direction per wake-up, so neither starves the other.
 const BUDGET: usize = 64;
@@ -121,7 +120,9 @@ pub(super) struct NetWorker {
     tx: Queue,
     rx_evt: EventFd,
     tx_evt: EventFd,
-    kill: EventFd,
+    /// The stop event, held open while it is in `epoll` (kqueue forgets a
+    /// closed descriptor's events).
+    _kill: EventFd,
     epoll: Epoll,
     interrupt: Arc<dyn VirtioInterrupt>,
     backend: Box<dyn Backend>,
@@ -148,6 +149,13 @@ pub(super) struct NetWorker {
     tx_pending: Option<(u16, usize)>,
     rx_used: bool,
     tx_used: bool,
+    /// A queue or the backend asked for rx / tx work in this wake.
+    do_rx: bool,
+    do_tx: bool,
+    /// Work was left over: the next wait only polls.
+    more: bool,
+    /// The start-up round is done (it is not counted as a wake-up).
+    started: bool,
 }
 
 impl NetWorker {
@@ -174,7 +182,6 @@ impl NetWorker {
         let mut fds = vec![
             (rx_evt.as_raw_fd(), PROCESS_RX_QUEUE, EventSet::IN),
             (tx_evt.as_raw_fd(), PROCESS_TX_QUEUE, EventSet::IN),
-            (kill.as_raw_fd(), PROCESS_KILL, EventSet::IN),
         ];
         if alive {
             fds.push((backend.as_raw_fd(), PROCESS_BACKEND, EventSet::IN));
@@ -184,6 +191,9 @@ impl NetWorker {
                 return Err((Error::Event(e), backend));
             }
         }
+        if let Err(e) = event_loop::add_stop(&epoll, &kill) {
+            return Err((Error::Event(e), backend));
+        }
         let hdr_pad = VNET_HDR_LEN.saturating_sub(backend.vnet_hdr_len());
         Ok(Self {
             mem,
@@ -191,7 +201,7 @@ impl NetWorker {
             tx,
             rx_evt,
             tx_evt,
-            kill,
+            _kill: kill,
             epoll,
             interrupt,
             backend,
@@ -213,66 +223,20 @@ impl NetWorker {
             tx_pending: None,
             rx_used: false,
             tx_used: false,
+            // Work posted before the worker started would otherwise wait for a notify.
+            do_rx: true,
+            do_tx: true,
+            more: false,
+            started: false,
         })
     }
 
     /// The loop; returns the backend when told to stop.
     pub(super) fn run(mut self) -> Box<dyn Backend> {
-        // Work posted before the worker started would otherwise wait for a notify.
-        let mut more = self.process_tx() | self.process_rx();
-        self.finish_round();
-        let mut events = [EpollEvent::default(); 4];
-        loop {
-            let timeout = if more { 0 } else { -1 };
-            let n = match self.epoll.wait(timeout, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    error!("virtio-net: epoll_wait failed, worker exits: {e}");
-                    return self.backend;
-                }
-            };
-            self.wakeups.fetch_add(1, Ordering::Relaxed);
-            let (mut do_rx, mut do_tx) = (more, more);
-            for ev in &events[..n] {
-                match ev.data() {
-                    PROCESS_RX_QUEUE => {
-                        // A count of zero (EAGAIN) is harmless: process anyway.
-                        let _ = self.rx_evt.read();
-                        do_rx = true;
-                    }
-                    PROCESS_TX_QUEUE => {
-                        let _ = self.tx_evt.read();
-                        do_tx = true;
-                    }
-                    PROCESS_BACKEND => {
-                        let set = ev.event_set();
-                        do_rx |= set.contains(EventSet::IN);
-                        do_tx |= set.contains(EventSet::OUT);
-                        if set.intersects(EventSet::HANG_UP | EventSet::ERROR) {
-                            // Let rx drain what is readable first; then it is gone.
-                            if set.contains(EventSet::IN) && self.rx_len == 0 {
-                                self.process_rx();
-                            }
-                            self.backend_gone("hang-up");
-                        }
-                    }
-                    PROCESS_KILL => {
-                        let _ = self.kill.read();
-                        return self.backend;
-                    }
-                    other => warn!("virtio-net: unexpected epoll token {other}"),
-                }
-            }
-            more = false;
-            if do_tx {
-                more |= self.process_tx();
-            }
-            if do_rx {
-                more |= self.process_rx();
-            }
-            self.finish_round();
+        if let Err(e) = event_loop::run(&mut self, 4) {
+            error!("virtio-net: epoll_wait failed, worker exits: {e}");
         }
+        self.backend
     }
 
     /// Updates the backend's epoll interest and raises the interrupt if needed.
@@ -580,6 +544,58 @@ impl NetWorker {
 /// The worker without its thread or epoll loop, so property tests and fuzz
 /// targets can drive the queues synchronously: [`SyncWorker::process`] is what
 /// one wake-up does.
+impl event_loop::EventHandler for NetWorker {
+    fn epoll(&self) -> &Epoll {
+        &self.epoll
+    }
+
+    fn handle(&mut self, token: u64, set: EventSet) {
+        match token {
+            PROCESS_RX_QUEUE => {
+                // A count of zero (EAGAIN) is harmless: process anyway.
+                let _ = self.rx_evt.read();
+                self.do_rx = true;
+            }
+            PROCESS_TX_QUEUE => {
+                let _ = self.tx_evt.read();
+                self.do_tx = true;
+            }
+            PROCESS_BACKEND => {
+                self.do_rx |= set.contains(EventSet::IN);
+                self.do_tx |= set.contains(EventSet::OUT);
+                if set.intersects(EventSet::HANG_UP | EventSet::ERROR) {
+                    // Let rx drain what is readable first; then it is gone.
+                    if set.contains(EventSet::IN) && self.rx_len == 0 {
+                        self.process_rx();
+                    }
+                    self.backend_gone("hang-up");
+                }
+            }
+            other => warn!("virtio-net: unexpected epoll token {other}"),
+        }
+    }
+
+    fn after_wake(&mut self) {
+        if std::mem::replace(&mut self.started, true) {
+            self.wakeups.fetch_add(1, Ordering::Relaxed);
+        }
+        // Work left from the last round goes on whatever woke us.
+        let (do_rx, do_tx) = (self.do_rx | self.more, self.do_tx | self.more);
+        (self.do_rx, self.do_tx, self.more) = (false, false, false);
+        if do_tx {
+            self.more |= self.process_tx();
+        }
+        if do_rx {
+            self.more |= self.process_rx();
+        }
+        self.finish_round();
+    }
+
+    fn timeout(&mut self) -> Option<std::time::Duration> {
+        self.more.then_some(std::time::Duration::ZERO)
+    }
+}
+
 #[cfg(any(test, feature = "test-utils"))]
 pub struct SyncWorker(NetWorker);
 

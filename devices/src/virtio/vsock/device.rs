@@ -34,6 +34,7 @@ use super::{
     RXQ_INDEX, TXQ_INDEX, VIRTIO_ID_VSOCK,
 };
 use crate::sys::{ControlOperation, Epoll, EpollEvent, EventFd, EventSet, EFD_NONBLOCK};
+use crate::virtio::event_loop;
 use crate::virtio::{self, ActivateArgs, VirtioDevice, VirtioInterrupt, VIRTIO_MMIO_INT_VRING};
 
 /// Epoll token of the rx queue's notification `EventFd`.
@@ -42,8 +43,6 @@ const PROCESS_RXQ: u64 = 0;
 const PROCESS_TXQ: u64 = 1;
 /// Epoll token of the event queue's notification `EventFd`.
 const PROCESS_EVQ: u64 = 2;
-/// Epoll token of the kill `EventFd`.
-const PROCESS_KILL: u64 = 3;
 
 /// What the VMM configures for the socket device.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -178,11 +177,11 @@ impl Vsock {
         }
         let kill = EventFd::new(EFD_NONBLOCK).map_err(Error::Event)?;
         let epoll = Epoll::new().map_err(Error::Event)?;
+        event_loop::add_stop(&epoll, &kill).map_err(Error::Event)?;
         for (fd, token) in [
             (&rx_evt, PROCESS_RXQ),
             (&tx_evt, PROCESS_TXQ),
             (&ev_evt, PROCESS_EVQ),
-            (&kill, PROCESS_KILL),
         ] {
             epoll
                 .ctl(
@@ -205,7 +204,7 @@ impl Vsock {
             rxq,
             txq,
             evts: [rx_evt, tx_evt, ev_evt],
-            kill: kill.try_clone().map_err(Error::Event)?,
+            _kill: kill.try_clone().map_err(Error::Event)?,
             interrupt,
             muxer,
             descs: Vec::with_capacity(usize::from(QUEUE_SIZE)),
@@ -293,7 +292,9 @@ struct VsockWorker {
     txq: Queue,
     /// rx, tx and event queue notifications.
     evts: [EventFd; 3],
-    kill: EventFd,
+    /// The stop event, held open while it is in the epoll set (kqueue forgets a
+    /// closed descriptor's events).
+    _kill: EventFd,
     interrupt: Arc<dyn VirtioInterrupt>,
     muxer: Muxer,
     /// Scratch: one tx chain's descriptors and payload, one rx chain's buffers.
@@ -304,40 +305,8 @@ struct VsockWorker {
 
 impl VsockWorker {
     fn run(&mut self) {
-        // Buffers posted before the worker started would otherwise wait for a notify.
-        self.process_queues();
-        let mut events = [EpollEvent::default(); 64];
-        loop {
-            let timeout = self.muxer.next_deadline().map_or(-1, |d| {
-                let left = d.saturating_duration_since(Instant::now());
-                // Round up so a wake never comes before the deadline.
-                i32::try_from(left.as_millis() + 1).unwrap_or(i32::MAX)
-            });
-            let n = match self.muxer.epoll().wait(timeout, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    error!("virtio-vsock: epoll_wait failed, worker exits: {e}");
-                    return;
-                }
-            };
-            let now = Instant::now();
-            for ev in &events[..n] {
-                match ev.data() {
-                    // A count of zero (EAGAIN) is harmless: the queues are checked anyway.
-                    PROCESS_RXQ => drop(self.evts[RXQ_INDEX].read()),
-                    PROCESS_TXQ => drop(self.evts[TXQ_INDEX].read()),
-                    // The event queue only carries device events, which are not sent.
-                    PROCESS_EVQ => drop(self.evts[EVQ_INDEX].read()),
-                    PROCESS_KILL => {
-                        let _ = self.kill.read();
-                        return;
-                    }
-                    token => self.muxer.handle_event(token, ev.event_set(), now),
-                }
-            }
-            self.muxer.expire(Instant::now());
-            self.process_queues();
+        if let Err(e) = event_loop::run(self, 64) {
+            error!("virtio-vsock: epoll_wait failed, worker exits: {e}");
         }
     }
 
@@ -447,6 +416,36 @@ impl VsockWorker {
     }
 }
 
+impl event_loop::EventHandler for VsockWorker {
+    fn epoll(&self) -> &Epoll {
+        self.muxer.epoll()
+    }
+
+    fn handle(&mut self, token: u64, events: EventSet) {
+        match token {
+            // A count of zero (EAGAIN) is harmless: the queues are checked anyway.
+            PROCESS_RXQ => drop(self.evts[RXQ_INDEX].read()),
+            PROCESS_TXQ => drop(self.evts[TXQ_INDEX].read()),
+            // The event queue only carries device events, which are not sent.
+            PROCESS_EVQ => drop(self.evts[EVQ_INDEX].read()),
+            token => self.muxer.handle_event(token, events, Instant::now()),
+        }
+    }
+
+    /// After every wake (and at start, for buffers posted before the worker
+    /// started): connections past their deadlines, then the queues.
+    fn after_wake(&mut self) {
+        self.muxer.expire(Instant::now());
+        self.process_queues();
+    }
+
+    fn timeout(&mut self) -> Option<std::time::Duration> {
+        self.muxer
+            .next_deadline()
+            .map(|d| d.saturating_duration_since(Instant::now()))
+    }
+}
+
 /// The worker without its thread or epoll loop, so property tests and fuzz
 /// targets can drive the queues synchronously: [`SyncWorker::process_queues`]
 /// is what the worker does after each wake-up.
@@ -475,7 +474,7 @@ impl Vsock {
             rxq,
             txq,
             evts: [evt()?, evt()?, evt()?],
-            kill: evt()?,
+            _kill: evt()?,
             interrupt,
             muxer,
             descs: Vec::with_capacity(usize::from(QUEUE_SIZE)),
