@@ -15,7 +15,7 @@ mod common;
 
 use std::hint::black_box;
 
-use aivmm_devices::virtio::rng::device::SyncHandler;
+use aivmm_devices::virtio::rng::SyncHandler;
 use common::{guest_memory, null_interrupt, Buf, Driver, DATA_ADDR, QUEUE_ADDR};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use virtio_queue::QueueT;

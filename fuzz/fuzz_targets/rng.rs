@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use aivmm_devices::test_utils::*;
-use aivmm_devices::virtio::rng::device::SyncHandler;
+use aivmm_devices::virtio::rng::SyncHandler;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

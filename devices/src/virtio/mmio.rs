@@ -529,6 +529,7 @@ mod tests {
     use virtio_bindings::virtio_config::VIRTIO_CONFIG_S_NEEDS_RESET as NEEDS_RESET;
 
     use super::*;
+    use crate::virtio::VirtioCommon;
     use crate::test_utils::*;
     use crate::virtio::{Error as VirtioError, VIRTIO_MMIO_INT_VRING};
 
@@ -555,18 +556,20 @@ mod tests {
         config: [u8; 8],
     }
 
-    struct Mock(Arc<Mutex<State>>);
+    struct Mock(Arc<Mutex<State>>, VirtioCommon);
+
+    fn mock(state: Arc<Mutex<State>>) -> Mock {
+        Mock(state, VirtioCommon::new("mock", 42, vec![16, 8], FEATURES, Vec::new()))
+    }
 
     impl VirtioDevice for Mock {
-        fn device_type(&self) -> u32 {
-            42
+        fn common(&self) -> &VirtioCommon {
+            &self.1
         }
-        fn queue_max_sizes(&self) -> &[u16] {
-            &[16, 8]
+        fn common_mut(&mut self) -> &mut VirtioCommon {
+            &mut self.1
         }
-        fn features(&self) -> u64 {
-            FEATURES
-        }
+        fn stop(&mut self) {}
         fn ack_features(&mut self, features: u64) {
             self.0.lock().unwrap().acked = Some(features);
         }
@@ -587,7 +590,7 @@ mod tests {
         fn activate(&mut self, args: ActivateArgs) -> crate::virtio::Result<()> {
             let mut s = self.0.lock().unwrap();
             if s.fail_activate {
-                return Err(VirtioError::Activate("mock".into()));
+                return Err(VirtioError::activation("mock", std::io::Error::other("mock")));
             }
             let queues = args
                 .queues
@@ -632,7 +635,7 @@ mod tests {
         }));
         let irq = Arc::new(RecordingInterrupt::default());
         let t =
-            MmioTransport::new(Box::new(Mock(state.clone())), mem.clone(), irq.clone(), Default::default()).unwrap();
+            MmioTransport::new(Box::new(mock(state.clone())), mem.clone(), irq.clone(), Default::default()).unwrap();
         Fixture { mem, state, irq, t }
     }
 
@@ -956,20 +959,15 @@ mod tests {
 
     #[test]
     fn rejects_bad_queue_max_sizes() {
-        struct Bad(Vec<u16>);
+        struct Bad(VirtioCommon);
         impl VirtioDevice for Bad {
-            fn device_type(&self) -> u32 {
-                1
-            }
-            fn queue_max_sizes(&self) -> &[u16] {
+            fn common(&self) -> &VirtioCommon {
                 &self.0
             }
-            fn features(&self) -> u64 {
-                0
+            fn common_mut(&mut self) -> &mut VirtioCommon {
+                &mut self.0
             }
-            fn ack_features(&mut self, _: u64) {}
-            fn read_config(&self, _: u64, _: &mut [u8]) {}
-            fn write_config(&mut self, _: u64, _: &[u8]) {}
+            fn stop(&mut self) {}
             fn activate(&mut self, _: ActivateArgs) -> crate::virtio::Result<()> {
                 Ok(())
             }
@@ -980,7 +978,12 @@ mod tests {
         let mem = guest_memory(0x1000);
         let irq = Arc::new(RecordingInterrupt::default());
         for sizes in [vec![], vec![0], vec![3], vec![16, 65535]] {
-            let r = MmioTransport::new(Box::new(Bad(sizes)), mem.clone(), irq.clone(), Default::default());
+            let r = MmioTransport::new(
+                Box::new(Bad(VirtioCommon::new("bad", 1, sizes, 0, Vec::new()))),
+                mem.clone(),
+                irq.clone(),
+                Default::default(),
+            );
             assert!(r.is_err());
         }
     }

@@ -16,7 +16,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::mmio::MmioTransport;
 use super::rng::proptests::{hostile_input, to_bytes};
-use super::{ActivateArgs, VirtioDevice};
+use super::{ActivateArgs, VirtioCommon, VirtioDevice};
 use crate::bus::BusDevice;
 use crate::test_utils::*;
 
@@ -34,18 +34,16 @@ struct State {
     config: [u8; 12],
 }
 
-struct Mock(Arc<Mutex<State>>);
+struct Mock(Arc<Mutex<State>>, VirtioCommon);
 
 impl VirtioDevice for Mock {
-    fn device_type(&self) -> u32 {
-        4
+    fn common(&self) -> &VirtioCommon {
+        &self.1
     }
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[16, 256, 1]
+    fn common_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.1
     }
-    fn features(&self) -> u64 {
-        FEATURES
-    }
+    fn stop(&mut self) {}
     fn ack_features(&mut self, _features: u64) {}
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let s = self.0.lock().unwrap();
@@ -75,7 +73,7 @@ impl VirtioDevice for Mock {
             s.bad_queue = Some("queue and EventFd counts differ".into());
         }
         if s.fail_activate {
-            return Err(super::Error::Activate("mock".into()));
+            return Err(super::Error::activation("mock", std::io::Error::other("mock")));
         }
         s.activations += 1;
         Ok(())
@@ -117,7 +115,7 @@ fn case(input: &[u8]) -> Result<(), String> {
         ..Default::default()
     }));
     let irq = Arc::new(RecordingInterrupt::default());
-    let mut t = MmioTransport::new(Box::new(Mock(state.clone())), mem.clone(), irq, Default::default()).unwrap();
+    let mut t = MmioTransport::new(Box::new(Mock(state.clone(), VirtioCommon::new("mock", 4, vec![16, 256, 1], FEATURES, Vec::new()))), mem.clone(), irq, Default::default()).unwrap();
     let mut src = ByteSource::new(input);
     {
         let mut s = state.lock().unwrap();

@@ -1,12 +1,12 @@
-//! The worker thread of a single-queue device (rng, blk).
+//! Device worker threads: where they start ([`Spawner`]), and the worker of a
+//! single queue.
 //!
-//! [`QueueThread::spawn`] starts a thread that epolls the queue's notification
-//! `EventFd` and a kill `EventFd`, and calls the device's `process` closure once at
-//! start (buffers posted before activation) and on every notification.
-//! [`QueueThread::stop`] writes the kill `EventFd` and joins the thread, so the
-//! device can be reset and activated again. The loop itself, [`run_worker`] over
-//! an epoll set from [`worker_epoll`], also serves devices with a worker per queue
-//! (virtio-fs).
+//! [`spawn_queue_worker`] starts a thread that waits on the queue's notification
+//! `EventFd` and its stop event, and calls the device's `process` closure once at
+//! start (buffers posted before activation) and on every notification; stopping
+//! its [`Workers`] joins it, so the device can be reset and activated again. The
+//! loop itself, [`run_worker`] over an epoll set from [`worker_epoll`], also
+//! serves devices with a worker per queue (virtio-fs).
 //!
 //! Every device worker thread (blk, rng, fs, net, vsock) starts through the
 //! [`Spawner`] its transport hands it with the activation arguments. A device is
@@ -23,7 +23,8 @@ use std::thread::JoinHandle;
 use log::error;
 
 use super::event_loop;
-use crate::sys::{ControlOperation, Epoll, EpollEvent, EventFd, EventSet, EFD_NONBLOCK};
+use super::Workers;
+use crate::sys::{ControlOperation, Epoll, EpollEvent, EventFd, EventSet};
 
 /// Epoll token of the queue's notification `EventFd`.
 const PROCESS_QUEUE: u64 = 0;
@@ -115,39 +116,21 @@ impl<T> WorkerHandle<T> {
     }
 }
 
-/// A running worker: the thread and the `EventFd` that stops it.
-#[derive(Debug)]
-pub struct QueueThread {
-    name: &'static str,
-    kill: EventFd,
-    handle: WorkerHandle<()>,
-}
-
-impl QueueThread {
-    /// Starts thread `name` serving `queue_evt` with `process`.
-    pub fn spawn(
-        spawner: &Spawner,
-        name: &'static str,
-        queue_evt: EventFd,
-        mut process: impl FnMut() + Send + 'static,
-    ) -> Result<Self, Error> {
-        let kill = EventFd::new(EFD_NONBLOCK).map_err(Error::Event)?;
-        let epoll = worker_epoll(&queue_evt, &kill).map_err(Error::Event)?;
-        let handle = spawner
-            .spawn(name, move || run_worker(name, &epoll, &queue_evt, &mut process))
-            .map_err(Error::Spawn)?;
-        Ok(Self { name, kill, handle })
-    }
-
-    /// Stops the thread and waits for it.
-    pub fn stop(self) {
-        if let Err(e) = self.kill.write(1) {
-            error!("{}: signalling the worker to stop failed: {e}", self.name);
-        }
-        if self.handle.join().is_err() {
-            error!("{}: the worker thread panicked", self.name);
-        }
-    }
+/// Starts thread `thread` of device `device` serving `queue_evt` with `process`
+/// (see [`run_worker`]).
+pub fn spawn_queue_worker(
+    spawner: &Spawner,
+    device: &'static str,
+    thread: &'static str,
+    queue_evt: EventFd,
+    mut process: impl FnMut() + Send + 'static,
+) -> Result<Workers<()>, Error> {
+    let mut workers = Workers::new(device).map_err(Error::Event)?;
+    let epoll = worker_epoll(&queue_evt, workers.stop_event()).map_err(Error::Event)?;
+    workers
+        .spawn(spawner, thread, move || run_worker(thread, &epoll, &queue_evt, &mut process))
+        .map_err(Error::Spawn)?;
+    Ok(workers)
 }
 
 /// The epoll set of a worker: `queue_evt` (a notification) and `kill` (stop).

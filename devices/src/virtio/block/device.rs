@@ -1,36 +1,37 @@
-//! The virtio-blk device and its worker thread.
+//! The virtio-blk device.
 //!
 //! `activate` moves the request queue, its notification `EventFd`, the interrupt
-//! and a handle on the [`Disk`] into a worker thread that epolls the queue
-//! `EventFd` and a kill `EventFd`. On each wake it drains the available ring: each
-//! chain is parsed ([`request::parse`]), executed synchronously against the disk,
-//! its status byte written, and it goes on the used ring with the number of bytes
-//! written to the guest. After a batch the interrupt is raised if the driver wants
-//! it (EVENT_IDX aware). `reset` writes the kill `EventFd` and joins the thread.
+//! and a handle on the [`Disk`] into a worker thread (the devices' event loop over
+//! the queue `EventFd` and a stop event), which serves the queue on each wake
+//! (see `worker`). `reset` stops and joins the thread.
 
-use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use log::{debug, error, warn};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
-    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_IOERR,
-    VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use virtio_queue::QueueT;
+#[cfg(any(test, feature = "test-utils"))]
+use {
+    crate::virtio::VirtioInterrupt,
+    virtio_queue::Queue,
+    vm_memory::GuestMemoryMmap,
+};
 
 use super::disk::Disk;
-use super::request::{self, Invalid, Request, RequestType, Segment};
+use super::worker::RequestHandler;
+#[cfg(any(test, feature = "test-utils"))]
+use super::SyncHandler;
 use super::{
-    Error, Result, CONFIG_LEN, DISCARD_RANGE_LEN, ID_LEN, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG,
-    QUEUE_SIZE, SECTOR_SHIFT, SECTOR_SIZE, SEG_MAX, SIZE_MAX, VIRTIO_ID_BLOCK,
+    Error, Result, CONFIG_LEN, ID_LEN, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, QUEUE_SIZE, SECTOR_SHIFT,
+    SECTOR_SIZE, SEG_MAX, SIZE_MAX, VIRTIO_ID_BLOCK,
 };
-use crate::virtio::queue_thread::{self, QueueThread};
-use crate::virtio::{self, ActivateArgs, VirtioDevice, VirtioInterrupt, VIRTIO_MMIO_INT_VRING};
+use crate::virtio::queue_thread::{self, spawn_queue_worker};
+use crate::virtio::{self, ActivateArgs, VirtioCommon, VirtioDevice, Workers};
 
 /// What the VMM configures for one disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,10 +48,8 @@ pub struct BlockConfig {
 /// The virtio-blk device.
 pub struct Block {
     disk: Arc<Disk>,
-    avail_features: u64,
-    acked_features: u64,
-    config_space: [u8; CONFIG_LEN],
-    worker: Option<QueueThread>,
+    common: VirtioCommon,
+    worker: Option<Workers<()>>,
 }
 
 impl Block {
@@ -74,12 +73,10 @@ impl Block {
         if disk.can_write_zeroes() {
             features |= 1 << VIRTIO_BLK_F_WRITE_ZEROES;
         }
-        let config_space = config_space(&disk);
+        let config = config_space(&disk).to_vec();
         Ok(Self {
             disk: Arc::new(disk),
-            avail_features: features,
-            acked_features: 0,
-            config_space,
+            common: VirtioCommon::new("virtio-blk", VIRTIO_ID_BLOCK, vec![QUEUE_SIZE], features, config),
             worker: None,
         })
     }
@@ -101,7 +98,7 @@ impl Block {
 
     /// The features the driver accepted.
     pub fn acked_features(&self) -> u64 {
-        self.acked_features
+        self.common.acked_features()
     }
 
     fn start(&mut self, args: ActivateArgs) -> Result<()> {
@@ -123,29 +120,22 @@ impl Block {
         if !queue.ready() {
             return Err(Error::NoQueue);
         }
-        let mut handler = RequestHandler {
+        let mut handler = RequestHandler::new(
+            mem,
             queue,
             interrupt,
-            exec: Executor {
-                mem,
-                disk: self.disk.clone(),
-                acked_features: self.acked_features,
-            },
-            segs: Vec::with_capacity(SEG_MAX as usize),
-        };
-        let worker = QueueThread::spawn(&spawner, "aivmm-blk", queue_evt, move || handler.process_queue())
-            .map_err(|e| match e {
-                queue_thread::Error::Event(e) => Error::Event(e),
-                queue_thread::Error::Spawn(e) => Error::Spawn(e),
-            })?;
+            self.disk.clone(),
+            self.common.acked_features(),
+        );
+        let worker = spawn_queue_worker(&spawner, "virtio-blk", "aivmm-blk", queue_evt, move || {
+            handler.process_queue()
+        })
+        .map_err(|e| match e {
+            queue_thread::Error::Event(e) => Error::Event(e),
+            queue_thread::Error::Spawn(e) => Error::Spawn(e),
+        })?;
         self.worker = Some(worker);
         Ok(())
-    }
-
-    fn stop(&mut self) {
-        if let Some(w) = self.worker.take() {
-            w.stop();
-        }
     }
 }
 
@@ -181,343 +171,26 @@ fn config_space(disk: &Disk) -> [u8; CONFIG_LEN] {
 }
 
 impl VirtioDevice for Block {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_BLOCK
+    fn common(&self) -> &VirtioCommon {
+        &self.common
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE]
+    fn common_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.common
     }
 
-    fn features(&self) -> u64 {
-        self.avail_features
-    }
-
-    fn ack_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features;
-    }
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if let Some(src) = self.config_space.get(start..) {
-            let n = src.len().min(data.len());
-            data[..n].copy_from_slice(&src[..n]);
-        }
-    }
-
-    fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        // Only `writeback` is writable, and only with CONFIG_WCE, which we do not offer.
-        debug!("virtio-blk: config write at {offset:#x} ignored");
-    }
+    // Only `writeback` is writable, and only with CONFIG_WCE, which is not offered:
+    // the provided write_config ignores every write.
 
     fn activate(&mut self, args: ActivateArgs) -> virtio::Result<()> {
         self.start(args)
-            .map_err(|e| virtio::Error::Activate(e.to_string()))
+            .map_err(|e| virtio::Error::activation(self.common.name(), e))
     }
 
-    fn reset(&mut self) -> bool {
-        self.stop();
-        self.acked_features = 0;
-        true
-    }
-}
-
-/// The queue and what serving it needs.
-struct RequestHandler {
-    queue: Queue,
-    interrupt: Arc<dyn VirtioInterrupt>,
-    exec: Executor,
-    /// Data segments of the request being served (reused; at most SEG_MAX).
-    segs: Vec<Segment>,
-}
-
-/// Executes requests: guest memory, the disk and the negotiated features.
-struct Executor {
-    mem: GuestMemoryMmap,
-    disk: Arc<Disk>,
-    acked_features: u64,
-}
-
-impl RequestHandler {
-    /// Serves every available chain, then raises the interrupt if the driver wants it.
-    fn process_queue(&mut self) {
-        let mut used_any = false;
-        loop {
-            if let Err(e) = self.queue.disable_notification(&self.exec.mem) {
-                warn!("virtio-blk: disabling notifications failed: {e}");
-            }
-            let mut progressed = false;
-            while let Some(chain) = self.queue.pop_descriptor_chain(&self.exec.mem) {
-                progressed = true;
-                let head = chain.head_index();
-                let len = self.exec.serve(chain, &mut self.segs);
-                match self.queue.add_used(&self.exec.mem, head, len) {
-                    Ok(()) => used_any = true,
-                    Err(e) => debug!("virtio-blk: returning chain {head} failed: {e}"),
-                }
-            }
-            // Stop when the driver added nothing since, and also when nothing could be
-            // popped: a bogus avail index would otherwise keep us spinning.
-            match self.queue.enable_notification(&self.exec.mem) {
-                Ok(true) if progressed => continue,
-                Ok(_) => break,
-                Err(e) => {
-                    warn!("virtio-blk: enabling notifications failed: {e}");
-                    break;
-                }
-            }
+    fn stop(&mut self) {
+        if let Some(w) = self.worker.take() {
+            w.stop();
         }
-        if !used_any {
-            return;
-        }
-        let notify = self
-            .queue
-            .needs_notification(&self.exec.mem)
-            .unwrap_or_else(|e| {
-                warn!("virtio-blk: reading the used event failed: {e}");
-                true
-            });
-        if notify {
-            if let Err(e) = self.interrupt.signal(VIRTIO_MMIO_INT_VRING) {
-                error!("virtio-blk: raising the interrupt failed: {e}");
-            }
-        }
-    }
-}
-
-impl Executor {
-    /// Parses and executes one chain; returns the bytes written to the guest.
-    fn serve<I>(&self, chain: I, segs: &mut Vec<Segment>) -> u32
-    where
-        I: Iterator<Item = virtio_queue::desc::split::Descriptor>,
-    {
-        let (status_addr, status, written) = match request::parse(chain, &self.mem, segs) {
-            Ok(req) => {
-                let (status, written) = self.execute(&req, segs);
-                (req.status, status, written)
-            }
-            Err(Invalid::Status { addr, status, why }) => {
-                debug!("virtio-blk: bad request: {why}");
-                (addr, status, 0)
-            }
-            Err(Invalid::Drop(why)) => {
-                debug!("virtio-blk: request dropped: {why}");
-                return 0;
-            }
-        };
-        if let Err(e) = self.mem.write_obj(status, status_addr) {
-            // parse checked the address; memory cannot shrink under us.
-            debug!("virtio-blk: writing the status byte failed: {e}");
-            return 0;
-        }
-        written.saturating_add(1)
-    }
-
-    /// Runs a checked request: (VIRTIO_BLK_S_* status, data bytes written to the guest).
-    fn execute(&self, req: &Request, segs: &[Segment]) -> (u8, u32) {
-        let ok = VIRTIO_BLK_S_OK as u8;
-        let ioerr = VIRTIO_BLK_S_IOERR as u8;
-        let unsupp = VIRTIO_BLK_S_UNSUPP as u8;
-        let writes = matches!(
-            req.ty,
-            RequestType::Out | RequestType::Discard | RequestType::WriteZeroes
-        );
-        if writes && self.disk.read_only() {
-            debug!("virtio-blk: {:?} on a read-only disk", req.ty);
-            return (ioerr, 0);
-        }
-        match req.ty {
-            RequestType::In | RequestType::Out => {
-                if req.data_len % SECTOR_SIZE != 0
-                    || !self
-                        .disk
-                        .sectors_in_range(req.sector, req.data_len >> SECTOR_SHIFT)
-                {
-                    debug!(
-                        "virtio-blk: {:?} of {} bytes at sector {} is out of range",
-                        req.ty, req.data_len, req.sector
-                    );
-                    return (ioerr, 0);
-                }
-                match self.transfer(req, segs) {
-                    // data_len is at most MAX_REQUEST_BYTES, which fits a u32.
-                    Ok(()) if req.ty == RequestType::In => {
-                        (ok, u32::try_from(req.data_len).unwrap_or(u32::MAX - 1))
-                    }
-                    Ok(()) => (ok, 0),
-                    Err(e) => {
-                        warn!(
-                            "virtio-blk: {}: {:?} failed: {e}",
-                            self.disk.path().display(),
-                            req.ty
-                        );
-                        (ioerr, 0)
-                    }
-                }
-            }
-            RequestType::Flush => match self.disk.flush() {
-                Ok(()) => (ok, 0),
-                Err(e) => {
-                    error!(
-                        "virtio-blk: {}: flush failed: {e}",
-                        self.disk.path().display()
-                    );
-                    (ioerr, 0)
-                }
-            },
-            RequestType::GetId => {
-                let mut done = 0usize;
-                for seg in segs {
-                    let id = &self.disk.id()[done..];
-                    let n = id.len().min(seg.len as usize);
-                    if self.mem.write_slice(&id[..n], seg.addr).is_err() {
-                        return (ioerr, 0);
-                    }
-                    done += n;
-                    if done == ID_LEN {
-                        break;
-                    }
-                }
-                // done <= ID_LEN.
-                (ok, done as u32)
-            }
-            RequestType::Discard | RequestType::WriteZeroes => {
-                let offered = if req.ty == RequestType::Discard {
-                    VIRTIO_BLK_F_DISCARD
-                } else {
-                    VIRTIO_BLK_F_WRITE_ZEROES
-                };
-                if self.acked_features & (1 << offered) == 0 {
-                    return (unsupp, 0);
-                }
-                (self.discard_or_zero(req, segs), 0)
-            }
-            RequestType::Unsupported(t) => {
-                debug!("virtio-blk: unsupported request type {t}");
-                (unsupp, 0)
-            }
-        }
-    }
-
-    /// Moves the data of an IN or OUT request between the disk and guest memory.
-    fn transfer(&self, req: &Request, segs: &[Segment]) -> io::Result<()> {
-        // sectors_in_range checked sector + length <= capacity < 2^55.
-        let mut offset = req.sector << SECTOR_SHIFT;
-        for seg in segs {
-            let len = seg.len as usize;
-            if req.ty == RequestType::In {
-                self.disk.read_to_guest(&self.mem, seg.addr, len, offset)?;
-            } else {
-                self.disk
-                    .write_from_guest(&self.mem, seg.addr, len, offset)?;
-            }
-            offset += u64::from(seg.len);
-        }
-        Ok(())
-    }
-
-    /// Executes DISCARD or WRITE_ZEROES: checks every range first, then applies them.
-    fn discard_or_zero(&self, req: &Request, segs: &[Segment]) -> u8 {
-        const PAYLOAD_MAX: usize = MAX_DISCARD_SEG as usize * DISCARD_RANGE_LEN as usize;
-        let ioerr = VIRTIO_BLK_S_IOERR as u8;
-        if req.data_len == 0
-            || req.data_len % DISCARD_RANGE_LEN != 0
-            || req.data_len > PAYLOAD_MAX as u64
-        {
-            debug!("virtio-blk: {:?} payload of {} bytes", req.ty, req.data_len);
-            return ioerr;
-        }
-        // Gather the ranges, which may straddle descriptors.
-        let mut payload = [0u8; PAYLOAD_MAX];
-        let mut at = 0usize;
-        for seg in segs {
-            let n = seg.len as usize;
-            let Some(dst) = payload.get_mut(at..at + n) else {
-                return ioerr;
-            };
-            if self.mem.read_slice(dst, seg.addr).is_err() {
-                return ioerr;
-            }
-            at += n;
-        }
-        let ranges: Vec<(u64, u32, u32)> = payload[..at]
-            .chunks_exact(DISCARD_RANGE_LEN as usize)
-            .map(|r| {
-                let mut s = [0u8; 8];
-                let mut n = [0u8; 4];
-                let mut f = [0u8; 4];
-                s.copy_from_slice(&r[..8]);
-                n.copy_from_slice(&r[8..12]);
-                f.copy_from_slice(&r[12..]);
-                (
-                    u64::from_le_bytes(s),
-                    u32::from_le_bytes(n),
-                    u32::from_le_bytes(f),
-                )
-            })
-            .collect();
-        let discard = req.ty == RequestType::Discard;
-        for &(sector, num, flags) in &ranges {
-            let allowed = if discard {
-                0
-            } else {
-                VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
-            };
-            if flags & !allowed != 0 {
-                return VIRTIO_BLK_S_UNSUPP as u8;
-            }
-            if num > MAX_DISCARD_SECTORS || !self.disk.sectors_in_range(sector, u64::from(num)) {
-                debug!(
-                    "virtio-blk: {:?} of {num} sectors at {sector} out of range",
-                    req.ty
-                );
-                return ioerr;
-            }
-        }
-        for &(sector, num, flags) in &ranges {
-            if num == 0 {
-                continue;
-            }
-            let offset = sector << SECTOR_SHIFT;
-            let len = u64::from(num) << SECTOR_SHIFT;
-            let r = if discard {
-                self.disk.punch_hole(offset, len)
-            } else {
-                let unmap = flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
-                self.disk.write_zeroes(offset, len, unmap)
-            };
-            if let Err(e) = r {
-                warn!(
-                    "virtio-blk: {}: {:?} failed: {e}",
-                    self.disk.path().display(),
-                    req.ty
-                );
-                return ioerr;
-            }
-        }
-        VIRTIO_BLK_S_OK as u8
-    }
-}
-
-/// The worker's request path without its thread, so benches and tests can drive
-/// the queue synchronously: [`SyncHandler::process_queue`] is what one worker wake
-/// does.
-#[cfg(any(test, feature = "test-utils"))]
-pub struct SyncHandler(RequestHandler);
-
-#[cfg(any(test, feature = "test-utils"))]
-impl SyncHandler {
-    /// Serves every available chain, then raises the interrupt if the driver wants it.
-    pub fn process_queue(&mut self) {
-        self.0.process_queue();
-    }
-
-    /// The queue, to see where the device will look next.
-    pub fn queue(&self) -> &Queue {
-        &self.0.queue
     }
 }
 
@@ -531,16 +204,13 @@ impl Block {
         queue: Queue,
         interrupt: Arc<dyn VirtioInterrupt>,
     ) -> SyncHandler {
-        SyncHandler(RequestHandler {
+        SyncHandler::new(RequestHandler::new(
+            mem,
             queue,
             interrupt,
-            exec: Executor {
-                mem,
-                disk: self.disk.clone(),
-                acked_features: self.acked_features,
-            },
-            segs: Vec::with_capacity(SEG_MAX as usize),
-        })
+            self.disk.clone(),
+            self.common.acked_features(),
+        ))
     }
 }
 
@@ -563,6 +233,11 @@ mod tests {
     use vm_memory::GuestAddress;
 
     use super::*;
+    use virtio_bindings::virtio_blk::{
+        VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+    };
+    use vm_memory::Bytes;
+    use crate::virtio::VIRTIO_MMIO_INT_VRING;
     use crate::sys::{EventFd, EFD_NONBLOCK};
     use crate::test_utils::*;
     use crate::virtio::mmio::{MmioTransport, CONFIG_SPACE_OFFSET, QUEUE_NOTIFY_OFFSET};

@@ -5,9 +5,9 @@
 //! bytes between the file and guest memory with `pread`/`pwrite` (no bounce
 //! buffer). [`request`] turns a descriptor chain into a checked [`request::Request`]
 //! (header, data segments, status byte) or says why it cannot. [`device`] holds the
-//! [`Block`] device: its features and configuration space, and a worker thread,
-//! started on activation, that pops chains, executes them against the disk and
-//! returns them on the used ring.
+//! [`Block`] device: its features and configuration space, and the worker thread
+//! it starts on activation, which (`worker`) pops chains, executes them against
+//! the disk and returns them on the used ring.
 //!
 //! aivmm caches nothing: a write is acknowledged once `pwrite` has put it in the
 //! host's page cache (it survives the VMM being killed), and FLUSH is `fdatasync`.
@@ -17,10 +17,13 @@ pub mod disk;
 #[cfg(test)]
 mod proptests;
 pub mod request;
+mod worker;
 
 use std::path::PathBuf;
 
 pub use device::{Block, BlockConfig};
+#[cfg(any(test, feature = "test-utils"))]
+pub use worker::SyncHandler;
 
 /// The virtio device type of a block device.
 pub const VIRTIO_ID_BLOCK: u32 = 2;

@@ -14,7 +14,6 @@ use std::sync::Arc;
 
 #[cfg(target_os = "linux")]
 use fuse_backend_rs::api::server::Server;
-use log::{debug, error};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::QueueT;
@@ -29,9 +28,8 @@ use super::{
     Error, FsBackend, FsConfig, FsServer, Result, CONFIG_SPACE_LEN, MAX_REQUEST_QUEUES,
     NUM_HIPRIO_QUEUES, QUEUE_SIZE, TAG_LEN, VIRTIO_ID_FS,
 };
-use crate::sys::{EventFd, EFD_NONBLOCK};
-use crate::virtio::queue_thread::{run_worker, worker_epoll, WorkerHandle};
-use crate::virtio::{self, ActivateArgs, VirtioDevice};
+use crate::virtio::queue_thread::{run_worker, worker_epoll};
+use crate::virtio::{self, ActivateArgs, VirtioCommon, VirtioDevice, Workers};
 
 /// A configuration that passed [`check_config`], with the root resolved.
 #[derive(Clone, Debug)]
@@ -133,21 +131,13 @@ fn build_server(checked: &Checked) -> Result<Arc<dyn FsServer>> {
     }
 }
 
-/// Running workers: their threads and the `EventFd` that stops them all.
-struct Workers {
-    kill: EventFd,
-    handles: Vec<WorkerHandle<()>>,
-}
-
 /// The virtio-fs device.
 pub struct Fs {
     checked: Checked,
-    config_space: [u8; CONFIG_SPACE_LEN],
-    queue_sizes: Vec<u16>,
-    acked_features: u64,
+    common: VirtioCommon,
     /// The server for the next activation, built ahead so errors show early.
     next_server: Option<Arc<dyn FsServer>>,
-    workers: Option<Workers>,
+    workers: Option<Workers<()>>,
 }
 
 impl Fs {
@@ -163,9 +153,13 @@ impl Fs {
         let queue_sizes = vec![QUEUE_SIZE; NUM_HIPRIO_QUEUES + checked.config.request_queues];
         Ok(Fs {
             checked,
-            config_space,
-            queue_sizes,
-            acked_features: 0,
+            common: VirtioCommon::new(
+                "virtio-fs",
+                VIRTIO_ID_FS,
+                queue_sizes,
+                (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX),
+                config_space.to_vec(),
+            ),
             next_server: Some(server),
             workers: None,
         })
@@ -183,7 +177,7 @@ impl Fs {
 
     /// The features the driver accepted.
     pub fn acked_features(&self) -> u64 {
-        self.acked_features
+        self.common.acked_features()
     }
 
     /// Whether worker threads are running.
@@ -202,7 +196,7 @@ impl Fs {
             interrupt,
             spawner,
         } = args;
-        let expected = self.queue_sizes.len();
+        let expected = self.common.queue_sizes().len();
         let ready_requests = queues.iter().skip(NUM_HIPRIO_QUEUES).any(|q| q.ready());
         if queues.len() != expected || queue_evts.len() != expected || !ready_requests {
             return Err(Error::Queues {
@@ -222,16 +216,12 @@ impl Fs {
                     .map_err(|_| Error::Passthrough(std::io::Error::other("setup panicked")))??
             }
         };
-        let kill = EventFd::new(EFD_NONBLOCK).map_err(Error::Event)?;
-        let mut workers = Workers {
-            kill,
-            handles: Vec::new(),
-        };
+        let mut workers = Workers::new("virtio-fs").map_err(Error::Event)?;
         for (index, (queue, queue_evt)) in queues.into_iter().zip(queue_evts).enumerate() {
             if !queue.ready() {
                 continue;
             }
-            let spawned = worker_epoll(&queue_evt, &workers.kill)
+            let spawned = worker_epoll(&queue_evt, workers.stop_event())
                 .map_err(Error::Event)
                 .and_then(|epoll| {
                     let mut worker = QueueWorker {
@@ -242,42 +232,21 @@ impl Fs {
                         interrupt: interrupt.clone(),
                     };
                     let name = format!("aivmm-fs-q{index}");
-                    spawner.spawn(name.clone(), move || {
-                        run_worker(&name, &epoll, &queue_evt, &mut || worker.process_queue())
-                    })
-                    .map_err(Error::Spawn)
+                    workers
+                        .spawn(&spawner, name.clone(), move || {
+                            run_worker(&name, &epoll, &queue_evt, &mut || worker.process_queue())
+                        })
+                        .map_err(Error::Spawn)
                 });
-            match spawned {
-                Ok(h) => workers.handles.push(h),
-                Err(e) => {
-                    stop_workers(workers);
-                    return Err(e);
-                }
+            if let Err(e) = spawned {
+                workers.stop();
+                return Err(e);
             }
         }
         self.workers = Some(workers);
         Ok(())
     }
 
-    fn stop(&mut self) {
-        if let Some(w) = self.workers.take() {
-            stop_workers(w);
-        }
-        // The old server (its inodes and open files) goes with the last worker; the
-        // next activation builds a new one.
-        self.next_server = None;
-    }
-}
-
-fn stop_workers(w: Workers) {
-    if let Err(e) = w.kill.write(1) {
-        error!("virtio-fs: signalling the workers to stop failed: {e}");
-    }
-    for h in w.handles {
-        if h.join().is_err() {
-            error!("virtio-fs: a worker thread panicked");
-        }
-    }
 }
 
 impl Drop for Fs {
@@ -287,46 +256,26 @@ impl Drop for Fs {
 }
 
 impl VirtioDevice for Fs {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_FS
+    fn common(&self) -> &VirtioCommon {
+        &self.common
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
-    }
-
-    fn features(&self) -> u64 {
-        (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX)
-    }
-
-    fn ack_features(&mut self, features: u64) {
-        self.acked_features = features & self.features();
-    }
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if let Some(src) = self.config_space.get(start..) {
-            let n = src.len().min(data.len());
-            data[..n].copy_from_slice(&src[..n]);
-        }
-    }
-
-    fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        debug!("virtio-fs: config write at {offset:#x} ignored (read-only)");
+    fn common_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.common
     }
 
     fn activate(&mut self, args: ActivateArgs) -> virtio::Result<()> {
         self.start(args)
-            .map_err(|e| virtio::Error::Activate(e.to_string()))
+            .map_err(|e| virtio::Error::activation(self.common.name(), e))
     }
 
-    fn reset(&mut self) -> bool {
-        self.stop();
-        self.acked_features = 0;
-        true
+    fn stop(&mut self) {
+        if let Some(w) = self.workers.take() {
+            w.stop();
+        }
+        // The old server (its inodes and open files) goes with the last worker; the
+        // next activation builds a new one.
+        self.next_server = None;
     }
 }
 
@@ -343,6 +292,7 @@ mod tests {
 
     use super::*;
     use crate::bus::BusDevice;
+    use crate::sys::{EventFd, EFD_NONBLOCK};
     use crate::test_utils::*;
     use crate::virtio::fs::test_utils as fuse;
     use crate::virtio::fs::CachePolicy;

@@ -19,8 +19,8 @@ use virtio_queue::QueueT;
 use super::backend::{self, Backend, BackendConfig};
 use super::worker::NetWorker;
 use super::{format_mac, Error, Result, CONFIG_LEN, NUM_QUEUES, QUEUE_SIZE, VIRTIO_ID_NET};
-use crate::sys::{EventFd, EFD_NONBLOCK};
-use crate::virtio::{self, ActivateArgs, VirtioDevice};
+use crate::virtio::common::read_config_bytes;
+use crate::virtio::{self, ActivateArgs, VirtioCommon, VirtioDevice, Workers};
 
 /// What the VMM configures for one network card.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -31,21 +31,15 @@ pub struct NetConfig {
     pub mac: Option<[u8; 6]>,
 }
 
-/// A running worker: the thread (which hands the backend back) and its kill switch.
-struct Worker {
-    kill: EventFd,
-    handle: crate::virtio::queue_thread::WorkerHandle<Box<dyn Backend>>,
-}
-
 /// The virtio-net device.
 pub struct Net {
     backend: Option<Box<dyn Backend>>,
     mac: [u8; 6],
-    avail_features: u64,
-    acked_features: u64,
+    common: VirtioCommon,
     link_up: Arc<AtomicBool>,
     wakeups: Arc<AtomicU64>,
-    worker: Option<Worker>,
+    /// The worker, which hands the backend back when it stops.
+    worker: Option<Workers<Box<dyn Backend>>>,
 }
 
 impl Net {
@@ -77,8 +71,8 @@ impl Net {
         Ok(Self {
             backend: Some(backend),
             mac,
-            avail_features,
-            acked_features: 0,
+            // The configuration space changes with the link: see `read_config`.
+            common: VirtioCommon::new("virtio-net", VIRTIO_ID_NET, vec![QUEUE_SIZE; NUM_QUEUES], avail_features, Vec::new()),
             link_up: Arc::new(AtomicBool::new(true)),
             wakeups: Arc::new(AtomicU64::new(0)),
             worker: None,
@@ -97,7 +91,7 @@ impl Net {
 
     /// The features the driver accepted.
     pub fn acked_features(&self) -> u64 {
-        self.acked_features
+        self.common.acked_features()
     }
 
     /// The pid of the backend's helper process (passt), while the device is idle
@@ -147,19 +141,26 @@ impl Net {
         else {
             return Err(Error::NoQueue);
         };
+        let mut workers = Workers::new("virtio-net").map_err(Error::Event)?;
         let mut backend = self.backend.take().ok_or(Error::NoBackend)?;
-        if let Err(e) = backend.set_offloads(self.acked_features) {
+        if let Err(e) = backend.set_offloads(self.common.acked_features()) {
             warn!("virtio-net: setting the backend's offloads failed: {e}");
         }
-        let kill = EventFd::new(EFD_NONBLOCK).map_err(Error::Event)?;
+        let stop = match workers.stop_event().try_clone() {
+            Ok(s) => s,
+            Err(e) => {
+                self.backend = Some(backend);
+                return Err(Error::Event(e));
+            }
+        };
         let worker = NetWorker::new(
             mem,
             [rx, tx],
             [rx_evt, tx_evt],
-            kill.try_clone().map_err(Error::Event)?,
+            stop,
             interrupt,
             backend,
-            self.acked_features,
+            self.common.acked_features(),
             self.link_up.clone(),
             self.wakeups.clone(),
         );
@@ -170,23 +171,13 @@ impl Net {
                 return Err(e);
             }
         };
-        let handle = spawner.spawn("aivmm-net", move || worker.run())
+        workers
+            .spawn(&spawner, "aivmm-net", move || worker.run())
             .map_err(Error::Spawn)?;
-        self.worker = Some(Worker { kill, handle });
+        self.worker = Some(workers);
         Ok(())
     }
 
-    fn stop(&mut self) {
-        if let Some(w) = self.worker.take() {
-            if let Err(e) = w.kill.write(1) {
-                error!("virtio-net: signalling the worker to stop failed: {e}");
-            }
-            match w.handle.join() {
-                Ok(backend) => self.backend = Some(backend),
-                Err(_) => error!("virtio-net: the worker thread panicked; the backend is lost"),
-            }
-        }
-    }
 }
 
 impl Drop for Net {
@@ -204,48 +195,33 @@ fn random_mac() -> Result<[u8; 6]> {
 }
 
 impl VirtioDevice for Net {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_NET
+    fn common(&self) -> &VirtioCommon {
+        &self.common
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE; NUM_QUEUES]
-    }
-
-    fn features(&self) -> u64 {
-        self.avail_features
-    }
-
-    fn ack_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features;
+    fn common_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.common
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let config = self.config_space();
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if let Some(src) = config.get(start..) {
-            let n = src.len().min(data.len());
-            data[..n].copy_from_slice(&src[..n]);
-        }
+        read_config_bytes(&self.config_space(), offset, data);
     }
 
-    fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        // The MAC is read-only for virtio 1.x drivers; status always is.
-        debug!("virtio-net: config write at {offset:#x} ignored");
-    }
+    // The MAC is read-only for virtio 1.x drivers; status always is: the provided
+    // write_config ignores every write.
 
     fn activate(&mut self, args: ActivateArgs) -> virtio::Result<()> {
         self.start(args)
-            .map_err(|e| virtio::Error::Activate(e.to_string()))
+            .map_err(|e| virtio::Error::activation(self.common.name(), e))
     }
 
-    fn reset(&mut self) -> bool {
-        self.stop();
-        self.acked_features = 0;
-        true
+    fn stop(&mut self) {
+        if let Some(w) = self.worker.take() {
+            match w.stop().pop().flatten() {
+                Some(backend) => self.backend = Some(backend),
+                None => error!("virtio-net: the worker thread panicked; the backend is lost"),
+            }
+        }
     }
 }
 
@@ -266,6 +242,7 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     use super::*;
+    use crate::sys::{EventFd, EFD_NONBLOCK};
     use crate::test_utils::*;
     use crate::virtio::mmio::{MmioTransport, CONFIG_SPACE_OFFSET, QUEUE_NOTIFY_OFFSET};
     use crate::virtio::net::backend::{PortForward, Stream};

@@ -1,28 +1,23 @@
-//! The virtio-rng device and its worker thread.
+//! The virtio-rng device.
 //!
 //! `activate` moves the queue, its notification `EventFd` and the interrupt into
-//! a worker thread that epolls the queue `EventFd` and a kill `EventFd`. On each
-//! wake it drains the available ring: every chain's device-writable buffers get
-//! random bytes (at most [`MAX_BYTES_PER_REQUEST`] per chain) and the chain goes on
-//! the used ring with the count written. `reset` writes the kill `EventFd` and
+//! a worker thread (the devices' event loop over the queue `EventFd` and a stop
+//! event), which serves the queue on each wake (see `worker`). `reset` stops and
 //! joins the thread, so the device can be activated again.
 
-use std::sync::Arc;
-
-use log::{debug, error, warn};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{Bytes, GuestMemory, GuestMemoryMmap};
+use virtio_queue::QueueT;
 
-use super::{Error, Result, MAX_BYTES_PER_REQUEST, QUEUE_SIZE, VIRTIO_ID_RNG};
-use crate::virtio::queue_thread::{self, QueueThread};
-use crate::virtio::{self, ActivateArgs, VirtioDevice, VirtioInterrupt, VIRTIO_MMIO_INT_VRING};
+use super::worker::RequestHandler;
+use super::{Error, Result, QUEUE_SIZE, VIRTIO_ID_RNG};
+use crate::virtio::queue_thread::{self, spawn_queue_worker};
+use crate::virtio::{self, ActivateArgs, VirtioCommon, VirtioDevice, Workers};
 
 /// The virtio-rng device.
 pub struct Rng {
-    acked_features: u64,
-    worker: Option<QueueThread>,
+    common: VirtioCommon,
+    worker: Option<Workers<()>>,
 }
 
 impl Default for Rng {
@@ -35,14 +30,21 @@ impl Rng {
     /// A new, inactive entropy device.
     pub fn new() -> Self {
         Self {
-            acked_features: 0,
+            common: VirtioCommon::new(
+                "virtio-rng",
+                VIRTIO_ID_RNG,
+                vec![QUEUE_SIZE],
+                (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX),
+                // virtio-rng has no configuration space.
+                Vec::new(),
+            ),
             worker: None,
         }
     }
 
     /// The features the driver accepted.
     pub fn acked_features(&self) -> u64 {
-        self.acked_features
+        self.common.acked_features()
     }
 
     fn start(&mut self, args: ActivateArgs) -> Result<()> {
@@ -64,25 +66,16 @@ impl Rng {
         if !queue.ready() {
             return Err(Error::NoQueue);
         }
-        let mut handler = RequestHandler {
-            mem,
-            queue,
-            interrupt,
-            buf: vec![0; MAX_BYTES_PER_REQUEST],
-        };
-        let worker = QueueThread::spawn(&spawner, "aivmm-rng", queue_evt, move || handler.process_queue())
-            .map_err(|e| match e {
-                queue_thread::Error::Event(e) => Error::Event(e),
-                queue_thread::Error::Spawn(e) => Error::Spawn(e),
-            })?;
+        let mut handler = RequestHandler::new(mem, queue, interrupt);
+        let worker = spawn_queue_worker(&spawner, "virtio-rng", "aivmm-rng", queue_evt, move || {
+            handler.process_queue()
+        })
+        .map_err(|e| match e {
+            queue_thread::Error::Event(e) => Error::Event(e),
+            queue_thread::Error::Spawn(e) => Error::Spawn(e),
+        })?;
         self.worker = Some(worker);
         Ok(())
-    }
-
-    fn stop(&mut self) {
-        if let Some(w) = self.worker.take() {
-            w.stop();
-        }
     }
 }
 
@@ -93,176 +86,23 @@ impl Drop for Rng {
 }
 
 impl VirtioDevice for Rng {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_RNG
+    fn common(&self) -> &VirtioCommon {
+        &self.common
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE]
-    }
-
-    fn features(&self) -> u64 {
-        (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX)
-    }
-
-    fn ack_features(&mut self, features: u64) {
-        self.acked_features = features & self.features();
-    }
-
-    fn read_config(&self, _offset: u64, data: &mut [u8]) {
-        // virtio-rng has no configuration space.
-        data.fill(0);
-    }
-
-    fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        debug!("virtio-rng: config write at {offset:#x} ignored");
+    fn common_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.common
     }
 
     fn activate(&mut self, args: ActivateArgs) -> virtio::Result<()> {
         self.start(args)
-            .map_err(|e| virtio::Error::Activate(e.to_string()))
+            .map_err(|e| virtio::Error::activation(self.common.name(), e))
     }
 
-    fn reset(&mut self) -> bool {
-        self.stop();
-        self.acked_features = 0;
-        true
-    }
-}
-
-/// The queue and what serving it needs.
-struct RequestHandler {
-    mem: GuestMemoryMmap,
-    queue: Queue,
-    interrupt: Arc<dyn VirtioInterrupt>,
-    /// Host-side staging buffer for random bytes.
-    buf: Vec<u8>,
-}
-
-impl RequestHandler {
-    /// Serves every available chain, then raises the interrupt if the driver wants it.
-    fn process_queue(&mut self) {
-        let mut used_any = false;
-        loop {
-            if let Err(e) = self.queue.disable_notification(&self.mem) {
-                warn!("virtio-rng: disabling notifications failed: {e}");
-            }
-            let mut progressed = false;
-            while let Some(chain) = self.queue.pop_descriptor_chain(&self.mem) {
-                progressed = true;
-                let head = chain.head_index();
-                let len = fill_chain(chain, &mut self.buf, &self.mem);
-                match self.queue.add_used(&self.mem, head, len) {
-                    Ok(()) => used_any = true,
-                    Err(e) => debug!("virtio-rng: returning chain {head} failed: {e}"),
-                }
-            }
-            // Stop when the driver added nothing since, and also when nothing could be
-            // popped: a bogus avail index would otherwise keep us spinning.
-            match self.queue.enable_notification(&self.mem) {
-                Ok(true) if progressed => continue,
-                Ok(_) => break,
-                Err(e) => {
-                    warn!("virtio-rng: enabling notifications failed: {e}");
-                    break;
-                }
-            }
+    fn stop(&mut self) {
+        if let Some(w) = self.worker.take() {
+            w.stop();
         }
-        if !used_any {
-            return;
-        }
-        let notify = self
-            .queue
-            .needs_notification(&self.mem)
-            .unwrap_or_else(|e| {
-                warn!("virtio-rng: reading the used event failed: {e}");
-                true
-            });
-        if notify {
-            if let Err(e) = self.interrupt.signal(VIRTIO_MMIO_INT_VRING) {
-                error!("virtio-rng: raising the interrupt failed: {e}");
-            }
-        }
-    }
-}
-
-/// Fills the writable buffers of `chain` with random bytes and returns how many
-/// were written. Read-only buffers are skipped; the first buffer that is outside
-/// guest memory ends the request.
-fn fill_chain(
-    chain: DescriptorChain<&GuestMemoryMmap>,
-    buf: &mut [u8],
-    mem: &GuestMemoryMmap,
-) -> u32 {
-    let mut written = 0usize;
-    for desc in chain {
-        if !desc.is_write_only() {
-            debug!("virtio-rng: read-only buffer skipped");
-            continue;
-        }
-        let want = (desc.len() as usize).min(MAX_BYTES_PER_REQUEST - written);
-        if want == 0 {
-            break;
-        }
-        let Some(bytes) = buf.get_mut(..want) else {
-            break;
-        };
-        // Check first: a hostile chain must not cost a getrandom call per bad buffer.
-        if !mem.check_range(desc.addr(), want) {
-            debug!(
-                "virtio-rng: buffer at {:#x} is outside guest memory",
-                desc.addr().0
-            );
-            break;
-        }
-        if let Err(e) = getrandom(bytes) {
-            error!("virtio-rng: {e}");
-            break;
-        }
-        if let Err(e) = mem.write_slice(bytes, desc.addr()) {
-            debug!(
-                "virtio-rng: buffer at {:#x} not writable: {e}",
-                desc.addr().0
-            );
-            break;
-        }
-        written += want;
-    }
-    // MAX_BYTES_PER_REQUEST fits in a u32.
-    u32::try_from(written).unwrap_or(u32::MAX)
-}
-
-/// Fills `buf` from the kernel's CSPRNG.
-pub(super) fn getrandom(buf: &mut [u8]) -> Result<()> {
-    crate::sys::random::fill(buf).map_err(Error::GetRandom)
-}
-
-/// The worker's request path without its thread, so benches and tests can drive
-/// the queue synchronously: [`SyncHandler::process_queue`] is what one worker wake
-/// does.
-#[cfg(any(test, feature = "test-utils"))]
-pub struct SyncHandler(RequestHandler);
-
-#[cfg(any(test, feature = "test-utils"))]
-impl SyncHandler {
-    /// The handler a worker would run on `queue`.
-    pub fn new(mem: GuestMemoryMmap, queue: Queue, interrupt: Arc<dyn VirtioInterrupt>) -> Self {
-        Self(RequestHandler {
-            mem,
-            queue,
-            interrupt,
-            buf: vec![0; MAX_BYTES_PER_REQUEST],
-        })
-    }
-
-    /// Serves every available chain, then raises the interrupt if the driver wants it.
-    pub fn process_queue(&mut self) {
-        self.0.process_queue();
-    }
-
-    /// The queue, to see where the device will look next.
-    pub fn queue(&self) -> &Queue {
-        &self.0.queue
     }
 }
 
@@ -270,11 +110,16 @@ impl SyncHandler {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
+    use std::sync::Arc;
     use std::time::Duration;
 
-    use vm_memory::GuestAddress;
+    use virtio_queue::Queue;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     use super::*;
+    use crate::virtio::rng::worker::getrandom;
+    use crate::virtio::rng::MAX_BYTES_PER_REQUEST;
+    use crate::virtio::VIRTIO_MMIO_INT_VRING;
     use crate::sys::{EventFd, EFD_NONBLOCK};
     use crate::test_utils::*;
     use crate::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};

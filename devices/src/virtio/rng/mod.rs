@@ -2,13 +2,17 @@
 //!
 //! The device has one queue. The driver posts device-writable buffers; a worker
 //! thread started on activation fills them from the host's `getrandom(2)` and
-//! returns them on the used ring. [`device`] holds the device and its worker.
+//! returns them on the used ring. [`device`] holds the device, `worker` what its
+//! worker thread does.
 
 pub mod device;
 #[cfg(test)]
 pub(crate) mod proptests;
+mod worker;
 
 pub use device::Rng;
+#[cfg(any(test, feature = "test-utils"))]
+pub use worker::SyncHandler;
 
 /// The virtio device type of an entropy source.
 pub const VIRTIO_ID_RNG: u32 = 4;

@@ -11,7 +11,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use virtio_queue::QueueT;
 
-use super::device::SyncHandler;
+use super::SyncHandler;
 use crate::test_utils::*;
 
 /// Cases per run (debug build, CI).

@@ -28,11 +28,14 @@ mod proptests;
 #[cfg(test)]
 mod tests;
 mod unix;
+mod worker;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 pub use device::{Vsock, VsockConfig};
+#[cfg(any(test, feature = "test-utils"))]
+pub use worker::SyncWorker;
 
 /// The virtio device type of a socket device.
 pub const VIRTIO_ID_VSOCK: u32 = 19;
