@@ -18,7 +18,7 @@ use aivmm_devices::legacy::{
     acpi_pm::AcpiPm, boot_timer::BootTimer, ged::Ged, i8042::I8042, serial::Serial, ExitHandler,
 };
 use aivmm_devices::virtio::mmio::MmioTransport;
-use aivmm_devices::virtio::queue_thread::Spawner;
+use aivmm_devices::virtio::Spawner;
 use aivmm_devices::{EventFdInterrupt, ExitReason, Interrupt};
 use vm_memory::{GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};

@@ -22,7 +22,7 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-use super::queue_thread::Spawner;
+use super::Spawner;
 use super::{ActivateArgs, VirtioDevice, VirtioInterrupt, VIRTIO_MMIO_INT_CONFIG};
 use crate::bus::BusDevice;
 use crate::sys::{EventFd, EFD_NONBLOCK};

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use vm_memory::GuestMemoryMmap;
 
-pub use common::{VirtioCommon, Workers};
+pub use common::{Spawner, VirtioCommon, WorkerHandle, Workers};
 
 use crate::sys::EventFd;
 
@@ -74,7 +74,7 @@ pub struct ActivateArgs {
     /// Raises the device's interrupt, with its status bits set.
     pub interrupt: Arc<dyn VirtioInterrupt>,
     /// Where the device starts its worker threads.
-    pub spawner: queue_thread::Spawner,
+    pub spawner: Spawner,
 }
 
 /// The interrupt as a virtio device sees it: it sets INTERRUPT_STATUS bits, then

@@ -793,7 +793,7 @@ fn install_restrict_handler() -> Result<()> {
 
 /// A spawn request: the job and where the new thread's handle goes.
 type SpawnRequest = (
-    aivmm_devices::virtio::queue_thread::WorkerJob,
+    aivmm_devices::virtio::common::WorkerJob,
     mpsc::Sender<io::Result<std::thread::JoinHandle<()>>>,
 );
 
@@ -802,7 +802,7 @@ type SpawnRequest = (
 /// [`crate::landlock`]), then adds the device filter (if `filters` is given), so
 /// its workers inherit both. Returns once both are in place.
 pub fn start_worker_spawner(
-    spawner: &aivmm_devices::virtio::queue_thread::Spawner,
+    spawner: &aivmm_devices::virtio::Spawner,
     filters: Option<Arc<Filters>>,
     landlock: Option<crate::landlock::Rules>,
 ) -> Result<()> {
@@ -997,7 +997,7 @@ mod tests {
         };
         let filters = Arc::new(Filters::build().unwrap());
         filters.install_process().unwrap();
-        let spawner = aivmm_devices::virtio::queue_thread::Spawner::default();
+        let spawner = aivmm_devices::virtio::Spawner::default();
         start_worker_spawner(&spawner, Some(filters.clone()), None).unwrap();
         let f = filters.clone();
         let t = std::thread::spawn(move || {
@@ -1214,7 +1214,7 @@ mod tests {
                 (dir.join("sock"), Grant::Connect),
             ],
         };
-        let spawner = aivmm_devices::virtio::queue_thread::Spawner::default();
+        let spawner = aivmm_devices::virtio::Spawner::default();
         start_worker_spawner(&spawner, Some(filters), Some(rules)).unwrap();
         let d = dir.clone();
         let h = spawner.spawn("w", move || {

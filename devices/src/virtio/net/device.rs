@@ -6,6 +6,7 @@
 //! open across a guest reboot of the driver.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use log::{debug, error, warn};
@@ -16,7 +17,7 @@ use virtio_bindings::virtio_net::{
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::QueueT;
 
-use super::backend::{self, Backend, BackendConfig};
+use super::backend::{self, Backend, PortForward};
 use super::worker::NetWorker;
 use super::{format_mac, Error, Result, CONFIG_LEN, NUM_QUEUES, QUEUE_SIZE, VIRTIO_ID_NET};
 use crate::virtio::common::read_config_bytes;
@@ -29,6 +30,51 @@ pub struct NetConfig {
     pub backend: BackendConfig,
     /// The guest's MAC; a random locally administered one if `None`.
     pub mac: Option<[u8; 6]>,
+}
+
+/// Which backend a network device uses: plain data, parsed once from the CLI.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BackendConfig {
+    /// aivmm's own user-mode network, in a thread of this process.
+    User {
+        /// Forwards, egress policy and limits.
+        config: super::usernet::UserNetConfig,
+        /// Whether the gateway thread waits for `usernet::release_gated`.
+        gated: bool,
+    },
+    /// User-mode networking through a passt child process (rootless, NAT).
+    Passt {
+        /// Host ports forwarded into the guest.
+        forwards: Vec<PortForward>,
+    },
+    /// A TAP interface (created if missing, which needs CAP_NET_ADMIN).
+    Tap {
+        /// The interface name; `%d` lets the kernel pick a number.
+        name: String,
+    },
+    /// A unix datagram socket, one datagram per frame (gvproxy, vmnet-helper).
+    UnixDgram {
+        /// The peer's socket path.
+        path: PathBuf,
+    },
+}
+
+/// Opens the backend `config` describes.
+fn open_backend(config: &BackendConfig) -> Result<Box<dyn Backend>> {
+    Ok(match config {
+        BackendConfig::User { config, gated } => {
+            Box::new(super::usernet::start(config, *gated).map_err(Error::UserNet)?)
+        }
+        #[cfg(target_os = "linux")]
+        BackendConfig::Passt { forwards } => Box::new(backend::Passt::spawn(forwards)?),
+        #[cfg(target_os = "linux")]
+        BackendConfig::Tap { name } => Box::new(backend::Tap::open(name)?),
+        #[cfg(not(target_os = "linux"))]
+        BackendConfig::Passt { .. } => return Err(Error::Unsupported("passt")),
+        #[cfg(not(target_os = "linux"))]
+        BackendConfig::Tap { .. } => return Err(Error::Unsupported("a TAP device")),
+        BackendConfig::UnixDgram { path } => Box::new(backend::UnixDgram::connect(path)?),
+    })
 }
 
 /// The virtio-net device.
@@ -46,7 +92,7 @@ impl Net {
     /// Opens the configured backend (spawning passt, opening the tap or
     /// connecting the socket) and builds the device.
     pub fn new(config: NetConfig) -> Result<Self> {
-        let backend = backend::open(&config.backend)?;
+        let backend = open_backend(&config.backend)?;
         Self::with_backend(backend, config.mac)
     }
 

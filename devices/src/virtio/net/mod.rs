@@ -32,8 +32,8 @@ mod worker;
 
 use std::path::PathBuf;
 
-pub use backend::{Backend, BackendConfig, PortForward};
-pub use device::{Net, NetConfig};
+pub use backend::{Backend, PortForward};
+pub use device::{BackendConfig, Net, NetConfig};
 #[cfg(any(test, feature = "test-utils"))]
 pub use worker::SyncWorker;
 

@@ -19,7 +19,6 @@ pub mod unix_dgram;
 
 use std::io;
 use std::os::fd::RawFd;
-use std::path::PathBuf;
 
 #[cfg(target_os = "linux")]
 pub use passt::Passt;
@@ -28,7 +27,6 @@ pub use stream::Stream;
 pub use tap::Tap;
 pub use unix_dgram::UnixDgram;
 
-use super::Result;
 
 /// One host-to-guest port forward, bound on 127.0.0.1 only.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,33 +37,6 @@ pub struct PortForward {
     pub guest_port: u16,
     /// UDP rather than TCP.
     pub udp: bool,
-}
-
-/// Which backend a network device uses: plain data, parsed once from the CLI.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum BackendConfig {
-    /// aivmm's own user-mode network, in a thread of this process.
-    User {
-        /// Forwards, egress policy and limits.
-        config: crate::virtio::net::usernet::UserNetConfig,
-        /// Whether the gateway thread waits for `usernet::release_gated`.
-        gated: bool,
-    },
-    /// User-mode networking through a passt child process (rootless, NAT).
-    Passt {
-        /// Host ports forwarded into the guest.
-        forwards: Vec<PortForward>,
-    },
-    /// A TAP interface (created if missing, which needs CAP_NET_ADMIN).
-    Tap {
-        /// The interface name; `%d` lets the kernel pick a number.
-        name: String,
-    },
-    /// A unix datagram socket, one datagram per frame (gvproxy, vmnet-helper).
-    UnixDgram {
-        /// The peer's socket path.
-        path: PathBuf,
-    },
 }
 
 /// A host-side frame transport.
@@ -116,24 +87,6 @@ pub trait Backend: Send {
     fn process_id(&self) -> Option<u32> {
         None
     }
-}
-
-/// Opens the backend `config` describes.
-pub fn open(config: &BackendConfig) -> Result<Box<dyn Backend>> {
-    Ok(match config {
-        BackendConfig::User { config, gated } => {
-            Box::new(crate::virtio::net::usernet::start(config, *gated).map_err(super::Error::UserNet)?)
-        }
-        #[cfg(target_os = "linux")]
-        BackendConfig::Passt { forwards } => Box::new(Passt::spawn(forwards)?),
-        #[cfg(target_os = "linux")]
-        BackendConfig::Tap { name } => Box::new(Tap::open(name)?),
-        #[cfg(not(target_os = "linux"))]
-        BackendConfig::Passt { .. } => return Err(super::Error::Unsupported("passt")),
-        #[cfg(not(target_os = "linux"))]
-        BackendConfig::Tap { .. } => return Err(super::Error::Unsupported("a TAP device")),
-        BackendConfig::UnixDgram { path } => Box::new(UnixDgram::connect(path)?),
-    })
 }
 
 /// Whether an I/O error means "try again later".
