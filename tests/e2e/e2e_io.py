@@ -20,13 +20,14 @@ SCENARIOS = {
     "fs-escape": "symlinks (absolute, relative) and .. from the share toward an L1 secret outside it: "
     "the secret's marker never reaches the guest; nothing outside the share changes",
     "blk-ro": "--disk IMG:ro: blockdev --getro = 1, writes fail, reads work, image unchanged",
-    "net": "--net user (aivmm's own): DHCP, then 32 MiB each way with an L1 TCP server at L1's public-looking "
-    "address (198.51.100.1), sha256-checked; MiB/s; no passt process exists while it runs (L1's ps)",
+    "net": "--net user (aivmm's own): DHCP, then 32 MiB each way with a TCP server at a public-looking address "
+    "(198.51.100.1, in L1's outside namespace), sha256-checked; MiB/s; no passt process exists while it runs (L1's ps)",
     "host-loopback": "--net user: a service on L1's 127.0.0.1 is refused through the gateway address (a RST "
-    "within 2 s, named in aivmm's log), while L1's public-looking address answers (the control)",
+    "within 2 s, named in aivmm's log), while a public-looking outside address answers (the control)",
     "forward": "--net user --forward 18080:8080: L1 fetches 1 MiB from a guest TCP server, sha256-checked",
-    "net-policy": "--net user, the default egress policy: 203.0.113.1 answers; 10.0.98.1, 169.254.169.254 and "
-    "L1's 127.0.0.1 through the gateway (one listener on all of them) are refused within 2 s, named in aivmm's log",
+    "net-policy": "--net user, the default egress policy: 203.0.113.1 (outside) answers; 10.0.98.1, 169.254.169.254, "
+    "L1's 127.0.0.1 through the gateway and L1's own public-looking 203.0.113.9 (a listener on all of them) are "
+    "refused within 2 s, named in aivmm's log",
     "net-dns": "--net user: a name only L1's own DNS server knows (tinydns, L1's resolv.conf) resolves in the "
     "guest through the gateway; an unknown name is NXDOMAIN",
     "net-many": "--net user: the guest opens 2,000 connections at once; 512 (the limit) connect, the rest are "
@@ -74,7 +75,8 @@ REQUIRED = {
     "host-loopback": ["dhcp", "outside", "gateway-loopback", "gateway-refused-fast"],
     "forward": ["dhcp", "serve-8080"],
     "net-passt": ["dhcp", "serve-8080"],
-    "net-policy": ["dhcp", "public", "private-refused", "metadata-refused", "loopback-refused", "ping-private-refused"],
+    "net-policy": ["dhcp", "public", "private-refused", "metadata-refused", "loopback-refused",
+                   "host-own-address-refused", "ping-private-refused"],
     "net-dns": ["dhcp", "dns-l1-only", "dns-nxdomain"],
     "net-many": ["dhcp", "limit-refuses", "after-flood", "l1-rss-bound"],
     "net-allow": ["dhcp", "dns-hosts", "private-allowed", "private-refused", "loopback-allowed",
@@ -112,7 +114,7 @@ def l1_extras(cpio, moddir, h):
     cpio.copy("bin/tinydns", h.build_static("tinydns"), 0o755)
     for b in ("/usr/bin/socat", "/usr/bin/passt", "/usr/bin/git", "/usr/sbin/debugfs", "/usr/sbin/e2fsck"):
         h.add_binary(cpio, "bin/" + os.path.basename(b), b)
-    h.add_modules(cpio, moddir, h.module_closure(moddir, ["tun"]), "io-order")
+    h.add_modules(cpio, moddir, h.module_closure(moddir, ["tun", "veth"]), "io-order")
     cpio.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n")
     cpio.file("etc/group", b"root:x:0:\nnogroup:x:65534:\n")
 

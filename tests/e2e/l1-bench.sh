@@ -127,8 +127,8 @@ bench_scenario() {
 # The net rows: TCP over a tap, 32 MiB each way (l1-io.sh's servers, l2-io.sh's
 # net-tap guest), aivmm against QEMU microvm; then aivmm's user-mode networks,
 # its own (`--net user`) and passt (`--net passt`), the same 32 MiB each way to
-# L1's public-looking address and 200 connects one after another (l2-io.sh's
-# net-bench guest, tinydns --hold as the server).
+# a public-looking address in l1_net's outside namespace and 200 connects one
+# after another (l2-io.sh's net-bench guest, tinydns --hold as the server).
 bench_net() {
 	io_mods
 	l1_net
@@ -149,14 +149,14 @@ bench_net() {
 			-device virtio-net-device,netdev=n0
 		IOTAG="bench/net/qemu-microvm/$i"
 		tcp_collect
-		tinydns --hold 5010 &
+		$OUT tinydns --hold 5010 &
 		hp=$!
 		IOTAG="bench/net/aivmm-user/$i"
-		tcp_servers
+		tcp_servers "$OUT"
 		run_io "$IOTAG" 150 net-bench --net user
 		tcp_collect
 		IOTAG="bench/net/aivmm-passt/$i"
-		tcp_servers
+		tcp_servers "$OUT"
 		IO_CHROOT="unshare -m /bin/sh /tmp/io-nsroot.sh" run_io "$IOTAG" 150 net-bench --net passt
 		tcp_collect
 		kill $hp 2>/dev/null

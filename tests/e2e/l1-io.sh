@@ -60,45 +60,66 @@ io_mods() {
 }
 
 # passt copies L1's default-route interface: give L1 one (an idle tap) and a gateway.
+# The addresses a guest reaches as outside hosts live in "the outside", a network
+# namespace behind a veth pair, with their servers ($OUT CMD runs CMD there): were
+# they L1's own, aivmm's egress policy would close them (it closes the host's own
+# addresses, whatever their range).
 l1_net() {
 	io_mods
-	[ -e /tmp/.l1-net ] && return
-	# (busybox ip cannot add a dummy link; a tap with no reader does, link down is fine)
-	tunctl -t d0 >/dev/null
-	ip addr add 10.0.2.15/24 dev d0
-	ip link set d0 up
-	ip route add default via 10.0.2.2 dev d0
-	# L1's own address that a guest behind passt reaches as an outside host: passt runs
-	# with --no-map-gw, so the gateway address no longer leads to L1's loopback.
-	ip addr add 10.0.96.1/32 dev d0
-	# Addresses a guest reaches as outside hosts: two public-looking ones (TEST-NET-2,
-	# open under aivmm's default egress policy) and a private one (closed by default),
-	# with names for the guest's DNS (aivmm answers from L1's resolver: /etc/hosts).
-	ip addr add 198.51.100.1/32 dev d0
-	ip addr add 198.51.100.2/32 dev d0
-	ip addr add 192.168.77.1/32 dev d0
-	# The issue's stand-ins: a public address, a private one and the metadata address.
-	ip addr add 203.0.113.1/32 dev d0
-	ip addr add 10.0.98.1/32 dev d0
-	ip addr add 169.254.169.254/32 dev d0
-	printf '%s\n' '127.0.0.1 localhost' '198.51.100.1 e2e-allowed.test' '198.51.100.2 e2e-other.test' >/etc/hosts
-	# passt makes a user namespace (refused to a chrooted process) and pivot_root()s
-	# (refused when the root is the initramfs: rootfs has no parent mount). So aivmm
-	# (and so passt) runs in its own mount namespace whose root is a recursive bind
-	# mount of / moved onto / (what switch_root does): same files, same /tmp.
-	mkdir -p /tmp/nr
-	mount -o rbind / /tmp/nr
-	printf '%s\n' 'cd /tmp/nr && mount --move /tmp/nr / && exec chroot . "$@"' >/tmp/io-nsroot.sh
-	: >/tmp/.l1-net
+	if [ ! -e /tmp/.l1-net ]; then
+		# (busybox ip cannot add a dummy link; a tap with no reader does, link down is fine)
+		tunctl -t d0 >/dev/null
+		ip addr add 10.0.2.15/24 dev d0
+		ip link set d0 up
+		ip route add default via 10.0.2.2 dev d0
+		# L1's own address that a guest behind passt reaches as an outside host: passt runs
+		# with --no-map-gw, so the gateway address no longer leads to L1's loopback.
+		ip addr add 10.0.96.1/32 dev d0
+		# L1's own public-looking address: a guest of aivmm's network must not reach
+		# L1's services through it.
+		ip addr add 203.0.113.9/32 dev d0
+		unshare -n sleep 1000000 &
+		echo $! >/tmp/outside.pid
+		sleep 0.2
+		# busybox ip names the peer itself (vethN): read it back.
+		ip link add vo0 type veth peer name vo1
+		peer=$(ip -o link show vo0 | sed -n 's/^[0-9]*: vo0@\([^:]*\):.*/\1/p')
+		ip link set "$peer" netns "$(cat /tmp/outside.pid)"
+		ip addr add 10.0.95.1/24 dev vo0
+		ip link set vo0 up
+		OUT="nsenter -t $(cat /tmp/outside.pid) -n"
+		$OUT ip link set lo up
+		$OUT ip addr add 10.0.95.2/24 dev "$peer"
+		$OUT ip link set "$peer" up
+		$OUT ip route add default via 10.0.95.1
+		# Two public-looking addresses (TEST-NET-2, open under aivmm's default egress
+		# policy) and a private one (closed by default), with names for the guest's DNS
+		# (aivmm answers from L1's resolver: /etc/hosts); the issue's stand-ins: a public
+		# address, a private one and the metadata address.
+		for a in 198.51.100.1 198.51.100.2 192.168.77.1 203.0.113.1 10.0.98.1 169.254.169.254; do
+			$OUT ip addr add $a/32 dev "$peer"
+			ip route add $a/32 via 10.0.95.2
+		done
+		printf '%s\n' '127.0.0.1 localhost' '198.51.100.1 e2e-allowed.test' '198.51.100.2 e2e-other.test' >/etc/hosts
+		# passt makes a user namespace (refused to a chrooted process) and pivot_root()s
+		# (refused when the root is the initramfs: rootfs has no parent mount). So aivmm
+		# (and so passt) runs in its own mount namespace whose root is a recursive bind
+		# mount of / moved onto / (what switch_root does): same files, same /tmp.
+		mkdir -p /tmp/nr
+		mount -o rbind / /tmp/nr
+		printf '%s\n' 'cd /tmp/nr && mount --move /tmp/nr / && exec chroot . "$@"' >/tmp/io-nsroot.sh
+		: >/tmp/.l1-net
+	fi
+	OUT="nsenter -t $(cat /tmp/outside.pid) -n"
 }
 
-tcp_servers() { # 5001: guest->L1 sink; 5002: L1->guest 32 MiB source
+tcp_servers() { # [PREFIX] 5001: guest->L1 sink; 5002: L1->guest 32 MiB source (PREFIX: $OUT)
 	head -c 33554432 /dev/urandom >/tmp/net-down
 	h "E2E-RESULT h_down_sha=$(sha /tmp/net-down)"
 	rm -f /tmp/net-up
-	socat -u TCP-LISTEN:5001,reuseaddr OPEN:/tmp/net-up,creat,trunc &
+	$1 socat -u TCP-LISTEN:5001,reuseaddr OPEN:/tmp/net-up,creat,trunc &
 	SP1=$!
-	socat -u OPEN:/tmp/net-down TCP-LISTEN:5002,reuseaddr &
+	$1 socat -u OPEN:/tmp/net-down TCP-LISTEN:5002,reuseaddr &
 	SP2=$!
 }
 tcp_collect() {
@@ -188,7 +209,7 @@ io_scenario() {
 		;;
 	net)
 		l1_net
-		tcp_servers
+		tcp_servers "$OUT"
 		# While aivmm runs: is there a passt process? (There must not be: the
 		# network is a thread of aivmm.) Seen counts prove the sampler saw aivmm.
 		rm -f /tmp/net-ps && (
@@ -212,12 +233,15 @@ io_scenario() {
 		h "E2E-RESULT ps_samples_with_aivmm=$seen_aivmm with_passt=$seen_passt"
 		;;
 	net-policy)
-		# The default policy: one listener on every address, so a refusal is the policy's.
+		# The default policy: one listener on every address of the outside and of L1,
+		# so a refusal is the policy's.
 		l1_net
-		socat TCP-LISTEN:5003,reuseaddr,fork SYSTEM:"echo L1-OUTSIDE-OK" &
+		$OUT socat TCP-LISTEN:5003,reuseaddr,fork SYSTEM:"echo L1-OUTSIDE-OK" &
 		P1=$!
+		socat TCP-LISTEN:5003,reuseaddr,fork SYSTEM:"echo L1-OWN-ADDRESS" &
+		P2=$!
 		run_io net-policy 120 net-policy --net user
-		kill $P1 2>/dev/null
+		kill $P1 $P2 2>/dev/null
 		;;
 	net-dns)
 		# A name only L1's own DNS server knows: aivmm must answer from L1's resolver.
@@ -231,9 +255,9 @@ io_scenario() {
 		;;
 	net-many)
 		l1_net
-		tinydns --hold 5010 &
+		$OUT tinydns --hold 5010 &
 		P1=$!
-		socat TCP-LISTEN:5003,reuseaddr,fork SYSTEM:"echo L1-OUTSIDE-OK" &
+		$OUT socat TCP-LISTEN:5003,reuseaddr,fork SYSTEM:"echo L1-OUTSIDE-OK" &
 		P2=$!
 		# aivmm's own memory (every mapping but the 512 MiB of guest RAM), sampled
 		# while the guest holds 2,000 connections: the peak, in KiB.
@@ -260,13 +284,13 @@ io_scenario() {
 		;;
 	net-allow)
 		l1_net
-		socat TCP-LISTEN:5005,reuseaddr,fork SYSTEM:"echo E2E-PRIVATE-OK" &
+		$OUT socat TCP-LISTEN:5005,reuseaddr,fork SYSTEM:"echo E2E-PRIVATE-OK" &
 		P1=$!
 		socat TCP-LISTEN:5004,bind=127.0.0.1,reuseaddr,fork SYSTEM:"echo L1-LOOPBACK-ALLOWED" &
 		P2=$!
 		socat TCP-LISTEN:5007,bind=127.0.0.1,reuseaddr,fork SYSTEM:"echo L1-LOOPBACK-SECRET" &
 		P3=$!
-		socat TCP-LISTEN:5003,reuseaddr,fork SYSTEM:"echo L1-OUTSIDE-OK" &
+		$OUT socat TCP-LISTEN:5003,reuseaddr,fork SYSTEM:"echo L1-OUTSIDE-OK" &
 		P4=$!
 		# Pings leave through aivmm's unprivileged ICMP socket, which Linux allows only
 		# to the groups in this range (systemd opens it to all; the initramfs has not).
@@ -276,9 +300,9 @@ io_scenario() {
 		;;
 	net-allow-only)
 		l1_net
-		socat TCP-LISTEN:5003,reuseaddr,fork SYSTEM:"echo L1-OUTSIDE-OK" &
+		$OUT socat TCP-LISTEN:5003,reuseaddr,fork SYSTEM:"echo L1-OUTSIDE-OK" &
 		P1=$!
-		socat TCP-LISTEN:5006,reuseaddr,fork SYSTEM:"echo L1-OTHER-PORT" &
+		$OUT socat TCP-LISTEN:5006,reuseaddr,fork SYSTEM:"echo L1-OTHER-PORT" &
 		P2=$!
 		run_io net-allow-only 120 net-allow-only --net user --net-allow-only e2e-allowed.test:5003
 		kill $P1 $P2 2>/dev/null
@@ -290,7 +314,7 @@ io_scenario() {
 		l1_net
 		socat TCP-LISTEN:5004,bind=127.0.0.1,reuseaddr,fork SYSTEM:"echo L1-LOOPBACK-SECRET" &
 		LP1=$!
-		socat TCP-LISTEN:5003,reuseaddr,fork SYSTEM:"echo L1-OUTSIDE-OK" &
+		$OUT socat TCP-LISTEN:5003,reuseaddr,fork SYSTEM:"echo L1-OUTSIDE-OK" &
 		LP2=$!
 		IO_CHROOT="unshare -m /bin/sh /tmp/io-nsroot.sh" run_io host-loopback 150 host-loopback --net user
 		kill $LP1 $LP2 2>/dev/null

@@ -223,7 +223,7 @@ io_main() {
 	net)
 		load_mods net
 		dhcp
-		tcp_xfer 198.51.100.1 net_ # L1's public-looking address (l1_net); the gateway is not L1
+		tcp_xfer 198.51.100.1 net_ # a public-looking address in L1's outside namespace (l1_net); the gateway is not L1
 		;;
 	host-loopback)
 		load_mods net
@@ -246,6 +246,8 @@ io_main() {
 		refused private-refused 10.0.98.1:5003
 		refused metadata-refused 169.254.169.254:5003
 		refused loopback-refused $GW:5003
+		# L1's own public-looking address: L1 itself, not the internet.
+		refused host-own-address-refused 203.0.113.9:5003
 		ck ping-private-refused sh -c '! ping -c 1 -W 3 10.0.98.1'
 		;;
 	net-dns)

@@ -20,8 +20,8 @@
 //! queries get an empty answer), so nothing waits for a v6 route that is not there.
 //!
 //! Every destination passes the [`policy::EgressPolicy`] first, on the host
-//! side: by default the public internet is open and the host's loopback,
-//! link-local and private ranges are not. A refused TCP connection gets a RST,
+//! side: by default the public internet is open and the host's loopback, its
+//! own addresses (re-read every 2 s), link-local and private ranges are not. A refused TCP connection gets a RST,
 //! a refused UDP datagram an ICMP "administratively prohibited", at once, and
 //! aivmm's log names it. The gateway address is the host's loopback, reachable
 //! only where `--net-allow 127.0.0.1:PORT` opens it.
@@ -121,6 +121,33 @@ struct Gate {
 /// What a gated thread runs on itself before it starts (aivmm: install its
 /// seccomp filter).
 pub type Prepare = Arc<dyn Fn() -> io::Result<()> + Send + Sync>;
+
+/// The host's own IPv4 addresses, on every interface (`getifaddrs`).
+pub fn host_addresses() -> io::Result<Vec<Ipv4Addr>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs stores the head of a list that freeifaddrs frees below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs made, alive until freeifaddrs.
+        let ifa = unsafe { &*cur };
+        // SAFETY: a non-null ifa_addr points at a sockaddr of at least its family's
+        // size; AF_INET ones are sockaddr_in.
+        unsafe {
+            if !ifa.ifa_addr.is_null() && i32::from((*ifa.ifa_addr).sa_family) == libc::AF_INET {
+                let sin = &*ifa.ifa_addr.cast::<libc::sockaddr_in>();
+                out.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: `head` came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
+}
 
 /// Gated threads not yet released.
 static GATED: Mutex<Vec<Gate>> = Mutex::new(Vec::new());

@@ -5,7 +5,8 @@
 //! starts is checked here, on the host side, before aivmm opens a host socket
 //! for it. The network is IPv4 only.
 //!
-//! - **Default**: the public internet is open; the host's loopback, "this
+//! - **Default**: the public internet is open; the host's loopback, the
+//!   host's own addresses on any interface (a public one included), "this
 //!   network", link-local (with the cloud metadata address), the private
 //!   ranges, shared address space (carrier-grade NAT, Tailscale), the IETF
 //!   protocol assignments, benchmarking, multicast and reserved ranges are
@@ -639,6 +640,9 @@ pub struct EgressPolicy {
     allow_names: Vec<String>,
     /// `--net-allow-only`, if given.
     only: Option<AllowOnly>,
+    /// The host's own addresses (on any interface): the host itself, closed
+    /// whatever range they are in (see [`EgressPolicy::set_host_addresses`]).
+    host: Vec<Ipv4Addr>,
 }
 
 impl EgressPolicy {
@@ -727,6 +731,7 @@ impl EgressPolicy {
             allow,
             allow_names,
             only,
+            host: Vec::new(),
         })
     }
 
@@ -739,6 +744,11 @@ impl EgressPolicy {
             .any(|o| o.port.is_none_or(|p| p == port) && o.nets.iter().any(|n| n.contains(dst)));
         if opened {
             return Verdict::Allow;
+        }
+        if self.host.contains(&dst) && closed_range(dst).is_none() {
+            return Verdict::Deny(format!(
+                "{dst}:{port} is an address of this host (open it with --net-allow {dst}:{port})"
+            ));
         }
         if let Some(range) = closed_range(dst) {
             return Verdict::Deny(format!(
@@ -767,6 +777,18 @@ impl EgressPolicy {
             }
             None => Verdict::Deny(format!("{dst}:{port} is not in --net-allow-only")),
         }
+    }
+
+    /// Tells the policy the host's own addresses. A service that listens on all
+    /// addresses (0.0.0.0) is reachable through each of them, and a host with
+    /// a public address on an interface would otherwise open every such
+    /// service to the guest as "the public internet". They are closed like
+    /// the host's loopback: only `--net-allow` opens one.
+    pub fn set_host_addresses(&mut self, addrs: &[Ipv4Addr]) {
+        self.host.clear();
+        self.host.extend_from_slice(addrs);
+        self.host.sort();
+        self.host.dedup();
     }
 
     /// Whether aivmm's DNS server may resolve `name` for the guest. Without
@@ -959,6 +981,34 @@ mod tests {
                 assert!(why.contains(&format!("--net-allow {dst}:{port}")), "{why}");
             }
         }
+    }
+
+    #[test]
+    fn the_hosts_own_addresses_are_closed_unless_allowed() {
+        let mut p = policy(&PolicyConfig::default());
+        assert!(allowed(&p, "203.0.113.9", 22));
+        p.set_host_addresses(&[ip("203.0.113.9"), ip("192.168.1.5"), ip("203.0.113.9")]);
+        assert_eq!(
+            deny_reason(&p, "203.0.113.9", 22),
+            "203.0.113.9:22 is an address of this host (open it with --net-allow 203.0.113.9:22)"
+        );
+        // A private one keeps its range's reason.
+        assert!(deny_reason(&p, "192.168.1.5", 80).contains("private 192.168.0.0/16"));
+        assert!(allowed(&p, "203.0.113.10", 22), "its neighbours are the internet");
+        // --net-allow opens exactly what it names.
+        let mut p = policy(&allow(&["203.0.113.9:8080"]));
+        p.set_host_addresses(&[ip("203.0.113.9")]);
+        assert!(allowed(&p, "203.0.113.9", 8080));
+        assert!(!allowed(&p, "203.0.113.9", 22));
+        // Under --net-allow-only a DNS answer naming the host does not open it.
+        let mut p = policy(&only(&[], &["api.example.com"]));
+        p.set_host_addresses(&[ip("203.0.113.9")]);
+        p.learn("api.example.com", &[ip("203.0.113.9"), ip("203.0.113.20")]);
+        assert!(!allowed(&p, "203.0.113.9", 443));
+        assert!(allowed(&p, "203.0.113.20", 443));
+        // The list follows the host: an address it no longer has is the internet again.
+        p.set_host_addresses(&[]);
+        assert!(allowed(&p, "203.0.113.9", 443));
     }
 
     #[test]

@@ -62,6 +62,8 @@ const KIND_UDP_FORWARD: u64 = 4;
 const GUEST_BUDGET: usize = 256;
 /// Host reads per socket per wake-up.
 const HOST_BUDGET: usize = 16;
+/// How old the policy's list of the host's own addresses may get.
+const HOST_ADDRS_MAX_AGE: Duration = Duration::from_secs(2);
 /// A host connect that takes longer is given up (the guest gets a RST).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 /// UDP flows idle this long are closed.
@@ -220,6 +222,8 @@ pub struct Stack {
     phy: Phy,
     limits: Limits,
     policy: EgressPolicy,
+    /// When the policy last learned the host's own addresses.
+    host_addrs_at: Option<Instant>,
     /// Started by `run`, on the gateway thread (whose seccomp filter its threads inherit).
     resolver: Option<Resolver>,
     dns_pending: HashMap<u64, DnsQuery>,
@@ -330,6 +334,7 @@ impl Stack {
             phy,
             limits: config.limits,
             policy,
+            host_addrs_at: None,
             resolver: None,
             dns_pending: HashMap::new(),
             dhcp,
@@ -479,6 +484,21 @@ impl Stack {
         }
     }
 
+    /// The policy's verdict on `dst:port`, with the host's own addresses re-read
+    /// when the last reading is [`HOST_ADDRS_MAX_AGE`] old (an address added
+    /// since, a VPN's say, is closed within that time).
+    fn check(&mut self, dst: Ipv4Addr, port: u16) -> Verdict {
+        if self.host_addrs_at.is_none_or(|t| t.elapsed() >= HOST_ADDRS_MAX_AGE) {
+            match super::host_addresses() {
+                Ok(addrs) => self.policy.set_host_addresses(&addrs),
+                // The last list stays; the check below still closes every range.
+                Err(e) => warn!("usernet: reading the host's addresses failed: {e}"),
+            }
+            self.host_addrs_at = Some(Instant::now());
+        }
+        self.policy.check(dst, port)
+    }
+
     /// The host address a guest destination means: the gateway is the host's loopback.
     fn host_addr(dst: Ipv4Addr) -> Ipv4Addr {
         if dst == GATEWAY {
@@ -606,7 +626,7 @@ impl Stack {
                 stack.phy.push_tx(reply);
             }
         };
-        if let Verdict::Deny(reason) = self.policy.check(info.dst, 0) {
+        if let Verdict::Deny(reason) = self.check(info.dst, 0) {
             refuse(self, &reason);
             return;
         }
@@ -709,7 +729,7 @@ impl Stack {
             return;
         }
         let host = SocketAddrV4::new(Self::host_addr(info.dst), tuple.1.port());
-        if let Verdict::Deny(reason) = self.policy.check(*host.ip(), host.port()) {
+        if let Verdict::Deny(reason) = self.check(*host.ip(), host.port()) {
             self.refused(&format!("TCP {} -> {}", tuple.0, tuple.1), &reason);
             self.phy.rx.push_back(frame); // no listener: a RST
             return;
@@ -1062,7 +1082,7 @@ impl Stack {
             }
         }
         let host = SocketAddrV4::new(Self::host_addr(info.dst), dport);
-        if let Verdict::Deny(reason) = self.policy.check(*host.ip(), dport) {
+        if let Verdict::Deny(reason) = self.check(*host.ip(), dport) {
             self.refused(&format!("UDP {}:{sport} -> {}:{dport}", info.src, info.dst), &reason);
             if let Some(reply) = frames::prohibited(GATEWAY, gw_mac, frame, info) {
                 self.phy.push_tx(reply);

@@ -527,3 +527,10 @@ fn pings_go_through_the_hosts_icmp_socket_or_are_refused_at_once() {
         eprintln!("(this host allows no unprivileged ICMP socket: the refusal was checked)");
     }
 }
+
+#[test]
+fn the_hosts_addresses_include_its_loopback() {
+    // getifaddrs as the policy reads it: every host has 127.0.0.1 on lo (lo0).
+    let addrs = host_addresses().unwrap();
+    assert!(addrs.contains(&Ipv4Addr::LOCALHOST), "{addrs:?}");
+}
