@@ -6,7 +6,9 @@
 //! [`add_stop`]). [`run`] waits on that set and hands every ready token to
 //! [`EventHandler::handle`], then calls [`EventHandler::after_wake`] once for
 //! the work those events asked for. The stop event wins: in a wake that has it,
-//! no other event is handled and the loop returns at once. The stop `EventFd`
+//! no other event is handled and the loop returns at once. A worker with no stop
+//! event (the user-mode network) ends when it says it is
+//! [finished](EventHandler::finished). The stop `EventFd`
 //! is never read, so one can stop several workers (virtio-fs has one per queue).
 
 use std::io;
@@ -35,6 +37,21 @@ pub trait EventHandler {
     fn timeout(&mut self) -> Option<Duration> {
         None
     }
+
+    /// Whether the worker is done without being told to stop (its peer is gone:
+    /// the user-mode network once its device end closes). Asked after each wake.
+    fn finished(&self) -> bool {
+        false
+    }
+}
+
+/// What one turn of the loop saw.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Turn {
+    /// Events (or none, on a timeout) were handled.
+    Handled,
+    /// The stop event fired; nothing was handled.
+    Stop,
 }
 
 /// Adds `stop` to `epoll` under [`STOP`].
@@ -46,32 +63,49 @@ pub fn add_stop(epoll: &Epoll, stop: &EventFd) -> io::Result<()> {
     )
 }
 
-/// Runs `handler` until its stop event fires (`Ok`) or waiting fails (`Err`).
-/// `capacity` bounds the events taken per wake.
+/// Runs `handler` until its stop event fires or it is [finished](EventHandler::finished)
+/// (`Ok`), or waiting fails (`Err`). `capacity` bounds the events taken per wake.
 pub fn run(handler: &mut dyn EventHandler, capacity: usize) -> io::Result<()> {
     let mut events = vec![EpollEvent::default(); capacity.max(1)];
     handler.after_wake();
-    loop {
-        let timeout = match handler.timeout() {
-            None => -1,
-            // Rounded up, so a wake never comes before the time asked for.
-            Some(d) if d.is_zero() => 0,
-            Some(d) => i32::try_from(d.as_millis() + 1).unwrap_or(i32::MAX),
-        };
-        let n = match handler.epoll().wait(timeout, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        let ready = &events[..n];
-        if ready.iter().any(|ev| ev.data() == STOP) {
-            return Ok(());
+    while !handler.finished() {
+        let timeout = handler.timeout();
+        if turn(handler, &mut events, timeout)? == Turn::Stop {
+            break;
         }
-        for ev in ready {
-            handler.handle(ev.data(), ev.event_set());
-        }
-        handler.after_wake();
     }
+    Ok(())
+}
+
+/// One turn: waits up to `timeout` (`None`: for as long as it takes) for the
+/// handler's events, hands them to it and calls [`EventHandler::after_wake`],
+/// unless the stop event is among them. A wait cut short by a signal is a turn
+/// with nothing ready.
+pub fn turn(
+    handler: &mut dyn EventHandler,
+    events: &mut [EpollEvent],
+    timeout: Option<Duration>,
+) -> io::Result<Turn> {
+    let timeout = match timeout {
+        None => -1,
+        // Rounded up, so a wake never comes before the time asked for.
+        Some(d) if d.is_zero() => 0,
+        Some(d) => i32::try_from(d.as_millis() + 1).unwrap_or(i32::MAX),
+    };
+    let n = match handler.epoll().wait(timeout, events) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+        Err(e) => return Err(e),
+    };
+    let ready = &events[..n];
+    if ready.iter().any(|ev| ev.data() == STOP) {
+        return Ok(Turn::Stop);
+    }
+    for ev in ready {
+        handler.handle(ev.data(), ev.event_set());
+    }
+    handler.after_wake();
+    Ok(Turn::Handled)
 }
 
 #[cfg(test)]
@@ -168,5 +202,31 @@ mod tests {
         // The start-up round and a wake per event (the short timed wait may have
         // ended with the first one, or on its own: one more).
         assert!(r.wakes >= 4, "{} wakes", r.wakes);
+    }
+
+    /// Finished after its third wake, with no stop event at all.
+    struct Countdown(Epoll, usize);
+
+    impl EventHandler for Countdown {
+        fn epoll(&self) -> &Epoll {
+            &self.0
+        }
+        fn handle(&mut self, _: u64, _: EventSet) {}
+        fn after_wake(&mut self) {
+            self.1 += 1;
+        }
+        fn timeout(&mut self) -> Option<Duration> {
+            Some(Duration::from_millis(1))
+        }
+        fn finished(&self) -> bool {
+            self.1 >= 3
+        }
+    }
+
+    #[test]
+    fn a_finished_handler_ends_the_loop_without_a_stop_event() {
+        let mut c = Countdown(Epoll::new().unwrap(), 0);
+        run(&mut c, 1).unwrap();
+        assert_eq!(c.1, 3, "the start-up round and two timed-out waits");
     }
 }

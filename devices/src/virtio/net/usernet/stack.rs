@@ -44,6 +44,7 @@ use super::policy::{EgressPolicy, Verdict};
 use super::{Limits, UserNetConfig, DNS_TTL, GATEWAY, GATEWAY_MAC, GUEST, MTU, PREFIX_LEN};
 use crate::sys::{ControlOperation, Epoll, EpollEvent, EventSet};
 use crate::virtio::net::backend::{is_would_block, Backend, Stream};
+use crate::virtio::event_loop;
 use crate::virtio::net::{mark_partial_tcp_csum, VNET_HDR_LEN};
 use crate::virtio::net::MAX_FRAME_LEN;
 
@@ -182,6 +183,9 @@ struct TcpConn {
     host: TcpStream,
     phase: Phase,
     host_eof: bool,
+    /// The host socket may have data: set by its readiness, cleared when a read
+    /// finds nothing. An idle connection then costs no system call per wake.
+    host_readable: bool,
     host_write_shut: bool,
     /// Registered interest (empty: not registered).
     interest: EventSet,
@@ -356,15 +360,11 @@ impl Stack {
         })
     }
 
-    /// Runs until the frame socket closes (the device is gone).
+    /// Runs on the devices' event loop until the frame socket closes (the device
+    /// is gone).
     pub fn run(&mut self) -> io::Result<()> {
         self.start_resolver()?;
-        let mut events = vec![EpollEvent::default(); 256];
-        while self.guest_open {
-            let timeout = self.timeout();
-            self.iteration(timeout, &mut events)?;
-        }
-        Ok(())
+        event_loop::run(self, 256)
     }
 
     fn start_resolver(&mut self) -> io::Result<()> {
@@ -378,46 +378,17 @@ impl Stack {
         Ok(())
     }
 
-    /// One wake-up: waits up to `timeout` ms, handles what is ready, takes the
-    /// guest's frames, runs smoltcp and the connections, and writes frames out.
-    fn iteration(&mut self, timeout: i32, events: &mut [EpollEvent]) -> io::Result<()> {
-        let n = match self.epoll.wait(timeout, events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
-            Err(e) => return Err(e),
-        };
-        for ev in &events[..n] {
-            let (kind, id) = (ev.data() >> KIND_SHIFT, ev.data() & ((1 << KIND_SHIFT) - 1));
-            match (kind, ev.data()) {
-                (0, TOKEN_GUEST) => {}
-                (0, TOKEN_RESOLVER) => self.dns_results(),
-                (0, TOKEN_PING) => self.ping_replies(),
-                (KIND_TCP, _) => self.tcp_host_event(id),
-                (KIND_UDP, _) => self.udp_host_event(id),
-                (KIND_LISTEN, _) => self.accept(id as usize),
-                (KIND_UDP_FORWARD, _) => self.udp_forward_event(id as usize),
-                _ => {}
-            }
-        }
-        self.read_guest()?;
-        self.poll_iface();
-        self.pump_all();
-        self.poll_iface();
-        self.expire();
-        self.write_guest()
-    }
-
     /// For property tests and fuzzing: starts the resolver without a thread loop.
     #[cfg(any(test, feature = "test-utils"))]
     pub fn start_for_test(&mut self) -> io::Result<()> {
         self.start_resolver()
     }
 
-    /// For property tests and fuzzing: one [`Self::iteration`] that does not wait.
+    /// For property tests and fuzzing: one turn of the event loop that does not wait.
     #[cfg(any(test, feature = "test-utils"))]
     pub fn step(&mut self) -> io::Result<()> {
         let mut events = vec![EpollEvent::default(); 64];
-        self.iteration(0, &mut events)
+        event_loop::turn(self, &mut events, Some(Duration::ZERO)).map(drop)
     }
 
     /// For tests: how many TCP connections the gateway holds.
@@ -455,7 +426,8 @@ impl Stack {
         Ok(())
     }
 
-    fn timeout(&mut self) -> i32 {
+    /// How long the loop may sleep, in ms.
+    fn wait_ms(&mut self) -> i32 {
         if !self.phy.rx.is_empty() {
             return 0;
         }
@@ -510,7 +482,7 @@ impl Stack {
 
     // ---- guest side ----
 
-    fn read_guest(&mut self) -> io::Result<()> {
+    fn read_guest(&mut self) {
         for _ in 0..GUEST_BUDGET {
             let mut frame = std::mem::take(&mut self.buf);
             let got = self.guest.recv(&mut frame);
@@ -535,7 +507,6 @@ impl Stack {
                 }
             }
         }
-        Ok(())
     }
 
     fn write_guest(&mut self) -> io::Result<()> {
@@ -759,6 +730,7 @@ impl Stack {
                 since: Instant::now(),
             },
             host_eof: false,
+            host_readable: true,
             host_write_shut: false,
             interest: EventSet::empty(),
             buffer: 0,
@@ -768,7 +740,7 @@ impl Stack {
         self.set_tcp_interest(id, EventSet::OUT);
         // A local peer often has the connection up already: answer the SYN in this
         // wake-up rather than the next.
-        self.tcp_host_event(id);
+        self.tcp_host_event(id, EventSet::OUT);
     }
 
     fn next_id(&mut self) -> u64 {
@@ -795,9 +767,13 @@ impl Stack {
         }
     }
 
-    fn tcp_host_event(&mut self, id: u64) {
+    fn tcp_host_event(&mut self, id: u64, events: EventSet) {
         let Some(conn) = self.tcp.get_mut(&id) else { return };
-        let Phase::Connecting { .. } = conn.phase else { return };
+        let Phase::Connecting { .. } = conn.phase else {
+            // Open: the next pump reads what arrived (or the EOF, or the error).
+            conn.host_readable |= events.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR);
+            return;
+        };
         // The connect finished, one way or the other.
         match conn.host.take_error() {
             Ok(None) if conn.host.peer_addr().is_ok() => self.tcp_connected(id),
@@ -895,6 +871,7 @@ impl Stack {
                     host: stream,
                     phase: Phase::Open(handle),
                     host_eof: false,
+                    host_readable: true,
                     host_write_shut: false,
                     interest: EventSet::empty(),
                     buffer: size,
@@ -969,7 +946,7 @@ impl Stack {
             conn.host_write_shut = true;
         }
         // host -> guest
-        if !reset && !conn.host_eof && sock.may_send() {
+        if !reset && !conn.host_eof && conn.host_readable && sock.may_send() {
             for _ in 0..HOST_BUDGET {
                 if !sock.can_send() {
                     break;
@@ -986,7 +963,10 @@ impl Stack {
                         break;
                     }
                     Ok(Ok(_)) => {}
-                    Ok(Err(e)) if is_would_block(&e) => break,
+                    Ok(Err(e)) if is_would_block(&e) => {
+                        conn.host_readable = false;
+                        break;
+                    }
                     Ok(Err(e)) => {
                         debug!("usernet: TCP {} -> {}: host read: {e}", conn.tuple.0, conn.tuple.1);
                         reset = true;
@@ -1316,6 +1296,50 @@ impl Stack {
             &answer,
         );
         self.phy.push_tx(f);
+    }
+}
+
+/// The gateway as the devices' event loop drives it: each wake handles the host
+/// sockets that are ready, takes the guest's frames, runs smoltcp and the
+/// connections, and writes frames out.
+impl event_loop::EventHandler for Stack {
+    fn epoll(&self) -> &Epoll {
+        &self.epoll
+    }
+
+    fn handle(&mut self, token: u64, events: EventSet) {
+        let (kind, id) = (token >> KIND_SHIFT, token & ((1 << KIND_SHIFT) - 1));
+        match (kind, token) {
+            // The guest's frames are read after every wake.
+            (0, TOKEN_GUEST) => {}
+            (0, TOKEN_RESOLVER) => self.dns_results(),
+            (0, TOKEN_PING) => self.ping_replies(),
+            (KIND_TCP, _) => self.tcp_host_event(id, events),
+            (KIND_UDP, _) => self.udp_host_event(id),
+            (KIND_LISTEN, _) => self.accept(id as usize),
+            (KIND_UDP_FORWARD, _) => self.udp_forward_event(id as usize),
+            _ => {}
+        }
+    }
+
+    fn after_wake(&mut self) {
+        self.read_guest();
+        self.poll_iface();
+        self.pump_all();
+        self.poll_iface();
+        self.expire();
+        if let Err(e) = self.write_guest() {
+            log::error!("usernet: the network stops: {e}");
+            self.guest_open = false;
+        }
+    }
+
+    fn timeout(&mut self) -> Option<Duration> {
+        Some(Duration::from_millis(u64::try_from(self.wait_ms()).unwrap_or(0)))
+    }
+
+    fn finished(&self) -> bool {
+        !self.guest_open
     }
 }
 
