@@ -1,8 +1,10 @@
-//! `aivmm builder install` as a user runs it: the real binary prints the Nix
-//! `machines` entry, the `builders` line and the ssh_config snippet for a fresh
-//! state directory, whose keys it makes; the entry is checked field by field
-//! against those keys. `--write` with a unit directory of our own writes the
-//! systemd units and the files it names, and `uninstall` removes them again.
+//! `aivmm builder install` as a user runs it: without `--write` the real binary
+//! prints the Nix `machines` entry, the `builders` line and the ssh_config
+//! snippet and changes nothing (a fresh state directory is not even made, so the
+//! entry has no host key yet); once `--write` has made the keys, the entry is
+//! checked field by field against them. `--write` with a unit directory of our
+//! own writes the systemd units and the files it names, and `uninstall` removes
+//! them again.
 
 #![allow(clippy::unwrap_used)]
 
@@ -45,18 +47,37 @@ fn unbase64(s: &str) -> Vec<u8> {
 fn install_prints_a_machines_line_for_the_generated_keys() {
     let tmp = tempfile::tempdir().unwrap();
     let state = tmp.path().join("builder");
-    let (ok, out, err) = aivmm(
-        &["builder", "install", "--cpus", "3", "--port", "31555"],
-        &state,
-    );
+    let install = ["builder", "install", "--cpus", "3", "--port", "31555"];
+    let machines_of = |out: &str| -> String {
+        let lines: Vec<&str> = out.lines().collect();
+        let i = lines
+            .iter()
+            .position(|l| l.starts_with("# ---- Nix machines entry"))
+            .expect("no machines section");
+        lines[i + 1..]
+            .iter()
+            .find(|l| !l.starts_with('#'))
+            .expect("no machines entry")
+            .to_string()
+    };
+    // Before any --write: the plan, with no host key, and nothing made.
+    let (ok, out, err) = aivmm(&install, &state);
     assert!(ok, "install failed: {err}");
-
+    let first = machines_of(&out);
+    assert_eq!(first.split(' ').nth(7), Some("-"), "{first}");
+    assert!(out.contains("no keys yet"), "{out}");
+    assert!(!state.exists(), "install without --write made the state directory");
+    // --write (units in a directory of our own) makes the keys.
+    let units = tmp.path().join("units");
+    let mut write = install.to_vec();
+    write.extend(["--write", "--unit-dir", units.to_str().unwrap()]);
+    let (ok, _, err) = aivmm(&write, &state);
+    assert!(ok, "install --write failed: {err}");
+    let (ok, out, err) = aivmm(&install, &state);
+    assert!(ok, "install failed: {err}");
     let lines: Vec<&str> = out.lines().collect();
-    let i = lines
-        .iter()
-        .position(|l| l.starts_with("# ---- Nix machines entry"))
-        .expect("no machines section");
-    let machines = lines[i + 1];
+    let machines_owned = machines_of(&out);
+    let machines = machines_owned.as_str();
     let f: Vec<&str> = machines.split(' ').collect();
     assert_eq!(f.len(), 8, "machines entry must have 8 fields: {machines}");
     assert_eq!(f[0], "ssh-ng://builder@aivmm-builder");
@@ -106,11 +127,13 @@ fn install_prints_a_machines_line_for_the_generated_keys() {
     assert!(out.contains("ListenStream=127.0.0.1:31555"), "{out}");
     assert!(out.contains(" builder serve --state-dir "), "{out}");
 
-    // A second run keeps the keys: the same line.
-    let (ok, again, err) = aivmm(
-        &["builder", "install", "--cpus", "3", "--port", "31555"],
-        &state,
+    // What --write wrote is the same line.
+    assert_eq!(
+        std::fs::read_to_string(state.join("nix/machines")).unwrap().trim_end(),
+        machines
     );
+    // A second run keeps the keys: the same line.
+    let (ok, again, err) = aivmm(&install, &state);
     assert!(ok, "{err}");
     assert!(again.contains(machines), "keys changed between runs");
 }

@@ -36,12 +36,12 @@ pub fn nix_system() -> String {
 
 /// The `machines` entry: `URI SYSTEMS KEY MAXJOBS SPEED FEATURES MANDATORY HOSTKEY`,
 /// the host key being base64 of `ssh-ed25519 AAAA…`.
-pub fn machines_line(client_key: &Path, cpus: u32, host_public: &str) -> String {
+pub fn machines_line(client_key: &Path, cpus: u32, host_public: Option<&str>) -> String {
     format!(
         "ssh-ng://{USER}@{HOST_ALIAS} {} {} {cpus} 1 {FEATURES} - {}",
         nix_system(),
         client_key.display(),
-        crate::image::base64(host_public.trim().as_bytes())
+        host_public.map_or_else(|| "-".to_string(), |k| crate::image::base64(k.trim().as_bytes()))
     )
 }
 
@@ -229,36 +229,57 @@ fn systemctl(args: &[&str]) {
     }
 }
 
+/// `install` without `--write`: prints what it would write, and changes
+/// nothing (no state directory, no keys). Before the first `--write` the keys
+/// do not exist yet, so the machines line has no host key (`-`); `--write`
+/// makes them and writes the line with it.
+fn print_plan(a: &InstallArgs, state: &Path) -> Result<()> {
+    let state = std::fs::canonicalize(state)
+        .or_else(|_| std::path::absolute(state))
+        .map_err(io_err(state))?;
+    let keys = Keys::paths(&state);
+    let host_public = if keys.host_pub.exists() {
+        Some(keys.host_public()?)
+    } else {
+        None
+    };
+    let machines = machines_line(&keys.client_key, a.vm.cpus(), host_public.as_deref());
+    let ssh = ssh_config(a.vm.port, &keys);
+    let (dir, _) = unit_dir(a)?;
+    for (p, text) in &service_files(a, &state, &dir)? {
+        println!("# ---- {}\n{text}", p.display());
+    }
+    println!(
+        "# ---- Nix machines entry (/etc/nix/machines, or {}):",
+        state.join("nix/machines").display()
+    );
+    if host_public.is_none() {
+        println!("# (no keys yet: --write makes them, and this line then pins the builder's host key)");
+    }
+    println!("{machines}\n");
+    println!("# ---- nix.conf (the same machine as a builders line):");
+    println!("builders = {machines}\nbuilders-use-substitutes = true\n");
+    println!("# ---- ssh_config for nix-daemon (root): /etc/ssh/ssh_config.d/{UNIT}.conf");
+    print!("{ssh}");
+    println!("\n# `aivmm builder install --write` writes the files above and enables the service.");
+    Ok(())
+}
+
 /// `aivmm builder install`.
 pub fn install(a: &InstallArgs) -> Result<()> {
     let state = a.vm.state.state_dir()?;
+    if !a.write {
+        return print_plan(a, &state);
+    }
     crate::state_fs::dir(&state).map_err(io_err(&state))?;
     let state = std::fs::canonicalize(&state).map_err(io_err(&state))?;
     let keys = Keys::ensure(&state, a.vm.port)?;
-    let machines = machines_line(&keys.client_key, a.vm.cpus(), &keys.host_public()?);
+    let machines = machines_line(&keys.client_key, a.vm.cpus(), Some(&keys.host_public()?));
     let ssh = ssh_config(a.vm.port, &keys);
     let (dir, default_dir) = unit_dir(a)?;
     let files = service_files(a, &state, &dir)?;
     let machines_file = state.join("nix/machines");
     let ssh_file = state.join("ssh/config");
-    if !a.write {
-        for (p, text) in &files {
-            println!("# ---- {}\n{text}", p.display());
-        }
-        println!(
-            "# ---- Nix machines entry (/etc/nix/machines, or {}):",
-            machines_file.display()
-        );
-        println!("{machines}\n");
-        println!("# ---- nix.conf (the same machine as a builders line):");
-        println!("builders = {machines}\nbuilders-use-substitutes = true\n");
-        println!("# ---- ssh_config for nix-daemon (root): /etc/ssh/ssh_config.d/{UNIT}.conf");
-        print!("{ssh}");
-        println!(
-            "\n# `aivmm builder install --write` writes the files above and enables the service."
-        );
-        return Ok(());
-    }
     std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
     for (p, text) in &files {
         std::fs::write(p, text).map_err(io_err(p))?;
@@ -370,7 +391,7 @@ mod tests {
     fn the_machines_line_has_the_eight_fields_nix_wants() {
         let pubkey =
             "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBEkd4Q9uyb2TTvyJ4c+1e7Ww8bSt7AJxLNfwGX0uGGc";
-        let line = machines_line(Path::new("/var/lib/b/ssh/id_ed25519"), 6, pubkey);
+        let line = machines_line(Path::new("/var/lib/b/ssh/id_ed25519"), 6, Some(pubkey));
         let f: Vec<&str> = line.split(' ').collect();
         assert_eq!(f.len(), 8, "{line}");
         assert_eq!(f[0], "ssh-ng://builder@aivmm-builder");
@@ -385,6 +406,26 @@ mod tests {
             f[7].starts_with("c3NoLWVkMjU1MTkg"),
             "base64 of 'ssh-ed25519 '"
         );
+    }
+
+    #[test]
+    fn install_without_write_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let units = dir.path().join("units");
+        let fresh = dir.path().join("new-state");
+        let empty = dir.path().join("empty-state");
+        std::fs::create_dir(&empty).unwrap();
+        for state in [&fresh, &empty] {
+            let a = InstallArgs {
+                vm: vm_args(&["--state-dir", state.to_str().unwrap()]),
+                write: false,
+                unit_dir: Some(units.clone()),
+            };
+            install(&a).unwrap();
+        }
+        assert!(!units.exists(), "no unit directory");
+        assert!(!fresh.exists(), "no state directory");
+        assert_eq!(std::fs::read_dir(&empty).unwrap().count(), 0, "nothing in the state directory");
     }
 
     #[test]
