@@ -127,9 +127,15 @@
         // lib.optionalAttrs (lib.elem system linuxSystems) {
           aivmm-agent = self.packages.${system}.aivmm-agent;
           # Evaluating the guests catches option and assertion errors without the
-          # (large) image builds; `nix build .#guest` builds the real thing.
-          guest-eval = pkgs.writeText "aivmm-guest-eval" (guestConfig system).config.system.build.toplevel.drvPath;
-          builder-eval = pkgs.writeText "aivmm-builder-eval" (builderConfig system).config.system.build.toplevel.drvPath;
+          # (large) image builds; `nix build .#guest` builds the real thing. A bare
+          # drvPath would carry a dependency on every output of the closure (its
+          # string context is allOutputs): discarding it leaves the .drv alone.
+          guest-eval = pkgs.writeText "aivmm-guest-eval" (
+            builtins.unsafeDiscardOutputDependency (guestConfig system).config.system.build.toplevel.drvPath
+          );
+          builder-eval = pkgs.writeText "aivmm-builder-eval" (
+            builtins.unsafeDiscardOutputDependency (builderConfig system).config.system.build.toplevel.drvPath
+          );
         }
         // lib.optionalAttrs (lib.elem system darwinSystems) {
           # The entitlement the package signs aivmm with is a well-formed plist

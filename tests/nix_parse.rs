@@ -111,3 +111,23 @@ fn every_nix_file_parses() {
     );
     eprintln!("{} Nix files parse", files.len());
 }
+
+/// The flake's evaluation checks must not build what they evaluate: a `drvPath`
+/// interpolated as it is depends on every output of the closure (its string
+/// context is "all outputs"), so each goes through
+/// `builtins.unsafeDiscardOutputDependency`, which leaves only the `.drv`.
+/// (Checked by `nix-instantiate --eval` by hand: `getContext d.drvPath` is
+/// `{ allOutputs = true; }`, and `{ path = true; }` once discarded.)
+#[test]
+fn the_flakes_eval_checks_do_not_build_the_guests() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("flake.nix");
+    let flake = std::fs::read_to_string(&path).expect("flake.nix is readable");
+    let uses: Vec<&str> = flake.lines().filter(|l| l.contains(".drvPath")).collect();
+    assert!(!uses.is_empty(), "the flake's eval checks are gone: update this test");
+    for line in uses {
+        assert!(
+            line.contains("builtins.unsafeDiscardOutputDependency"),
+            "a drvPath without unsafeDiscardOutputDependency builds the whole closure: {line}"
+        );
+    }
+}
