@@ -5,15 +5,19 @@
 //! start (buffers posted before activation) and on every notification; stopping
 //! its [`Workers`] joins it, so the device can be reset and activated again. The
 //! loop itself, [`run_worker`] over an epoll set from [`worker_epoll`], also
-//! serves devices with a worker per queue (virtio-fs).
+//! serves devices with a worker per queue (virtio-fs). [`drain_queue`] is what a
+//! wake does to a request queue (rng, blk, fs, and the balloon's queues):
+//! every available chain served and returned, then one interrupt.
 
 use std::io;
 use std::os::fd::AsRawFd;
 
-use log::error;
+use log::{debug, error, warn};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
 
 use super::event_loop;
-use super::{Spawner, Workers};
+use super::{Spawner, VirtioInterrupt, Workers, VIRTIO_MMIO_INT_VRING};
 use crate::sys::{ControlOperation, Epoll, EpollEvent, EventFd, EventSet};
 
 /// Epoll token of the queue's notification `EventFd`.
@@ -98,5 +102,62 @@ pub fn run_worker(name: &str, epoll: &Epoll, queue_evt: &EventFd, process: &mut 
     };
     if let Err(e) = event_loop::run(&mut handler, 2) {
         error!("{name}: epoll_wait failed, worker exits: {e}");
+    }
+}
+
+/// Serves every available chain of `queue` with `serve` (which returns the bytes
+/// it wrote into the chain), returning each on the used ring, until the driver has
+/// added nothing since notifications were re-enabled; then raises the interrupt if
+/// the driver wants it. `what` names the queue in logs ("virtio-blk").
+///
+/// It stops as well when nothing could be popped: a bogus avail index from a
+/// hostile driver would otherwise keep the worker spinning.
+pub fn drain_queue(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    interrupt: &dyn VirtioInterrupt,
+    what: &str,
+    mut serve: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
+) {
+    let mut used_any = false;
+    loop {
+        if let Err(e) = queue.disable_notification(mem) {
+            warn!("{what}: disabling notifications failed: {e}");
+        }
+        let mut progressed = false;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            progressed = true;
+            let head = chain.head_index();
+            let len = serve(chain);
+            match queue.add_used(mem, head, len) {
+                Ok(()) => used_any = true,
+                Err(e) => debug!("{what}: returning chain {head} failed: {e}"),
+            }
+        }
+        match queue.enable_notification(mem) {
+            Ok(true) if progressed => continue,
+            Ok(_) => break,
+            Err(e) => {
+                warn!("{what}: enabling notifications failed: {e}");
+                break;
+            }
+        }
+    }
+    if used_any {
+        signal_used(queue, mem, interrupt, what);
+    }
+}
+
+/// Raises the used-buffer interrupt if the driver wants it (EVENT_IDX aware);
+/// when the used event cannot be read, it raises it anyway.
+pub fn signal_used(queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &dyn VirtioInterrupt, what: &str) {
+    let notify = queue.needs_notification(mem).unwrap_or_else(|e| {
+        warn!("{what}: reading the used event failed: {e}");
+        true
+    });
+    if notify {
+        if let Err(e) = interrupt.signal(VIRTIO_MMIO_INT_VRING) {
+            error!("{what}: raising the interrupt failed: {e}");
+        }
     }
 }

@@ -30,7 +30,7 @@ use super::{
     Error, Result, CONFIG_LEN, ID_LEN, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, QUEUE_SIZE, SECTOR_SHIFT,
     SECTOR_SIZE, SEG_MAX, SIZE_MAX, VIRTIO_ID_BLOCK,
 };
-use crate::virtio::queue_thread::{self, spawn_queue_worker};
+use crate::virtio::queue_thread::spawn_queue_worker;
 use crate::virtio::{self, ActivateArgs, VirtioCommon, VirtioDevice, Workers};
 
 /// What the VMM configures for one disk.
@@ -129,10 +129,6 @@ impl Block {
         );
         let worker = spawn_queue_worker(&spawner, "virtio-blk", "aivmm-blk", queue_evt, move || {
             handler.process_queue()
-        })
-        .map_err(|e| match e {
-            queue_thread::Error::Event(e) => Error::Event(e),
-            queue_thread::Error::Spawn(e) => Error::Spawn(e),
         })?;
         self.worker = Some(worker);
         Ok(())

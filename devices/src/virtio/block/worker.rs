@@ -13,13 +13,14 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
     VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::disk::Disk;
 use super::request::{self, Invalid, Request, RequestType, Segment};
 use super::{DISCARD_RANGE_LEN, ID_LEN, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SECTOR_SHIFT, SECTOR_SIZE, SEG_MAX};
-use crate::virtio::{VirtioInterrupt, VIRTIO_MMIO_INT_VRING};
+use crate::virtio::queue_thread::drain_queue;
+use crate::virtio::VirtioInterrupt;
 
 /// The queue and what serving it needs.
 pub(super) struct RequestHandler {
@@ -61,47 +62,10 @@ impl RequestHandler {
 
     /// Serves every available chain, then raises the interrupt if the driver wants it.
     pub(super) fn process_queue(&mut self) {
-        let mut used_any = false;
-        loop {
-            if let Err(e) = self.queue.disable_notification(&self.exec.mem) {
-                warn!("virtio-blk: disabling notifications failed: {e}");
-            }
-            let mut progressed = false;
-            while let Some(chain) = self.queue.pop_descriptor_chain(&self.exec.mem) {
-                progressed = true;
-                let head = chain.head_index();
-                let len = self.exec.serve(chain, &mut self.segs);
-                match self.queue.add_used(&self.exec.mem, head, len) {
-                    Ok(()) => used_any = true,
-                    Err(e) => debug!("virtio-blk: returning chain {head} failed: {e}"),
-                }
-            }
-            // Stop when the driver added nothing since, and also when nothing could be
-            // popped: a bogus avail index would otherwise keep us spinning.
-            match self.queue.enable_notification(&self.exec.mem) {
-                Ok(true) if progressed => continue,
-                Ok(_) => break,
-                Err(e) => {
-                    warn!("virtio-blk: enabling notifications failed: {e}");
-                    break;
-                }
-            }
-        }
-        if !used_any {
-            return;
-        }
-        let notify = self
-            .queue
-            .needs_notification(&self.exec.mem)
-            .unwrap_or_else(|e| {
-                warn!("virtio-blk: reading the used event failed: {e}");
-                true
-            });
-        if notify {
-            if let Err(e) = self.interrupt.signal(VIRTIO_MMIO_INT_VRING) {
-                error!("virtio-blk: raising the interrupt failed: {e}");
-            }
-        }
+        let (exec, segs) = (&self.exec, &mut self.segs);
+        drain_queue(&mut self.queue, &exec.mem, &*self.interrupt, "virtio-blk", |chain| {
+            exec.serve(chain, segs)
+        });
     }
 }
 

@@ -16,16 +16,17 @@ use fuse_backend_rs::api::filesystem::FileSystem;
 use fuse_backend_rs::api::server::Server;
 #[cfg(target_os = "linux")]
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
-use log::{debug, error, warn};
+use log::debug;
 #[cfg(target_os = "linux")]
 use virtio_queue::DescriptorChain;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
 #[cfg(all(test, target_os = "linux"))]
 use super::filesystem::ShareFs;
 use super::FsServer;
-use crate::virtio::{VirtioInterrupt, VIRTIO_MMIO_INT_VRING};
+use crate::virtio::queue_thread::drain_queue;
+use crate::virtio::VirtioInterrupt;
 
 /// Serves one chain and returns the number of bytes written into it.
 #[cfg(target_os = "linux")]
@@ -76,53 +77,11 @@ pub struct QueueWorker {
 impl QueueWorker {
     /// Serves every available chain, then raises the interrupt if the driver wants it.
     pub fn process_queue(&mut self) {
-        let mut used_any = false;
-        loop {
-            if let Err(e) = self.queue.disable_notification(&self.mem) {
-                warn!(
-                    "virtio-fs: queue {}: disabling notifications failed: {e}",
-                    self.index
-                );
-            }
-            let mut progressed = false;
-            while let Some(chain) = self.queue.pop_descriptor_chain(&self.mem) {
-                progressed = true;
-                let head = chain.head_index();
-                let len = self.server.handle_chain(&self.mem, chain);
-                match self.queue.add_used(&self.mem, head, len) {
-                    Ok(()) => used_any = true,
-                    Err(e) => debug!("virtio-fs: returning chain {head} failed: {e}"),
-                }
-            }
-            // Stop when nothing new arrived, and also when nothing could be popped: a
-            // bogus avail index would otherwise keep us spinning.
-            match self.queue.enable_notification(&self.mem) {
-                Ok(true) if progressed => continue,
-                Ok(_) => break,
-                Err(e) => {
-                    warn!(
-                        "virtio-fs: queue {}: enabling notifications failed: {e}",
-                        self.index
-                    );
-                    break;
-                }
-            }
-        }
-        if !used_any {
-            return;
-        }
-        let notify = self
-            .queue
-            .needs_notification(&self.mem)
-            .unwrap_or_else(|e| {
-                warn!("virtio-fs: reading the used event failed: {e}");
-                true
-            });
-        if notify {
-            if let Err(e) = self.interrupt.signal(VIRTIO_MMIO_INT_VRING) {
-                error!("virtio-fs: raising the interrupt failed: {e}");
-            }
-        }
+        let (mem, server) = (&self.mem, &self.server);
+        let what = format!("virtio-fs: queue {}", self.index);
+        drain_queue(&mut self.queue, mem, &*self.interrupt, &what, |chain| {
+            server.handle_chain(mem, chain)
+        });
     }
 }
 

@@ -11,7 +11,7 @@ use virtio_queue::QueueT;
 
 use super::worker::RequestHandler;
 use super::{Error, Result, QUEUE_SIZE, VIRTIO_ID_RNG};
-use crate::virtio::queue_thread::{self, spawn_queue_worker};
+use crate::virtio::queue_thread::spawn_queue_worker;
 use crate::virtio::{self, ActivateArgs, VirtioCommon, VirtioDevice, Workers};
 
 /// The virtio-rng device.
@@ -69,10 +69,6 @@ impl Rng {
         let mut handler = RequestHandler::new(mem, queue, interrupt);
         let worker = spawn_queue_worker(&spawner, "virtio-rng", "aivmm-rng", queue_evt, move || {
             handler.process_queue()
-        })
-        .map_err(|e| match e {
-            queue_thread::Error::Event(e) => Error::Event(e),
-            queue_thread::Error::Spawn(e) => Error::Spawn(e),
         })?;
         self.worker = Some(worker);
         Ok(())

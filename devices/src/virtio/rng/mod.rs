@@ -31,12 +31,9 @@ pub enum Error {
     /// The device is already running.
     #[error("the device is already active")]
     AlreadyActive,
-    /// An EventFd or epoll operation failed.
-    #[error("event setup failed: {0}")]
-    Event(#[source] std::io::Error),
-    /// The worker thread could not be started.
-    #[error("spawning the worker thread failed: {0}")]
-    Spawn(#[source] std::io::Error),
+    /// The worker could not start (its events or its thread).
+    #[error(transparent)]
+    Worker(#[from] crate::virtio::queue_thread::Error),
     /// getrandom(2) failed.
     #[error("getrandom failed: {0}")]
     GetRandom(#[source] std::io::Error),

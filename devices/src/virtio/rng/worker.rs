@@ -6,12 +6,13 @@
 
 use std::sync::Arc;
 
-use log::{debug, error, warn};
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use log::{debug, error};
+use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Bytes, GuestMemory, GuestMemoryMmap};
 
 use super::{Error, Result, MAX_BYTES_PER_REQUEST};
-use crate::virtio::{VirtioInterrupt, VIRTIO_MMIO_INT_VRING};
+use crate::virtio::queue_thread::drain_queue;
+use crate::virtio::VirtioInterrupt;
 
 /// The queue and what serving it needs.
 pub(super) struct RequestHandler {
@@ -35,47 +36,10 @@ impl RequestHandler {
 
     /// Serves every available chain, then raises the interrupt if the driver wants it.
     pub(super) fn process_queue(&mut self) {
-        let mut used_any = false;
-        loop {
-            if let Err(e) = self.queue.disable_notification(&self.mem) {
-                warn!("virtio-rng: disabling notifications failed: {e}");
-            }
-            let mut progressed = false;
-            while let Some(chain) = self.queue.pop_descriptor_chain(&self.mem) {
-                progressed = true;
-                let head = chain.head_index();
-                let len = fill_chain(chain, &mut self.buf, &self.mem);
-                match self.queue.add_used(&self.mem, head, len) {
-                    Ok(()) => used_any = true,
-                    Err(e) => debug!("virtio-rng: returning chain {head} failed: {e}"),
-                }
-            }
-            // Stop when the driver added nothing since, and also when nothing could be
-            // popped: a bogus avail index would otherwise keep us spinning.
-            match self.queue.enable_notification(&self.mem) {
-                Ok(true) if progressed => continue,
-                Ok(_) => break,
-                Err(e) => {
-                    warn!("virtio-rng: enabling notifications failed: {e}");
-                    break;
-                }
-            }
-        }
-        if !used_any {
-            return;
-        }
-        let notify = self
-            .queue
-            .needs_notification(&self.mem)
-            .unwrap_or_else(|e| {
-                warn!("virtio-rng: reading the used event failed: {e}");
-                true
-            });
-        if notify {
-            if let Err(e) = self.interrupt.signal(VIRTIO_MMIO_INT_VRING) {
-                error!("virtio-rng: raising the interrupt failed: {e}");
-            }
-        }
+        let (mem, buf) = (&self.mem, &mut self.buf);
+        drain_queue(&mut self.queue, mem, &*self.interrupt, "virtio-rng", |chain| {
+            fill_chain(chain, buf, mem)
+        });
     }
 }
 

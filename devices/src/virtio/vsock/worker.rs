@@ -17,7 +17,8 @@ use super::packet::{self, RxBuffers};
 use super::{EVQ_INDEX, HDR_SIZE, QUEUE_SIZE, RXQ_INDEX, TXQ_INDEX};
 use crate::sys::{Epoll, EventFd, EventSet};
 use crate::virtio::event_loop;
-use crate::virtio::{VirtioInterrupt, VIRTIO_MMIO_INT_VRING};
+use crate::virtio::queue_thread::signal_used;
+use crate::virtio::VirtioInterrupt;
 
 /// Epoll token of the rx queue's notification `EventFd`.
 pub(super) const PROCESS_RXQ: u64 = 0;
@@ -127,7 +128,7 @@ impl VsockWorker {
             }
         }
         if used_any {
-            signal_used(&mut self.txq, &self.mem, &*self.interrupt, "tx");
+            signal_used(&mut self.txq, &self.mem, &*self.interrupt, "virtio-vsock: tx");
         }
         stalled
     }
@@ -177,7 +178,7 @@ impl VsockWorker {
             }
         }
         if used_any {
-            signal_used(&mut self.rxq, &self.mem, &*self.interrupt, "rx");
+            signal_used(&mut self.rxq, &self.mem, &*self.interrupt, "virtio-vsock: rx");
         }
         used_any
     }
@@ -243,15 +244,3 @@ impl SyncWorker {
     }
 }
 
-/// Raises the used-buffer interrupt if the driver wants it (EVENT_IDX aware).
-fn signal_used(q: &mut Queue, mem: &GuestMemoryMmap, irq: &dyn VirtioInterrupt, name: &str) {
-    let notify = q.needs_notification(mem).unwrap_or_else(|e| {
-        warn!("virtio-vsock: reading the {name} used event failed: {e}");
-        true
-    });
-    if notify {
-        if let Err(e) = irq.signal(VIRTIO_MMIO_INT_VRING) {
-            error!("virtio-vsock: raising the interrupt failed: {e}");
-        }
-    }
-}
