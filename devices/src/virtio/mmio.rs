@@ -90,9 +90,13 @@ pub enum Error {
 /// `Result` of the MMIO transport.
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// The interrupt status register shared between the transport and its device.
+/// The interrupt status register shared between the transport and its device,
+/// and the configuration generation: a device that changes its configuration
+/// space signals `VIRTIO_MMIO_INT_CONFIG`, which also moves the generation on (so
+/// a driver reading several fields sees they changed under it).
 pub struct MmioInterrupt {
     status: AtomicU32,
+    generation: AtomicU32,
     irq: Arc<dyn Interrupt>,
 }
 
@@ -105,6 +109,9 @@ impl MmioInterrupt {
 
 impl VirtioInterrupt for MmioInterrupt {
     fn signal(&self, status: u32) -> std::io::Result<()> {
+        if status & VIRTIO_MMIO_INT_CONFIG != 0 {
+            self.generation.fetch_add(1, Ordering::SeqCst);
+        }
         self.status.fetch_or(status, Ordering::SeqCst);
         self.irq.trigger()
     }
@@ -170,7 +177,6 @@ pub struct MmioTransport {
     driver_features_sel: u32,
     driver_features: u64,
     status: u32,
-    config_generation: u32,
     activated: bool,
     /// The device refused a reset: it stays in DEVICE_NEEDS_RESET for good.
     broken: bool,
@@ -205,6 +211,7 @@ impl MmioTransport {
             mem,
             interrupt: Arc::new(MmioInterrupt {
                 status: AtomicU32::new(0),
+                generation: AtomicU32::new(0),
                 irq: interrupt,
             }),
             queues,
@@ -214,7 +221,6 @@ impl MmioTransport {
             driver_features_sel: 0,
             driver_features: 0,
             status: 0,
-            config_generation: 0,
             activated: false,
             broken: false,
             spawner,
@@ -244,7 +250,6 @@ impl MmioTransport {
 
     /// Tells the driver the device's configuration changed.
     pub fn config_changed(&mut self) {
-        self.config_generation = self.config_generation.wrapping_add(1);
         self.signal_config();
     }
 
@@ -287,7 +292,7 @@ impl MmioTransport {
             STATUS => self.status,
             // No shared memory regions: a length of all ones says so.
             SHM_LEN_LOW | SHM_LEN_HIGH => u32::MAX,
-            CONFIG_GENERATION => self.config_generation,
+            CONFIG_GENERATION => self.interrupt.generation.load(Ordering::SeqCst),
             _ => {
                 debug!("virtio-mmio: read of unknown or write-only register {offset:#x}");
                 0

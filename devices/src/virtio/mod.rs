@@ -5,6 +5,7 @@
 //! queues, their notification `EventFd`s and the interrupt; from then on the device
 //! does its work on guest memory from its own event handling.
 
+pub mod balloon;
 pub mod block;
 pub mod common;
 pub mod event_loop;
