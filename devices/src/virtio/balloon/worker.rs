@@ -2,8 +2,8 @@
 //! requests for statistics, on the devices' event loop.
 //!
 //! A wake serves the queues that were notified: inflate chains list frame
-//! numbers (sorted and merged into runs, each run discarded), deflate chains are
-//! counted, free page reports are discarded range by range (unless the guest
+//! numbers (each 2 MiB block wholly in the balloon is discarded, see `Inflated`),
+//! deflate chains take pages out of the balloon, free page reports are discarded range by range (unless the guest
 //! poisons free pages, see `Shared::may_discard_free_pages`), and a stats buffer
 //! is read and kept until the host wants fresh figures, when it goes back on the
 //! used ring for the driver to refill. Everything the guest wrote is bounded
@@ -46,6 +46,57 @@ pub(super) struct Queues {
     pub reporting: Option<(Queue, EventFd)>,
 }
 
+/// Guest pages in a 2 MiB block.
+const BLOCK_PAGES: u64 = 512;
+
+/// The pages in the balloon, a bit per 4 KiB guest page. Inflated pages are
+/// discarded a 2 MiB block at a time, once every page of the block is in the
+/// balloon: guest RAM is backed by transparent huge pages, and discarding 4 KiB
+/// inside one splits it (the guest then runs on 4 KiB mappings there, and the
+/// host zaps and refaults them page by page). A balloon filled from free memory
+/// fills whole blocks; a page in a block the guest still partly uses stays.
+struct Inflated {
+    words: Vec<u64>,
+}
+
+impl Inflated {
+    /// Room for every page below the end of guest RAM.
+    fn new(mem: &GuestMemoryMmap) -> Self {
+        use vm_memory::GuestMemory;
+        let pages = mem.last_addr().0 / BALLOON_PAGE_SIZE + 1;
+        let blocks = pages.div_ceil(BLOCK_PAGES);
+        Self {
+            words: vec![0; usize::try_from(blocks * BLOCK_PAGES / 64).unwrap_or(0)],
+        }
+    }
+
+    /// Puts `pfn` in the balloon; returns the first page of its block if that
+    /// made the block full. A page past guest RAM, or already in, changes nothing.
+    fn insert(&mut self, pfn: u32) -> Option<u64> {
+        let (w, bit) = (pfn as usize / 64, 1u64 << (pfn % 64));
+        let word = self.words.get_mut(w)?;
+        if *word & bit != 0 {
+            return None;
+        }
+        *word |= bit;
+        let first = w / 8 * 8;
+        let block = self.words.get(first..first + 8)?;
+        block.iter().all(|&x| x == u64::MAX).then_some(u64::from(pfn) / BLOCK_PAGES * BLOCK_PAGES)
+    }
+
+    /// Takes `pfn` out of the balloon; whether it was in.
+    fn remove(&mut self, pfn: u32) -> bool {
+        let (w, bit) = (pfn as usize / 64, 1u64 << (pfn % 64));
+        match self.words.get_mut(w) {
+            Some(word) if *word & bit != 0 => {
+                *word &= !bit;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
 /// The queues and what serving them needs.
 pub(super) struct RequestHandler {
     mem: GuestMemoryMmap,
@@ -60,6 +111,8 @@ pub(super) struct RequestHandler {
     discard: DiscardFn,
     /// The stats buffer the device holds until the host wants fresh figures.
     stats_head: Option<u16>,
+    /// The pages in the balloon.
+    inflated: Inflated,
     /// Frame numbers of the chain being served (reused).
     pfns: Vec<u32>,
     /// Raw bytes read from guest memory (reused).
@@ -76,6 +129,7 @@ impl RequestHandler {
     ) -> Self {
         let (stats, stats_evt) = q.stats.map_or((None, None), |(q, e)| (Some(q), Some(e)));
         let (reporting, reporting_evt) = q.reporting.map_or((None, None), |(q, e)| (Some(q), Some(e)));
+        let inflated = Inflated::new(&mem);
         Self {
             mem,
             inflate: q.inflate.0,
@@ -87,6 +141,7 @@ impl RequestHandler {
             shared,
             discard,
             stats_head: None,
+            inflated,
             pfns: Vec::with_capacity(MAX_PFNS_PER_CHAIN),
             bytes: Vec::new(),
         }
@@ -123,35 +178,35 @@ impl RequestHandler {
         }
     }
 
-    /// Inflate chains: the pages they list are discarded, in merged runs.
+    /// Inflate chains: the pages they list go in the balloon; each 2 MiB block
+    /// that is then wholly in it is discarded.
     fn process_inflate(&mut self) {
         let (mem, pfns, bytes, shared, discard) = (&self.mem, &mut self.pfns, &mut self.bytes, &self.shared, self.discard);
+        let inflated = &mut self.inflated;
         drain_queue(&mut self.inflate, mem, &*self.interrupt, "virtio-balloon: inflate", |chain| {
             read_pfns(chain, mem, pfns, bytes);
-            shared.inflated.fetch_add(pfns.len() as u64, Ordering::SeqCst);
-            pfns.sort_unstable();
-            let mut i = 0;
-            while i < pfns.len() {
-                let start = pfns[i];
-                let mut n = 1u64;
-                while pfns.get(i + 1).is_some_and(|&p| u64::from(p) <= u64::from(start) + n) {
-                    i += 1;
-                    n = u64::from(pfns[i]) - u64::from(start) + 1;
+            for &pfn in pfns.iter() {
+                if let Some(block) = inflated.insert(pfn) {
+                    let n = discard(mem, block * BALLOON_PAGE_SIZE, BLOCK_PAGES * BALLOON_PAGE_SIZE);
+                    shared.inflated.fetch_add(n, Ordering::SeqCst);
                 }
-                discard(mem, u64::from(start) * BALLOON_PAGE_SIZE, n * BALLOON_PAGE_SIZE);
-                i += 1;
             }
             0
         });
     }
 
-    /// Deflate chains: the guest takes those pages back (they fault in as zero
-    /// pages); only counted.
+    /// Deflate chains: the guest takes those pages back (a discarded one faults in
+    /// as a zero page); they leave the balloon.
     fn process_deflate(&mut self) {
         let (mem, pfns, bytes, shared) = (&self.mem, &mut self.pfns, &mut self.bytes, &self.shared);
+        let inflated = &mut self.inflated;
         drain_queue(&mut self.deflate, mem, &*self.interrupt, "virtio-balloon: deflate", |chain| {
             read_pfns(chain, mem, pfns, bytes);
-            shared.deflated.fetch_add(pfns.len() as u64, Ordering::SeqCst);
+            for &pfn in pfns.iter() {
+                if inflated.remove(pfn) {
+                    shared.deflated.fetch_add(BALLOON_PAGE_SIZE, Ordering::SeqCst);
+                }
+            }
             0
         });
     }
