@@ -100,6 +100,7 @@ in
         "virtio_net"
         "virtio_console"
         "virtio_rng"
+        "virtio_balloon"
         "virtiofs"
         "vmw_vsock_virtio_transport"
         "overlay"

@@ -63,6 +63,11 @@ pub enum Command {
     /// Run a command in the VM running on a workdir (over vsock), as the user, in
     /// /work; exits with its status.
     Exec(ExecArgs),
+    /// Show or set the memory balloon of a running VM: without SIZE, what the
+    /// guest gave back and its memory statistics; with SIZE (e.g. `1G`, `0`), take
+    /// that much memory from the guest (it gives it back to the host) until set
+    /// again. The guest takes memory back by itself before it would run out.
+    Balloon(BalloonArgs),
     /// Approve DIR/aivmm.toml as it is now: a workdir's file may only size and
     /// narrow the sandbox unless you trust it (shares, env, claude_auth, ssh, net,
     /// forwards). Shows what it asks for and pins its sha256; a changed file must
@@ -93,6 +98,19 @@ pub struct ExecArgs {
     /// The command [default: bash].
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
+}
+
+/// Arguments of `aivmm balloon`.
+#[derive(Debug, Args)]
+pub struct BalloonArgs {
+    /// The workdir, the pid of its aivmm process, or a `--control` socket.
+    pub target: String,
+    /// The balloon's size: memory taken from the guest (`512M`, `1G`; 0 gives it all back).
+    #[arg(value_name = "SIZE", value_parser = parse_size_arg)]
+    pub size: Option<u64>,
+    /// Print the answer as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Arguments of `aivmm trust`.
@@ -227,6 +245,14 @@ pub struct RunArgs {
     /// Do not attach the virtio-rng device.
     #[arg(long)]
     pub no_rng: bool,
+    /// Do not attach the virtio-balloon device (which gives memory the guest
+    /// frees back to the host, and takes what `aivmm balloon` asks for).
+    #[arg(long)]
+    pub no_balloon: bool,
+    /// Listen for `aivmm balloon PATH …` on this unix socket (a VM on a
+    /// workdir always has one, in its state directory).
+    #[arg(long, value_name = "PATH", conflicts_with = "workdir")]
+    pub control: Option<PathBuf>,
     /// Attach a raw disk image as virtio-blk (vda, vdb, … in order); `:ro` for read-only.
     #[arg(long, value_name = "PATH[:ro]")]
     pub disk: Vec<String>,

@@ -139,6 +139,8 @@ pub struct VmConfig {
     pub acpi: bool,
     /// Attach a virtio-rng device.
     pub rng: bool,
+    /// Attach a virtio-balloon device (free page reporting, `aivmm balloon`).
+    pub balloon: bool,
     /// Block devices, in the order the guest sees them (vda, vdb, …).
     pub disks: Vec<BlockConfig>,
     /// Shared host directories (virtio-fs).
@@ -370,6 +372,7 @@ impl VmConfig {
         let devices = self.disks.len()
             + self.shares.len()
             + usize::from(self.rng)
+            + usize::from(self.balloon)
             + usize::from(self.net != NetMode::None)
             + usize::from(self.vsock.is_some());
         if devices > MAX_VIRTIO_DEVICES {
@@ -455,6 +458,7 @@ mod tests {
             memory: 128 << 20,
             acpi: true,
             rng: true,
+            balloon: true,
             disks: vec![],
             shares: vec![],
             net: NetMode::None,

@@ -80,10 +80,19 @@ fn distinct_disks(disks: &[BlockConfig]) -> Result<()> {
     Ok(())
 }
 
+/// The virtio devices of a configuration, by name, and the handles the VMM keeps.
+pub struct Devices {
+    /// The devices, in the order they are placed.
+    pub list: Vec<(String, Box<dyn VirtioDevice>)>,
+    /// The balloon's handle, for the control socket.
+    pub balloon: Option<aivmm_devices::virtio::balloon::BalloonHandle>,
+}
+
 /// Creates the virtio devices of `config`, in the order they are placed: disks
-/// first (so the guest names them vda, vdb, … in `--disk` order), then shares, then rng.
-pub fn virtio_devices(config: &VmConfig) -> Result<Vec<(String, Box<dyn VirtioDevice>)>> {
-    use aivmm_devices::virtio::{block, fs, rng};
+/// first (so the guest names them vda, vdb, … in `--disk` order), then shares,
+/// network, vsock, rng and the balloon.
+pub fn virtio_devices(config: &VmConfig) -> Result<Devices> {
+    use aivmm_devices::virtio::{balloon, block, fs, rng};
     let mut out: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
     distinct_disks(&config.disks)?;
     for d in &config.disks {
@@ -138,7 +147,13 @@ pub fn virtio_devices(config: &VmConfig) -> Result<Vec<(String, Box<dyn VirtioDe
     if config.rng {
         out.push(("virtio-rng".into(), Box::new(rng::Rng::new())));
     }
-    Ok(out)
+    let mut handle = None;
+    if config.balloon {
+        let (dev, h) = balloon::Balloon::new(config.memory).map_err(|e| device_err("virtio-balloon", e))?;
+        out.push(("virtio-balloon".into(), Box::new(dev)));
+        handle = Some(h);
+    }
+    Ok(Devices { list: out, balloon: handle })
 }
 
 #[cfg(test)]

@@ -78,6 +78,9 @@ pub enum Error {
     /// The workdir state could not be opened or prepared.
     #[error(transparent)]
     Workdir(#[from] workdir::Error),
+    /// The control socket could not be set up.
+    #[error(transparent)]
+    Control(#[from] crate::control::Error),
     /// The guest image could not be found or built.
     #[error("guest image: {0}")]
     Image(#[from] image::Error),
@@ -676,6 +679,9 @@ pub fn run(
     // What the workdir's git configs are before the guest can touch them.
     let git_configs = gitconfig::snapshot(&state.workdir);
     let vmm = builder.build(&config, started, Box::new(console))?;
+    if let Some(b) = vmm.balloon() {
+        crate::control::serve(&state.control_path(), Some(b))?;
+    }
     let forwards = extras
         .forwards
         .iter()

@@ -9,6 +9,8 @@ pub mod builder;
 pub mod claude_auth;
 pub mod cli;
 pub mod config;
+// The control socket of a running VM (`aivmm balloon`).
+pub mod control;
 // The virtio devices of a configuration, shared by both backends.
 pub mod devices_setup;
 // Host stdin into the serial console (`aivmm run --kernel`).

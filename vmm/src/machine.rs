@@ -79,6 +79,10 @@ pub trait Machine: Send {
     fn power_button(&self) -> Arc<dyn PowerButton>;
     /// Runs the guest until it powers off or resets, or the VM fails.
     fn run(self: Box<Self>) -> Result<VmExit>;
+    /// The memory balloon, if the VM has one.
+    fn balloon(&self) -> Option<aivmm_devices::virtio::balloon::BalloonHandle> {
+        None
+    }
 }
 
 /// Makes the [`Machine`] of a configuration.
@@ -103,6 +107,9 @@ impl Machine for Vmm {
     }
     fn run(self: Box<Self>) -> Result<VmExit> {
         Ok(Vmm::run(*self)?)
+    }
+    fn balloon(&self) -> Option<aivmm_devices::virtio::balloon::BalloonHandle> {
+        Vmm::balloon(self)
     }
 }
 

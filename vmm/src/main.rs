@@ -64,6 +64,7 @@ fn main() -> ExitCode {
         Command::Ps => code(aivmm::manage::ps()),
         Command::Stop { target, timeout } => code(aivmm::manage::stop(&target, timeout)),
         Command::Exec(args) => code(aivmm::manage::exec(&args)),
+        Command::Balloon(args) => code(aivmm::manage::balloon(&args)),
         Command::Trust(args) => aivmm::pins::default_path()
             .map_err(aivmm::trust::Error::from)
             .and_then(|pins| {
@@ -175,6 +176,9 @@ fn run(args: &RunArgs, started: Instant) -> Result<ExitCode, Box<dyn std::error:
     let config = VmConfig::try_from(args)?;
     let hv = KvmHypervisor::new()?;
     let vmm = Vmm::build(&hv, &config, started, Box::new(std::io::stdout()))?;
+    if let Some(path) = &args.control {
+        aivmm::control::serve(path, vmm.balloon())?;
+    }
     let raw = aivmm::console::RawTerminal::enter();
     aivmm::console::spawn_stdin_pump(vmm.serial(), raw.is_raw());
     let exit = vmm.run();

@@ -36,6 +36,9 @@ pub enum Error {
     /// The state directory cannot be located.
     #[error(transparent)]
     Workdir(#[from] workdir::Error),
+    /// The control socket failed.
+    #[error(transparent)]
+    Control(#[from] crate::control::Error),
     /// The process could not be signalled.
     #[error("cannot signal aivmm (pid {0}): {1}")]
     Signal(u32, std::io::Error),
@@ -196,6 +199,30 @@ pub fn stop(target: &str, timeout: u64) -> Result<i32> {
             m.workdir.display(),
             t.elapsed().as_secs_f64()
         );
+    }
+    Ok(0)
+}
+
+/// `aivmm balloon TARGET [SIZE]`: sets the balloon of the VM on a workdir (or
+/// pid, or `--control` socket) and prints what it and the guest say.
+pub fn balloon(args: &crate::cli::BalloonArgs) -> Result<i32> {
+    use crate::control::{self, Request};
+    use std::os::unix::fs::FileTypeExt;
+    let is_socket = std::fs::metadata(&args.target).is_ok_and(|m| m.file_type().is_socket());
+    let path = if is_socket {
+        PathBuf::from(&args.target)
+    } else {
+        find(&args.target)?.0.join("control.sock")
+    };
+    let req = match args.size {
+        Some(size) => Request::Balloon { size },
+        None => Request::Status,
+    };
+    let reply = control::request(&path, &req)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&reply).unwrap_or_default());
+    } else if let Some(b) = &reply.balloon {
+        print!("{}", control::describe(b));
     }
     Ok(0)
 }

@@ -145,6 +145,9 @@ fn vm(
         memory: s.memory.value,
         acpi: !a.no_acpi,
         rng: !a.no_rng,
+        // Linux only for now: on macOS the balloon could not give memory back
+        // (see `balloon::discard`).
+        balloon: !a.no_balloon && cfg!(target_os = "linux"),
         disks,
         shares,
         net: s.net.value.clone(),

@@ -119,6 +119,8 @@ pub struct Vmm {
     landlock: Option<crate::landlock::Rules>,
     /// Where the devices start their workers (routed in [`Vmm::run`]).
     spawner: Spawner,
+    /// The memory balloon's handle (for the control socket).
+    balloon: Option<aivmm_devices::virtio::balloon::BalloonHandle>,
     /// The first kernel panic line the guest printed on its console, and when.
     panic_line: Arc<Mutex<Option<(String, Instant)>>>,
 }
@@ -325,9 +327,10 @@ impl Vmm {
             .map_err(|e| device_err("boot-timer", e))?;
 
         let virtio = virtio_devices(config)?;
+        let balloon = virtio.balloon;
         let spawner = Spawner::default();
         let mut placed = Vec::new();
-        for (i, (name, dev)) in virtio.into_iter().enumerate() {
+        for (i, (name, dev)) in virtio.list.into_iter().enumerate() {
             let name = name.as_str();
             let addr = layout::VIRTIO_MMIO_START + i as u64 * layout::VIRTIO_MMIO_SIZE;
             let irq = layout::VIRTIO_IRQ_START + i as u32;
@@ -401,6 +404,7 @@ impl Vmm {
             started,
             seccomp,
             spawner,
+            balloon,
             landlock: (config.landlock == crate::landlock::LandlockMode::On)
                 .then(|| crate::landlock::Rules::for_vm(config)),
             panic_line,
@@ -416,6 +420,11 @@ impl Vmm {
     /// guest to shut down; the guest then powers off through the PM block.
     pub fn power_button(&self) -> Arc<Mutex<Ged>> {
         self.ged.clone()
+    }
+
+    /// The memory balloon, if the VM has one.
+    pub fn balloon(&self) -> Option<aivmm_devices::virtio::balloon::BalloonHandle> {
+        self.balloon.clone()
     }
 
     /// Guest memory.

@@ -154,7 +154,13 @@ pub fn build<A: HvfApi>(
         }
         None => None,
     };
-    let virtio = crate::devices_setup::virtio_devices(config)?;
+    // No balloon on Hypervisor.framework yet: it could not give memory back there
+    // (see `balloon::discard`).
+    let virtio = crate::devices_setup::virtio_devices(&VmConfig {
+        balloon: false,
+        ..config.clone()
+    })?
+    .list;
     Ok(HvfMachine::build(
         hyp,
         Parts {

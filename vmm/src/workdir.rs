@@ -168,6 +168,11 @@ impl WorkdirState {
         self.dir.join("vsock.sock")
     }
 
+    /// The control socket (`aivmm balloon`).
+    pub fn control_path(&self) -> PathBuf {
+        self.dir.join("control.sock")
+    }
+
     /// The serial console log.
     pub fn console_log(&self) -> PathBuf {
         self.dir.join("console.log")

@@ -15,6 +15,7 @@ pub const BOOT_MODULES: &[&str] = &[
     "virtio_blk",
     "virtio_net",
     "virtio_rng",
+    "virtio_balloon",
     "virtio_console",
     "fuse",
     "virtiofs",

@@ -645,6 +645,7 @@ mod tests {
             "virtio_blk" => "CONFIG_VIRTIO_BLK",
             "virtio_net" => "CONFIG_VIRTIO_NET",
             "virtio_rng" => "CONFIG_HW_RANDOM_VIRTIO",
+            "virtio_balloon" => "CONFIG_VIRTIO_BALLOON",
             "virtio_console" => "CONFIG_VIRTIO_CONSOLE",
             "fuse" => "CONFIG_FUSE_FS",
             "virtiofs" => "CONFIG_VIRTIO_FS",
