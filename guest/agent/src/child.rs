@@ -146,14 +146,44 @@ fn command(spec: &Spec) -> io::Result<Command> {
         }
         cmd.current_dir(dir);
     }
-    // std drops supplementary groups when it changes the uid.
-    if let Some(g) = spec.gid {
-        cmd.gid(g);
-    }
-    if let Some(u) = spec.uid {
-        cmd.uid(u);
-    }
+    // The identity changes in `become_user`, after the OOM score is reset.
     Ok(cmd)
+}
+
+/// Between fork and exec, as root still: the command goes back to the default OOM
+/// score (the agent protects itself, see `protect_from_oom_killer`), then takes
+/// `spec`'s identity (no supplementary groups). Only async-signal-safe calls.
+fn become_user(gid: Option<u32>, uid: Option<u32>) -> io::Result<()> {
+    // SAFETY: open, write and close of a constant path with a constant buffer.
+    unsafe {
+        let fd = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd >= 0 {
+            libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+        }
+    }
+    if uid.is_some() || gid.is_some() {
+        // SAFETY: setgroups with an empty list, setgid and setuid change only
+        // this (forked) process's credentials.
+        unsafe {
+            cvt(libc::setgroups(0, std::ptr::null()))?;
+            if let Some(g) = gid {
+                cvt(libc::setgid(g))?;
+            }
+            if let Some(u) = uid {
+                cvt(libc::setuid(u))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Makes the agent the OOM killer's last choice (-1000, as root in the guest): a
+/// build that runs the guest out of memory loses one of its own processes, not
+/// the agent that reports how it ended. Each command goes back to the default
+/// score before it runs ([`become_user`]). Returns why it could not.
+pub fn protect_from_oom_killer() -> io::Result<()> {
+    std::fs::write("/proc/self/oom_score_adj", "-1000")
 }
 
 /// Between fork and exec: every signal back to its default action. An ignored
@@ -179,6 +209,7 @@ fn default_signals() {
 /// Starts `spec`'s command in a new session.
 pub fn spawn(spec: &Spec) -> io::Result<Running> {
     let mut cmd = command(spec)?;
+    let (gid, uid) = (spec.gid, spec.uid);
     if spec.tty {
         let (master, slave) = open_pty(spec.rows, spec.cols)?;
         cmd.stdin(Stdio::from(slave.try_clone()?))
@@ -187,12 +218,12 @@ pub fn spawn(spec: &Spec) -> io::Result<Running> {
         // SAFETY: the closure runs between fork and exec and only makes
         // async-signal-safe system calls.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 default_signals();
                 cvt(libc::setsid())?;
                 // fd 0 is the pty slave; make it the session's controlling terminal.
                 cvt(libc::ioctl(0, libc::TIOCSCTTY, 0))?;
-                Ok(())
+                become_user(gid, uid)
             });
         }
         let child = cmd.spawn()?;
@@ -208,13 +239,13 @@ pub fn spawn(spec: &Spec) -> io::Result<Running> {
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        // SAFETY: the closure runs between fork and exec and only calls
-        // sigaction and setsid, which are async-signal-safe.
+        // SAFETY: the closure runs between fork and exec and only makes
+        // async-signal-safe system calls (sigaction, setsid, become_user's).
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 default_signals();
                 cvt(libc::setsid())?;
-                Ok(())
+                become_user(gid, uid)
             });
         }
         let mut child = cmd.spawn()?;

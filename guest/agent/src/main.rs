@@ -189,6 +189,9 @@ fn run() -> Result<aivmm_protocol::ExitStatus, Error> {
     // Only in a VM: with a unix socket the agent runs beside its host, in tests.
     if matches!(args.addr, Address::Vsock { .. }) {
         power::watch();
+        if let Err(e) = child::protect_from_oom_killer() {
+            eprintln!("aivmm-agent: the OOM killer may pick the agent: setting its OOM score failed: {e}");
+        }
     }
     if let Some(l) = args.exec.clone() {
         spawn_exec_listener(l);

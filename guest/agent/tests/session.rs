@@ -367,6 +367,22 @@ fn user_and_group() {
     };
     let (code, _, out, _) = run(spec, b"");
     assert_eq!((code, out.as_str()), (0, "65534\n65533\n65533\n"));
+    // An agent shielded from the OOM killer (it inherits this process's score here)
+    // gives its command the default score, whatever user it runs as. (Where even
+    // root may not lower its score, a raised one stands in for it.)
+    if std::fs::write("/proc/self/oom_score_adj", "-1000").is_err() {
+        std::fs::write("/proc/self/oom_score_adj", "500").unwrap();
+    }
+    for uid in [None, Some(65534)] {
+        let spec = Spec {
+            uid,
+            gid: uid,
+            ..cmd(&["cat", "/proc/self/oom_score_adj"])
+        };
+        let (code, _, out, _) = run(spec, b"");
+        assert_eq!((code, out.as_str()), (0, "0\n"), "uid {uid:?}");
+    }
+    std::fs::write("/proc/self/oom_score_adj", "0").unwrap();
 }
 
 /// A host that breaks the protocol: the agent reports an error and exits, it does
