@@ -42,6 +42,11 @@ SCENARIOS = {
     "vsock": "--vsock: 16 MiB guest->L1 (CID 2 port 5000 -> PATH_5000) and L1->guest (CONNECT 5001), "
     "sha256-checked; MiB/s",
     "net-tap": "--net tap:tap0: static 10.0.99.2, ping L1's 10.0.99.1, 32 MiB each way over TCP; MiB/s",
+    "density": "4 idle 1 GiB VMs side by side (the io L2): the total RSS of the four aivmm processes, next to "
+    "4 QEMU microvm, and 4 QEMU microvm with a free page reporting balloon (figures, by name)",
+    "balloon": "virtio-balloon, a 2 GiB guest: it fills 1 GiB of page cache and drops it; free page reporting "
+    "brings aivmm's RSS down by 700 MiB within 10 s. `aivmm balloon` inflates it to 1.5 GiB, then the guest "
+    "needs 768 MiB: the driver deflates (DEFLATE_ON_OOM) and nothing is OOM-killed; the guest's statistics show",
 }
 
 # All of them run by default. `forward` once failed for want of two things in the test,
@@ -50,12 +55,12 @@ SCENARIOS = {
 # retried; so L1 speaks first (as HTTP does) and retries idle connections.
 # `net` runs on aivmm's own network; the side-by-side with passt and TAP is the bench's
 # net rows (bookworm's passt now and then resets or stalls a 32 MiB transfer in L1).
-NOT_DEFAULT = set()
+NOT_DEFAULT = {"density"}
 
 # Seconds each takes at most (the L1 overall timeout is the sum).
 BUDGET = {"fs-many": 120, "fs-ro": 120, "fs-escape": 120, "blk-ro": 120, "net": 300, "host-loopback": 200, "forward": 150, "vsock": 150,
           "net-tap": 300, "net-policy": 150, "net-allow": 150, "net-allow-only": 150, "net-passt": 150,
-          "net-dns": 150, "net-many": 240}
+          "net-dns": 150, "net-many": 240, "balloon": 600, "density": 900}
 # Extra seconds for the extended fs and blk scenarios (blk boots a second time).
 EXTRA_BUDGET = {"fs": 60, "blk": 120}
 
@@ -78,7 +83,11 @@ REQUIRED = {
     "net-policy": ["dhcp", "public", "private-refused", "metadata-refused", "loopback-refused",
                    "host-own-address-refused", "ping-private-refused"],
     "net-dns": ["dhcp", "dns-l1-only", "dns-nxdomain"],
+    "balloon": ["balloon-driver", "mount", "fill-cache", "cache-filled", "l1-rss-fell-700m", "l1-rss-fell-within-10s",
+                "l1-reported-free-pages", "l1-balloon-set", "l1-balloon-inflated", "fill-after-inflate",
+                "no-oom-kill", "l1-deflated-on-oom", "l1-guest-stats"],
     "net-many": ["dhcp", "limit-refuses", "after-flood", "l1-rss-bound"],
+    "density": ["l1-density-aivmm-four-idle", "l1-density-qemu-four-idle", "l1-density-qemu-fpr-four-idle"],
     "net-allow": ["dhcp", "dns-hosts", "private-allowed", "private-refused", "loopback-allowed",
                    "loopback-refused", "public", "ping-gateway", "ping-public", "ping-private-refused"],
     "net-allow-only": ["dhcp", "dns-allowed", "allowed", "allowed-other-port-refused",
@@ -102,7 +111,8 @@ def l2_extras(cpio, moddir, base_mods, h):
     h.add_binary(cpio, "bin/socat", "/usr/bin/socat")
     cpio.copy("bin/net-many", h.build_static("net-many"), 0o755)
     h.add_binary(cpio, "bin/git", "/usr/bin/git")
-    for scen, wanted in (("net", ["virtio_net"]), ("vsock", ["vmw_vsock_virtio_transport"])):
+    for scen, wanted in (("net", ["virtio_net"]), ("vsock", ["vmw_vsock_virtio_transport"]),
+                         ("balloon", ["virtio_balloon"])):
         extra = [m for m in h.module_closure(moddir, wanted) if m not in base_mods]
         h.add_modules(cpio, moddir, extra, f"order-{scen}")
 
@@ -169,8 +179,33 @@ def check_run(sc, tag, clean=True, required=None):
     return problems, info
 
 
+DENSITY_KINDS = (("aivmm", "aivmm"), ("qemu", "qemu-microvm"), ("qemu-fpr", "qemu-microvm+free-page-reporting"))
+
+
+def judge_density(sc):
+    """density: every VM booted and powered off cleanly; the RSS totals side by side."""
+    problems, info = check_run(sc, "density", clean=False)
+    for kind, _ in DENSITY_KINDS:
+        for i in range(1, 5):
+            p, _ = check_run(sc, f"density/{kind}/{i}")
+            problems += p
+    f = figures(sc, "density")
+    a = f.get("density_aivmm_rss_mib")
+    parts = []
+    for kind, name in DENSITY_KINDS:
+        v = f.get(f"density_{kind}_rss_mib")
+        if v:
+            parts.append(f"{name} {v:.0f} MiB" + (f" (aivmm/{name}: {a / v:.2f})" if a and kind != "aivmm" else ""))
+    info.append("density: total RSS of 4 idle 1 GiB VMs: " + ", ".join(parts))
+    if problems:
+        return False, "; ".join(problems), info
+    return True, "; ".join(info), []
+
+
 def judge(sc):
     """New scenarios: (ok, message, extra lines)."""
+    if sc.name == "density":
+        return judge_density(sc)
     problems, info = check_run(sc, sc.name)
     if sc.name == "fs-escape":
         r = sc.runs.get(sc.name)

@@ -83,7 +83,7 @@ rng)
 		echo "E2E-RESULT rng_bytes=0 rng_hex=nodev"
 	fi
 	;;
-fs-ro | fs-escape | fs-many | blk-ext4 | blk-ro | net | host-loopback | forward | net-policy | net-dns | net-many | net-bench | net-allow | net-allow-only | net-tap | vsock)
+fs-ro | fs-escape | fs-many | blk-ext4 | blk-ro | net | host-loopback | forward | net-policy | net-dns | net-many | net-bench | net-allow | net-allow-only | net-tap | vsock | balloon | density)
 	. /l2-io.sh && io_main "$scenario" # tests/e2e/l2-io.sh
 	;;
 hard-*) . /l2-hard.sh && hard_main "$scenario" ;; # tests/e2e/l2-hard.sh

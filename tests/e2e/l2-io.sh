@@ -58,6 +58,19 @@ erofs() { # erofs NAME CMD...: CMD must fail with "Read-only file system"
 
 sha() { sha256sum <"$1" | cut -d' ' -f1; }
 
+cache_mib() { # the page cache: files (Cached) and block devices (Buffers), MiB
+	awk '/^(Buffers|Cached):/ { k += $2 } END { print int(k / 1024) }' /proc/meminfo
+}
+
+wait_for() { # wait_for FILE SECS: until FILE exists (a note from L1 in the share)
+	n=0
+	while [ ! -e "$1" ] && [ $n -lt $(($2 * 5)) ]; do
+		sleep 0.2
+		n=$((n + 1))
+	done
+	[ -e "$1" ] || echo "E2E-CHECK wait-$(basename "$1") FAIL no $1 after $2 s"
+}
+
 mount_share() {
 	load_mods fs
 	mkdir -p /mnt
@@ -331,6 +344,45 @@ io_main() {
 		creates /mnt/many 2000
 		echo "E2E-FIG fs_creates_per_s=$CPS"
 		umount /mnt
+		;;
+	balloon)
+		# The memory balloon: L1 (l1-io.sh) measures aivmm's RSS and drives the
+		# balloon through its control socket; the two sides meet through files in
+		# the share.
+		load_mods balloon
+		load_mods blk
+		mount_share
+		ck balloon-driver sh -c 'ls /sys/bus/virtio/drivers/virtio_balloon | grep -q virtio'
+		# 1 GiB of page cache: the whole disk, read once. The disk stays open: a
+		# block device's cache is dropped at its last close.
+		exec 3</dev/vda
+		ck fill-cache dd if=/dev/vda of=/dev/null bs=1M
+		echo "E2E-FIG guest_cache_mib=$(cache_mib)"
+		ck cache-filled [ "$(cache_mib)" -ge 900 ]
+		: >/mnt/filled
+		wait_for /mnt/go-drop 600
+		echo 3 >/proc/sys/vm/drop_caches
+		exec 3<&-
+		echo "E2E-FIG guest_cache_after_drop_mib=$(cache_mib)"
+		: >/mnt/dropped
+		# L1 inflates the balloon to 1.5 GiB of the 2; then the guest needs 768 MiB
+		# it cannot drop (a tmpfs, no swap): the driver must deflate, not the OOM
+		# killer kill.
+		wait_for /mnt/inflated 600
+		mkdir -p /fill && mount -t tmpfs -o size=1g tmpfs /fill
+		ck fill-after-inflate dd if=/dev/zero of=/fill/f bs=1M count=768
+		ck no-oom-kill sh -c '! dmesg | grep -i -e "killed process" -e "out of memory"'
+		dmesg | grep -i -e "killed process" -e "out of memory" | head -5
+		rm -f /fill/f
+		: >/mnt/filled2
+		wait_for /mnt/done 600
+		umount /mnt
+		;;
+	density)
+		# Idle after boot, while L1 adds up the VMMs' memory, then power off.
+		load_mods balloon
+		echo "E2E-IDLE"
+		sleep 60
 		;;
 	*) echo "E2E-CHECK scenario FAIL l2-io.sh does not know $1" ;;
 	esac
