@@ -6,6 +6,7 @@
 //!
 //! ```text
 //! agent → host   Ready { version }
+//! host  → agent  Clock(now)                              (first, then now and then)
 //! host  → agent  Setup(Setup)                            (optional, before Start)
 //! host  → agent  Start(Spec)
 //! host  → agent  Input… Resize… Signal… CloseInput      (any order, any number)
@@ -46,6 +47,7 @@
 //! | 0x85 `CloseInput` | host→guest | nothing |
 //! | 0x86 `Setup` | host→guest | [`Setup`], see its docs for the field order |
 //! | 0x87 `Shutdown` | host→guest | `u32 grace_ms` |
+//! | 0x88 `Clock` | host→guest | `u64 unix_ns` |
 //!
 //! The two directions use separate type ranges, so a frame sent the wrong way is an
 //! unknown type. A decoding error leaves the stream out of step: drop the connection.
@@ -57,7 +59,7 @@ pub const AGENT_PORT: u32 = 1024;
 /// The guest vsock port the agent listens on for `aivmm exec` connections.
 pub const EXEC_PORT: u32 = 1025;
 /// The protocol version in [`ToHost::Ready`]. Bumped on any incompatible change.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// Size of the length prefix.
 pub const HEADER_LEN: usize = 4;
 /// The largest frame body (type byte and payload) either side accepts.
@@ -248,7 +250,18 @@ pub enum ToGuest {
         /// Milliseconds between SIGTERM and SIGKILL.
         grace_ms: u32,
     },
+    /// The host's wall clock as it sent this. Files in /work carry the host's
+    /// times, so the guest's clock must not lag it (make would see files from the
+    /// future): the agent moves the guest's clock forward to it. Sent first on
+    /// every connection, then every [`CLOCK_RESYNC_SECS`] while a command runs.
+    Clock {
+        /// Nanoseconds since the Unix epoch.
+        unix_ns: u64,
+    },
 }
+
+/// How often the host sends [`ToGuest::Clock`] during a command.
+pub const CLOCK_RESYNC_SECS: u64 = 30;
 
 /// A message type of one direction.
 pub trait Message: Sized {
@@ -270,6 +283,7 @@ const SIGNAL: u8 = 0x84;
 const CLOSE_INPUT: u8 = 0x85;
 const SETUP: u8 = 0x86;
 const SHUTDOWN: u8 = 0x87;
+const CLOCK: u8 = 0x88;
 
 impl Message for ToHost {
     fn encode_body(&self, out: &mut Vec<u8>) {
@@ -359,6 +373,10 @@ impl Message for ToGuest {
                 out.push(SHUTDOWN);
                 out.extend(grace_ms.to_le_bytes());
             }
+            Self::Clock { unix_ns } => {
+                out.push(CLOCK);
+                out.extend(unix_ns.to_le_bytes());
+            }
         }
     }
 
@@ -378,6 +396,7 @@ impl Message for ToGuest {
             SHUTDOWN => Self::Shutdown {
                 grace_ms: r.u32()?,
             },
+            CLOCK => Self::Clock { unix_ns: r.u64()? },
             k => return Err(Error::UnknownType(k)),
         };
         r.finish()?;
@@ -571,6 +590,10 @@ impl Cursor<'_> {
 
     fn i32(&mut self) -> Result<i32> {
         Ok(i32::from_le_bytes(self.array()?))
+    }
+
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.array()?))
     }
 
     fn string(&mut self) -> Result<String> {
@@ -771,6 +794,9 @@ mod tests {
                 ..Setup::default()
             }),
             ToGuest::Shutdown { grace_ms: 5000 },
+            ToGuest::Clock {
+                unix_ns: 1_796_000_000_123_456_789,
+            },
         ]
     }
 

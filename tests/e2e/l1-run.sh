@@ -111,10 +111,16 @@ rn_scenario() {
 			rm host-delete.txt
 			mkdir emptied; rmdir emptied
 			id -u >uid.txt
+			# The guest clock does not lag the host: a file just made here (its time
+			# is the host kernel'"'"'s) is not from the guest'"'"'s future.
+			touch clk.txt
+			m=$(stat -c %.9Y clk.txt); n=$(date +%s.%N)
+			awk -v m=$m -v n=$n "BEGIN { if (n >= m) print \"ok\"; else printf \"behind by %.3f s\\n\", m - n }" >clock.txt
 			echo workdir-guest-done
 			exit 3'
 		rn_console workdir $w
 		rn_ck workdir l1-a rn_is $w/a.txt "$(printf 'ONE\ntwo')"
+		rn_ck workdir l1-guest-clock rn_is $w/clock.txt ok
 		rn_ck workdir l1-deep rn_is $w/sub/deeper/d.txt deep
 		rn_ck workdir l1-renamed rn_is $w/renamed.txt keep
 		rn_ck workdir l1-host-edit rn_is $w/host-edit.txt "$(printf 'host\nedited')"

@@ -338,6 +338,7 @@ impl Session {
         if let Some(hook) = self.on_ready.lock().ok().and_then(|mut h| h.take()) {
             hook();
         }
+        conn.queue(&clock())?;
         if let Some(setup) = &self.setup {
             conn.queue(&ToGuest::Setup(setup.clone()))?;
         }
@@ -360,6 +361,7 @@ impl Session {
             io,
             control_rx: self.control_rx.as_raw_fd(),
             size: None,
+            next_clock: Instant::now() + Duration::from_secs(proto::CLOCK_RESYNC_SECS),
         }
         .run()
     }
@@ -441,6 +443,14 @@ impl Session {
         s.set_nonblocking(true)?;
         Ok(s)
     }
+}
+
+/// The host's wall clock, for the agent to set the guest's by.
+fn clock() -> ToGuest {
+    let unix_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    ToGuest::Clock { unix_ns }
 }
 
 /// The most characters of a guest `Error` message shown to the user.
@@ -759,6 +769,8 @@ struct Relay<'a> {
     control_rx: RawFd,
     /// The terminal size last sent.
     size: Option<(u16, u16)>,
+    /// When the guest's clock is set again.
+    next_clock: Instant,
 }
 
 impl Relay<'_> {
@@ -790,7 +802,12 @@ impl Relay<'_> {
             if let (Some(fd), true) = (self.io.input, self.conn.out.len() < OUT_LIMIT) {
                 fds[1] = poll_fd(fd.as_raw_fd(), libc::POLLIN);
             }
-            poll(&mut fds, Duration::MAX)?;
+            poll(&mut fds, self.next_clock.saturating_duration_since(Instant::now()))?;
+            if Instant::now() >= self.next_clock {
+                // The guest's clock drifts from the host's (NTP slews the host's).
+                self.conn.queue(&clock())?;
+                self.next_clock = Instant::now() + Duration::from_secs(proto::CLOCK_RESYNC_SECS);
+            }
             if fds[0].revents & libc::POLLOUT != 0 {
                 self.conn.flush()?;
             }
@@ -952,6 +969,13 @@ mod tests {
         let (r, out) = with_fake_agent(
             |mut s| {
                 proto::write_message(&mut s, &ToHost::Ready { version: VERSION }).unwrap();
+                // First the host's clock, as it was just now.
+                let Some(ToGuest::Clock { unix_ns }) = proto::read_message(&mut s).unwrap() else {
+                    panic!("no clock first");
+                };
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+                let sent = Duration::from_nanos(unix_ns);
+                assert!(sent <= now && now - sent < Duration::from_secs(5), "{sent:?} vs {now:?}");
                 let start: ToGuest = proto::read_message(&mut s).unwrap().unwrap();
                 assert_eq!(start, ToGuest::Start(spec()));
                 assert_eq!(

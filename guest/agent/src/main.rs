@@ -21,6 +21,8 @@
 #[cfg(target_os = "linux")]
 mod child;
 #[cfg(target_os = "linux")]
+mod clock;
+#[cfg(target_os = "linux")]
 mod hostile;
 #[cfg(target_os = "linux")]
 mod power;
@@ -189,6 +191,7 @@ fn run() -> Result<aivmm_protocol::ExitStatus, Error> {
     // Only in a VM: with a unix socket the agent runs beside its host, in tests.
     if matches!(args.addr, Address::Vsock { .. }) {
         power::watch();
+        clock::enable();
         if let Err(e) = child::protect_from_oom_killer() {
             eprintln!("aivmm-agent: the OOM killer may pick the agent: setting its OOM score failed: {e}");
         }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use aivmm_protocol::{self as proto, Decoder, ExitStatus, ToGuest, ToHost, MAX_CHUNK};
 
 use crate::child::{self, ChildIo, Running};
-use crate::{power, setup, Error};
+use crate::{clock, power, setup, Error};
 
 /// After the command exits, output that has not arrived within this long is dropped.
 pub const DRAIN_IDLE: Duration = Duration::from_millis(100);
@@ -49,6 +49,7 @@ pub fn serve(mut sock: File, first: bool) -> Result<ExitStatus, Error> {
                 &mut sock,
                 &ToHost::Error("setup is only for the first command".into()),
             )?,
+            Some(ToGuest::Clock { unix_ns }) => clock::follow_host(unix_ns),
             // Stopped before anything ran.
             Some(ToGuest::Shutdown { .. }) => {
                 let status = ExitStatus::Signal(libc::SIGTERM);
@@ -425,6 +426,7 @@ impl Relay {
             ToGuest::Shutdown { grace_ms } => {
                 self.stop_command(Duration::from_millis(grace_ms.into()));
             }
+            ToGuest::Clock { unix_ns } => clock::follow_host(unix_ns),
             ToGuest::CloseInput => {
                 if let ChildIo::Pty(m) = &self.running.io {
                     // A pty has no half-close: send its end-of-file character. It
