@@ -62,7 +62,7 @@ BUDGET = {"agent-hostile": 700, "protected-paths": 300, "trust": 700, "long-work
 
 # Checks that must be present, per run tag.
 REQUIRED = {
-    "workdir": ["l1-a", "l1-guest-clock", "l1-deep", "l1-renamed", "l1-host-edit", "l1-deleted", "l1-guest-uid", "l1-owner"],
+    "workdir": ["l1-a", "l1-guest-clock", "l1-guest-tools", "l1-deep", "l1-renamed", "l1-host-edit", "l1-deleted", "l1-guest-uid", "l1-owner"],
     "parallel": ["l1-workdirs", "l1-meet", "l1-ro-untouched"],
     "lock/a": ["started"],
     "stop/a": ["started"],

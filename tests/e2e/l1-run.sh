@@ -116,11 +116,15 @@ rn_scenario() {
 			touch clk.txt
 			m=$(stat -c %.9Y clk.txt); n=$(date +%s.%N)
 			awk -v m=$m -v n=$n "BEGIN { if (n >= m) print \"ok\"; else printf \"behind by %.3f s\\n\", m - n }" >clock.txt
+			# What a shell in the guest expects: mount (modprobe does not work yet:
+			# the image has a text modules.dep but no modules.dep.bin).
+			{ mount | grep -q " /work " && echo ok; } >tools.txt 2>&1 || true
 			echo workdir-guest-done
 			exit 3'
 		rn_console workdir $w
 		rn_ck workdir l1-a rn_is $w/a.txt "$(printf 'ONE\ntwo')"
 		rn_ck workdir l1-guest-clock rn_is $w/clock.txt ok
+		rn_ck workdir l1-guest-tools rn_is $w/tools.txt ok
 		rn_ck workdir l1-deep rn_is $w/sub/deeper/d.txt deep
 		rn_ck workdir l1-renamed rn_is $w/renamed.txt keep
 		rn_ck workdir l1-host-edit rn_is $w/host-edit.txt "$(printf 'host\nedited')"
