@@ -116,9 +116,9 @@ rn_scenario() {
 			touch clk.txt
 			m=$(stat -c %.9Y clk.txt); n=$(date +%s.%N)
 			awk -v m=$m -v n=$n "BEGIN { if (n >= m) print \"ok\"; else printf \"behind by %.3f s\\n\", m - n }" >clock.txt
-			# What a shell in the guest expects: mount (modprobe does not work yet:
-			# the image has a text modules.dep but no modules.dep.bin).
-			{ mount | grep -q " /work " && echo ok; } >tools.txt 2>&1 || true
+			# What a shell in the guest expects: mount, and modprobe finding modules
+			# (kmod reads the modules.dep.bin the image build made).
+			{ mount | grep -q " /work " && modprobe --show-depends virtio_balloon | grep -Eq "virtio_balloon[.]ko|^builtin virtio_balloon" && echo ok; } >tools.txt 2>&1 || true
 			echo workdir-guest-done
 			exit 3'
 		rn_console workdir $w

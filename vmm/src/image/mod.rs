@@ -105,7 +105,7 @@ impl Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// Bumped whenever the builder changes what it puts in an image.
-pub const BUILDER_VERSION: &str = "1";
+pub const BUILDER_VERSION: &str = "2";
 /// The package list (see `guest-image/debian/packages.txt`).
 pub const PACKAGES: &str = include_str!("../../../guest-image/debian/packages.txt");
 /// The kernel metapackage; its dependency is the versioned kernel.
@@ -706,6 +706,20 @@ fn build_into(
 
     let step = progress.step("making the root filesystem", None);
     initramfs::write_modules_dep(&module_dir)?;
+    // modprobe (kmod) reads modules.dep.bin and the other binary indexes, which
+    // only depmod writes: the host's, on the module tree before it moves in.
+    let indexed = tools::run("depmod", ["-b".as_ref(), kernel_dir.as_os_str(), kver.as_ref()], None, &[])
+        .map_err(|e| e.to_string())
+        .and_then(|_| {
+            module_dir
+                .join("modules.dep.bin")
+                .exists()
+                .then_some(())
+                .ok_or_else(|| format!("depmod wrote no modules.dep.bin in {}", module_dir.display()))
+        });
+    if let Err(e) = indexed {
+        tracing::warn!("{e}: modprobe will not work in the guest (Debian: apt-get install kmod)");
+    }
     let staged_modules = staging.join("usr/lib/modules");
     std::fs::create_dir_all(&staged_modules).map_err(|e| Error::io(&staged_modules, e))?;
     std::fs::rename(&module_dir, staged_modules.join(&kver))
