@@ -150,7 +150,8 @@ def collect(sc):
         "ram_rss": {k: [] for k in KINDS}, "ram_map": {k: set() for k in KINDS},
         "setup": [], "setup_seen": [], "boot_timer": [], "warmup": {}, "phases": {},
         "started": {k: [] for k in KINDS}, "exit": {k: [] for k in KINDS},
-        "io": {"aivmm": {}, "qemu-microvm": {}, "aivmm-user": {}, "aivmm-passt": {}}, "broken": [],
+        "io": {"aivmm": {}, "qemu-microvm": {}, "qemu-vhost": {}, "aivmm-user": {}, "aivmm-passt": {}},
+        "broken": [],
         "io_problems": [],
     }
     for tag in sc.order:
@@ -268,6 +269,12 @@ def net_rows(d):
                                         med(passt.get("net_connects_per_s", [])), "connects/s"),
     }
     lines, missed = [], []
+    # The tap rows against QEMU with vhost-net (information: no goal).
+    vh = io["qemu-vhost"]
+    for d_ in ("up", "down"):
+        a, b = med(tap.get(f"tap_{d_}_MiBps", [])), med(vh.get(f"tap_{d_}_MiBps", []))
+        lines.append(f"net tap {d_} ratio aivmm/qemu-microvm-vhost: {fmt(ratio(a, b), 2)} "
+                     f"({fmt(a, 1)} against {fmt(b, 1)} MiB/s; QEMU -netdev tap,vhost=on)")
     for name, goal in NET_GOALS.items():
         a, b, unit = fig[name]
         v = ratio(a, b)
@@ -475,6 +482,9 @@ def write_results(d, m, boot_ratio, ov, dev):
     ]
     for devname, metric, unit, a, b in dev:
         t.append(f"| {devname} | {metric} ({unit}) | {fmt(a, 1)} | {fmt(b, 1)} | {fmt(ratio(a, b), 2)} |")
+    for key, metric in (("tap_up_MiBps", "tcp_up"), ("tap_down_MiBps", "tcp_down")):
+        a, b = med(d["io"]["aivmm"].get(key, [])), med(d["io"]["qemu-vhost"].get(key, []))
+        t.append(f"| net | {metric}, QEMU vhost=on (MiB/s) | {fmt(a, 1)} | {fmt(b, 1)} | {fmt(ratio(a, b), 2)} |")
     t += [
         "",
         "## Method",
@@ -499,7 +509,8 @@ def write_results(d, m, boot_ratio, ov, dev):
         "- blk: `tests/e2e/bench-randread.c`, 4 KiB random reads with O_DIRECT at queue depth 1 for 5 s "
         "on a 64 MiB raw image in L1's tmpfs (aivmm `--disk`, QEMU `virtio-blk-device`).",
         "- net: 32 MiB each way over TCP between the guest and socat in L1, through one tap "
-        "(aivmm `--net tap:`, QEMU `-netdev tap,vhost=off` + `virtio-net-device`).",
+        "(aivmm `--net tap:`, QEMU `-netdev tap` + `virtio-net-device`, with vhost=off and again "
+        "with vhost=on: the kernel's vhost-net, QEMU's best on a tap).",
         "- Device runs give both VMMs an RLIMIT_NOFILE of 1000000 (virtiofsd sets that itself; aivmm raises "
         "its soft limit to the hard one, which L1's init leaves at 4096, too few fds for the 10,000-file "
         "tree: aivmm keeps one per inode).",

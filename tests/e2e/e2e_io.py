@@ -124,7 +124,7 @@ def l1_extras(cpio, moddir, h):
     cpio.copy("bin/tinydns", h.build_static("tinydns"), 0o755)
     for b in ("/usr/bin/socat", "/usr/bin/passt", "/usr/bin/git", "/usr/sbin/debugfs", "/usr/sbin/e2fsck"):
         h.add_binary(cpio, "bin/" + os.path.basename(b), b)
-    h.add_modules(cpio, moddir, h.module_closure(moddir, ["tun", "veth"]), "io-order")
+    h.add_modules(cpio, moddir, h.module_closure(moddir, ["tun", "veth", "vhost_net"]), "io-order")
     cpio.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n")
     cpio.file("etc/group", b"root:x:0:\nnogroup:x:65534:\n")
 
