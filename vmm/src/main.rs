@@ -182,6 +182,9 @@ fn run(args: &RunArgs, started: Instant) -> Result<ExitCode, Box<dyn std::error:
     let raw = aivmm::console::RawTerminal::enter();
     aivmm::console::spawn_stdin_pump(vmm.serial(), raw.is_raw());
     let exit = vmm.run();
+    if let Some(path) = &args.control {
+        let _ = std::fs::remove_file(path);
+    }
     let _ = std::io::stdout().flush();
     drop(raw);
     match exit? {
