@@ -16,6 +16,7 @@ use fuse_backend_rs::api::filesystem::FileSystem;
 use fuse_backend_rs::api::server::Server;
 #[cfg(target_os = "linux")]
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
+#[cfg(target_os = "linux")]
 use log::debug;
 #[cfg(target_os = "linux")]
 use virtio_queue::DescriptorChain;
