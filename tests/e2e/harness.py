@@ -1173,7 +1173,11 @@ def watch(proc, names, vmm_mode, runs, overall, logdir, t0, monitor, budgets, re
         reported.add(name)
         with open(os.path.join(logdir, f"scenario-{name.replace('#', '-')}.log"), "w") as f:
             f.write("\n".join(sc.lines) + "\n")
-        if not ok and retry_hang and TRIPLE_FAULT in msg and triple_retries[0] < TRIPLE_FAULT_RETRIES:
+        # The judge's message may name another line of a run whose VM triple-faulted
+        # (trust/narrow's named its first stderr line): look at every run's errors.
+        triple_faulted = TRIPLE_FAULT in msg or any(
+            TRIPLE_FAULT in l for r in sc.runs.values() for _, l in r.err if l.startswith("aivmm: error:"))
+        if not ok and retry_hang and triple_faulted and triple_retries[0] < TRIPLE_FAULT_RETRIES:
             # An L2 that triple-faults at a random point (its state corrupted in a
             # world switch: the same nested-SVM-under-TCG fault that crashes L1 under
             # port-exit storms) is the emulator's, not the scenario's. Run it once
