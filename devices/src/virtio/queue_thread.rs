@@ -106,12 +106,9 @@ pub fn run_worker(name: &str, epoll: &Epoll, queue_evt: &EventFd, process: &mut 
 }
 
 /// Serves every available chain of `queue` with `serve` (which returns the bytes
-/// it wrote into the chain), returning each on the used ring, until the driver has
-/// added nothing since notifications were re-enabled; then raises the interrupt if
-/// the driver wants it. `what` names the queue in logs ("virtio-blk").
-///
-/// It stops as well when nothing could be popped: a bogus avail index from a
-/// hostile driver would otherwise keep the worker spinning.
+/// it wrote into the chain), returning each on the used ring (see
+/// [`for_each_available`]); then raises the interrupt if the driver wants it.
+/// `what` names the queue in logs ("virtio-blk").
 pub fn drain_queue(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
@@ -120,6 +117,30 @@ pub fn drain_queue(
     mut serve: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
 ) {
     let mut used_any = false;
+    for_each_available(queue, mem, what, |queue, chain| {
+        let head = chain.head_index();
+        let len = serve(chain);
+        match queue.add_used(mem, head, len) {
+            Ok(()) => used_any = true,
+            Err(e) => debug!("{what}: returning chain {head} failed: {e}"),
+        }
+    });
+    if used_any {
+        signal_used(queue, mem, interrupt, what);
+    }
+}
+
+/// Hands `each` every available chain of `queue` (with the queue, for a device
+/// that returns chains itself, or keeps one), until the driver has added nothing
+/// since notifications were re-enabled. It stops as well when nothing could be
+/// popped: a bogus avail index from a hostile driver would otherwise keep the
+/// worker spinning.
+pub fn for_each_available(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    what: &str,
+    mut each: impl FnMut(&mut Queue, DescriptorChain<&GuestMemoryMmap>),
+) {
     loop {
         if let Err(e) = queue.disable_notification(mem) {
             warn!("{what}: disabling notifications failed: {e}");
@@ -127,12 +148,7 @@ pub fn drain_queue(
         let mut progressed = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             progressed = true;
-            let head = chain.head_index();
-            let len = serve(chain);
-            match queue.add_used(mem, head, len) {
-                Ok(()) => used_any = true,
-                Err(e) => debug!("{what}: returning chain {head} failed: {e}"),
-            }
+            each(queue, chain);
         }
         match queue.enable_notification(mem) {
             Ok(true) if progressed => continue,
@@ -142,9 +158,6 @@ pub fn drain_queue(
                 break;
             }
         }
-    }
-    if used_any {
-        signal_used(queue, mem, interrupt, what);
     }
 }
 

@@ -14,7 +14,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use log::{debug, error, warn};
+use log::{debug, error};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -23,7 +23,7 @@ use super::device::Shared;
 use super::{BALLOON_PAGE_SIZE, MAX_PFNS_PER_CHAIN, MAX_REPORT_RANGES, MAX_STATS};
 use crate::sys::{ControlOperation, Epoll, EpollEvent, EventFd, EventSet};
 use crate::virtio::event_loop::{self, EventHandler};
-use crate::virtio::queue_thread::{drain_queue, signal_used};
+use crate::virtio::queue_thread::{drain_queue, for_each_available, signal_used};
 use crate::virtio::VirtioInterrupt;
 
 /// Discards guest range `addr`, `len` on the host; returns the bytes discarded.
@@ -234,34 +234,18 @@ impl RequestHandler {
         let Some(q) = self.stats.as_mut() else {
             return;
         };
-        let mem = &self.mem;
+        let (mem, bytes, shared, kept) = (&self.mem, &mut self.bytes, &self.shared, &mut self.stats_head);
         let mut returned = false;
-        loop {
-            if let Err(e) = q.disable_notification(mem) {
-                warn!("virtio-balloon: stats: disabling notifications failed: {e}");
-            }
-            let mut progressed = false;
-            while let Some(chain) = q.pop_descriptor_chain(mem) {
-                progressed = true;
-                let head = chain.head_index();
-                let values = read_stats(chain, mem, &mut self.bytes);
-                self.shared.post_stats(values);
-                if let Some(old) = self.stats_head.replace(head) {
-                    match q.add_used(mem, old, 0) {
-                        Ok(()) => returned = true,
-                        Err(e) => debug!("virtio-balloon: returning stats chain {old} failed: {e}"),
-                    }
+        for_each_available(q, mem, "virtio-balloon: stats", |q, chain| {
+            let head = chain.head_index();
+            shared.post_stats(read_stats(chain, mem, bytes));
+            if let Some(old) = kept.replace(head) {
+                match q.add_used(mem, old, 0) {
+                    Ok(()) => returned = true,
+                    Err(e) => debug!("virtio-balloon: returning stats chain {old} failed: {e}"),
                 }
             }
-            match q.enable_notification(mem) {
-                Ok(true) if progressed => continue,
-                Ok(_) => break,
-                Err(e) => {
-                    warn!("virtio-balloon: stats: enabling notifications failed: {e}");
-                    break;
-                }
-            }
-        }
+        });
         if returned {
             signal_used(q, mem, &*self.interrupt, "virtio-balloon: stats");
         }
