@@ -28,6 +28,12 @@ Method (the same for every VMM):
 - net: TCP over one tap in L1, 32 MiB each way (the net-tap guest and l1-io.sh's
   socat servers), QEMU with virtio-net-device and vhost=off.
 
+- ready: `aivmm run --workdir D -- sh -c 'echo ready'` on the Debian guest image
+  (noclaude) against QEMU microvm + virtiofsd (QEMU 7.2's C one) on the same kernel,
+  initrd and rootfs, the image's init running the command itself; exec -> the line
+  "ready", median of E2E_BENCH_RUNS each, plus one traced run each (the guest's
+  /run/aivmm/boot-trace). See l1-bench.sh's bench_ready.
+
 Checked against goals (GOALS), what the VMM controls: the setup ratio (exec to
 guest start, aivmm's `setup took` line against QEMU's `runstate_set` to running,
 both as vmmrun saw them), the memory overhead ratio, and aivmm's exit latency
@@ -42,6 +48,7 @@ import datetime
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 
@@ -70,11 +77,38 @@ SCENARIOS = {
 SCENARIOS["bench-net"] = (f"the bench's net rows alone, E2E_BENCH_IO_RUNS={IO_RUNS} each: 32 MiB each way and "
                           "200 sequential connects through aivmm's own network (--net user), passt (--net passt) "
                           "and a tap (aivmm and QEMU microvm), with the ratios against their goals")
+SCENARIOS["ready"] = (f"the bench's ready rows alone: `aivmm run --workdir D -- sh -c 'echo ready'` on the Debian "
+                      f"image against QEMU microvm + virtiofsd on the same kernel, initrd and rootfs, median of "
+                      f"E2E_BENCH_RUNS={RUNS} each, exec to \"ready\"")
+SCENARIOS["build"] = ("the bench's build rows alone: zlib (Debian's source package) in /work, git init/add/commit, "
+                      "configure, make -j2 and make test, in aivmm's guest and under QEMU microvm + virtiofsd on the "
+                      "same image; the output matches L1's native build file for file, no clock skew warning")
 # ~40 boots and the device runs: far too long for the default set (CI has 90 minutes).
-NOT_DEFAULT = {"bench", "bench-net"}
+NOT_DEFAULT = {"bench", "bench-net", "ready", "build"}
+# The Debian guest image (harness GUEST_IMAGE_SCENARIOS) each boots: "build" is
+# the image without Claude Code plus a C toolchain (IMAGE_FLAGS); the ready rows
+# boot whichever of the two L1 has.
+IMAGES = {"bench": "build", "ready": "noclaude", "build": "build"}
+IMAGE_FLAGS = {"build": ["--no-claude", "--package", "gcc", "--package", "make", "--package", "libc6-dev"]}
+# The build rows' project: Debian bookworm's zlib source (the upstream tarball of
+# the source package), fetched once from the Debian archive into the harness's
+# work directory and checked against the Sources index's sha256.
+BUILD_SRC_URL = "http://deb.debian.org/debian/pool/main/z/zlib/zlib_1.2.13.dfsg.orig.tar.bz2"
+BUILD_SRC_SHA256 = "71feb7947e3c00ef125f83b79a4e529bde31171e5babe48b391f06758d1ab0a1"
+BUILD_KINDS = ("aivmm", "qemu-virtiofsd", "qemu-virtiofsd-rs")
+BUILD_PEERS = {"qemu-virtiofsd": "QEMU 7.2's C virtiofsd", "qemu-virtiofsd-rs": "the Rust virtiofsd"}
+BUILD_NAME = "build ratio aivmm/qemu-microvm+virtiofsd"
+BUILD_GOAL = 0.8
+READY_KINDS = ("aivmm", "qemu-virtiofsd")
+READY_NAME = "ready ratio aivmm/qemu-microvm+virtiofsd"
+READY_GOAL = 0.6
+NO_READY = 'no "ready" line, '
 # A boot takes 5-15 s under nested TCG; 60 s each is the same slack qemu-compare has.
-BUDGET = {"bench": 3 * (RUNS + 1) * 60 + IO_RUNS * (2 * 180 + 4 * 150) + 300,
-          "bench-net": IO_RUNS * 4 * 150 + 120}
+BUDGET = {"bench": 5 * (RUNS + 1) * 60 + IO_RUNS * (2 * 180 + 4 * 150) + 300,
+          "bench-net": IO_RUNS * 4 * 150 + 120,
+          "ready": 2 * (RUNS + 1) * 60 + 120,
+          "build": 4 * 900 + 300}
+BUDGET["bench"] += BUDGET["build"]
 # The net rows' goals (at least): aivmm's own network against passt and a tap, in
 # the same L1, each way; connection setup at least passt's.
 NET_GOALS = {
@@ -101,8 +135,41 @@ def l2_extras(cpio, moddir, base_mods, h):
     cpio.copy("bin/bench-randread", out, 0o755)
 
 
-def l1_extras(cpio, moddir, h):
-    """L1 side: l1-bench.sh, QEMU's virtiofsd, the run counts."""
+def build_source(h):
+    """The build rows' source tarball in the work directory (fetched once), or None
+    with a note when it cannot be had (offline and not cached)."""
+    import hashlib
+    import urllib.request
+    out = os.path.join(h.WORK, os.path.basename(BUILD_SRC_URL))
+
+    def ok(path):
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest() == BUILD_SRC_SHA256
+    if os.path.exists(out) and ok(out):
+        return out
+    try:
+        with urllib.request.urlopen(BUILD_SRC_URL, timeout=60) as r, open(out + ".part", "wb") as f:
+            shutil.copyfileobj(r, f)
+    except OSError as e:
+        h.note(f"cannot fetch the build rows' source {BUILD_SRC_URL}: {e}")
+        return None
+    if not ok(out + ".part"):
+        h.note(f"{BUILD_SRC_URL}: sha256 mismatch (want {BUILD_SRC_SHA256}); the build rows will fail")
+        return None
+    os.replace(out + ".part", out)
+    return out
+
+
+def l1_extras(cpio, moddir, h, names=()):
+    """L1 side: l1-bench.sh, QEMU's virtiofsd, the run counts, and the build rows'
+    source if a scenario that builds is run."""
+    if {"bench", "build"} & set(names):
+        src = build_source(h)
+        if src:
+            cpio.copy("e2e/build-src.tar.bz2", src, 0o644)
+        rs = os.path.join(h.WORK, "virtiofsd-rs", "bin", "virtiofsd")
+        if os.path.exists(rs):  # tests/e2e/run installs it (cargo install virtiofsd)
+            h.add_binary(cpio, "bin/virtiofsd-rs", rs)
     cpio.copy("l1-bench.sh", os.path.join(HERE, "l1-bench.sh"), 0o644)
     vfsd = "/usr/lib/qemu/virtiofsd"
     if os.path.exists(vfsd):
@@ -153,6 +220,8 @@ def collect(sc):
         "io": {"aivmm": {}, "qemu-microvm": {}, "qemu-vhost": {}, "aivmm-user": {}, "aivmm-passt": {}},
         "broken": [],
         "io_problems": [],
+        "ready": {k: [] for k in READY_KINDS}, "ready_warmup": {}, "ready_trace": {k: {} for k in READY_KINDS},
+        "ready_guest": {}, "ready_retried": [], "build": {},
     }
     for tag in sc.order:
         parts = tag.split("/")
@@ -204,6 +273,28 @@ def collect(sc):
                     d["boot_timer"].append(r.boot_timer_ms())
                 for name, ms in setup_phases(r):
                     d["phases"].setdefault(name, []).append(ms)
+        elif part == "build" and kind in BUILD_KINDS + ("native",):
+            d["build"][kind] = r
+        elif part == "ready-trace" and kind in READY_KINDS:
+            d["ready_guest"][kind] = guest_trace(r)
+        elif part in ("ready", "ready-warmup") and kind in READY_KINDS:
+            ms = ready_ms(r)
+            if ms is None or r.exit != "0" or r.timeout:
+                errs = [l.strip() for _, l in r.err if l.startswith("aivmm: error:")] or \
+                    [l.strip() for _, l in r.err if l.strip()][-2:]
+                why = (f"{part} {kind}{' ' + parts[3] if len(parts) > 3 else ''}: "
+                       f"{NO_READY if ms is None else ''}exit {r.exit}{', timed out' if r.timeout else ''}: "
+                       f"{r.qemu_reset() or errs}")
+                if part == "ready" and f"bench/ready/{kind}/{parts[3]}r" in sc.runs:
+                    d["ready_retried"].append(why)  # its retry counts (or fails) instead
+                else:
+                    d["broken"].append(why)
+            elif part == "ready-warmup":
+                d["ready_warmup"][kind] = ms
+            else:
+                d["ready"][kind].append(ms)
+                for name, t in ready_trace(r, kind).items():
+                    d["ready_trace"][kind].setdefault(name, []).append(t)
         elif part in ("io", "net") and kind in d["io"]:
             problems, _ = e2e_io.check_run(sc, tag)
             if problems:
@@ -212,6 +303,161 @@ def collect(sc):
                 if v > 0:  # a rate of 0 is a failed step (its check says why), not a figure
                     d["io"][kind].setdefault(k, []).append(v)
     return d
+
+
+def ready_ms(r):
+    """When the VMM's stdout said "ready" (the command's own line), ms after exec."""
+    return next((ms for ms, l in r.out if l.strip() == "ready"), None)
+
+
+def ready_trace(r, kind):
+    """{step: ms after exec} of one ready run, as vmmrun saw the VMM's lines: where
+    the time between exec and "ready" goes."""
+    steps = {}
+    if kind == "aivmm":
+        pats = [("vCPU entry", r"setup took"), ("agent connected", r"the guest agent is ready after")]
+        for name, pat in pats:
+            ms = next((ms for ms, l in r.err if re.search(pat, l)), None)
+            if ms is not None:
+                steps[name] = ms
+    else:
+        ms = next((ms for ms, l in r.err if re.search(r"runstate_set .*new_state \d+ \(running\)", l)), None)
+        if ms is not None:
+            steps["vCPU entry"] = ms
+    ms = ready_ms(r)
+    if ms is not None:
+        steps["ready"] = ms
+    return steps
+
+
+def guest_trace(r):
+    """[(guest uptime s, step)] of a trace run: the lines `UPTIME STEP` that the
+    Debian image's init writes to /run/aivmm/boot-trace (the command cats it)."""
+    out = []
+    for _, l in r.out:
+        m = re.match(r"^(\d+\.\d+) ([a-z].*)$", l.strip())
+        if m:
+            out.append((float(m.group(1)), m.group(2)))
+    return out
+
+
+def ready_rows(d):
+    """(lines, missed goals) of the ready rows."""
+    m = {k: med(d["ready"][k]) for k in READY_KINDS}
+    v = ratio(m["aivmm"], m["qemu-virtiofsd"])
+    lines = [f"{READY_NAME}: {fmt(v, 2)} (goal: <= {READY_GOAL:g}; exec -> \"ready\" median ms: aivmm "
+             f"{fmt(m['aivmm'])}, qemu-microvm+virtiofsd {fmt(m['qemu-virtiofsd'])}; "
+             f"{len(d['ready']['aivmm'])} and {len(d['ready']['qemu-virtiofsd'])} runs)"]
+    for k in READY_KINDS:
+        tr = d["ready_trace"][k]
+        lines.append(f"  ready trace {k} (median ms after exec): "
+                     + ", ".join(f"{name} {fmt(med(v_))}" for name, v_ in tr.items())
+                     + f"; all runs {fmt_list(d['ready'][k])}; warm-up {fmt(d['ready_warmup'].get(k))}")
+        g = d["ready_guest"].get(k)
+        if g:
+            # Each step with the time it took since the one before (the first: the
+            # kernel's own boot, from uptime 0).
+            prev, steps = 0.0, []
+            for up, name in g:
+                steps.append(f"{name} {up:.2f} (+{(up - prev) * 1000:.0f} ms)")
+                prev = up
+            lines.append(f"  guest boot trace {k} (uptime s, one untimed run): " + ", ".join(steps))
+    for why in d["ready_retried"]:
+        lines.append(f"  ready run retried: {why}")
+    missed = []
+    if v is None:
+        missed.append(f"{READY_NAME}: not measured")
+    elif v > READY_GOAL:
+        missed.append(f"{READY_NAME} {fmt(v, 2)} > goal {READY_GOAL:g}")
+    return lines, missed
+
+
+BUILD_STEPS = ("build-start", "build-git", "build-configured", "build-made", "build-end")
+
+
+def build_seconds(r):
+    """build-start to build-end of one build run, as vmmrun stamped them, or None."""
+    if r is None or r.exit != "0":
+        return None
+    at = {s_: next((ms for ms, l in r.out if l.strip() == s_), None) for s_ in ("build-start", "build-end")}
+    if None in at.values():
+        return None
+    return (at["build-end"] - at["build-start"]) / 1000
+
+
+def build_rows(d):
+    """(lines, problems, missed goals) of the build rows."""
+    lines, problems, missed = [], [], []
+    t, steps = {}, {}
+    for k in ("native",) + BUILD_KINDS:
+        r = d["build"].get(k)
+        if r is None:
+            problems.append(f"build {k}: did not run")
+            continue
+        at = {s_: next((ms for ms, l in r.out if l.strip() == s_), None) for s_ in BUILD_STEPS}
+        if at["build-start"] is None or at["build-end"] is None or r.exit != "0":
+            tail = [l.strip() for _, l in (r.out + r.err) if l.strip()][-3:]
+            problems.append(f"build {k}: did not finish (exit {r.exit}; reached "
+                            f"{[s_ for s_ in BUILD_STEPS if at[s_] is not None][-1:]}): {r.qemu_reset() or tail}")
+            continue
+        t[k] = (at["build-end"] - at["build-start"]) / 1000
+        steps[k] = ", ".join(f"{b.split('-', 1)[1]} {(at[b] - at[a]) / 1000:.1f}"
+                             for a, b in zip(BUILD_STEPS, BUILD_STEPS[1:]) if at[a] is not None and at[b] is not None)
+        if not any(l.strip() == "build-no-skew" for _, l in r.out):
+            skew = [l.strip() for _, l in r.out if "skew" in l.lower() or "in the future" in l.lower()]
+            # The peer's own clock is its business: reported, not failed.
+            (problems if k == "aivmm" else lines).append(f"build {k}: make warned of clock skew: {skew[:2]}")
+        if k != "native":
+            res = r.results()
+            native = d["build"].get("native")
+            want = native.results().get("files") if native else None
+            if res.get("differ") != "0" or res.get("files") != want:
+                problems.append(f"build {k}: the output differs from L1's native build: {res.get('differ')} "
+                                f"file(s) ({res.get('first_diffs')}), {res.get('files')} files against {want}")
+    # Against the better peer.
+    peers = [k for k in BUILD_PEERS if k in t]
+    best = min(peers, key=lambda k: t[k]) if peers else None
+    v = ratio(t.get("aivmm"), t.get(best))
+    lines.append(f"{BUILD_NAME}: {fmt(v, 2)} (goal: <= {BUILD_GOAL:g}, against the better peer, "
+                 f"{BUILD_PEERS.get(best, 'none')}; zlib in /work, git + configure + make -j2 + make test, s: "
+                 f"aivmm {fmt(t.get('aivmm'), 1)}, "
+                 + ", ".join(f"qemu-microvm+{BUILD_PEERS[k]} {fmt(t.get(k), 1)}" for k in BUILD_PEERS)
+                 + f", L1 native {fmt(t.get('native'), 1)})")
+    for k in ("native",) + BUILD_KINDS:
+        if k in steps:
+            lines.append(f"  build steps {k} (s): {steps[k]}")
+    if v is None:
+        missed.append(f"{BUILD_NAME}: not measured")
+    elif v > BUILD_GOAL:
+        missed.append(f"{BUILD_NAME} {fmt(v, 2)} > goal {BUILD_GOAL:g}")
+    return lines, problems, missed
+
+
+def judge_build(sc):
+    """build: the build rows alone. It fails on a build that did not finish, an
+    output that differs from L1's native build, or a clock skew warning; the goal
+    is printed, not enforced."""
+    d = collect(sc)
+    lines, problems, missed = build_rows(d)
+    if problems:
+        return False, "; ".join(problems)[:1500], lines
+    return True, ("the builds match L1's native build file for file, no clock skew"
+                  + (f" ({'; '.join(missed)})" if missed else ", within the goal") + "; figures below"), lines
+
+
+def judge_ready(sc):
+    """ready: the ready rows alone. The goal is printed, not enforced (like the build
+    ratio, it is a figure for the README, not a gate)."""
+    d = collect(sc)
+    lines, missed = ready_rows(d)
+    problems = list(d["broken"])
+    for k in READY_KINDS:
+        if len(d["ready"][k]) < RUNS:
+            problems.append(f"{k}: {len(d['ready'][k])} of {RUNS} ready runs reported")
+    if problems:
+        return False, "; ".join(problems)[:1500], lines
+    return True, ("ready rows measured" + (f" ({'; '.join(missed)})" if missed else ", within the goal")
+                  + "; figures below"), lines
 
 
 def vm_span(r, kind):
@@ -300,6 +546,10 @@ def judge(sc, vmm_mode="aivmm"):
     """(ok, message, extra lines); writes benches/results/ when it has boot figures."""
     if sc.name == "bench-net":
         return judge_net(sc)
+    if sc.name == "ready":
+        return judge_ready(sc)
+    if sc.name == "build":
+        return judge_build(sc)
     d = collect(sc)
     m = {k: med(d["marker"][k]) for k in KINDS}
     lines = [f"  boot median ms (exec -> E2E-MARKER console line, {RUNS} timed boots each, round robin, "
@@ -360,6 +610,9 @@ def judge(sc, vmm_mode="aivmm"):
         dev.append((devname, metric, unit, a, b))
         lines.append(f"{devname} {metric} ratio aivmm/qemu-microvm: {fmt(ratio(a, b), 2)} "
                      f"(aivmm {fmt(a, 1)} {unit}, qemu-microvm {fmt(b, 1)} {unit})")
+    lines += ready_rows(d)[0]
+    b_lines, b_problems, _ = build_rows(d)
+    lines += b_lines
     net_lines, net_missed = net_rows(d)
     lines += net_lines
     missed += net_missed
@@ -378,7 +631,7 @@ def judge(sc, vmm_mode="aivmm"):
         except OSError as e:
             lines.append(f"  could not write benches/results: {e}")
 
-    problems = list(d["broken"]) + d["io_problems"]
+    problems = list(d["broken"]) + d["io_problems"] + b_problems
     for k in KINDS:
         if len(d["marker"][k]) < RUNS and not any(p.startswith(k) for p in d["broken"]):
             problems.append(f"{k}: {len(d['marker'][k])} of {RUNS} timed boots reported")
@@ -485,6 +738,25 @@ def write_results(d, m, boot_ratio, ov, dev):
     for key, metric in (("tap_up_MiBps", "tcp_up"), ("tap_down_MiBps", "tcp_down")):
         a, b = med(d["io"]["aivmm"].get(key, [])), med(d["io"]["qemu-vhost"].get(key, []))
         t.append(f"| net | {metric}, QEMU vhost=on (MiB/s) | {fmt(a, 1)} | {fmt(b, 1)} | {fmt(ratio(a, b), 2)} |")
+    rm = {k: med(d["ready"][k]) for k in READY_KINDS}
+    t += [
+        "",
+        "## Time to a working prompt, and a build in /work (aivmm vs QEMU microvm + virtiofsd)",
+        "",
+        "The Debian guest image on both sides (same kernel, initrd and rootfs; 1 vCPU; virtio-fs /work; "
+        "QEMU with QEMU 7.2's C virtiofsd, cache=auto). Lower is better.",
+        "",
+        "| | aivmm | QEMU microvm + virtiofsd | aivmm/QEMU |",
+        "|---|---:|---:|---:|",
+        f"| `aivmm run --workdir D -- sh -c 'echo ready'`, exec to \"ready\" (ms, median of "
+        f"{len(d['ready']['aivmm'])}/{len(d['ready']['qemu-virtiofsd'])}) | {fmt(rm['aivmm'])} | "
+        f"{fmt(rm['qemu-virtiofsd'])} | {fmt(ratio(rm['aivmm'], rm['qemu-virtiofsd']), 2)} |",
+    ]
+    bt = {k: build_seconds(d["build"].get(k)) for k in ("native",) + BUILD_KINDS}
+    for k, peer in BUILD_PEERS.items():
+        t.append(f"| zlib in /work: git init/add/commit, configure, make -j2, make test (s; QEMU with {peer}; "
+                 f"L1 natively: {fmt(bt['native'], 1)}) | {fmt(bt['aivmm'], 1)} | {fmt(bt[k], 1)} | "
+                 f"{fmt(ratio(bt['aivmm'], bt[k]), 2)} |")
     t += [
         "",
         "## Method",
@@ -506,6 +778,17 @@ def write_results(d, m, boot_ratio, ov, dev):
         "Rust virtiofsd would cost CI minutes. 64 MiB `dd` with fsync, read back after drop_caches; "
         "`git status` on a committed tree of 10,000 files in 100 directories (cold after drop_caches, "
         "and the median of three warm runs), as files per second.",
+        "- ready: `aivmm run --workdir D --net none --cpus 1 --memory 1G -- sh -c 'echo ready'` on the "
+        "Debian image without Claude Code; QEMU `-M microvm` with the same kernel, initrd and rootfs "
+        "(read-only), a state disk, `vhost-user-fs-device` tag `work` on D, and `aivmm.cmd=` so the "
+        "image's init runs the command itself (the claude-microvm seed's way, without Nix). Exec to the "
+        "line `ready` on the VMM's stdout; virtiofsd is started before QEMU's clock starts. One untimed "
+        "warm-up run each formats the state disks.",
+        "- build: zlib 1.2.13 (Debian bookworm's source package, 124 files) unpacked in L1; in /work: "
+        "`git init; git add -A; git commit; ./configure; make -j2; make test`, timed from the script's "
+        "first line to its last as stamped on the host; the image is the one above plus Debian's gcc, "
+        "make and libc6-dev. The tree each VM leaves matches L1's native build (a chroot of the same "
+        "image) file for file, .git aside, and make warned of no clock skew.",
         "- blk: `tests/e2e/bench-randread.c`, 4 KiB random reads with O_DIRECT at queue depth 1 for 5 s "
         "on a 64 MiB raw image in L1's tmpfs (aivmm `--disk`, QEMU `virtio-blk-device`).",
         "- net: 32 MiB each way over TCP between the guest and socat in L1, through one tap "

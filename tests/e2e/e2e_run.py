@@ -399,6 +399,7 @@ def judge(sc):
             if r is None or r.exit is None:
                 continue
             errs = [l for _, l in r.err if l.startswith("aivmm: error:")]
+            before = len(problems)
             if r.exit == "0":
                 problems.append(f"{tag}: exit 0 after a hostile agent")
             if len(errs) != 1:
@@ -417,6 +418,9 @@ def judge(sc):
                 problems.append(f"{tag}: the guest's console does not show its agent seeing the close: {con[-4:]}")
             if not any("aivmm-init: powering off" in l for l in con):
                 problems.append(f"{tag}: the guest's init did not power off cleanly: {con[-4:]}")
+            if len(problems) > before:
+                # What the run itself said: its error line, or its last stderr lines.
+                problems.append(f"{tag}: exit {r.exit} after {r.wall_ms} ms: {errs[:1] or _lines_err(r)}")
         f = sc.runs.get("agent-hostile/flood")
         res = f.results() if f else {}
         if res.get("rc") != "0" or int(res.get("bytes", "0") or 0) < (256 << 20):

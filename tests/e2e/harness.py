@@ -108,6 +108,7 @@ SCENARIOS.update(e2e_builder.SCENARIOS)
 GUEST_IMAGE_SCENARIOS.update(e2e_builder.IMAGES)
 SCENARIOS.update(e2e_kernel.SCENARIOS)
 GUEST_IMAGE_SCENARIOS.update(e2e_kernel.IMAGES)
+GUEST_IMAGE_SCENARIOS.update(e2e_bench.IMAGES)
 # Scenarios left out of the default set (run them by name).
 NOT_DEFAULT = set()
 NOT_DEFAULT.update(e2e_io.NOT_DEFAULT)
@@ -394,7 +395,8 @@ def build_guest_images(names, aivmm):
     for kind in kinds:
         out = os.path.join(WORK, f"image-{kind}")
         cmd = [aivmm, "image", "build", "--out", out] + (["--no-claude"] if kind == "noclaude" else [])
-        cmd += e2e_builder.IMAGE_FLAGS.get(kind, []) + e2e_kernel.IMAGE_FLAGS.get(kind, [])
+        cmd += (e2e_builder.IMAGE_FLAGS.get(kind, []) + e2e_kernel.IMAGE_FLAGS.get(kind, [])
+                + e2e_bench.IMAGE_FLAGS.get(kind, []))
         t = time.monotonic()
         r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
         complete = all(os.path.exists(os.path.join(out, f))
@@ -439,7 +441,7 @@ def guest_image_drives(images):
     return opts
 
 
-def build_l1(kernel, moddir, l2_initrd, aivmm, vmmrun):
+def build_l1(kernel, moddir, l2_initrd, aivmm, vmmrun, names=()):
     cpio = Cpio()
     add_busybox(cpio)
     kvm = module_closure(moddir, ["kvm"])
@@ -473,7 +475,7 @@ def build_l1(kernel, moddir, l2_initrd, aivmm, vmmrun):
     e2e_builder.l1_extras(cpio, moddir, sys.modules[__name__])
     e2e_kernel.l1_extras(cpio, moddir, sys.modules[__name__])
     e2e_hard.l1_extras(cpio)
-    e2e_bench.l1_extras(cpio, moddir, sys.modules[__name__])
+    e2e_bench.l1_extras(cpio, moddir, sys.modules[__name__], names)
     cpio.copy("init", os.path.join(HERE, "l1-init.sh"), 0o755)
     if os.environ.get("E2E_AIVMM_LOG"):
         cpio.file("e2e/aivmm-log", os.environ["E2E_AIVMM_LOG"].encode() + b"\n")
@@ -735,6 +737,8 @@ def judge(sc, vmm_mode):
         return e2e_run.judge(sc)
     if sc.name in e2e_kernel.SCENARIOS:
         return e2e_kernel.judge(sc)
+    if sc.name in e2e_bench.SCENARIOS:
+        return e2e_bench.judge(sc, vmm_mode)
     if sc.name in GUEST_IMAGE_SCENARIOS:
         return judge_guest(sc)
     if sc.name in e2e_io.SCENARIOS:
@@ -878,7 +882,7 @@ def main():
     vmmrun = build_vmmrun()
     l2, l2mods = build_l2(kernel, moddir)
     guest_images = build_guest_images(names, aivmm) if aivmm else {}
-    l1 = build_l1(kernel, moddir, l2, aivmm, vmmrun)
+    l1 = build_l1(kernel, moddir, l2, aivmm, vmmrun, names)
     if guest_images:  # appended to the L1 initramfs as a second cpio archive
         gi = Cpio()
         add_guest_images(gi, moddir, guest_images)

@@ -189,7 +189,9 @@ fn run() -> Result<aivmm_protocol::ExitStatus, Error> {
         return Ok(aivmm_protocol::ExitStatus::Code(0));
     }
     // Only in a VM: with a unix socket the agent runs beside its host, in tests.
-    if matches!(args.addr, Address::Vsock { .. }) {
+    let in_vm = matches!(args.addr, Address::Vsock { .. });
+    if in_vm {
+        boot_trace("agent started");
         power::watch();
         clock::enable();
         if let Err(e) = child::protect_from_oom_killer() {
@@ -204,7 +206,32 @@ fn run() -> Result<aivmm_protocol::ExitStatus, Error> {
             addr: args.addr.clone(),
             source,
         })?;
+    if in_vm {
+        boot_trace("agent connected");
+    }
     relay::serve(sock, true)
+}
+
+/// Appends `UPTIME STEP` to the guest init's boot trace (`/run/aivmm/boot-trace`,
+/// see guest-image/debian/init), if there is one: where boot time goes.
+#[cfg(target_os = "linux")]
+fn boot_trace(step: &str) {
+    use std::io::Write;
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes only the timespec it is given.
+    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } != 0 {
+        return;
+    }
+    let line = format!("{}.{:02} {step}\n", ts.tv_sec, ts.tv_nsec / 10_000_000);
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .append(true)
+        .open("/run/aivmm/boot-trace")
+    {
+        let _ = f.write_all(line.as_bytes());
+    }
 }
 
 #[cfg(target_os = "linux")]

@@ -654,6 +654,8 @@ mod tests {
                 "CONFIG_VIRTIO_VSOCKETS"
             }
             "overlay" => "CONFIG_OVERLAY_FS",
+            "button" => "CONFIG_ACPI_BUTTON",
+            "evdev" => "CONFIG_INPUT_EVDEV",
             _ => return None,
         })
     }

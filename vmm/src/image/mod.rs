@@ -336,23 +336,47 @@ impl Lock {
 }
 
 /// The cached image for `opts` if one was built before (no network), else a
-/// fresh build. `opts.force` always builds.
+/// fresh build. `opts.force` always builds. Where the same image was also built
+/// with aivmm's own kernel (`image build --kernel-from-source`, which boots
+/// faster), that one is used: building the kernel is the slow part, so it is
+/// never started here, only picked up once the user has built it.
 pub fn default_image(opts: &BuildOptions, progress: &Progress) -> Result<GuestImage> {
     if !opts.force && opts.out.is_none() {
-        let images = cache_root()?.join("images");
-        let pointer = images.join(format!(
-            "{}-{}.current",
-            image_name(opts),
-            digest(&recipe(opts))
-        ));
-        if let Ok(dir) = std::fs::read_to_string(&pointer) {
-            let dir = images.join(dir.trim());
-            if GuestImage::complete(&dir) {
-                return Ok(GuestImage::in_dir(&dir));
-            }
+        if let Some(img) = cached_default(&cache_root()?.join("images"), opts) {
+            return Ok(img);
         }
     }
     build(opts, progress)
+}
+
+/// [`default_image`]'s pick from the cache `images`: `opts`' image with aivmm's
+/// own kernel, else `opts`' image as asked.
+fn cached_default(images: &Path, opts: &BuildOptions) -> Option<GuestImage> {
+    let own_kernel = BuildOptions {
+        kernel_from_source: true,
+        ..opts.clone()
+    };
+    if let Some(img) = cached_image(images, &own_kernel) {
+        if !opts.kernel_from_source {
+            tracing::info!(
+                "using the image built with aivmm's own kernel ({})",
+                img.kernel.display()
+            );
+        }
+        return Some(img);
+    }
+    cached_image(images, opts)
+}
+
+/// The complete image for `opts` in the cache `images`, if there is one.
+fn cached_image(images: &Path, opts: &BuildOptions) -> Option<GuestImage> {
+    let pointer = images.join(format!(
+        "{}-{}.current",
+        image_name(opts),
+        digest(&recipe(opts))
+    ));
+    let dir = images.join(std::fs::read_to_string(&pointer).ok()?.trim());
+    GuestImage::complete(&dir).then(|| GuestImage::in_dir(&dir))
 }
 
 fn epoch() -> u64 {
@@ -822,6 +846,58 @@ mod tests {
             digest(&[("ab".into(), "c".into())]),
             digest(&[("a".into(), "bc".into())])
         );
+    }
+
+    #[test]
+    fn a_built_own_kernel_image_is_preferred() {
+        let images = tempfile::tempdir().unwrap();
+        let debian = BuildOptions {
+            with_claude: false,
+            ..BuildOptions::default()
+        };
+        let own = BuildOptions {
+            kernel_from_source: true,
+            ..debian.clone()
+        };
+        // `opts`' image in dir `name`, complete or not.
+        let put = |opts: &BuildOptions, name: &str, complete: bool| {
+            let dir = images.path().join(name);
+            std::fs::create_dir_all(&dir).unwrap();
+            let files: &[&str] = if complete {
+                &["vmlinuz", "initrd.cpio", "rootfs.ext4", "manifest.txt"]
+            } else {
+                &["vmlinuz", "initrd.cpio", "rootfs.ext4"]
+            };
+            for f in files {
+                std::fs::write(dir.join(f), b"x").unwrap();
+            }
+            let pointer = format!("{}-{}.current", image_name(opts), digest(&recipe(opts)));
+            std::fs::write(images.path().join(pointer), format!("{name}\n")).unwrap();
+        };
+        let dir_of = |img: Option<GuestImage>| img.map(|i| i.kernel.parent().unwrap().to_path_buf());
+        assert_eq!(dir_of(cached_default(images.path(), &debian)), None);
+        put(&debian, "deb", true);
+        assert_eq!(
+            dir_of(cached_default(images.path(), &debian)),
+            Some(images.path().join("deb"))
+        );
+        // An own-kernel build that did not finish is not used...
+        put(&own, "own", false);
+        assert_eq!(
+            dir_of(cached_default(images.path(), &debian)),
+            Some(images.path().join("deb"))
+        );
+        // ...a finished one is, for both.
+        put(&own, "own", true);
+        for o in [&debian, &own] {
+            assert_eq!(
+                dir_of(cached_default(images.path(), o)),
+                Some(images.path().join("own"))
+            );
+        }
+        // Another image's own kernel is not this one's.
+        let claude = BuildOptions::default();
+        assert_eq!(dir_of(cached_default(images.path(), &claude)), None);
     }
 
     #[test]
