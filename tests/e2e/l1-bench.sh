@@ -276,9 +276,11 @@ build_tree() {
 	# owned by another ("dubious ownership"), and tar keeps the tarball's owners.
 	tar xjf /e2e/build-src.tar.bz2 -C "$1" && mv "$1"/zlib-* "$1/zlib" && chown -R 0:0 "$1"
 }
-# build_sums DIR: sha256 of every file of the tree but .git, sorted.
+# build_sums DIR: sha256 of every file of the tree but .git (commit times) and
+# configure.log (zlib's configure writes `date` into it), sorted.
 build_sums() {
-	(cd "$1" && find zlib -path zlib/.git -prune -o -type f -print | LC_ALL=C sort | xargs sha256sum)
+	(cd "$1" && find zlib -path zlib/.git -prune -o -type f ! -path zlib/configure.log -print |
+		LC_ALL=C sort | xargs sha256sum)
 }
 bench_build_native() {
 	# The image's root read-only (it has /work, /tmp, /proc and /dev to mount on).
@@ -295,6 +297,56 @@ bench_build_native() {
 	vmmrun "bench/build/native" 900 -- /tmp/bref-run
 	umount $r/root/work $r/root/dev $r/root/proc $r/root/tmp $r/root
 }
+# bench_build_one KIND TAG: one build on a fresh tree, then its comparison with
+# the native build.
+bench_build_one() {
+	k=$1 tag=$2
+	build_tree /tmp/bw-$k
+	settle "$tag"
+	case $k in
+	aivmm)
+		rm -rf /tmp/build-state
+		XDG_STATE_HOME=/tmp/build-state AIVMM_LOG=warn,aivmm::launch=info vmmrun "$tag" 900 -- \
+			aivmm run --workdir /tmp/bw-$k --kernel /guest/build/vmlinuz --initrd /guest/build/initrd.cpio \
+			--rootfs "$BUILD_DEV" --net none --cpus 1 --memory 2G --disk-size 2G -- sh -c "$BUILD_SCRIPT"
+		;;
+	qemu-virtiofsd*)
+		rm -f /tmp/bvfsd.sock /tmp/build-qstate.img
+		truncate -s 2G /tmp/build-qstate.img
+		# The same cache mode (auto) and sandbox (chroot) for both daemons.
+		if [ $k = qemu-virtiofsd ]; then
+			virtiofsd -f --socket-path=/tmp/bvfsd.sock -o source=/tmp/bw-$k -o cache=auto \
+				-o sandbox=chroot >/tmp/bvfsd.log 2>&1 &
+		else
+			virtiofsd-rs --socket-path=/tmp/bvfsd.sock --shared-dir=/tmp/bw-$k --cache=auto \
+				--sandbox=chroot >/tmp/bvfsd.log 2>&1 &
+		fi
+		vp=$!
+		j=0
+		while [ ! -S /tmp/bvfsd.sock ] && [ $j -lt 50 ]; do sleep 0.1; j=$((j + 1)); done
+		vmmrun "$tag" 900 -- qemu-system-x86_64 -L /fw $QEMU_DIAG -M microvm,acpi=on,rtc=on \
+			-enable-kvm -cpu host -smp 1 -m 2G -nodefaults -no-user-config -display none -serial stdio \
+			-no-reboot -object memory-backend-memfd,id=mem,size=2G,share=on -M memory-backend=mem \
+			-global virtio-mmio.force-legacy=false \
+			-drive file="$BUILD_DEV",if=none,id=d0,format=raw,readonly=on -device virtio-blk-device,drive=d0 \
+			-drive file=/tmp/build-qstate.img,if=none,id=d1,format=raw -device virtio-blk-device,drive=d1 \
+			-chardev socket,id=vfs,path=/tmp/bvfsd.sock -device vhost-user-fs-device,chardev=vfs,tag=work \
+			-device virtio-rng-device -kernel /guest/build/vmlinuz -initrd /guest/build/initrd.cpio \
+			-append "console=ttyS0 quiet panic=-1 pci=off aivmm.uid=0 aivmm.gid=0 aivmm.cmd=$(printf %s "$BUILD_SCRIPT" | base64 | tr -d '\n')"
+		kill $vp 2>/dev/null
+		wait $vp 2>/dev/null
+		sed "s|^|@@O $tag 0 virtiofsd: |" /tmp/bvfsd.log | tail -n 3
+		rm -f /tmp/build-qstate.img
+		;;
+	esac
+	build_sums /tmp/bw-$k | LC_ALL=C sort >/tmp/bw-$k.sums
+	# The files whose content differs, or that only one side has (busybox's diff
+	# is unified only: the -/+ lines that carry a sum).
+	diff -U0 /tmp/bw-native.sums /tmp/bw-$k.sums | sed -n 's/^[-+][0-9a-f]\{64\}  //p' | LC_ALL=C sort -u >/tmp/bw-diff
+	echo "@@O $tag 0 E2E-RESULT files=$(wc -l </tmp/bw-$k.sums) differ=$(wc -l </tmp/bw-diff) first_diffs=$(head -n 8 /tmp/bw-diff | tr '\n' ,)"
+	rm -rf /tmp/bw-$k
+}
+
 bench_build() {
 	BUILD_DEV=$(guest_disk build)
 	if [ -z "$BUILD_DEV" ] || [ ! -s /e2e/build-src.tar.bz2 ]; then
@@ -303,7 +355,7 @@ bench_build() {
 	fi
 	build_tree /tmp/bw-native
 	bench_build_native
-	build_sums /tmp/bw-native >/tmp/bw-native.sums
+	build_sums /tmp/bw-native | LC_ALL=C sort >/tmp/bw-native.sums
 	echo "@@O bench/build/native 0 E2E-RESULT files=$(wc -l </tmp/bw-native.sums)"
 	kinds="aivmm qemu-virtiofsd"
 	if command -v virtiofsd-rs >/dev/null; then
@@ -312,48 +364,11 @@ bench_build() {
 		echo "@@O bench/build 0 E2E-CHECK rust-virtiofsd FAIL not in L1 (tests/e2e/run installs it with cargo)"
 	fi
 	for k in $kinds; do
-		build_tree /tmp/bw-$k
-		settle "bench/build/$k"
-		case $k in
-		aivmm)
-			XDG_STATE_HOME=/tmp/build-state AIVMM_LOG=warn,aivmm::launch=info vmmrun "bench/build/$k" 900 -- \
-				aivmm run --workdir /tmp/bw-$k --kernel /guest/build/vmlinuz --initrd /guest/build/initrd.cpio \
-				--rootfs "$BUILD_DEV" --net none --cpus 1 --memory 2G --disk-size 2G -- sh -c "$BUILD_SCRIPT"
-			;;
-		qemu-virtiofsd*)
-			rm -f /tmp/bvfsd.sock /tmp/build-qstate.img
-			truncate -s 2G /tmp/build-qstate.img
-			# The same cache mode (auto) and sandbox (chroot) for both daemons.
-			if [ $k = qemu-virtiofsd ]; then
-				virtiofsd -f --socket-path=/tmp/bvfsd.sock -o source=/tmp/bw-$k -o cache=auto \
-					-o sandbox=chroot >/tmp/bvfsd.log 2>&1 &
-			else
-				virtiofsd-rs --socket-path=/tmp/bvfsd.sock --shared-dir=/tmp/bw-$k --cache=auto \
-					--sandbox=chroot >/tmp/bvfsd.log 2>&1 &
-			fi
-			vp=$!
-			j=0
-			while [ ! -S /tmp/bvfsd.sock ] && [ $j -lt 50 ]; do sleep 0.1; j=$((j + 1)); done
-			vmmrun "bench/build/$k" 900 -- qemu-system-x86_64 -L /fw $QEMU_DIAG -M microvm,acpi=on,rtc=on \
-				-enable-kvm -cpu host -smp 1 -m 2G -nodefaults -no-user-config -display none -serial stdio \
-				-no-reboot -object memory-backend-memfd,id=mem,size=2G,share=on -M memory-backend=mem \
-				-global virtio-mmio.force-legacy=false \
-				-drive file="$BUILD_DEV",if=none,id=d0,format=raw,readonly=on -device virtio-blk-device,drive=d0 \
-				-drive file=/tmp/build-qstate.img,if=none,id=d1,format=raw -device virtio-blk-device,drive=d1 \
-				-chardev socket,id=vfs,path=/tmp/bvfsd.sock -device vhost-user-fs-device,chardev=vfs,tag=work \
-				-device virtio-rng-device -kernel /guest/build/vmlinuz -initrd /guest/build/initrd.cpio \
-				-append "console=ttyS0 quiet panic=-1 pci=off aivmm.uid=0 aivmm.gid=0 aivmm.cmd=$(printf %s "$BUILD_SCRIPT" | base64 | tr -d '\n')"
-			kill $vp 2>/dev/null
-			wait $vp 2>/dev/null
-			sed "s|^|@@O bench/build/$k 0 virtiofsd: |" /tmp/bvfsd.log | tail -n 3
-			rm -f /tmp/build-qstate.img
-			;;
-		esac
-		build_sums /tmp/bw-$k >/tmp/bw-$k.sums
-		# The files whose content differs, or that only one side has.
-		diff /tmp/bw-native.sums /tmp/bw-$k.sums | sed -n 's/^[<>] [0-9a-f]*  //p' | sort -u >/tmp/bw-diff
-		echo "@@O bench/build/$k 0 E2E-RESULT files=$(wc -l </tmp/bw-$k.sums) differ=$(wc -l </tmp/bw-diff) first_diffs=$(head -n 8 /tmp/bw-diff | tr '\n' ,)"
-		rm -rf /tmp/bw-$k
+		# A build that never reached its end (an L2 triple fault under L0's TCG,
+		# either VMM's) runs once more as <KIND>r; the judge says which.
+		bench_build_one $k "bench/build/$k" | tee /tmp/build.out
+		grep -q "^@@O bench/build/$k [0-9]* build-end$" /tmp/build.out ||
+			bench_build_one $k "bench/build/${k}r"
 	done
 	rm -rf /tmp/bw-native /tmp/build-state
 }

@@ -53,6 +53,14 @@ bench_fs() {
 	warm=$(printf '%s\n' "$w1" "$w2" "$w3" | sort -n | sed -n 2p)
 	ck git-status sh -c "[ '$cold' != 0 ] && [ '$w1' != 0 ] && [ '$w2' != 0 ] && [ '$w3' != 0 ]"
 	echo "E2E-FIG fs_seq_write_MiBps=$(rate 67108864 $((t1 - t0))) fs_seq_read_MiBps=$(rate 67108864 $((t3 - t2))) fs_git_status_cold_files_per_s=$cold fs_git_status_warm_files_per_s=$warm"
+	# 4 KiB random writes into a 16 MiB file (fio randwrite's defaults: buffered).
+	dd if=/dev/zero of=/mnt/rw bs=1M count=16 2>/dev/null && sync
+	out=$(/bin/bench-randread --write /mnt/rw 5 2>&1)
+	case "$out" in
+	E2E-FIG*) echo "$out" && echo "E2E-CHECK randwrite ok" ;;
+	*) echo "E2E-CHECK randwrite FAIL $out" ;;
+	esac
+	rm -f /mnt/rw
 	umount /mnt
 }
 
