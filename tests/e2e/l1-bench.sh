@@ -52,6 +52,45 @@ bench_boot() {
 	rm -f /tmp/bench.fifo
 }
 
+# vfsd_start SOCKET DIR [rs]: a virtiofsd serving DIR on SOCKET with aivmm's
+# default cache mode (auto), chroot-sandboxed: QEMU 7.2's C one (Debian's
+# qemu-system-common), or with rs the Rust one from crates.io. Waits for the
+# socket; vfsd_stop TAG ends it and puts its last lines in TAG's output.
+vfsd_start() {
+	rm -f "$1"
+	if [ "${3:-}" = rs ]; then
+		virtiofsd-rs --socket-path="$1" --shared-dir="$2" --cache=auto --sandbox=chroot >/tmp/vfsd.log 2>&1 &
+	else
+		virtiofsd -f --socket-path="$1" -o source="$2" -o cache=auto -o sandbox=chroot >/tmp/vfsd.log 2>&1 &
+	fi
+	VFSD_PID=$!
+	j=0
+	while [ ! -S "$1" ] && [ $j -lt 50 ]; do sleep 0.1; j=$((j + 1)); done
+}
+vfsd_stop() {
+	kill $VFSD_PID 2>/dev/null
+	wait $VFSD_PID 2>/dev/null
+	sed "s|^|@@O $1 0 virtiofsd: |" /tmp/vfsd.log | tail -n 3
+}
+
+# qemu_image TAG TIMEOUT KIND ROOTFS MEM STATE SOCKET COMMAND: QEMU microvm, 1 vCPU,
+# booting the Debian guest image KIND (/guest/KIND) as aivmm boots it: ROOTFS
+# read-only as vda, the state disk image STATE as vdb, the virtiofsd on SOCKET as
+# tag work (/work), an rng; the image's init runs COMMAND itself (aivmm.cmd=, its
+# fallback when no agent is shared). Guest RAM is a shared memfd (vhost-user needs
+# it) and virtio-mmio is modern (libvhost-user refuses legacy devices).
+qemu_image() {
+	vmmrun "$1" "$2" -- qemu-system-x86_64 -L /fw $QEMU_DIAG -M microvm,acpi=on,rtc=on -enable-kvm -cpu host \
+		-smp 1 -m "$5" -nodefaults -no-user-config -display none -serial stdio -no-reboot \
+		-object memory-backend-memfd,id=mem,size="$5",share=on -M memory-backend=mem \
+		-global virtio-mmio.force-legacy=false \
+		-drive file="$4",if=none,id=d0,format=raw,readonly=on -device virtio-blk-device,drive=d0 \
+		-drive file="$6",if=none,id=d1,format=raw -device virtio-blk-device,drive=d1 \
+		-chardev socket,id=vfs,path="$7" -device vhost-user-fs-device,chardev=vfs,tag=work \
+		-device virtio-rng-device -kernel "/guest/$3/vmlinuz" -initrd "/guest/$3/initrd.cpio" \
+		-append "console=ttyS0 quiet panic=-1 pci=off aivmm.uid=0 aivmm.gid=0 aivmm.cmd=$(printf %s "$8" | base64 | tr -d '\n')"
+}
+
 # The fs bench's share: a git tree of 10,000 files in 100 directories, committed
 # and refreshed in L1 (so `git status` in the guest finds nothing to do), plus room
 # for the sequential file.
@@ -103,20 +142,13 @@ bench_scenario() {
 		# qemu-system-common) with the same cache mode as aivmm's default, and guest
 		# RAM QEMU can share with it (a memfd backend, the same 512M). libvhost-user
 		# refuses legacy virtio, microvm's default for virtio-mmio: modern, like aivmm.
-		rm -f /tmp/vfsd.sock
-		virtiofsd -f --socket-path=/tmp/vfsd.sock -o source=/tmp/bench-share -o cache=auto \
-			-o sandbox=chroot >/tmp/vfsd.log 2>&1 &
-		vp=$!
-		j=0
-		while [ ! -S /tmp/vfsd.sock ] && [ $j -lt 50 ]; do sleep 0.1; j=$((j + 1)); done
+		vfsd_start /tmp/vfsd.sock /tmp/bench-share
 		run_qemu_io "bench/io/qemu-microvm/$i" 180 bench-io \
 			-object memory-backend-memfd,id=mem,size=512M,share=on -M memory-backend=mem \
 			-global virtio-mmio.force-legacy=false \
 			-chardev socket,id=vfs,path=/tmp/vfsd.sock -device vhost-user-fs-device,chardev=vfs,tag=e2e \
 			-drive file=/tmp/bench.img,if=none,id=d0,format=raw -device virtio-blk-device,drive=d0
-		kill $vp 2>/dev/null
-		wait $vp 2>/dev/null
-		sed "s|^|@@O bench/io/qemu-microvm/$i 0 virtiofsd: |" /tmp/vfsd.log | tail -n 5
+		vfsd_stop "bench/io/qemu-microvm/$i"
 		i=$((i + 1))
 	done
 	rm -rf /tmp/bench-share /tmp/bench.img
@@ -201,24 +233,9 @@ bench_ready_one() {
 			--rootfs "$READY_DEV" --net none --cpus 1 --memory 1G --disk-size 1G -- sh -c "$rcmd"
 		;;
 	qemu-virtiofsd)
-		rm -f /tmp/rvfsd.sock
-		virtiofsd -f --socket-path=/tmp/rvfsd.sock -o source=/tmp/ready-w -o cache=auto \
-			-o sandbox=chroot >/tmp/rvfsd.log 2>&1 &
-		vp=$!
-		j=0
-		while [ ! -S /tmp/rvfsd.sock ] && [ $j -lt 50 ]; do sleep 0.1; j=$((j + 1)); done
-		vmmrun "$tag" 180 -- qemu-system-x86_64 -L /fw $QEMU_DIAG -M microvm,acpi=on,rtc=on -enable-kvm -cpu host \
-			-smp 1 -m 1G -nodefaults -no-user-config -display none -serial stdio -no-reboot \
-			-object memory-backend-memfd,id=mem,size=1G,share=on -M memory-backend=mem \
-			-global virtio-mmio.force-legacy=false \
-			-drive file="$READY_DEV",if=none,id=d0,format=raw,readonly=on -device virtio-blk-device,drive=d0 \
-			-drive file=/tmp/ready-qstate.img,if=none,id=d1,format=raw -device virtio-blk-device,drive=d1 \
-			-chardev socket,id=vfs,path=/tmp/rvfsd.sock -device vhost-user-fs-device,chardev=vfs,tag=work \
-			-device virtio-rng-device -kernel /guest/$READY_KIND/vmlinuz -initrd /guest/$READY_KIND/initrd.cpio \
-			-append "console=ttyS0 quiet panic=-1 pci=off aivmm.uid=0 aivmm.gid=0 aivmm.cmd=$(printf %s "$rcmd" | base64 | tr -d '\n')"
-		kill $vp 2>/dev/null
-		wait $vp 2>/dev/null
-		sed "s|^|@@O $tag 0 virtiofsd: |" /tmp/rvfsd.log | tail -n 3
+		vfsd_start /tmp/rvfsd.sock /tmp/ready-w
+		qemu_image "$tag" 180 "$READY_KIND" "$READY_DEV" 1G /tmp/ready-qstate.img /tmp/rvfsd.sock "$rcmd"
+		vfsd_stop "$tag"
 		;;
 	esac
 }
@@ -311,31 +328,11 @@ bench_build_one() {
 			--rootfs "$BUILD_DEV" --net none --cpus 1 --memory 2G --disk-size 2G -- sh -c "$BUILD_SCRIPT"
 		;;
 	qemu-virtiofsd*)
-		rm -f /tmp/bvfsd.sock /tmp/build-qstate.img
+		rm -f /tmp/build-qstate.img
 		truncate -s 2G /tmp/build-qstate.img
-		# The same cache mode (auto) and sandbox (chroot) for both daemons.
-		if [ $k = qemu-virtiofsd ]; then
-			virtiofsd -f --socket-path=/tmp/bvfsd.sock -o source=/tmp/bw-$k -o cache=auto \
-				-o sandbox=chroot >/tmp/bvfsd.log 2>&1 &
-		else
-			virtiofsd-rs --socket-path=/tmp/bvfsd.sock --shared-dir=/tmp/bw-$k --cache=auto \
-				--sandbox=chroot >/tmp/bvfsd.log 2>&1 &
-		fi
-		vp=$!
-		j=0
-		while [ ! -S /tmp/bvfsd.sock ] && [ $j -lt 50 ]; do sleep 0.1; j=$((j + 1)); done
-		vmmrun "$tag" 900 -- qemu-system-x86_64 -L /fw $QEMU_DIAG -M microvm,acpi=on,rtc=on \
-			-enable-kvm -cpu host -smp 1 -m 2G -nodefaults -no-user-config -display none -serial stdio \
-			-no-reboot -object memory-backend-memfd,id=mem,size=2G,share=on -M memory-backend=mem \
-			-global virtio-mmio.force-legacy=false \
-			-drive file="$BUILD_DEV",if=none,id=d0,format=raw,readonly=on -device virtio-blk-device,drive=d0 \
-			-drive file=/tmp/build-qstate.img,if=none,id=d1,format=raw -device virtio-blk-device,drive=d1 \
-			-chardev socket,id=vfs,path=/tmp/bvfsd.sock -device vhost-user-fs-device,chardev=vfs,tag=work \
-			-device virtio-rng-device -kernel /guest/build/vmlinuz -initrd /guest/build/initrd.cpio \
-			-append "console=ttyS0 quiet panic=-1 pci=off aivmm.uid=0 aivmm.gid=0 aivmm.cmd=$(printf %s "$BUILD_SCRIPT" | base64 | tr -d '\n')"
-		kill $vp 2>/dev/null
-		wait $vp 2>/dev/null
-		sed "s|^|@@O $tag 0 virtiofsd: |" /tmp/bvfsd.log | tail -n 3
+		vfsd_start /tmp/bvfsd.sock /tmp/bw-$k "${k#qemu-virtiofsd-}"
+		qemu_image "$tag" 900 build "$BUILD_DEV" 2G /tmp/build-qstate.img /tmp/bvfsd.sock "$BUILD_SCRIPT"
+		vfsd_stop "$tag"
 		rm -f /tmp/build-qstate.img
 		;;
 	esac
