@@ -961,7 +961,7 @@ L1_HANG_RETRIES = int(os.environ.get("E2E_L1_HANG_RETRIES", "4"))
 #: aivmm's error for an L2 triple fault, and how many such failures a whole run
 #: may send to a fresh L1 (watch's report) before they count as failures.
 TRIPLE_FAULT = "the guest triple-faulted"
-TRIPLE_FAULT_RETRIES = 2
+TRIPLE_FAULT_RETRIES = 3
 triple_retries = [0]
 
 
