@@ -802,8 +802,9 @@ def write_results(d, m, boot_ratio, ov, dev):
         "`git init; git add -A; git commit; ./configure; make -j2; make test`, timed from the script's "
         "first line to its last as stamped on the host; the image is the one above plus Debian's gcc, "
         "make and libc6-dev. The tree each VM leaves matches L1's native build (a chroot of the same "
-        "image) file for file, aside from .git (commit times) and configure.log (configure writes the "
-        "date into it), and make warned of no clock skew.",
+        "image) file for file, aside from .git (commit times), configure.log (configure writes the "
+        "date into it) and the script's own logs of configure, make and make test; aivmm's make "
+        "warned of no clock skew.",
         "- blk: `tests/e2e/bench-randread.c`, 4 KiB random reads with O_DIRECT at queue depth 1 for 5 s "
         "on a 64 MiB raw image in L1's tmpfs (aivmm `--disk`, QEMU `virtio-blk-device`).",
         "- net: 32 MiB each way over TCP between the guest and socat in L1, through one tap "

@@ -293,10 +293,13 @@ build_tree() {
 	# owned by another ("dubious ownership"), and tar keeps the tarball's owners.
 	tar xjf /e2e/build-src.tar.bz2 -C "$1" && mv "$1"/zlib-* "$1/zlib" && chown -R 0:0 "$1"
 }
-# build_sums DIR: sha256 of every file of the tree but .git (commit times) and
-# configure.log (zlib's configure writes `date` into it), sorted.
+# build_sums DIR: sha256 of every file of the tree but .git (commit times),
+# configure.log (zlib's configure writes `date` into it) and the script's own
+# logs of configure, make and make test (a peer's make may warn of clock skew
+# there; aivmm's is checked for that on its own), sorted.
 build_sums() {
-	(cd "$1" && find zlib -path zlib/.git -prune -o -type f ! -path zlib/configure.log -print |
+	(cd "$1" && find zlib -path zlib/.git -prune -o -type f ! -path zlib/configure.log \
+		! -path zlib/configure.out ! -path zlib/make.out ! -path zlib/test.out -print |
 		LC_ALL=C sort | xargs sha256sum)
 }
 bench_build_native() {
