@@ -352,29 +352,31 @@ pub fn default_image(opts: &BuildOptions, progress: &Progress) -> Result<GuestIm
 /// [`default_image`]'s pick from the cache `images`: `opts`' image with aivmm's
 /// own kernel, else `opts`' image as asked.
 fn cached_default(images: &Path, opts: &BuildOptions) -> Option<GuestImage> {
-    let own_kernel = BuildOptions {
-        kernel_from_source: true,
-        ..opts.clone()
-    };
-    if let Some(img) = cached_image(images, &own_kernel) {
-        if !opts.kernel_from_source {
+    if !opts.kernel_from_source {
+        let own_kernel = BuildOptions {
+            kernel_from_source: true,
+            ..opts.clone()
+        };
+        if let Some(img) = cached_image(images, &own_kernel) {
             tracing::info!(
                 "using the image built with aivmm's own kernel ({})",
                 img.kernel.display()
             );
+            return Some(img);
         }
-        return Some(img);
     }
     cached_image(images, opts)
 }
 
+/// The file in the cache `images` that names the directory of `opts`' latest
+/// complete build, whose recipe hashes to `recipe_hash`.
+fn current_pointer(images: &Path, opts: &BuildOptions, recipe_hash: &str) -> PathBuf {
+    images.join(format!("{}-{recipe_hash}.current", image_name(opts)))
+}
+
 /// The complete image for `opts` in the cache `images`, if there is one.
 fn cached_image(images: &Path, opts: &BuildOptions) -> Option<GuestImage> {
-    let pointer = images.join(format!(
-        "{}-{}.current",
-        image_name(opts),
-        digest(&recipe(opts))
-    ));
+    let pointer = current_pointer(images, opts, &digest(&recipe(opts)));
     let dir = images.join(std::fs::read_to_string(&pointer).ok()?.trim());
     GuestImage::complete(&dir).then(|| GuestImage::in_dir(&dir))
 }
@@ -506,7 +508,7 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<GuestImage> {
 }
 
 fn write_pointer(images: &Path, opts: &BuildOptions, recipe_hash: &str, name: &str) -> Result<()> {
-    let pointer = images.join(format!("{}-{recipe_hash}.current", image_name(opts)));
+    let pointer = current_pointer(images, opts, recipe_hash);
     let tmp = pointer.with_extension("tmp");
     std::fs::write(&tmp, format!("{name}\n")).map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, &pointer).map_err(|e| Error::io(&pointer, e))
@@ -871,8 +873,8 @@ mod tests {
             for f in files {
                 std::fs::write(dir.join(f), b"x").unwrap();
             }
-            let pointer = format!("{}-{}.current", image_name(opts), digest(&recipe(opts)));
-            std::fs::write(images.path().join(pointer), format!("{name}\n")).unwrap();
+            let pointer = current_pointer(images.path(), opts, &digest(&recipe(opts)));
+            std::fs::write(pointer, format!("{name}\n")).unwrap();
         };
         let dir_of = |img: Option<GuestImage>| img.map(|i| i.kernel.parent().unwrap().to_path_buf());
         assert_eq!(dir_of(cached_default(images.path(), &debian)), None);
