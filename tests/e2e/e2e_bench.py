@@ -382,12 +382,17 @@ def build_run(d, k):
     return d["build_retry"].get(k) or d["build"].get(k)
 
 
+def build_marks(r):
+    """{step: ms after exec} of one build run's BUILD_STEPS lines (None if missing)."""
+    return {s_: next((ms for ms, l in r.out if l.strip() == s_), None) for s_ in BUILD_STEPS}
+
+
 def build_seconds(r):
     """build-start to build-end of one build run, as vmmrun stamped them, or None."""
     if r is None or r.exit != "0":
         return None
-    at = {s_: next((ms for ms, l in r.out if l.strip() == s_), None) for s_ in ("build-start", "build-end")}
-    if None in at.values():
+    at = build_marks(r)
+    if at["build-start"] is None or at["build-end"] is None:
         return None
     return (at["build-end"] - at["build-start"]) / 1000
 
@@ -403,17 +408,17 @@ def build_rows(d):
             continue
         if k in d["build_retry"]:
             # The first run never reached build-end (l1-bench.sh ran it again).
-            reached = [s_ for s_ in BUILD_STEPS if any(l.strip() == s_ for _, l in r.out)][-1:]
+            reached = [s_ for s_, ms in build_marks(r).items() if ms is not None][-1:]
             lines.append(f"  build run retried: {k} ended after {reached} (exit {r.exit}): "
                          f"{r.qemu_reset() or [l.strip() for _, l in r.err if l.strip()][-2:]}")
             r = d["build_retry"][k]
-        at = {s_: next((ms for ms, l in r.out if l.strip() == s_), None) for s_ in BUILD_STEPS}
-        if at["build-start"] is None or at["build-end"] is None or r.exit != "0":
+        at = build_marks(r)
+        if build_seconds(r) is None:
             tail = [l.strip() for _, l in (r.out + r.err) if l.strip()][-3:]
             problems.append(f"build {k}: did not finish (exit {r.exit}; reached "
                             f"{[s_ for s_ in BUILD_STEPS if at[s_] is not None][-1:]}): {r.qemu_reset() or tail}")
             continue
-        t[k] = (at["build-end"] - at["build-start"]) / 1000
+        t[k] = build_seconds(r)
         steps[k] = ", ".join(f"{b.split('-', 1)[1]} {(at[b] - at[a]) / 1000:.1f}"
                              for a, b in zip(BUILD_STEPS, BUILD_STEPS[1:]) if at[a] is not None and at[b] is not None)
         if not any(l.strip() == "build-no-skew" for _, l in r.out):

@@ -745,8 +745,6 @@ def judge(sc, vmm_mode):
         return e2e_io.judge(sc)
     if sc.name in e2e_hard.SCENARIOS:
         return e2e_hard.judge(sc)
-    if sc.name in e2e_bench.SCENARIOS:
-        return e2e_bench.judge(sc, vmm_mode)
     if sc.name == "harness-selftest":
         marks = " ".join(l for l in sc.lines if "E2E-SELFTEST" in l)
         problems = []
