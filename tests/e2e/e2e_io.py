@@ -62,7 +62,7 @@ BUDGET = {"fs-many": 120, "fs-ro": 120, "fs-escape": 120, "blk-ro": 120, "net": 
           "net-tap": 300, "net-policy": 150, "net-allow": 150, "net-allow-only": 150, "net-passt": 150,
           "net-dns": 150, "net-many": 240, "balloon": 600, "density": 900}
 # Extra seconds for the extended fs and blk scenarios (blk boots a second time).
-EXTRA_BUDGET = {"fs": 60, "blk": 120}
+EXTRA_BUDGET = {"fs": 120, "blk": 120}
 
 # Checks that must be present (so a check that silently did not run fails).
 REQUIRED = {

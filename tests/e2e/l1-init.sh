@@ -270,7 +270,9 @@ scenario() {
 	fs)
 		rm -rf /tmp/share && mkdir -p /tmp/share/sub
 		echo E2E-FS-HELLO >/tmp/share/sub/hello.txt
-		SHARE=/tmp/share:e2e run_vmm fs aivmm "" "" fs
+		# 180 s, not e2e.timeout: the guest's own work (a 4 MiB dd with fsync, a git
+		# commit, 200 creates) took 47 s in a slow L1 (2026-12-07), 55 s to its exit.
+		SHARE=/tmp/share:e2e run_vmm fs aivmm "" "" fs 180
 		echo "@@O fs 0 E2E-RESULT host_sees=$(cat /tmp/share/from-guest.txt 2>/dev/null | head -c 20)"
 		io_fs_check # tests/e2e/l1-io.sh
 		;;
