@@ -77,6 +77,9 @@ SCENARIOS = {
 SCENARIOS["bench-net"] = (f"the bench's net rows alone, E2E_BENCH_IO_RUNS={IO_RUNS} each: 32 MiB each way and "
                           "200 sequential connects through aivmm's own network (--net user), passt (--net passt) "
                           "and a tap (aivmm and QEMU microvm), with the ratios against their goals")
+SCENARIOS["bench-io"] = (f"the bench's device rows alone, E2E_BENCH_IO_RUNS={IO_RUNS} each: virtio-fs (sequential "
+                         "write and read, git status cold and warm, 4 KiB random writes) and virtio-blk (4 KiB "
+                         "random reads), aivmm against QEMU microvm with the C virtiofsd, the same tree and image")
 SCENARIOS["ready"] = (f"the bench's ready rows alone: `aivmm run --workdir D -- sh -c 'echo ready'` on the Debian "
                       f"image against QEMU microvm + virtiofsd on the same kernel, initrd and rootfs, median of "
                       f"E2E_BENCH_RUNS={RUNS} each, exec to \"ready\"")
@@ -84,7 +87,7 @@ SCENARIOS["build"] = ("the bench's build rows alone: zlib (Debian's source packa
                       "configure, make -j2 and make test, in aivmm's guest and under QEMU microvm + virtiofsd on the "
                       "same image; the output matches L1's native build file for file, no clock skew warning")
 # ~40 boots and the device runs: far too long for the default set (CI has 90 minutes).
-NOT_DEFAULT = {"bench", "bench-net", "ready", "build"}
+NOT_DEFAULT = {"bench", "bench-net", "bench-io", "ready", "build"}
 # The Debian guest image (harness GUEST_IMAGE_SCENARIOS) each boots: "build" is
 # the image without Claude Code plus a C toolchain (IMAGE_FLAGS); the ready rows
 # boot whichever of the two L1 has.
@@ -106,6 +109,7 @@ NO_READY = 'no "ready" line, '
 # A boot takes 5-15 s under nested TCG; 60 s each is the same slack qemu-compare has.
 BUDGET = {"bench": 5 * (RUNS + 1) * 60 + IO_RUNS * (2 * 180 + 4 * 150) + 300,
           "bench-net": IO_RUNS * 4 * 150 + 120,
+          "bench-io": IO_RUNS * 2 * 180 + 300,
           "ready": 2 * (RUNS + 1) * 60 + 120,
           "build": 4 * 900 + 300}
 BUDGET["bench"] += BUDGET["build"]
@@ -561,10 +565,38 @@ def judge_net(sc):
     return True, "the net rows meet their goals; figures below", lines
 
 
+def device_rows(d, figs):
+    """(lines, [(device, metric, unit, aivmm, qemu)], problems) of the device rows."""
+    lines, dev, problems = [], [], []
+    for key, devname, metric, unit in figs:
+        a, b = med(d["io"]["aivmm"].get(key, [])), med(d["io"]["qemu-microvm"].get(key, []))
+        dev.append((devname, metric, unit, a, b))
+        lines.append(f"{devname} {metric} ratio aivmm/qemu-microvm: {fmt(ratio(a, b), 2)} "
+                     f"(aivmm {fmt(a, 1)} {unit}, qemu-microvm {fmt(b, 1)} {unit})")
+        for k in ("aivmm", "qemu-microvm"):
+            if not d["io"][k].get(key):
+                problems.append(f"{devname} {metric}: no {k} figure")
+    return lines, dev, problems
+
+
+def judge_io(sc):
+    """bench-io: the fs and blk rows alone; figures, no goal (a row with no figure fails)."""
+    d = collect(sc)
+    lines, _, missing = device_rows(d, [f for f in DEVICE_FIGS if f[1] in ("fs", "blk")])
+    lines.append("  (all runs: " + "; ".join(f"{k} {key}={fmt_list(v)}" for k in ("aivmm", "qemu-microvm")
+                                             for key, v in sorted(d["io"][k].items())) + ")")
+    problems = d["io_problems"] + missing
+    if problems:
+        return False, "; ".join(problems)[:1500], lines
+    return True, "device rows measured; figures below", lines
+
+
 def judge(sc, vmm_mode="aivmm"):
     """(ok, message, extra lines); writes benches/results/ when it has boot figures."""
     if sc.name == "bench-net":
         return judge_net(sc)
+    if sc.name == "bench-io":
+        return judge_io(sc)
     if sc.name == "ready":
         return judge_ready(sc)
     if sc.name == "build":
@@ -623,12 +655,8 @@ def judge(sc, vmm_mode="aivmm"):
     for q in ("qemu-microvm", "qemu-pc"):
         lines.append(f"memory overhead aivmm/{q}: {fmt(ratio(ov['aivmm'], ov[q]), 2)} "
                      f"(aivmm {fmt(ov['aivmm'], 1)} MiB, {q} {fmt(ov[q], 1)} MiB)")
-    dev = []
-    for key, devname, metric, unit in DEVICE_FIGS:
-        a, b = med(d["io"]["aivmm"].get(key, [])), med(d["io"]["qemu-microvm"].get(key, []))
-        dev.append((devname, metric, unit, a, b))
-        lines.append(f"{devname} {metric} ratio aivmm/qemu-microvm: {fmt(ratio(a, b), 2)} "
-                     f"(aivmm {fmt(a, 1)} {unit}, qemu-microvm {fmt(b, 1)} {unit})")
+    dev_lines, dev, dev_missing = device_rows(d, DEVICE_FIGS)
+    lines += dev_lines
     lines += ready_rows(d)[0]
     b_lines, b_problems, _ = build_rows(d)
     lines += b_lines
@@ -654,10 +682,7 @@ def judge(sc, vmm_mode="aivmm"):
     for k in KINDS:
         if len(d["marker"][k]) < RUNS and not any(p.startswith(k) for p in d["broken"]):
             problems.append(f"{k}: {len(d['marker'][k])} of {RUNS} timed boots reported")
-    for key, devname, metric, _unit in DEVICE_FIGS:
-        for k in ("aivmm", "qemu-microvm"):
-            if not d["io"][k].get(key):
-                problems.append(f"{devname} {metric}: no {k} figure")
+    problems += dev_missing
     if vmm_mode == "aivmm":
         problems[:0] = missed
     if problems:

@@ -127,7 +127,15 @@ bench_scenario() {
 		i=$((i + 1))
 	done
 
-	# Devices: fs (virtio-fs vs virtio-9p) and blk (virtio-blk, same raw image).
+	bench_io
+	bench_ready
+	bench_build
+	bench_net
+}
+
+# The device rows: fs (virtio-fs, aivmm's own against QEMU with the C virtiofsd)
+# and blk (virtio-blk, the same raw image), E2E_BENCH_IO_RUNS each.
+bench_io() {
 	bench_tree
 	head -c 67108864 /dev/urandom >/tmp/bench.img
 	# Both virtio-fs servers keep an fd per inode they know: virtiofsd raises its
@@ -152,10 +160,6 @@ bench_scenario() {
 		i=$((i + 1))
 	done
 	rm -rf /tmp/bench-share /tmp/bench.img
-
-	bench_ready
-	bench_build
-	bench_net
 }
 
 # The net rows: TCP over a tap, 32 MiB each way (l1-io.sh's servers, l2-io.sh's
@@ -381,6 +385,11 @@ bench_build_scenario() {
 bench_ready_scenario() {
 	echo "@@O bench/setup 0 E2E-RESULT bench_runs=$BENCH_RUNS"
 	bench_ready
+}
+
+bench_io_scenario() {
+	echo "@@O bench/setup 0 E2E-RESULT bench_io_runs=$BENCH_IO_RUNS"
+	bench_io
 }
 
 bench_net_scenario() {

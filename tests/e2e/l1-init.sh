@@ -295,6 +295,7 @@ scenario() {
 	workdir | parallel | lock | env | claude-auth | stop | nested | terminal | ssh | long-work | trust | protected-paths | agent-hostile) rn_scenario "$1" ;; # tests/e2e/l1-run.sh
 	bench) bench_scenario ;; # tests/e2e/l1-bench.sh
 	bench-net) bench_net_scenario ;; # tests/e2e/l1-bench.sh
+	bench-io) bench_io_scenario ;; # tests/e2e/l1-bench.sh
 	ready) bench_ready_scenario ;; # tests/e2e/l1-bench.sh
 	build) bench_build_scenario ;; # tests/e2e/l1-bench.sh
 	harness-selftest) harness_selftest ;;

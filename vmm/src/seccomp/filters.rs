@@ -312,6 +312,11 @@ fn device_rules() -> Rules {
             // and fsgid on this thread (devices/src/virtio/fs/creds.rs).
             libc::SYS_setfsuid,
             libc::SYS_setfsgid,
+            // ... and a write the guest marks KILL_SUIDGID runs without CAP_FSETID
+            // (fuse-backend-rs reads the thread's capabilities, and drops that one
+            // for the write if it holds it: only ever within what it already has).
+            libc::SYS_capget,
+            libc::SYS_capset,
         ],
     );
     // Unix sockets (vsock connections, the net backends).

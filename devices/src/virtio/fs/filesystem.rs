@@ -144,13 +144,11 @@ fn extra_init_options() -> FsOptions {
 
 /// Options `PassthroughFs::init` turns on whenever the guest offers them if
 /// `do_import` is off (it then assumes a VFS layer negotiated them). aivmm wants
-/// none: writeback caching acknowledges writes the host has not seen, and the
-/// others are off in [`passthrough_config`].
+/// none of these: writeback caching acknowledges writes the host has not seen,
+/// and the others are off in [`passthrough_config`]. (`HANDLE_KILLPRIV_V2` it
+/// does want: see there.)
 fn refused_init_options() -> FsOptions {
-    FsOptions::WRITEBACK_CACHE
-        | FsOptions::ZERO_MESSAGE_OPEN
-        | FsOptions::ZERO_MESSAGE_OPENDIR
-        | FsOptions::HANDLE_KILLPRIV_V2
+    FsOptions::WRITEBACK_CACHE | FsOptions::ZERO_MESSAGE_OPEN | FsOptions::ZERO_MESSAGE_OPENDIR
 }
 
 /// The process umask aivmm started with, read once (from `/proc/self/status`,
@@ -318,7 +316,11 @@ pub fn passthrough_config(cfg: &FsConfig, root: &ShareRoot) -> passthrough::Conf
         inode_file_handles: false,
         no_open: false,
         no_opendir: false,
-        killpriv_v2: false,
+        // The host kernel clears setuid/setgid and security.capability itself as
+        // the write, truncate or chown happens (PassthroughFs drops CAP_FSETID for
+        // a write the guest marks KILL_SUIDGID). Without it the guest kernel asks
+        // for security.capability (a GETXATTR round trip) before every write.
+        killpriv_v2: true,
         ..Default::default()
     }
 }

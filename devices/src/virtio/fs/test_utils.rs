@@ -88,6 +88,16 @@ pub fn init() -> Request {
     })
 }
 
+/// `FUSE_INIT` offering `flags` (the low 32 bits of the kernel's INIT flags).
+pub fn init_offering(flags: u32) -> Request {
+    Request::new(Opcode::Init, 0).obj(InitIn {
+        major: KERNEL_VERSION,
+        minor: KERNEL_MINOR_VERSION,
+        max_readahead: 128 * 1024,
+        flags,
+    })
+}
+
 /// `FUSE_DESTROY`: the guest unmounted; an `INIT` may follow.
 pub fn destroy() -> Request {
     Request::new(Opcode::Destroy, 0)
@@ -242,6 +252,19 @@ pub fn write_with_flags(ino: u64, fh: u64, offset: u64, data: &[u8], flags: u32)
             offset,
             size: u32::try_from(data.len()).unwrap(),
             flags,
+            ..Default::default()
+        })
+        .bytes(data)
+}
+
+/// `FUSE_WRITE` with the kernel's `write_flags` (e.g. `WRITE_KILL_PRIV`).
+pub fn write_marked(ino: u64, fh: u64, offset: u64, data: &[u8], write_flags: u32) -> Request {
+    Request::new(Opcode::Write, ino)
+        .obj(WriteIn {
+            fh,
+            offset,
+            size: u32::try_from(data.len()).unwrap(),
+            fuse_flags: write_flags,
             ..Default::default()
         })
         .bytes(data)

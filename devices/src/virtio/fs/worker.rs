@@ -148,6 +148,43 @@ mod tests {
         drop(tmp);
     }
 
+    /// INIT takes HANDLE_KILLPRIV_V2 when the guest offers it (so the guest does
+    /// not ask for security.capability before every write), and the promise holds:
+    /// a write the guest marks KILL_SUIDGID clears a setuid bit on the host, even
+    /// for root, whose CAP_FSETID would keep it; an unmarked one by root keeps it.
+    #[test]
+    fn a_kill_suidgid_write_clears_setuid_on_the_host() {
+        use fuse_backend_rs::abi::fuse_abi::WRITE_KILL_PRIV;
+        use std::os::unix::fs::PermissionsExt;
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root (only root's write keeps a setuid bit)");
+            return;
+        }
+        let (tmp, server) = setup(false);
+        let file = tmp.as_path().join("tool");
+        fs::write(&file, b"#!/bin/sh\n").unwrap();
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o4755)).unwrap();
+        let mem = guest_memory(SESSION_MEM);
+        let mut s = Session::new(&mem);
+        let mut h = |c: DescriptorChain<&GuestMemoryMmap>| handle_chain(&server, &mem, c);
+        let killpriv_v2 = 0x1000_0000;
+        let r = s.call(&fuse::init_offering(fuse::GUEST_INIT_FLAGS | killpriv_v2), &mut h);
+        assert_eq!(r.errno(), 0);
+        let init = *InitOut::from_slice(&r.body[..std::mem::size_of::<InitOut>()]).unwrap();
+        assert_ne!(init.flags & killpriv_v2, 0, "INIT flags {:#x}", init.flags);
+
+        let ino = s.call(&fuse::lookup(ROOT_ID, "tool"), &mut h).entry().nodeid;
+        let fh = s.call(&fuse::open(ino, libc::O_RDWR as u32), &mut h).open().fh;
+        let mode = || fs::metadata(&file).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(s.call(&fuse::write(ino, fh, 0, b"#"), &mut h).write().size, 1);
+        assert_eq!(mode(), 0o4755, "root's unmarked write keeps setuid, as on the host");
+        let r = s.call(&fuse::write_marked(ino, fh, 0, b"#", WRITE_KILL_PRIV), &mut h);
+        assert_eq!(r.write().size, 1);
+        assert_eq!(mode(), 0o755, "a KILL_SUIDGID write clears setuid");
+        assert_eq!(s.call(&fuse::release(ino, fh), &mut h).errno(), 0);
+    }
+
     #[test]
     fn fuse_round_trip_reaches_the_host() {
         let (tmp, server) = setup(false);
