@@ -981,7 +981,7 @@ def print_events():
 #: Seconds between L1's `@@L1 hb` lines (l1-heartbeat.c, started by l1-init.sh).
 HB_PERIOD = 10
 #: How many times an L1 that hung is booted again for the scenarios it left unfinished.
-L1_HANG_RETRIES = int(os.environ.get("E2E_L1_HANG_RETRIES", "4"))
+L1_HANG_RETRIES = int(os.environ.get("E2E_L1_HANG_RETRIES", "6"))
 #: aivmm's error for an L2 triple fault, and how many such failures a whole run
 #: may send to a fresh L1 (watch's report) before they count as failures; each
 #: scenario gets one such retry (a guest that really triple-faults does it again).
