@@ -980,6 +980,8 @@ def print_events():
 
 #: Seconds between L1's `@@L1 hb` lines (l1-heartbeat.c, started by l1-init.sh).
 HB_PERIOD = 10
+#: Seconds between the harness's own `e2e: ... running for` lines while L1 runs.
+PROGRESS_EVERY = int(os.environ.get("E2E_PROGRESS_EVERY", "300"))
 #: How many times an L1 that hung is booted again for the scenarios it left unfinished.
 L1_HANG_RETRIES = int(os.environ.get("E2E_L1_HANG_RETRIES", "6"))
 #: aivmm's error for an L2 triple fault, and how many such failures a whole run
@@ -1245,6 +1247,8 @@ def watch(proc, names, vmm_mode, runs, overall, logdir, t0, monitor, budgets, re
     silent_since = None  # set once a silence passed `stall` and L1 was found busy
     next_sample = None
     overrun = None  # (scenario id, deadline s) of a scenario past its deadline
+    # Every PROGRESS_EVERY s, one line on where L1 is, for a log read from its end.
+    next_progress = start + PROGRESS_EVERY
 
     pending = []  # lines read while the watchdog waited: parsed by the main loop next
 
@@ -1286,6 +1290,12 @@ def watch(proc, names, vmm_mode, runs, overall, logdir, t0, monitor, budgets, re
             killed = (f"L1 exceeded the overall bound of {overall} s"
                       + (" (E2E_END_BY: the run's end time)" if os.environ.get("E2E_END_BY") else ""))
             break
+        if now >= next_progress:
+            next_progress = now + PROGRESS_EVERY
+            where = (f"{cur} running for {now - scen_begin[cur]:.0f} s" if cur in scen_begin
+                     else "between scenarios" if started else "before the first scenario")
+            hb = f"its heartbeat {now - last_hb[0]:.0f} s ago" if last_hb[0] > start else "no heartbeat yet"
+            note(f"{where}; L1 up {now - start:.0f} s, {hb}, its last userspace line {now - last_line:.0f} s ago")
         if line and "BUG: soft lockup" in line:
             # L1's own watchdog: a CPU ran kernel code for 20+ s without scheduling. That
             # is slowness (a long clear under TCG), not a hang; the silence rules decide.
