@@ -58,7 +58,7 @@ SCENARIOS = {
 NOT_DEFAULT = {"density"}
 
 # Seconds each takes at most (the L1 overall timeout is the sum).
-BUDGET = {"fs-many": 120, "fs-ro": 120, "fs-escape": 120, "blk-ro": 120, "net": 300, "host-loopback": 200, "forward": 150, "vsock": 150,
+BUDGET = {"fs-many": 360, "fs-ro": 120, "fs-escape": 120, "blk-ro": 120, "net": 300, "host-loopback": 200, "forward": 150, "vsock": 150,
           "net-tap": 300, "net-policy": 150, "net-allow": 150, "net-allow-only": 150, "net-passt": 150,
           "net-dns": 150, "net-many": 240, "balloon": 600, "density": 900}
 # Extra seconds for the extended fs and blk scenarios (blk boots a second time).
