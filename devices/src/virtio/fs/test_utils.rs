@@ -78,14 +78,9 @@ impl Request {
     }
 }
 
-/// `FUSE_INIT` at the server's protocol version.
+/// `FUSE_INIT` at the server's protocol version, offering what a Linux guest does.
 pub fn init() -> Request {
-    Request::new(Opcode::Init, 0).obj(InitIn {
-        major: KERNEL_VERSION,
-        minor: KERNEL_MINOR_VERSION,
-        max_readahead: 128 * 1024,
-        flags: GUEST_INIT_FLAGS,
-    })
+    init_offering(GUEST_INIT_FLAGS)
 }
 
 /// `FUSE_INIT` offering `flags` (the low 32 bits of the kernel's INIT flags).
@@ -223,12 +218,19 @@ pub fn opendir(ino: u64) -> Request {
 
 /// `FUSE_WRITE` of `data` at `offset` through handle `fh`.
 pub fn write(ino: u64, fh: u64, offset: u64, data: &[u8]) -> Request {
+    write_in(ino, data, WriteIn {
+        fh,
+        offset,
+        ..Default::default()
+    })
+}
+
+/// `FUSE_WRITE` of `data` with `arg`'s fields (its size is set to the data's).
+fn write_in(ino: u64, data: &[u8], arg: WriteIn) -> Request {
     Request::new(Opcode::Write, ino)
         .obj(WriteIn {
-            fh,
-            offset,
             size: u32::try_from(data.len()).unwrap(),
-            ..Default::default()
+            ..arg
         })
         .bytes(data)
 }
@@ -246,28 +248,22 @@ pub fn read(ino: u64, fh: u64, offset: u64, size: u32) -> Request {
 /// `FUSE_WRITE` of `data` at `offset` through handle `fh`, with the per-request
 /// file `flags` a driver may put there.
 pub fn write_with_flags(ino: u64, fh: u64, offset: u64, data: &[u8], flags: u32) -> Request {
-    Request::new(Opcode::Write, ino)
-        .obj(WriteIn {
-            fh,
-            offset,
-            size: u32::try_from(data.len()).unwrap(),
-            flags,
-            ..Default::default()
-        })
-        .bytes(data)
+    write_in(ino, data, WriteIn {
+        fh,
+        offset,
+        flags,
+        ..Default::default()
+    })
 }
 
 /// `FUSE_WRITE` with the kernel's `write_flags` (e.g. `WRITE_KILL_PRIV`).
 pub fn write_marked(ino: u64, fh: u64, offset: u64, data: &[u8], write_flags: u32) -> Request {
-    Request::new(Opcode::Write, ino)
-        .obj(WriteIn {
-            fh,
-            offset,
-            size: u32::try_from(data.len()).unwrap(),
-            fuse_flags: write_flags,
-            ..Default::default()
-        })
-        .bytes(data)
+    write_in(ino, data, WriteIn {
+        fh,
+        offset,
+        fuse_flags: write_flags,
+        ..Default::default()
+    })
 }
 
 /// `FUSE_READ` with the per-request file `flags`.
