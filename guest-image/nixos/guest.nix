@@ -142,6 +142,9 @@ in
         device = cfg.stateDevice;
         fsType = "ext4";
         autoFormat = true;
+        # aivmm grows the disk when its size is raised (`disk_size`, the builder's
+        # diskSize); the filesystem follows at the next boot.
+        autoResize = true;
         options = [ "noatime" ];
       };
       fileSystems."/nix/.ro-root" = {

@@ -9,6 +9,7 @@ printed.
 """
 
 import os
+import re
 import shutil
 import subprocess
 
@@ -20,7 +21,8 @@ SCENARIOS = {
     "parallel": "two VMs on two workdirs at once (512M each); both --share-rw one directory at the same "
     "path and each waits there for the other; --share-ro is readable and refuses writes",
     "lock": "a second run on a workdir with a running VM is refused with one clear error line; after "
-    "`aivmm stop` a new run on it works",
+    "`aivmm stop` a new run on it works; --disk-size 2G then grows the state disk and the guest's "
+    "filesystem, and 1G again is refused with one line",
     "env": "--env NAME=VALUE and --env NAME (from L1's environment) reach the command; neither value is "
     "in the guest's /proc/cmdline",
     "claude-auth": "--claude-auth: the guest gets a copy of L1's credentials and of ~/.claude.json's auth "
@@ -57,7 +59,7 @@ SCENARIOS = {
 # Each uses the noclaude guest image disk.
 IMAGE_KIND = "noclaude"
 NOT_DEFAULT = {"long-work"}  # 5+ minutes: run it by name
-BUDGET = {"agent-hostile": 700, "protected-paths": 300, "trust": 700, "long-work": 1000, "claude-auth": 120, "workdir": 150, "parallel": 200, "lock": 250, "env": 120, "stop": 400, "nested": 150,
+BUDGET = {"agent-hostile": 700, "protected-paths": 300, "trust": 700, "long-work": 1000, "claude-auth": 120, "workdir": 150, "parallel": 200, "lock": 400, "env": 120, "stop": 400, "nested": 150,
           "terminal": 200, "ssh": 300}
 
 # Checks that must be present, per run tag.
@@ -231,6 +233,29 @@ def judge(sc):
         _exit_is(problems, sc, "lock/stop", ["0"])
         c = _exit_is(problems, sc, "lock/c", ["0"])
         _has(problems, c, "lock/c", "third-run-ran")
+        g = _exit_is(problems, sc, "lock/grow", ["0"])
+        _has(problems, g, "lock/grow", "grown-run-ran")
+        kib = {}
+        for tag, r in (("lock/c", c), ("lock/grow", g)):
+            for l in _lines(r) if r else []:
+                m = re.search(r"state-kib=(\d+)", l)
+                if m:
+                    kib[tag] = int(m.group(1))
+        before, after = kib.get("lock/c"), kib.get("lock/grow")
+        if before is None or after is None:
+            problems.append(f"lock: the guest's root filesystem size is missing ({kib})")
+        elif not (before < 1.1 * 2**20 and after > 1.7 * 2**20):
+            problems.append(f"lock/grow: the state filesystem went from {before} to {after} KiB with "
+                            f"--disk-size 1G then 2G")
+        shr = _exit_is(problems, sc, "lock/shrink", None)
+        if shr is not None and shr.exit is not None:
+            errs = [l for _, l in shr.err if l.startswith("aivmm: error:")]
+            if shr.exit == "0" or any("shrink-ran" in l for l in _lines(shr)):
+                problems.append("lock/shrink: --disk-size 1G on a 2G state disk was not refused")
+            if len(errs) != 1 or "never shrinks" not in errs[0]:
+                problems.append(f"lock/shrink: want one 'aivmm: error: … never shrinks …' line, got {errs[:3]}")
+        info.append(f"state filesystem {before} KiB at --disk-size 1G, {after} KiB after 2G; 1G again: "
+                    f"{(errs[0] if shr is not None and shr.exit is not None and errs else '?')}")
     elif n == "env":
         r = _exit_is(problems, sc, "env", ["0"])
         _has(problems, r, "env", "env-secret=s3cr3t-Value-42")

@@ -165,7 +165,12 @@ rn_scenario() {
 		rn_tool lock/stop 60 aivmm stop $w
 		wait "$RN_BG"
 		# The lock goes with the VM: the next run on the workdir works.
-		rn_aivmm lock/c 240 $w -- sh -c 'echo third-run-ran'
+		rn_aivmm lock/c 240 $w -- sh -c 'echo third-run-ran state-kib=$(df -k / | awk "NR == 2 { print \$2 }")'
+		# A larger --disk-size grows the state disk, and the guest its filesystem (the
+		# overlay root's size is the state disk's); a smaller one is refused, not cut.
+		RN_SIZE="--cpus 1 --memory 512M --disk-size 2G" rn_aivmm lock/grow 240 $w -- \
+			sh -c 'echo grown-run-ran state-kib=$(df -k / | awk "NR == 2 { print \$2 }")'
+		rn_aivmm lock/shrink 60 $w -- sh -c 'echo shrink-ran'
 		;;
 	stop)
 		w=/tmp/rn-stop

@@ -418,6 +418,18 @@ pub fn kernel_cache_dir(enabled: bool) -> Option<PathBuf> {
     crate::image::cache_root().ok().map(|d| d.join("kernels"))
 }
 
+/// Formats a size the way [`parse_size`] and the kernel's `memparse` read it:
+/// `4G`, `1M`, `4K`, or bytes.
+pub fn format_size(len: u64) -> String {
+    const UNITS: [(u64, &str); 3] = [(1 << 30, "G"), (1 << 20, "M"), (1 << 10, "K")];
+    for (unit, suffix) in UNITS {
+        if len >= unit && len % unit == 0 {
+            return format!("{}{suffix}", len / unit);
+        }
+    }
+    len.to_string()
+}
+
 /// Parses a size such as `4G`, `512M`, `65536K` or `1073741824`; a bare number is
 /// in bytes. Suffixes are binary (`G` = GiB) and may be followed by `iB` or `B`.
 pub fn parse_size(s: &str) -> Result<u64> {

@@ -648,7 +648,10 @@ pub fn run(
         // A new state disk means new guest host keys (see ssh_files).
         let _ = std::fs::remove_file(state.dir.join("ssh").join("known_hosts"));
     }
-    let state_disk = state.state_disk(settings.disk_size.value)?;
+    let state_disk = state.state_disk(
+        settings.disk_size.value,
+        settings.disk_size.source != crate::settings::Source::Default,
+    )?;
     let agent_dir = state.stage_agent(&agent_binary()?)?;
     let config = VmConfig::try_from(Mode::Workdir(plan::Workdir {
         args,

@@ -168,6 +168,63 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     File::open(dir).and_then(|d| d.sync_all())
 }
 
+/// What [`sparse_disk`] found or did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Disk {
+    /// Made now: all zeros, which the guest formats itself.
+    Created,
+    /// There already, as large as asked or larger.
+    Kept,
+    /// There, and smaller than asked: now grown, with `from` bytes before. The
+    /// guest grows its filesystem to the disk at its next boot.
+    Grown { from: u64 },
+}
+
+/// The persistent disk image `path`, sparse: made with `size` bytes the first
+/// time (as `PATH.new`, renamed into place), grown to `size` when smaller, never
+/// shrunk. A larger disk is used as it is when its size was not asked for
+/// (`asked` false: a default), and refused when it was, since shrinking would cut
+/// off the filesystem's end: the user learns that the setting did nothing.
+pub fn sparse_disk(path: &Path, size: u64, asked: bool) -> io::Result<Disk> {
+    match options().read(true).write(true).open(path) {
+        Ok(f) => {
+            // An older aivmm made it 0644: the guest's data is no one else's.
+            tighten(&f)?;
+            let have = f.metadata()?.len();
+            if have < size {
+                f.set_len(size)?;
+                f.sync_all()?;
+                Ok(Disk::Grown { from: have })
+            } else if have > size && asked {
+                use crate::config::format_size;
+                Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "the disk is {} and {} was asked for: aivmm grows a disk but never shrinks \
+                         one (its filesystem would be cut); ask for {0} or more, or delete the disk \
+                         to start over",
+                        format_size(have),
+                        format_size(size)
+                    ),
+                ))
+            } else {
+                Ok(Disk::Kept)
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let mut tmp = path.as_os_str().to_owned();
+            tmp.push(".new");
+            let tmp = PathBuf::from(tmp);
+            let f = create(&tmp)?;
+            f.set_len(size)?;
+            drop(f);
+            std::fs::rename(&tmp, path)?;
+            Ok(Disk::Created)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Removes group and other permissions from open state file `f`.
 pub fn tighten(f: &File) -> io::Result<()> {
     let mode = f.metadata()?.mode();
@@ -224,6 +281,42 @@ mod tests {
 
     fn mode(p: &Path) -> u32 {
         std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn a_disk_is_made_sparse_grown_when_asked_and_never_shrunk() {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("disk.img");
+        assert_eq!(sparse_disk(&p, 1 << 30, true).unwrap(), Disk::Created);
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 1 << 30);
+        assert_eq!(mode(&p), 0o600);
+        assert!(std::fs::metadata(&p).unwrap().blocks() < 64, "sparse");
+        assert!(!dir.path().join("disk.img.new").exists());
+        // What the guest wrote stays when the disk grows.
+        let mut f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        f.seek(SeekFrom::Start(4096)).unwrap();
+        f.write_all(b"filesystem").unwrap();
+        drop(f);
+        assert_eq!(sparse_disk(&p, 1 << 30, true).unwrap(), Disk::Kept);
+        assert_eq!(sparse_disk(&p, 2 << 30, false).unwrap(), Disk::Grown { from: 1 << 30 });
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 2 << 30);
+        let mut buf = [0u8; 10];
+        let mut f = File::open(&p).unwrap();
+        f.seek(SeekFrom::Start(4096)).unwrap();
+        f.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"filesystem");
+        // Smaller: kept as it is when the size is a default, refused when asked for.
+        assert_eq!(sparse_disk(&p, 1 << 30, false).unwrap(), Disk::Kept);
+        let e = sparse_disk(&p, 1 << 30, true).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("the disk is 2G and 1G was asked for"), "{e}");
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 2 << 30, "untouched");
+        // A symlink in its place is refused, not followed.
+        let q = dir.path().join("link.img");
+        std::os::unix::fs::symlink(&p, &q).unwrap();
+        assert!(sparse_disk(&q, 4 << 30, true).is_err());
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 2 << 30);
     }
 
     #[test]

@@ -194,24 +194,20 @@ impl WorkdirState {
     }
 
     /// The persistent state disk, created sparse with `size` bytes the first
-    /// time. It starts all zeros: the guest formats a blank disk itself (see
-    /// guest-image/README.md), so the host needs no mkfs.
-    pub fn state_disk(&self, size: u64) -> Result<PathBuf> {
+    /// time, grown to `size` later (never shrunk; a smaller size that was
+    /// `asked` for is refused): [`state_fs::sparse_disk`]. It starts all zeros:
+    /// the guest formats a blank disk itself and grows its filesystem to a grown
+    /// disk (see guest-image/README.md), so the host needs no mkfs.
+    pub fn state_disk(&self, size: u64, asked: bool) -> Result<PathBuf> {
         let path = self.dir.join("state.img");
-        match state_fs::options().read(true).open(&path) {
-            Ok(f) => {
-                // An older aivmm made it 0644: the guest's home is no one else's.
-                state_fs::tighten(&f).map_err(io_err(&path))?;
-                return Ok(path);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err(&path)(e)),
+        let done = state_fs::sparse_disk(&path, size, asked).map_err(io_err(&path))?;
+        if let state_fs::Disk::Grown { from } = done {
+            tracing::info!(
+                "state disk grown from {} to {}: the guest grows its filesystem as it boots",
+                crate::config::format_size(from),
+                crate::config::format_size(size)
+            );
         }
-        let tmp = self.dir.join("state.img.new");
-        let f = state_fs::create(&tmp).map_err(io_err(&tmp))?;
-        f.set_len(size).map_err(io_err(&tmp))?;
-        drop(f);
-        fs::rename(&tmp, &path).map_err(io_err(&path))?;
         Ok(path)
     }
 
@@ -521,14 +517,19 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let work = tempfile::tempdir().unwrap();
         let st = WorkdirState::open(root.path(), work.path()).unwrap();
-        let disk = st.state_disk(1 << 30).unwrap();
+        let disk = st.state_disk(1 << 30, false).unwrap();
         let md = fs::metadata(&disk).unwrap();
         assert_eq!(md.len(), 1 << 30);
         use std::os::unix::fs::MetadataExt;
         assert_eq!(md.blocks(), 0, "not sparse");
-        fs::write(&disk, b"guest data").unwrap();
-        assert_eq!(st.state_disk(1 << 30).unwrap(), disk);
-        assert_eq!(fs::read(&disk).unwrap(), b"guest data", "second call must reuse the disk");
+        let mut f = fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        f.write_all(b"guest data").unwrap();
+        drop(f);
+        assert_eq!(st.state_disk(1 << 30, false).unwrap(), disk);
+        let mut head = [0u8; 10];
+        std::io::Read::read_exact(&mut fs::File::open(&disk).unwrap(), &mut head).unwrap();
+        assert_eq!(&head, b"guest data", "second call must reuse the disk");
+        assert_eq!(fs::metadata(&disk).unwrap().len(), 1 << 30);
         let agent = work.path().join("agent-bin");
         fs::write(&agent, b"\x7fELF").unwrap();
         let dir = st.stage_agent(&agent).unwrap();
@@ -545,7 +546,7 @@ mod tests {
         let root = root.path().join("vms");
         let work = tempfile::tempdir().unwrap();
         let st = WorkdirState::open(&root, work.path()).unwrap();
-        let disk = st.state_disk(1 << 20).unwrap();
+        let disk = st.state_disk(1 << 20, false).unwrap();
         st.write_meta(&Meta::now(&st.workdir, vec![])).unwrap();
         assert_eq!(mode(&root), 0o700);
         assert_eq!(mode(&st.dir), 0o700);
@@ -557,7 +558,7 @@ mod tests {
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
         fs::set_permissions(&disk, fs::Permissions::from_mode(0o644)).unwrap();
         let st = WorkdirState::open(&root, work.path()).unwrap();
-        st.state_disk(1 << 20).unwrap();
+        st.state_disk(1 << 20, false).unwrap();
         assert_eq!(mode(&dir), 0o700);
         assert_eq!(mode(&disk), 0o600);
     }

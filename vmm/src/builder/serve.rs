@@ -85,7 +85,7 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
     let (listener, source) = listen::listener(a.vm.port)?;
     let addr = listener.local_addr().map_err(io_err("listening socket"))?;
     let img = resolve_image(a)?;
-    let disk = state.disk(a.vm.disk_size())?;
+    let disk = state.disk(a.vm.disk_size(), a.vm.size.disk_size.is_some())?;
     let log_path = a
         .log
         .clone()

@@ -59,21 +59,19 @@ impl StateDir {
         self.dir.join("console.log")
     }
 
-    /// The VM's persistent disk, created sparse with `size` bytes the first time;
-    /// the guest formats a blank disk itself.
-    pub fn disk(&self, size: u64) -> Result<PathBuf> {
+    /// The VM's persistent disk, created sparse with `size` bytes the first time,
+    /// grown to `size` later; a smaller size that was `asked` for is refused
+    /// ([`state_fs::sparse_disk`]). The guest formats a blank disk itself, and
+    /// grows its filesystem to a grown disk as it boots.
+    pub fn disk(&self, size: u64, asked: bool) -> Result<PathBuf> {
         let path = self.dir.join("disk.img");
-        match state_fs::options().read(true).open(&path) {
-            // An older aivmm made it 0644.
-            Ok(f) => state_fs::tighten(&f).map_err(io_err(&path))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let tmp = self.dir.join("disk.img.new");
-                let f = state_fs::create(&tmp).map_err(io_err(&tmp))?;
-                f.set_len(size).map_err(io_err(&tmp))?;
-                drop(f);
-                fs::rename(&tmp, &path).map_err(io_err(&path))?;
-            }
-            Err(e) => return Err(io_err(&path)(e)),
+        let done = state_fs::sparse_disk(&path, size, asked).map_err(io_err(&path))?;
+        if let state_fs::Disk::Grown { from } = done {
+            tracing::info!(
+                "builder disk grown from {} to {}: the guest grows its filesystem as it boots",
+                crate::config::format_size(from),
+                crate::config::format_size(size)
+            );
         }
         Ok(path)
     }
@@ -349,7 +347,7 @@ mod tests {
         let text = status_text(&dir, false, 2000);
         assert!(text.starts_with("state: not serving"), "{text}");
         let d = StateDir::lock(&dir).unwrap();
-        let disk = d.disk(1 << 30).unwrap();
+        let disk = d.disk(1 << 30, false).unwrap();
         assert_eq!(fs::metadata(&disk).unwrap().len(), 1 << 30);
     }
 }

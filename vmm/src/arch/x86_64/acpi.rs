@@ -397,17 +397,6 @@ pub fn create_acpi_tables(
     Ok(GuestAddress(rsdp_addr))
 }
 
-/// Formats a size the way the kernel's `memparse` reads it: `4K`, `1M`, or bytes.
-fn format_size(len: u64) -> String {
-    const UNITS: [(u64, &str); 3] = [(1 << 30, "G"), (1 << 20, "M"), (1 << 10, "K")];
-    for (unit, suffix) in UNITS {
-        if len >= unit && len % unit == 0 {
-            return format!("{}{suffix}", len / unit);
-        }
-    }
-    len.to_string()
-}
-
 /// The `virtio_mmio.device=<size>@<addr>:<irq>` parameters for `virtio`, space separated,
 /// for kernels that take their virtio-mmio devices from the command line.
 pub fn cmdline_devices(virtio: &[MmioDevice]) -> String {
@@ -416,7 +405,7 @@ pub fn cmdline_devices(virtio: &[MmioDevice]) -> String {
         .map(|d| {
             format!(
                 "virtio_mmio.device={}@{:#x}:{}",
-                format_size(d.len),
+                crate::config::format_size(d.len),
                 d.addr,
                 d.irq
             )
