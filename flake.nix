@@ -45,6 +45,43 @@
 
       guestConfig = system: guestSystem system [ self.nixosModules.guest ];
       builderConfig = system: guestSystem system [ ./guest-image/nixos/builder.nix ];
+
+      # aivmm with its default guest and agent: those of the Linux system matching
+      # the host's CPU (on macOS they need a Linux builder the first time, e.g.
+      # darwinModules.builder). The environment variables aivmm honours when it boots
+      # its default guest (`aivmm run --workdir DIR`; `aivmm builder serve` reads the
+      # same set named AIVMM_BUILDER_*, which nix/builder-common.nix sets); flags given
+      # on the command line win, and so do these variables when already set:
+      #   AIVMM_GUEST_KERNEL       the kernel (ELF vmlinux on x86_64, Image on aarch64)
+      #   AIVMM_GUEST_INITRD       the initrd
+      #   AIVMM_GUEST_ROOTFS       the read-only store image, attached as vda
+      #   AIVMM_GUEST_CMDLINE_FILE a file holding the kernel command line; aivmm
+      #                            appends aivmm.uid=, aivmm.gid= (and its
+      #                            virtio_mmio.device= with --no-acpi)
+      #   AIVMM_AGENT              the guest agent aivmm hands the guest (read-only)
+      # The per-workdir state disk (vdb) is aivmm's own: a sparse file it creates;
+      # the guest formats it on first boot.
+      wrapped =
+        system: pkgs:
+        let
+          guestPkgs = self.packages.${guestSystemFor system};
+          guest = guestPkgs.guest;
+        in
+        pkgs.writeShellApplication {
+          name = "aivmm";
+          text = ''
+            export AIVMM_GUEST_KERNEL="''${AIVMM_GUEST_KERNEL:-${guest}/kernel}"
+            export AIVMM_GUEST_INITRD="''${AIVMM_GUEST_INITRD:-${guest}/initrd}"
+            export AIVMM_GUEST_ROOTFS="''${AIVMM_GUEST_ROOTFS:-${guest}/rootfs.img}"
+            export AIVMM_GUEST_CMDLINE_FILE="''${AIVMM_GUEST_CMDLINE_FILE:-${guest}/cmdline}"
+            export AIVMM_AGENT="''${AIVMM_AGENT:-${lib.getExe guestPkgs.aivmm-agent}}"
+            exec ${lib.getExe self.packages.${system}.aivmm} "$@"
+          '';
+          meta = {
+            description = "aivmm with the Nix-built NixOS guest and guest agent";
+            mainProgram = "aivmm";
+          };
+        };
     in
     {
       overlays.default = final: _prev: {
@@ -55,8 +92,12 @@
       packages = forSystems allSystems (
         system: pkgs:
         {
+          # The bare binary: give it a guest and an agent yourself (AIVMM_GUEST_*,
+          # AIVMM_AGENT), or let it build the Debian image (needs apt-get).
           aivmm = pkgs.callPackage ./nix/package.nix { };
-          default = self.packages.${system}.aivmm;
+          # What `nix run` and `nix profile install` give: aivmm with the Nix-built
+          # guest and agent wired in.
+          default = wrapped system pkgs;
         }
         // lib.optionalAttrs (lib.elem system linuxSystems) {
           aivmm-agent = pkgs.callPackage ./nix/agent.nix { };
@@ -69,40 +110,32 @@
       );
 
       apps = forSystems allSystems (
-        system: pkgs:
-        let
-          guest = self.packages.${guestSystemFor system}.guest;
-          # The environment variables aivmm honours when it boots its default guest
-          # (`aivmm run --workdir DIR`; `aivmm builder serve` reads the same set named
-          # AIVMM_BUILDER_*, which nix/builder-common.nix sets); flags given on the
-          # command line win over them:
-          #   AIVMM_GUEST_KERNEL       the kernel (ELF vmlinux on x86_64, Image on aarch64)
-          #   AIVMM_GUEST_INITRD       the initrd
-          #   AIVMM_GUEST_ROOTFS       the read-only store image, attached as vda
-          #   AIVMM_GUEST_CMDLINE_FILE a file holding the kernel command line; aivmm
-          #                            appends aivmm.uid=, aivmm.gid= (and its
-          #                            virtio_mmio.device= with --no-acpi)
-          # The per-workdir state disk (vdb) is aivmm's own: a sparse file it creates;
-          # the guest formats it on first boot.
-          wrapper = pkgs.writeShellApplication {
-            name = "aivmm";
-            text = ''
-              export AIVMM_GUEST_KERNEL="''${AIVMM_GUEST_KERNEL:-${guest}/kernel}"
-              export AIVMM_GUEST_INITRD="''${AIVMM_GUEST_INITRD:-${guest}/initrd}"
-              export AIVMM_GUEST_ROOTFS="''${AIVMM_GUEST_ROOTFS:-${guest}/rootfs.img}"
-              export AIVMM_GUEST_CMDLINE_FILE="''${AIVMM_GUEST_CMDLINE_FILE:-${guest}/cmdline}"
-              exec ${lib.getExe self.packages.${system}.aivmm} "$@"
-            '';
-          };
-        in
-        {
+        system: _pkgs: {
           default = {
             type = "app";
-            program = lib.getExe wrapper;
+            program = lib.getExe self.packages.${system}.default;
             meta.description = "aivmm with the Nix-built NixOS guest";
           };
         }
       );
+
+      devShells = forSystems allSystems (
+        system: pkgs: {
+          # cargo, rustc, clippy and rustfmt from nixpkgs, nixfmt for the Nix files.
+          # The nested e2e harness (tests/e2e/run) wants Debian's packages: it runs
+          # on Debian or Ubuntu, not here.
+          default = pkgs.mkShell {
+            inputsFrom = [ self.packages.${system}.aivmm ];
+            packages = [
+              pkgs.clippy
+              pkgs.rustfmt
+              pkgs.nixfmt
+            ];
+          };
+        }
+      );
+
+      formatter = forSystems allSystems (_system: pkgs: pkgs.nixfmt);
 
       nixosModules = {
         # The guest configuration; extend it like any NixOS module and build

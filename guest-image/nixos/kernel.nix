@@ -1,5 +1,7 @@
-# The guest kernel: nixpkgs' latest kernel with everything aivmm's guest needs built
-# in, so stage 1 loads no modules and the devices are up before the first unit runs.
+# The guest kernel. By default nixpkgs' LTS kernel as the binary cache has it, with
+# the virtio modules in the initrd. With `aivmm.guest.customKernel = true`, nixpkgs'
+# latest kernel with everything aivmm's guest needs built in, so stage 1 loads no
+# modules and the devices are up before the first unit runs.
 #
 # Devices are found two ways (see DESIGN.md, "Device discovery on x86_64"): ACPI
 # (DSDT devices with _HID "LNRO0005", which virtio_mmio matches through ACPI), and
@@ -55,11 +57,13 @@ in
 {
   options.aivmm.guest.customKernel = lib.mkOption {
     type = lib.types.bool;
-    default = true;
+    default = false;
     description = ''
-      Build the kernel with the guest's devices built in (fastest boot). When false,
-      nixpkgs' stock kernel is used unchanged (it is in the public binary cache, so
-      no kernel build is needed) and the virtio modules go into the initrd instead.
+      Build the kernel with the guest's devices built in: the fastest boot, at the
+      cost of compiling Linux on the first `nix run` and again at every nixpkgs bump.
+      When false (the default), nixpkgs' LTS kernel (`linuxPackages`) is used unchanged:
+      the public binary cache has it, so nothing is compiled, and the virtio modules
+      go into the initrd, where udev loads them for the devices aivmm gives.
     '';
   };
 
