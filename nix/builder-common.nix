@@ -86,7 +86,11 @@ in
     diskSize = lib.mkOption {
       type = lib.types.str;
       default = "100G";
-      description = "Size of the builder's sparse state disk, which holds its Nix store.";
+      description = ''
+        Size of the builder's sparse state disk, which holds its Nix store. Raising it
+        grows the disk, and the guest its filesystem at the next boot; a smaller size
+        than the disk has is refused (the service fails to start, saying so), never cut.
+      '';
     };
 
     onDemand = {
@@ -137,15 +141,20 @@ in
       default = [
         "big-parallel"
         "benchmark"
-      ];
-      example = [
+      ]
+      ++ lib.optionals pkgs.stdenv.hostPlatform.isLinux [
         "kvm"
         "nixos-test"
       ];
+      defaultText = lib.literalExpression ''
+        [ "big-parallel" "benchmark" ] ++ lib.optionals pkgs.stdenv.hostPlatform.isLinux [ "kvm" "nixos-test" ]
+      '';
       description = ''
-        Features advertised in nix.buildMachines (what `aivmm builder install` prints
-        too). `kvm` and `nixos-test` would need KVM inside the guest, which aivmm
-        does not offer yet.
+        Features advertised in nix.buildMachines. `kvm` and `nixos-test` need KVM inside
+        the guest: on a Linux host whose KVM allows nested virtualization (`kvm_amd` or
+        `kvm_intel` with `nested=1`, the kernel's default) the guest gets /dev/kvm.
+        Hypervisor.framework gives the guest none, so macOS hosts leave them out.
+        `aivmm builder install` prints the same, from the host's `nested` setting.
       '';
     };
 

@@ -189,10 +189,14 @@ in
 
     nix.settings = {
       trusted-users = [ "builder" ];
-      # No `kvm`/`nixos-test`: aivmm gives the guest no nested KVM.
+      # `kvm`/`nixos-test`: the guest has /dev/kvm when the host's KVM allows nested
+      # virtualization (aivmm passes SVM/VMX on; the kernel has KVM built in). The
+      # host decides what it sends here (services.aivmm-builder.supportedFeatures).
       system-features = [
         "big-parallel"
         "benchmark"
+        "kvm"
+        "nixos-test"
       ];
       max-jobs = "auto";
       cores = 0;

@@ -19,6 +19,10 @@ SCENARIOS = {
     "(refused on L1's 10.0.98.1), the VM is off until the first connection, `ssh builder@127.0.0.1 "
     "uname -a` boots it and answers from the guest (host key pinned), idle TTL 20s stops it, the "
     "next connection boots it again; SIGTERM powers it off",
+    "builder-nix": "a host's Nix builds through the builder: Nix in L1 (Debian's nix-bin, root, no daemon), "
+    "set up from `aivmm builder install --write` (machines file, ssh_config), runs `nix-build --max-jobs 0 "
+    "--builders @machines` on a derivation the VM (off until then) builds and one that requires `kvm`; "
+    "the results come back into L1's store",
     "builder-bench": "builder: cold (VM off) and warm time to the end of the first `ssh … true`, "
     "2 cold and 6 warm runs, idle TTL 15s between the cold ones",
 }
@@ -27,10 +31,10 @@ SCENARIOS = {
 NOT_DEFAULT = {"builder-bench"}
 # The Debian image each scenario needs (harness GUEST_IMAGE_SCENARIOS) and the
 # `aivmm image build` flags of that kind.
-IMAGES = {"builder": "builder", "builder-bench": "builder"}
+IMAGES = {"builder": "builder", "builder-bench": "builder", "builder-nix": "builder"}
 IMAGE_FLAGS = {"builder": ["--builder"]}
 # Seconds each takes at most (each cold boot of the Debian guest in L2 takes ~1 min).
-BUDGET = {"builder": 900, "builder-bench": 1200}
+BUDGET = {"builder": 900, "builder-bench": 1200, "builder-nix": 900}
 
 REQUIRED = ["serve-listens", "keys-0600", "off-before-use", "no-vm-before-use", "listen-loopback-only",
             "other-address-control", "other-address-control-data", "port-refused-on-10.0.98.1",
@@ -38,12 +42,27 @@ REQUIRED = ["serve-listens", "keys-0600", "off-before-use", "no-vm-before-use", 
             "vm-process-gone", "second-boot", "serve-stops-on-sigterm", "no-vm-left"]
 
 
-def l1_extras(cpio, moddir, h):
+REQUIRED_NIX = ["install-wrote-machines", "machines-offer-kvm", "off-before-build", "plain-valid-in-l1-store",
+                "kvm-valid-in-l1-store", "plain-built-in-guest", "kvm-built-with-dev-kvm", "running-after-build",
+                "one-boot", "serve-stops-on-sigterm", "no-vm-left"]
+# Nix in L1 for builder-nix: Debian's nix-bin (tests/e2e/run installs it). One binary
+# that acts by its name; build-remote is the hook a remote build runs.
+NIX_NAMES = ["nix-build", "nix-store", "nix-instantiate"]
+
+
+def l1_extras(cpio, moddir, h, names=()):
     """L1 side: l1-builder.sh, the ssh client with its libraries, the tun module (for
-    a second L1 address)."""
+    a second L1 address); Nix when builder-nix runs (about 40 MiB more)."""
     cpio.copy("l1-builder.sh", os.path.join(HERE, "l1-builder.sh"), 0o644)
     h.add_binary(cpio, "bin/ssh", "/usr/bin/ssh")
     h.add_modules(cpio, moddir, h.module_closure(moddir, ["tun"]), "builder-order")
+    if "builder-nix" in names:
+        if not os.path.exists("/usr/bin/nix"):
+            h.die("builder-nix needs Nix on the host (apt-get install nix-bin)")
+        h.add_binary(cpio, "usr/bin/nix", "/usr/bin/nix")
+        for n in NIX_NAMES:
+            cpio.symlink(f"usr/bin/{n}", "nix")
+        cpio.symlink("usr/libexec/nix/build-remote", "/usr/bin/nix")
 
 
 def checks(run):
@@ -115,6 +134,28 @@ def judge(sc):
                f"idle stop {f.get('idle_stop_after_s', '?')} s after the TTL began; {len(names)} checks")
         info.append(f"  guest: {line!r}; {g.get('g_nix', '?').replace('_', ' ')}; nix-build through the "
                     f"guest's daemon -> {nb.get('g_path')} ({nix_run.wall_ms if nix_run else '?'} ms)")
+    elif sc.name == "builder-nix":
+        missing = [n for n in REQUIRED_NIX if n not in names]
+        if missing:
+            problems.append("checks missing: " + " ".join(missing))
+        res = main.results()
+        walls = {}
+        for a in ("plain", "kvm"):
+            r = sc.runs.get(f"builder-nix/build-{a}")
+            if r is None:
+                problems.append(f"nix-build of {a}: did not run")
+                continue
+            walls[a] = r.wall_ms
+            remote = [l for _, l in r.err if "ssh-ng://builder@aivmm-builder" in l]
+            if r.timeout or r.exit != "0":
+                tail = " | ".join(l for _, l in r.err[-4:])
+                problems.append(f"nix-build of {a}: {'timed out' if r.timeout else 'exit ' + str(r.exit)}: {tail}")
+            elif not remote:
+                problems.append(f"nix-build of {a}: no 'building … on ssh-ng://builder@aivmm-builder' line")
+        msg = (f"L1's nix-build through the builder: cold (boots the VM) {walls.get('plain', '?')} ms, "
+               f"the kvm one {walls.get('kvm', '?')} ms; {len(names)} checks")
+        info.append(f"  results in L1's store: plain {res.get('plain', '?').replace(',', ' ')}; "
+                    f"kvm {res.get('kvm', '?').replace(',', ' ')}")
     else:
         cold, warm = [], []
         for i in (1, 2):

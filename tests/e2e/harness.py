@@ -475,7 +475,7 @@ def build_l1(kernel, moddir, l2_initrd, aivmm, vmmrun, names=()):
     cpio.copy("l2/initrd.cpio", l2_initrd, 0o644)
     e2e_io.l1_extras(cpio, moddir, sys.modules[__name__])
     e2e_run.l1_extras(cpio, moddir, sys.modules[__name__])
-    e2e_builder.l1_extras(cpio, moddir, sys.modules[__name__])
+    e2e_builder.l1_extras(cpio, moddir, sys.modules[__name__], names)
     e2e_kernel.l1_extras(cpio, moddir, sys.modules[__name__])
     e2e_hard.l1_extras(cpio)
     e2e_bench.l1_extras(cpio, moddir, sys.modules[__name__], names)

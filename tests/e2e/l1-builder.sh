@@ -128,6 +128,57 @@ builder_scenario() {
 		aivmm builder status --state-dir $BSTATE | sed "s|^|@@O builder/status-after 0 |"
 		builder_stop
 		;;
+	builder-nix)
+		# A host's Nix builds through the builder, set up as `aivmm builder install`
+		# tells a user to: its machines file, and its ssh_config in the system's.
+		BTAG=builder-nix
+		builder_start builder-nix/serve 60s || return
+		vmmrun builder-nix/install 120 -- aivmm builder install --write --state-dir $BSTATE \
+			--port $BPORT --cpus 1 --unit-dir /tmp/bunits
+		bck install-wrote-machines [ -s $BSTATE/nix/machines ]
+		sed "s|^|@@O builder-nix 0 machines: |" $BSTATE/nix/machines
+		bck machines-offer-kvm grep -q ' kvm,nixos-test,' $BSTATE/nix/machines
+		mkdir -p /etc/ssh /etc/nix /root /nix/store /nix/var/nix
+		echo "Include $BSTATE/ssh/config" >/etc/ssh/ssh_config
+		# Root's Nix in L1 without a daemon or build users; no binary cache (no network).
+		printf 'build-users-group =\nsandbox = false\nsubstituters =\n' >/etc/nix/nix.conf
+		cat >/tmp/remote.nix <<'EOF'
+{ nonce }:
+let
+  sh = name: extra: script:
+    derivation ({
+      inherit name nonce;
+      system = builtins.currentSystem;
+      builder = "/bin/sh";
+      args = [ "-c" script ];
+      PATH = "/usr/bin:/bin";
+    } // extra);
+in
+{
+  plain = sh "e2e-remote" { } "echo host=$(uname -n) kernel=$(uname -r) uid=$(id -u) >$out";
+  kvm = sh "e2e-remote-kvm" { requiredSystemFeatures = [ "kvm" ]; }
+    "test -w /dev/kvm && echo kvm=writable host=$(uname -n) >$out";
+}
+EOF
+		bck off-before-build [ "$(bstatus state)" = off ]
+		nonce=$(cat /proc/sys/kernel/random/uuid)
+		for a in plain kvm; do
+			# --max-jobs 0: L1 builds nothing itself. The first build's connection boots the VM.
+			vmmrun "builder-nix/build-$a" 600 -- nix-build /tmp/remote.nix -A $a --argstr nonce "$nonce" \
+				--max-jobs 0 --builders "@$BSTATE/nix/machines" -o /tmp/result-$a
+			if [ -e /tmp/result-$a ]; then
+				bh "E2E-RESULT $a=$(tr ' ' , </tmp/result-$a)"
+				bck "$a-valid-in-l1-store" nix-store --check-validity "$(readlink /tmp/result-$a)"
+			else
+				bh "E2E-CHECK $a-valid-in-l1-store FAIL no result"
+			fi
+		done
+		bck plain-built-in-guest grep -q '^host=aivmm ' /tmp/result-plain
+		bck kvm-built-with-dev-kvm grep -q '^kvm=writable host=aivmm$' /tmp/result-kvm
+		bck running-after-build [ "$(bstatus state)" = running ]
+		bck one-boot [ "$(bstatus boots)" = 1 ]
+		builder_stop
+		;;
 	builder-bench)
 		BTAG=builder-bench
 		builder_start builder-bench/serve 15s || return

@@ -290,7 +290,7 @@ scenario() {
 		;;
 	fs-ro | fs-escape | fs-many | blk-ro | net | host-loopback | forward | net-passt | net-policy | net-dns | net-many | net-allow | net-allow-only | net-tap | vsock | balloon | density) io_scenario "$1" ;; # tests/e2e/l1-io.sh
 	fs-escape-hard | blk-durability | fs-durability | panic | seccomp | disk-full | fs-modes | fs-owner) hard_scenario "$1" ;; # tests/e2e/l1-hard.sh
-	builder | builder-bench) builder_scenario "$1" ;; # tests/e2e/l1-builder.sh
+	builder | builder-bench | builder-nix) builder_scenario "$1" ;; # tests/e2e/l1-builder.sh
 	guest-custom-kernel) kernel_scenario ;; # tests/e2e/l1-kernel.sh
 	workdir | parallel | lock | env | claude-auth | stop | nested | terminal | ssh | long-work | trust | protected-paths | agent-hostile) rn_scenario "$1" ;; # tests/e2e/l1-run.sh
 	bench) bench_scenario ;; # tests/e2e/l1-bench.sh

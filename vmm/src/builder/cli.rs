@@ -64,9 +64,9 @@ pub struct VmArgs {
     /// Boot the VM at start and keep it running (no idle stop).
     #[arg(long)]
     pub always_on: bool,
-    /// The VM's network, for the builds' own downloads: user (passt), none, tap:NAME,
-    /// unix:PATH. SSH does not need it (it goes over vsock). Default: user on Linux,
-    /// none on macOS (no passt there; give unix:PATH for gvproxy or vmnet-helper).
+    /// The VM's network, for the builds' own downloads: user (aivmm's own user-mode
+    /// network, in process: no helper), passt, none, tap:NAME, unix:PATH. SSH does not
+    /// need it (it goes over vsock). Default: user.
     #[arg(long, value_name = "MODE", default_value = crate::machine::default_net_arg(std::env::consts::OS), value_parser = parse_net_arg)]
     pub net: String,
 }
@@ -245,7 +245,7 @@ mod tests {
             (4, 4 << 30, 64 << 30)
         );
         assert!(!a.vm.always_on);
-        assert_eq!(a.vm.net, "user", "passt on Linux");
+        assert_eq!(a.vm.net, "user", "aivmm's own network");
         let b = parse(&[
             "--idle",
             "20s",

@@ -25,9 +25,36 @@ use super::{io_err, Error, Result, HOST_ALIAS, USER};
 pub const LAUNCHD_LABEL: &str = "org.aivmm.builder";
 /// The systemd unit base name.
 pub const UNIT: &str = "aivmm-builder";
-/// Features advertised to Nix. `kvm`/`nixos-test` need nested KVM in the guest,
-/// which aivmm does not offer.
+/// Features advertised to Nix on every host.
 pub const FEATURES: &str = "benchmark,big-parallel";
+/// Added when the host's KVM allows nested virtualization: the guest then has
+/// `/dev/kvm` (its init loads KVM, and its nix-daemon finds it), so NixOS VM
+/// tests and other `kvm` builds run there.
+pub const NESTED_FEATURES: &str = "kvm,nixos-test";
+
+/// Whether this host's KVM gives its guests virtualization of their own
+/// (`kvm_amd`/`kvm_intel` loaded with `nested=1`).
+pub fn host_nested_kvm() -> bool {
+    cfg!(target_os = "linux")
+        && ["kvm_amd", "kvm_intel"].iter().any(|m| {
+            std::fs::read_to_string(format!("/sys/module/{m}/parameters/nested"))
+                .is_ok_and(|v| nested_param_on(&v))
+        })
+}
+
+/// `nested` reads `1` (kvm_amd) or `Y` (kvm_intel) when on.
+fn nested_param_on(v: &str) -> bool {
+    matches!(v.trim(), "1" | "Y" | "y")
+}
+
+/// The features of the machines line: `FEATURES`, plus `NESTED_FEATURES` with nested KVM.
+pub fn features(nested: bool) -> String {
+    if nested {
+        format!("{NESTED_FEATURES},{FEATURES}")
+    } else {
+        FEATURES.to_string()
+    }
+}
 
 /// The Nix system the builder builds for: Linux on this CPU.
 pub fn nix_system() -> String {
@@ -36,9 +63,14 @@ pub fn nix_system() -> String {
 
 /// The `machines` entry: `URI SYSTEMS KEY MAXJOBS SPEED FEATURES MANDATORY HOSTKEY`,
 /// the host key being base64 of `ssh-ed25519 AAAA…`.
-pub fn machines_line(client_key: &Path, cpus: u32, host_public: Option<&str>) -> String {
+pub fn machines_line(
+    client_key: &Path,
+    cpus: u32,
+    features: &str,
+    host_public: Option<&str>,
+) -> String {
     format!(
-        "ssh-ng://{USER}@{HOST_ALIAS} {} {} {cpus} 1 {FEATURES} - {}",
+        "ssh-ng://{USER}@{HOST_ALIAS} {} {} {cpus} 1 {features} - {}",
         nix_system(),
         client_key.display(),
         host_public.map_or_else(|| "-".to_string(), |k| crate::image::base64(k.trim().as_bytes()))
@@ -243,7 +275,12 @@ fn print_plan(a: &InstallArgs, state: &Path) -> Result<()> {
     } else {
         None
     };
-    let machines = machines_line(&keys.client_key, a.vm.cpus(), host_public.as_deref());
+    let machines = machines_line(
+        &keys.client_key,
+        a.vm.cpus(),
+        &features(host_nested_kvm()),
+        host_public.as_deref(),
+    );
     let ssh = ssh_config(a.vm.port, &keys);
     let (dir, _) = unit_dir(a)?;
     for (p, text) in &service_files(a, &state, &dir)? {
@@ -274,7 +311,12 @@ pub fn install(a: &InstallArgs) -> Result<()> {
     crate::state_fs::dir(&state).map_err(io_err(&state))?;
     let state = std::fs::canonicalize(&state).map_err(io_err(&state))?;
     let keys = Keys::ensure(&state, a.vm.port)?;
-    let machines = machines_line(&keys.client_key, a.vm.cpus(), Some(&keys.host_public()?));
+    let machines = machines_line(
+        &keys.client_key,
+        a.vm.cpus(),
+        &features(host_nested_kvm()),
+        Some(&keys.host_public()?),
+    );
     let ssh = ssh_config(a.vm.port, &keys);
     let (dir, default_dir) = unit_dir(a)?;
     let files = service_files(a, &state, &dir)?;
@@ -391,7 +433,12 @@ mod tests {
     fn the_machines_line_has_the_eight_fields_nix_wants() {
         let pubkey =
             "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBEkd4Q9uyb2TTvyJ4c+1e7Ww8bSt7AJxLNfwGX0uGGc";
-        let line = machines_line(Path::new("/var/lib/b/ssh/id_ed25519"), 6, Some(pubkey));
+        let line = machines_line(
+            Path::new("/var/lib/b/ssh/id_ed25519"),
+            6,
+            &features(false),
+            Some(pubkey),
+        );
         let f: Vec<&str> = line.split(' ').collect();
         assert_eq!(f.len(), 8, "{line}");
         assert_eq!(f[0], "ssh-ng://builder@aivmm-builder");
@@ -406,6 +453,18 @@ mod tests {
             f[7].starts_with("c3NoLWVkMjU1MTkg"),
             "base64 of 'ssh-ed25519 '"
         );
+    }
+
+    #[test]
+    fn nested_kvm_adds_kvm_and_nixos_test() {
+        assert_eq!(features(true), "kvm,nixos-test,benchmark,big-parallel");
+        assert_eq!(features(false), "benchmark,big-parallel");
+        for on in ["1\n", "Y\n", "y"] {
+            assert!(nested_param_on(on), "{on:?}");
+        }
+        for off in ["0\n", "N\n", ""] {
+            assert!(!nested_param_on(off), "{off:?}");
+        }
     }
 
     #[test]

@@ -74,6 +74,11 @@ pub const STATIC_FILES: &[(&str, &str, u32)] = &[
         0o644,
     ),
     ("usr/lib/aivmm/init2", super::initramfs::INIT2, 0o755),
+    (
+        "usr/lib/aivmm/modules.sh",
+        include_str!("../../../guest-image/debian/modules.sh"),
+        0o644,
+    ),
 ];
 
 /// `update-alternatives` links: `LINK TARGET` per line.
