@@ -18,7 +18,8 @@ modload() {
 
 # nested_kvm: when the vCPU has SVM or VMX (the host allows nested KVM), loads KVM
 # (a kernel with it built in has /dev/kvm already) and lets every user open
-# /dev/kvm (Nix's build users too); fails when the vCPU has neither. The flags line is read with the shell's own `read`: no grep to load.
+# /dev/kvm (Nix's build users too); fails when the vCPU has neither. The flags
+# line is read with the shell's own `read`: no grep to load.
 nested_kvm() {
 	local kvm key rest
 	kvm=

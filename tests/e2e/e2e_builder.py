@@ -52,7 +52,7 @@ NIX_NAMES = ["nix-build", "nix-store", "nix-instantiate"]
 
 def l1_extras(cpio, moddir, h, names=()):
     """L1 side: l1-builder.sh, the ssh client with its libraries, the tun module (for
-    a second L1 address); Nix when builder-nix runs (about 40 MiB more)."""
+    a second L1 address); Nix when builder-nix runs (about 54 MiB more)."""
     cpio.copy("l1-builder.sh", os.path.join(HERE, "l1-builder.sh"), 0o644)
     h.add_binary(cpio, "bin/ssh", "/usr/bin/ssh")
     h.add_modules(cpio, moddir, h.module_closure(moddir, ["tun"]), "builder-order")

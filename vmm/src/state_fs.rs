@@ -181,8 +181,8 @@ pub enum Disk {
 }
 
 /// The persistent disk image `path`, sparse: made with `size` bytes the first
-/// time (as `PATH.new`, renamed into place), grown to `size` when smaller, never
-/// shrunk. A larger disk is used as it is when its size was not asked for
+/// time (as `PATH.new`, renamed into place), grown to `size` when smaller (and
+/// logged), never shrunk. A larger disk is used as it is when its size was not asked for
 /// (`asked` false: a default), and refused when it was, since shrinking would cut
 /// off the filesystem's end: the user learns that the setting did nothing.
 pub fn sparse_disk(path: &Path, size: u64, asked: bool) -> io::Result<Disk> {
@@ -194,6 +194,12 @@ pub fn sparse_disk(path: &Path, size: u64, asked: bool) -> io::Result<Disk> {
             if have < size {
                 f.set_len(size)?;
                 f.sync_all()?;
+                tracing::info!(
+                    "{}: grown from {} to {}; the guest grows its filesystem as it boots",
+                    path.display(),
+                    crate::config::format_size(have),
+                    crate::config::format_size(size)
+                );
                 Ok(Disk::Grown { from: have })
             } else if have > size && asked {
                 use crate::config::format_size;

@@ -200,14 +200,7 @@ impl WorkdirState {
     /// disk (see guest-image/README.md), so the host needs no mkfs.
     pub fn state_disk(&self, size: u64, asked: bool) -> Result<PathBuf> {
         let path = self.dir.join("state.img");
-        let done = state_fs::sparse_disk(&path, size, asked).map_err(io_err(&path))?;
-        if let state_fs::Disk::Grown { from } = done {
-            tracing::info!(
-                "state disk grown from {} to {}: the guest grows its filesystem as it boots",
-                crate::config::format_size(from),
-                crate::config::format_size(size)
-            );
-        }
+        state_fs::sparse_disk(&path, size, asked).map_err(io_err(&path))?;
         Ok(path)
     }
 

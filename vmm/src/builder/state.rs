@@ -65,14 +65,7 @@ impl StateDir {
     /// grows its filesystem to a grown disk as it boots.
     pub fn disk(&self, size: u64, asked: bool) -> Result<PathBuf> {
         let path = self.dir.join("disk.img");
-        let done = state_fs::sparse_disk(&path, size, asked).map_err(io_err(&path))?;
-        if let state_fs::Disk::Grown { from } = done {
-            tracing::info!(
-                "builder disk grown from {} to {}: the guest grows its filesystem as it boots",
-                crate::config::format_size(from),
-                crate::config::format_size(size)
-            );
-        }
+        state_fs::sparse_disk(&path, size, asked).map_err(io_err(&path))?;
         Ok(path)
     }
 }
